@@ -1,0 +1,274 @@
+"""The testbed: a decoder-only Transformer whose blocks are schemes executed with torch modules.
+
+Module names are stable: ``tok_embed``, ``pos_embed``, ``blocks.{i}`` (i = l - 1, zero-based)
+with ``blocks.{i}.norms.{k}``, ``blocks.{i}.attns.{k}``, ``blocks.{i}.ffns.{k}`` in the order the
+scheme calls them, ``final_norm`` (``nn.Identity`` where the scheme has none) and ``head``.
+``blocks.{i}.output_norm`` is the norm whose output is the block output (None for pre-norm
+blocks): its input is the aggregate just before the norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from theory.schemes import Scheme, block_structure, get_scheme
+
+FFN_KINDS = ("gelu", "relu", "swiglu")
+NORM_KINDS = ("layernorm", "rmsnorm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes a testbed model (and the theory evaluated against it)."""
+
+    scheme: str = "pre"
+    depth: int = 12
+    width: int = 256
+    heads: int = 4
+    max_seq_len: int = 256
+    vocab: int = 256
+    ffn: str = "gelu"
+    ffn_hidden: int | None = None  # default 4·width (gelu, relu) or ⌈8·width/3⌉ (swiglu)
+    experts: int = 0  # 0: dense FFN; E > 0: top-k MoE of E FFNs
+    top_k: int = 2
+    aux_loss_coef: float = 0.01
+    norm: str = "layernorm"
+    sigma: float = 1.0  # weights ~ N(0, sigma^2 / fan_in)
+    embed_std: float = 1.0  # token + position embedding has second moment embed_std^2
+    dtype: str = "float32"
+    scheme_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if not (isinstance(self.depth, int) and self.depth >= 1):
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        get_scheme(self.scheme).resolve(self.depth, **self.scheme_params)
+        checks = [
+            (self.width >= 1 and self.heads >= 1, f"width and heads must be >= 1, got {self.width}, {self.heads}"),
+            (self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}"),
+            (self.ffn in FFN_KINDS, f"unknown ffn kind '{self.ffn}' (known: {', '.join(FFN_KINDS)})"),
+            (self.norm in NORM_KINDS, f"unknown norm kind '{self.norm}' (known: {', '.join(NORM_KINDS)})"),
+            (self.dtype in DTYPES, f"unknown dtype '{self.dtype}' (known: {', '.join(DTYPES)})"),
+            (self.experts >= 0, f"experts must be >= 0, got {self.experts}"),
+            (self.experts == 0 or 1 <= self.top_k <= self.experts,
+             f"top-k {self.top_k} must be between 1 and the number of experts {self.experts}"),
+            (self.max_seq_len >= 1 and self.vocab >= 1, "max_seq_len and vocab must be >= 1"),
+            (self.sigma > 0 and self.embed_std > 0, "sigma and embed_std must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def hidden(self) -> int:
+        """The FFN hidden width."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return math.ceil(8 * self.width / 3) if self.ffn == "swiglu" else 4 * self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (float parameters only)."""
+        return asdict(self)
+
+
+def init_linear(layer: nn.Linear, sigma: float, gain: float = 1.0) -> nn.Linear:
+    """Weights ~ N(0, (gain·sigma)^2 / fan_in), no bias."""
+    nn.init.normal_(layer.weight, std=gain * sigma / math.sqrt(layer.in_features))
+    return layer
+
+
+def _linear(d_in: int, d_out: int, sigma: float, gain: float = 1.0) -> nn.Linear:
+    return init_linear(nn.Linear(d_in, d_out, bias=False), sigma, gain)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention; ``value_gain``/``out_gain`` scale the V and O init."""
+
+    def __init__(self, cfg: ModelConfig, value_gain: float = 1.0, out_gain: float = 1.0):
+        super().__init__()
+        d, s = cfg.width, cfg.sigma
+        self.heads = cfg.heads
+        self.q, self.k = _linear(d, d, s), _linear(d, d, s)
+        self.v, self.o = _linear(d, d, s, value_gain), _linear(d, d, s, out_gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (m(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+                   for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    """Two-layer MLP (GELU, ReLU) or SwiGLU; ``in_gain``/``out_gain`` scale the init."""
+
+    def __init__(self, cfg: ModelConfig, in_gain: float = 1.0, out_gain: float = 1.0):
+        super().__init__()
+        d, h, s = cfg.width, cfg.hidden, cfg.sigma
+        self.kind = cfg.ffn
+        self.up = _linear(d, h, s, in_gain)
+        self.gate = _linear(d, h, s, in_gain) if cfg.ffn == "swiglu" else None
+        self.down = _linear(h, d, s, out_gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.up(x)
+        if self.kind == "swiglu":
+            h = F.silu(self.gate(x)) * u
+        else:
+            h = F.gelu(u) if self.kind == "gelu" else F.relu(u)
+        return self.down(h)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of MLPs with a softmax router (top-k weights renormalized to sum 1).
+
+    After each forward, ``aux_loss`` holds the Switch load-balancing loss
+    E·Σ_e f_e·P_e (f_e: share of routing slots sent to expert e, P_e: mean router
+    probability; 1 when balanced; Fedus et al. 2021, arXiv 2101.03961) and ``last_topk``
+    the chosen experts per token.
+    """
+
+    def __init__(self, cfg: ModelConfig, in_gain: float = 1.0, out_gain: float = 1.0):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.router = _linear(cfg.width, cfg.experts, cfg.sigma)
+        self.experts = nn.ModuleList(MLP(cfg, in_gain, out_gain) for _ in range(cfg.experts))
+        self.aux_loss = torch.zeros(())
+        self.last_topk = torch.zeros(0, cfg.top_k, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat)  # routed in at least float32: bf16 ties would flip experts
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        E = len(self.experts)
+        share = F.one_hot(chosen, E).sum(1).float().mean(0) / self.top_k
+        self.aux_loss = E * (share * probs.mean(0)).sum()
+        self.last_topk = chosen.detach()
+        return out.view_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The configured norm over the last dimension (identity affine at init)."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.width, eps=1e-5)
+    return nn.RMSNorm(cfg.width, eps=1e-5)
+
+
+class _TorchOps:
+    """The scheme vocabulary executed with one block's modules, in call order."""
+
+    def __init__(self, block: "Block"):
+        self.block = block
+        self.used = {"norm": 0, "attn": 0, "ffn": 0}
+
+    def _next(self, kind: str, modules: nn.ModuleList) -> nn.Module:
+        i = self.used[kind]
+        self.used[kind] += 1
+        return modules[i]
+
+    def norm(self, x):
+        return self._next("norm", self.block.norms)(x)
+
+    def attn(self, x, *, value_gain=1, out_gain=1):  # gains were applied at init
+        return self._next("attn", self.block.attns)(x)
+
+    def ffn(self, x, *, in_gain=1, out_gain=1):
+        return self._next("ffn", self.block.ffns)(x)
+
+
+class Block(nn.Module):
+    """Block ``l`` of ``L``: the scheme's function run over this block's modules."""
+
+    def __init__(self, scheme: Scheme, l: int, cfg: ModelConfig):
+        super().__init__()
+        self.scheme, self.l, self.L = scheme, l, cfg.depth
+        self.params = {k: float(v) for k, v in scheme.resolve(cfg.depth, **cfg.scheme_params).items()}
+        self.structure = block_structure(scheme, l, cfg.depth, self.params)
+        ffn_cls = MoE if cfg.experts else MLP
+        calls = self.structure.calls
+        self.norms = nn.ModuleList(make_norm(cfg) for c in calls if c.kind == "norm")
+        self.attns = nn.ModuleList(Attention(cfg, **c.gains) for c in calls if c.kind == "attn")
+        self.ffns = nn.ModuleList(ffn_cls(cfg, **c.gains) for c in calls if c.kind == "ffn")
+
+    @property
+    def output_norm(self) -> nn.Module | None:
+        """The norm whose output is the block output; its input is the pre-norm aggregate."""
+        i = self.structure.output_norm
+        return None if i is None else self.norms[i]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scheme.block(x, _TorchOps(self), l=self.l, L=self.L, **self.params)
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme.name}, l={self.l}, L={self.L}, params={self.params}"
+
+
+class Testbed(nn.Module):
+    """Token + position embedding, L scheme blocks, the scheme's final norm, LM head."""
+
+    def __init__(self, cfg: ModelConfig, scheme: Scheme | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.scheme = scheme or get_scheme(cfg.scheme)
+        d = cfg.width
+        self.tok_embed = nn.Embedding(cfg.vocab, d)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, d)
+        for emb in (self.tok_embed, self.pos_embed):  # each half of the embedding's second moment
+            nn.init.normal_(emb.weight, std=cfg.embed_std / math.sqrt(2))
+        self.blocks = nn.ModuleList(Block(self.scheme, l, cfg) for l in range(1, cfg.depth + 1))
+        self.final_norm = make_norm(cfg) if self.scheme.final_norm else nn.Identity()
+        self.head = _linear(d, cfg.vocab, cfg.sigma)
+        self.to(DTYPES[cfg.dtype])
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE sublayer, in order."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, vocab] and, given targets, cross-entropy (+ MoE aux loss · coef)."""
+        T = idx.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok_embed(idx) + self.pos_embed(torch.arange(T, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.final_norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        if self.cfg.experts:
+            loss = loss + self.cfg.aux_loss_coef * self.aux_loss()
+        return logits, loss
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE load-balancing losses of the last forward (0 for a dense model)."""
+        losses = [m.aux_loss for m in self.moe_layers]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> Testbed:
+    """A testbed at initialization, deterministic in ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Testbed(cfg)
+    return model.to(device)

@@ -1,0 +1,1 @@
+"""Measurement side of sigprop: probes for any nn.Module. Imports torch, never theory/."""

@@ -1,0 +1,245 @@
+"""Normalization schemes, each written once as a plain function of the block input.
+
+A scheme's block is ``block(x, op, *, l, L, **params) -> y``. It may use only this
+vocabulary, so that every interpreter (torch modules, sympy moment recurrences, the
+structural trace below) can run the very same function:
+
+- ``op.norm(v)``                                 a norm (LayerNorm or RMSNorm, chosen by the model)
+- ``op.attn(v, value_gain=1, out_gain=1)``       causal multi-head attention; the gains scale the
+                                                 init of the value and output projections
+- ``op.ffn(v, in_gain=1, out_gain=1)``           the FFN (or MoE) sublayer; the gains scale the init
+                                                 of its input and output projections
+- ``v + w``, ``c * v``, ``v * c``, ``v / c``     scaled add of values, ``c`` a constant
+- constants: ``l`` (block index, 1..L), ``L`` (number of blocks), the scheme's parameters, and
+  arithmetic on them (``l ** Fraction(-1, 2)``). Python control flow may branch on constants
+  only (Mix-LN); an interpreter that keeps ``l`` symbolic evaluates such schemes per block.
+
+Parameters are numbers or functions of ``L``; write fractional powers with ``Fraction`` so a
+symbolic ``L`` stays exact (``(2 * L) ** Fraction(1, 4)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable
+
+import sympy
+
+BlockFn = Callable[..., Any]
+ParamRule = Any  # a number, or a function of L returning one
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A named block function with its parameters, final-norm flag, formula and source."""
+
+    name: str
+    block: BlockFn
+    formula: str
+    source: str
+    final_norm: bool
+    params: dict[str, ParamRule] = field(default_factory=dict)
+    notes: str = ""
+
+    def resolve(self, L: Any, **overrides: ParamRule) -> dict[str, Any]:
+        """Parameter values at depth ``L`` (an int, or a sympy symbol), overrides applied."""
+        unknown = set(overrides) - set(self.params)
+        if unknown:
+            raise ValueError(
+                f"scheme '{self.name}' has no parameter {', '.join(sorted(unknown))} "
+                f"(its parameters: {', '.join(self.params) or 'none'})"
+            )
+        rules = {**self.params, **overrides}
+        return {k: (rule(L) if callable(rule) else rule) for k, rule in rules.items()}
+
+    def describe_params(self) -> dict[str, str]:
+        """Each parameter's rule as a formula in L (sympy string form)."""
+        L = sympy.Symbol("L", positive=True, integer=True)
+        return {k: sympy.sstr(sympy.nsimplify(v) if isinstance(v, float) else sympy.sympify(v))
+                for k, v in self.resolve(L).items()}
+
+    def with_params(self, **overrides: ParamRule) -> "Scheme":
+        """The same scheme with some parameter rules replaced."""
+        self.resolve(1, **overrides)  # validates the names
+        return Scheme(self.name, self.block, self.formula, self.source, self.final_norm,
+                      {**self.params, **overrides}, self.notes)
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register(s: Scheme, *, replace: bool = False) -> Scheme:
+    """Add a scheme to the registry (ValueError if the name is taken and not ``replace``)."""
+    if s.name in SCHEMES and not replace:
+        raise ValueError(f"scheme '{s.name}' is already registered (pass replace=True)")
+    SCHEMES[s.name] = s
+    return s
+
+
+def scheme(name: str, *, formula: str, source: str, final_norm: bool, notes: str = "",
+           **params: ParamRule) -> Callable[[BlockFn], BlockFn]:
+    """Decorator: register ``fn`` as scheme ``name``; keyword arguments are its parameters."""
+    def wrap(fn: BlockFn) -> BlockFn:
+        register(Scheme(name, fn, formula, source, final_norm, dict(params), notes), replace=True)
+        return fn
+    return wrap
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme called ``name`` (ValueError naming the known ones otherwise)."""
+    if name not in SCHEMES:
+        raise ValueError(f"unknown scheme '{name}' (known: {', '.join(SCHEMES)})")
+    return SCHEMES[name]
+
+
+# --- the schemes -------------------------------------------------------------------------
+
+
+@scheme("post", formula="h = N(x + A(x)); y = N(h + F(h))", source="Vaswani et al. 2017",
+        final_norm=False)
+def post(x, op, *, l, L):
+    h = op.norm(x + op.attn(x))
+    return op.norm(h + op.ffn(h))
+
+
+@scheme("pre", formula="h = x + A(N(x)); y = h + F(N(h)); final N after the stack",
+        source="Xiong et al. 2020, arXiv 2002.04745", final_norm=True)
+def pre(x, op, *, l, L):
+    h = x + op.attn(op.norm(x))
+    return h + op.ffn(op.norm(h))
+
+
+def _span_beta(L):
+    # Placeholder until theory/ derives the family: one residual branch per sublayer, 2L in
+    # all, each of init variance beta^2, sums to O(1) — the GPT-2 residual scaling.
+    return (2 * L) ** Fraction(-1, 2)
+
+
+@scheme("span", formula="a = A(N(x)); f = F(N(x + a)); y = N(α·x + a + f); "
+                        "ScaleInit: A and F output projections × β(L)",
+        source="SpanNorm, arXiv 2601.22580 (reconstructed from the abstract; see DESIGN.md)",
+        final_norm=False, alpha=1, beta=_span_beta,
+        notes="Reconstruction: the paper's equations are not public. The skip spans the whole "
+              "block, one PostNorm-style norm on the aggregate, ScaleInit β(L).")
+def span(x, op, *, l, L, alpha, beta):
+    a = op.attn(op.norm(x), out_gain=beta)
+    f = op.ffn(op.norm(x + a), out_gain=beta)
+    return op.norm(alpha * x + a + f)
+
+
+@scheme("deepnorm", formula="h = N(α·x + A(x)); y = N(α·h + F(h)); "
+                            "FFN, V and O projections × β",
+        source="DeepNet, arXiv 2203.00555 (decoder-only constants)", final_norm=False,
+        alpha=lambda L: (2 * L) ** Fraction(1, 4), beta=lambda L: (8 * L) ** Fraction(-1, 4))
+def deepnorm(x, op, *, l, L, alpha, beta):
+    h = op.norm(alpha * x + op.attn(x, value_gain=beta, out_gain=beta))
+    return op.norm(alpha * h + op.ffn(h, in_gain=beta, out_gain=beta))
+
+
+@scheme("b2t", formula="h = N(x + A(x)); y = N(h + F(h) + x)",
+        source="Takase et al. 2023 (B2T connection)", final_norm=False)
+def b2t(x, op, *, l, L):
+    h = op.norm(x + op.attn(x))
+    return op.norm(h + op.ffn(h) + x)
+
+
+@scheme("peri", formula="h = x + N(A(N(x))); y = h + N(F(N(h))); final N after the stack",
+        source="Peri-LN, arXiv 2502.02732 (= CogView's Sandwich-LN)", final_norm=True)
+def peri(x, op, *, l, L):
+    h = x + op.norm(op.attn(op.norm(x)))
+    return h + op.norm(op.ffn(op.norm(h)))
+
+
+@scheme("mixln", formula="blocks 1..⌊ρL⌋ are post, the rest pre; final N after the stack",
+        source="Mix-LN, arXiv 2412.13795", final_norm=True, rho=Fraction(1, 4))
+def mixln(x, op, *, l, L, rho):
+    if l <= int(rho * L):  # branches on constants only: l and L are concrete here
+        return post(x, op, l=l, L=L)
+    return pre(x, op, l=l, L=L)
+
+
+@scheme("lns", formula="h = x + A(N(x)/√l); y = h + F(N(h)/√l); final N after the stack",
+        source="LayerNorm Scaling, arXiv 2502.05795", final_norm=True)
+def lns(x, op, *, l, L):
+    h = x + op.attn(op.norm(x) * l ** Fraction(-1, 2))
+    return h + op.ffn(op.norm(h) * l ** Fraction(-1, 2))
+
+
+# --- a structural interpretation: which operations a block calls, in order ----------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One vocabulary call of a block: its kind ('norm', 'attn', 'ffn'), index and gains."""
+
+    kind: str
+    index: int
+    gains: dict[str, float]
+
+
+class _Shape:
+    """A value that only remembers which call produced it (None for sums and inputs)."""
+
+    def __init__(self, made_by: Call | None = None):
+        self.made_by = made_by
+
+    def __add__(self, other: "_Shape") -> "_Shape":
+        if not isinstance(other, _Shape):
+            raise TypeError("a scheme may add values only to values (use c * v for scaling)")
+        return _Shape()
+
+    def __mul__(self, c: Any) -> "_Shape":
+        if isinstance(c, _Shape):
+            raise TypeError("a scheme may multiply a value only by a constant")
+        return _Shape()
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: Any) -> "_Shape":
+        return self * (1 / c)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def _call(self, kind: str, v: _Shape, gains: dict[str, Any]) -> _Shape:
+        if not isinstance(v, _Shape):
+            raise TypeError(f"op.{kind} takes a value, got {type(v).__name__}")
+        index = sum(c.kind == kind for c in self.calls)
+        call = Call(kind, index, {k: float(g) for k, g in gains.items()})
+        self.calls.append(call)
+        return _Shape(call)
+
+    def norm(self, v):
+        return self._call("norm", v, {})
+
+    def attn(self, v, *, value_gain=1, out_gain=1):
+        return self._call("attn", v, {"value_gain": value_gain, "out_gain": out_gain})
+
+    def ffn(self, v, *, in_gain=1, out_gain=1):
+        return self._call("ffn", v, {"in_gain": in_gain, "out_gain": out_gain})
+
+
+@dataclass(frozen=True)
+class BlockStructure:
+    """The calls a block makes, in order, and which norm (if any) produces its output."""
+
+    calls: tuple[Call, ...]
+    output_norm: int | None
+
+    def count(self, kind: str) -> int:
+        """How many calls of ``kind`` the block makes."""
+        return sum(c.kind == kind for c in self.calls)
+
+
+def block_structure(s: Scheme, l: int, L: int, params: dict[str, Any]) -> BlockStructure:
+    """Trace block ``l`` of ``L`` of scheme ``s`` and return its calls."""
+    rec = _Recorder()
+    out = s.block(_Shape(), rec, l=l, L=L, **params)
+    if not isinstance(out, _Shape):
+        raise TypeError(f"scheme '{s.name}' must return a value built from its input")
+    made_by = out.made_by
+    return BlockStructure(tuple(rec.calls),
+                          made_by.index if made_by and made_by.kind == "norm" else None)
