@@ -26,15 +26,137 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if not (args.theory or args.probes):
-        args.theory = args.probes = True
+    if not (args.theory or args.probes or args.train):
+        args.theory = args.probes = args.train = True
     if args.theory:
         from analysis.bench_theory import run as bench_theory
         bench_theory(args)
     if args.probes:
         from analysis.bench_probes import run as bench_probes
         bench_probes(args)
+    if args.train:
+        from analysis.bench_train import run as bench_train
+        bench_train(args)
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from analysis.main import PRESETS, analyse, save_tables
+
+    preset = PRESETS[args.preset]
+    changes = {k: v for k, v in dict(
+        schemes=args.schemes and [s for s in args.schemes.split(",") if s],
+        depths=args.depths and _parse_ints(args.depths, "--depths"),
+        seeds=args.seeds and _parse_ints(args.seeds, "--seeds"),
+        width=args.width, heads=args.heads, seq_len=args.seq_len, batch_size=args.batch,
+        batches=args.batches, device=args.device, corpus=args.corpus).items() if v is not None}
+    cfg = replace(preset, **changes)
+    cfg.validate()
+    _check_format(args.format)
+    out = _writable_dir(args.out)
+    print(f"sigprop analysis → {out}")
+    tables, theory = analyse(cfg)
+    save_tables(tables, cfg, theory, out)
+    _write_report(tables, theory, out, args.format)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.main import load_tables, save_tables
+    _check_format(args.format)
+    tables, cfg, theory = load_tables(args.run_dir)
+    out = _writable_dir(args.run_dir)
+    save_tables(tables, cfg, theory, out)
+    _write_report(tables, theory, out, args.format)
+    return 0
+
+
+def _check_format(fmt: str) -> None:
+    from figures.style import FORMATS
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown figure format '{fmt}' (known: {', '.join(FORMATS)})")
+
+
+def _write_report(tables, theory: dict, out, fmt: str) -> None:
+    import json
+
+    from analysis.compare import aggregate
+    from figures.analysis_report import write
+    config = json.loads((out / "config.json").read_text())
+    md, page = write(tables, aggregate(tables["init_profiles"]), config, theory, out, fmt)
+    claims = tables["claims"]["status"].value_counts()
+    print(f"claims: {claims.get('holds', 0)} hold, {claims.get('fails', 0)} fail, "
+          f"{claims.get('untested', 0)} untested")
+    print(f"wrote {md} and {page}")
+
+
+TRAIN_PRESETS = {  # what `train` runs when a flag is not given, by device type
+    "cpu": dict(schemes="pre,post,span,deepnorm", depths="2,4", width=64, heads=4, seq_len=64,
+                batch=8, tokens=32_768, lr=2e-3),
+    "cuda": dict(schemes="pre,post,span,deepnorm", depths="6,12,24,48,96,192", width=256, heads=4,
+                 seq_len=256, batch=32, tokens=20_000_000, lr=1e-3),
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from analysis.corpus import load_corpus
+    from analysis.model import ModelConfig
+    from analysis.train import TrainConfig, resolve_device
+    from analysis.train_grid import curves, train_grid
+    from figures.report import to_markdown
+    from figures.train import loss_curves, loss_vs_depth, profiles_init_vs_end, training_blocks
+
+    preset = TRAIN_PRESETS[resolve_device(args.device).type]
+    opt = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}
+    experts, top_k = _parse_moe(args.moe)
+    depths = _parse_ints(opt["depths"], "--depths")
+    schemes = [s for s in opt["schemes"].split(",") if s]
+    base = ModelConfig(scheme=schemes[0] if schemes else "", depth=depths[0], width=opt["width"],
+                       heads=opt["heads"], max_seq_len=opt["seq_len"], ffn=args.ffn, norm=args.norm,
+                       experts=experts, top_k=top_k)
+    tc = TrainConfig(tokens=opt["tokens"], batch_size=opt["batch"], lr=opt["lr"],
+                     grad_clip=args.grad_clip, device=args.device, seed=args.seed)
+    out = _writable_dir(args.out)
+    corpus = load_corpus(args.corpus)
+    runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel)
+    figs = [loss_vs_depth(runs, out / "figures" / "train_loss_vs_depth", args.format),
+            loss_curves(curves(out), out / "figures" / "train_loss_curves", args.format)]
+    if len(profiles):
+        deepest = int(profiles[profiles["moe"] == "dense"]["depth"].max()) if (profiles["moe"] == "dense").any() else None
+        if deepest is not None:
+            figs.append(profiles_init_vs_end(profiles, out / "figures" / "train_profiles", deepest,
+                                             args.format))
+    (out / "train.md").write_text(to_markdown(training_blocks(runs, figs, out)))
+    print(f"wrote {out / 'train_runs.csv'}, {out / 'train_profiles.csv'}, {out / 'train.md'} "
+          f"and {len(figs)} figures")
+    return 0
+
+
+def _parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got '{text}'") from None
+    if not values:
+        raise ValueError(f"{flag} is empty")
+    return values
+
+
+def _writable_dir(path: str | None):
+    import time
+    from pathlib import Path
+    out = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").touch()
+        (out / ".write_test").unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {out} is not writable ({e.strerror})") from None
+    return out
 
 
 def _parse_moe(text: str | None) -> tuple[int, int]:
@@ -60,11 +182,31 @@ def _parse_params(items: list[str]) -> dict[str, float]:
     return params
 
 
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu: width 256, depths 2…256, 3 seeds; gpu: width 1024, depths 2…1024 on "
+                        "cuda (default: cpu)")
+    p.add_argument("--schemes", help="comma-separated schemes (default: pre,post,span,deepnorm)")
+    p.add_argument("--depths", help="comma-separated increasing depths (default: the preset's)")
+    p.add_argument("--seeds", help="comma-separated init seeds (default: 0,1,2)")
+    p.add_argument("--width", type=int, help="model width (default: the preset's)")
+    p.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--batch", type=int, help="sequences per batch (default: the preset's)")
+    p.add_argument("--batches", type=int, help="batches per seed (default: 2)")
+    p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
+    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="run_analysis.py",
-        description="sigprop: signal propagation in deep Transformers, theory against measurement.")
+        description="sigprop: signal propagation in deep Transformers, theory against measurement. "
+                    "With no command (or only sweep options, e.g. --preset gpu) it runs the main "
+                    "analysis, `sweep`, at CPU size into runs/<timestamp>/.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("schemes", help="list the registered normalization schemes")
@@ -91,9 +233,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_model)
 
+    p = sub.add_parser("sweep", help="init sweep: measure schemes × depths × seeds, compare with "
+                                     "theory, write CSVs, figures and the report")
+    _add_sweep_args(p)
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="rebuild the report of a run folder from its CSVs")
+    p.add_argument("run_dir", help="a folder written by the analysis or `sweep`")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("train", help="train a grid of schemes × depths with probes; write CSVs, "
+                                     "figures and train.md")
+    p.add_argument("--schemes", help="comma-separated schemes (default: pre,post,span,deepnorm)")
+    p.add_argument("--depths", help="comma-separated depths (default: 2,4 on cpu; 6,...,192 on cuda)")
+    p.add_argument("--width", type=int, help="model width (default: 64 on cpu, 256 on cuda)")
+    p.add_argument("--heads", type=int, help="attention heads (default: 4)")
+    p.add_argument("--seq-len", type=int, help="context length (default: 64 on cpu, 256 on cuda)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: 8 on cpu, 32 on cuda)")
+    p.add_argument("--tokens", type=int, help="token budget per run (default: 32768 on cpu, 2e7 on cuda)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 on cpu, 1e-3 on cuda)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm (default: off)")
+    p.add_argument("--moe", metavar="E,k", help="MoE FFN: E experts, top-k (default: dense)")
+    p.add_argument("--ffn", default="gelu", help="gelu, relu or swiglu (default: gelu)")
+    p.add_argument("--norm", default="layernorm", help="layernorm or rmsnorm (default: layernorm)")
+    p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="init and data seed (default: 0)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs trained at once in worker processes, sharing the device (default: 1)")
+    p.add_argument("--out", help="output folder; an existing grid there resumes "
+                                 "(default: runs/<timestamp>)")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("theory", help="derive every scheme's moment recurrences, closed forms, "
+                                      "asymptotic orders and claims; write theory.json, claims.csv")
+    p.add_argument("--scheme", help="only this scheme (default: every registered scheme)")
+    p.add_argument("--latex", action="store_true", help="print recurrences and closed forms as LaTeX")
+    p.add_argument("--out", help="output folder (default: runs/theory)")
+    p.set_defaults(func=lambda a: __import__("analysis.theory_cmd", fromlist=["run"]).run(a))
+
     p = sub.add_parser("bench", help="print speed figures (see README, Benchmarks)")
     p.add_argument("--theory", action="store_true", help="time deriving and evaluating the recurrences")
     p.add_argument("--probes", action="store_true", help="time a probed training step against an unprobed one")
+    p.add_argument("--probe-shape", default="small", choices=["small", "gpt2"],
+                   help="--probes model shape: small (CPU, default) or gpt2 (d768 L12 T1024, for a GPU)")
+    p.add_argument("--train", action="store_true",
+                   help="time training steps (tokens/s, MFU) and a small depth grid run in parallel")
+    p.add_argument("--parallel", type=int, default=2,
+                   help="runs at once in the --train grid comparison (default: 2)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_bench)
     return parser
@@ -101,11 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for unusable input)."""
+    import torch
+    # Deep post-norm backward makes denormal gradients, which slow CPU matmuls ~5×; flushing them
+    # to 0 changes no statistic we report. Set before torch starts its threads, which inherit it.
+    torch.set_flush_denormal(True)
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["sweep", *argv]  # the main job: `run_analysis.py [sweep options]`
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
         return args.func(args)
     except ValueError as e:

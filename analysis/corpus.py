@@ -34,6 +34,11 @@ class Corpus:
     source: str
     train_files: list[str]
     val_files: list[str]
+    spec: tuple = (None, 0.1, None)  # load_corpus arguments that rebuild this corpus
+
+    def __reduce__(self):
+        # worker processes reload the memory map instead of receiving a copy of the bytes
+        return load_corpus, self.spec
 
     def split(self, name: str) -> np.ndarray:
         """The byte array of split ``name`` ('train' or 'val')."""
@@ -78,11 +83,19 @@ def load_corpus(path: str | os.PathLike | None = None, val_fraction: float = 0.1
     """The default corpus (``path=None``), a text file, or a folder of text files."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    spec = (None if path is None else str(Path(path).resolve()), val_fraction,
+            None if cache_dir is None else str(cache_dir))
     if path is None:
         root = stdlib_root()
-        return _from_files(root, list_files(root, "*.py"), val_fraction, cache_dir,
-                           f"Python {sysconfig.get_python_version()} standard library ({root})")
-    p = Path(path)
+        corpus = _from_files(root, list_files(root, "*.py"), val_fraction, cache_dir,
+                             f"Python {sysconfig.get_python_version()} standard library ({root})")
+    else:
+        corpus = _load_path(Path(path), val_fraction, cache_dir)
+    corpus.spec = spec
+    return corpus
+
+
+def _load_path(p: Path, val_fraction: float, cache_dir: str | os.PathLike | None) -> Corpus:
     if not p.exists():
         raise ValueError(f"corpus path {p} does not exist")
     if p.is_file():

@@ -111,8 +111,11 @@ def pre(x, op, *, l, L):
 
 
 def _span_beta(L):
-    # Placeholder until theory/ derives the family: one residual branch per sublayer, 2L in
-    # all, each of init variance beta^2, sums to O(1) — the GPT-2 residual scaling.
+    # Derived in theory/solve.py (span_beta_family; printed by `run_analysis.py theory`): the
+    # output is normalized, so g_0/g_L = r(q_0)·r(β)^(L-1) with log r = κβ² + O(β⁴). For
+    # β = c·L^(-γ), L·log r → κc²L^(1-2γ): bounded above and away from 0 iff γ ≥ 1/2, and only
+    # γ = 1/2 keeps the blocks' total contribution O(1) (γ > 1/2: the stack fades to identity).
+    # c = 1/√2: the 2L branch variances together match the skip's.
     return (2 * L) ** Fraction(-1, 2)
 
 

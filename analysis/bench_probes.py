@@ -1,0 +1,136 @@
+"""Benchmark: a probed training step against an unprobed one, eager and compiled.
+
+Four copies of one testbed model (eager, eager + probe, compiled, compiled + probe) take turns:
+each round runs ``steps_per_round`` optimizer steps of every copy and times them (the benchmark
+synchronises the device once per round; the probe itself never does), and the figure per copy
+is the median over rounds of the mean step time. Interleaving the copies makes slow drifts of a
+shared machine hit all four alike. The probe uses the default metrics (moments, token cosine, Dong residual, layer cosine,
+gradient second moment) at every point; the compiled probed copy is compiled inside the probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from analysis.model import ModelConfig, build_model
+from probes import Probe
+
+# name: (ModelConfig keywords, batch size, rounds, steps per round)
+SHAPES = {
+    "small": (dict(depth=4, width=128, heads=4, max_seq_len=128), 8, 15, 1),
+    "gpt2": (dict(depth=12, width=768, heads=12, max_seq_len=1024), 8, 20, 3),  # GPT-2 small, T 1024
+}
+
+
+@dataclass
+class _Run:
+    name: str
+    model: torch.nn.Module
+    step_model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    probe: Probe | None
+    times: list[float]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(run: _Run, idx: torch.Tensor, autocast: bool) -> None:
+    ctx = torch.autocast(idx.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        _, loss = run.step_model(idx, idx)
+    loss.backward()
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+
+
+def _make_runs(base: torch.nn.Module, compile_ok: bool) -> list[_Run]:
+    runs = []
+    for name in ("eager", "eager+probe", "compiled", "compiled+probe"):
+        if name.startswith("compiled") and not compile_ok:
+            continue
+        model = copy.deepcopy(base)
+        probe = Probe(model).install() if name.endswith("probe") else None
+        step_model = torch.compile(model) if name.startswith("compiled") else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        runs.append(_Run(name, model, step_model, opt, probe, []))
+    return runs
+
+
+def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, rounds: int | None = None,
+              seed: int = 0) -> dict[str, list[float]]:
+    """Step times in ms per copy, one per round (keys: eager, eager+probe, compiled, compiled+probe)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape '{shape}' (known: {', '.join(SHAPES)})")
+    kw, batch, n_rounds, per_round = SHAPES[shape]
+    n_rounds = rounds or n_rounds
+    dev = torch.device(device)
+    autocast = dev.type == "cuda"  # bf16 autocast, as GPU training would run
+    base = build_model(ModelConfig(scheme="pre", **kw), seed=seed, device=dev)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, base.cfg.vocab, (batch, kw["max_seq_len"]), generator=gen).to(dev)
+    runs = _make_runs(base, compile)
+    for run in list(runs):  # warm-up: compiles, allocator, AdamW state
+        try:
+            for _ in range(2):
+                _step(run, idx, autocast)
+        except Exception as e:  # compile can fail on a machine without a C compiler: say so, go on
+            if not run.name.startswith("compiled"):
+                raise
+            print(f"  {run.name}: torch.compile failed ({type(e).__name__}: {str(e)[:120]}); skipped")
+            runs.remove(run)
+    _sync(dev)
+    for _ in range(n_rounds):
+        for run in runs:
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                _step(run, idx, autocast)
+            _sync(dev)
+            run.times.append((time.perf_counter() - t0) / per_round * 1e3)
+    for run in runs:
+        if run.probe is not None:
+            df = run.probe.frame()  # fails loudly if the probed copy recorded nothing
+            run.probe.remove()
+            if df["count"].min() < n_rounds * per_round:
+                raise RuntimeError(f"{run.name}: the probe missed steps ({df['count'].min()} recorded)")
+    return {run.name: run.times for run in runs}
+
+
+def run(args: argparse.Namespace) -> None:
+    """Print the probe-overhead table for ``args.device`` (and ``args.probe_shape`` where given)."""
+    threads = torch.get_num_threads()
+    if str(args.device) == "cpu":  # one thread: oversubscribed OpenMP threads on a shared CPU swamp the figures
+        torch.set_num_threads(1)
+    try:
+        _report(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _report(args: argparse.Namespace) -> None:
+    shape = getattr(args, "probe_shape", None) or "small"
+    kw, batch, n_rounds, per_round = SHAPES[shape]
+    name = torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else "cpu"
+    print(f"probe overhead: scheme pre, d={kw['width']} L={kw['depth']} T={kw['max_seq_len']} "
+          f"B={batch}, AdamW step, {args.device} ({name}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; median of {n_rounds} interleaved rounds × {per_round} steps")
+    t0 = time.perf_counter()
+    times = benchmark(shape, args.device, rounds=getattr(args, "probe_rounds", None))
+    print(f"  {'mode':<10} {'unprobed ms':>12} {'probed ms':>10} {'overhead':>9}   (quartiles of the per-round ratio)")
+    for mode in ("eager", "compiled"):
+        if mode in times and f"{mode}+probe" in times:
+            plain, probed = statistics.median(times[mode]), statistics.median(times[f"{mode}+probe"])
+            ratios = [b / a - 1 for a, b in zip(times[mode], times[f"{mode}+probe"])]
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            print(f"  {mode:<10} {plain:>12.2f} {probed:>10.2f} {100 * (probed / plain - 1):>+8.1f}%   "
+                  f"({100 * q1:+.1f}% .. {100 * q3:+.1f}%)")
+    print(f"  ({time.perf_counter() - t0:.0f} s in all, compiles included)")

@@ -1,0 +1,62 @@
+"""Speed figures of the theory side: deriving every scheme, evaluating a recurrence to 10^4."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+from theory import interpreter as I
+from theory import solve as S
+from theory.schemes import SCHEMES
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _derive_all() -> None:
+    for name in SCHEMES:
+        try:
+            I.derive_block(SCHEMES[name])
+        except TypeError:  # Mix-LN: one derivation per block kind
+            I.derive_block(SCHEMES[name], l=1, L=8)
+            I.derive_block(SCHEMES[name], l=8, L=8)
+
+
+def run(args: argparse.Namespace | None = None) -> dict[str, float]:
+    """Print (and return) median timings: derivation of all schemes, depth-10^4 evaluation."""
+    repeats = 5
+    t = time.perf_counter()
+    _derive_all()
+    derive_cold = time.perf_counter() - t  # first call in the process: sympy's own caches cold
+    derive = _median_time(_derive_all, repeats)  # derive_block bypasses our cache, not sympy's
+    S.predict_profile("span", depth=10, width=512)  # warm: compile + attention tables
+    S.predict_profile("pre", depth=10, width=512)
+    S.predict_profile("mixln", depth=10, width=512)
+    evals = {n: _median_time(lambda n=n: S.predict_profile(n, depth=10000, width=512), repeats)
+             for n in ("pre", "span", "mixln")}
+    closed = _median_time(lambda: S.closed_forms.__wrapped__("pre"), 3)
+    f = I.compile_recurrence(I.derive("pre"), {"d": 512, "T": 128, "sigma": 1.0}, T_val=128)
+
+    def forward_1e4() -> None:
+        q, rho = 1.0, 0.2
+        for l in range(1, 10001):
+            q, rho = f(q, rho, 0.0, l, 10000)[:2]
+
+    fwd = _median_time(forward_1e4, repeats)
+    print(f"theory bench (median of {repeats}, one process, CPU):")
+    print(f"  derive all {len(SCHEMES)} schemes, first call in process:  {derive_cold:.3f} s")
+    print(f"  derive all {len(SCHEMES)} schemes (our cache bypassed):    {derive:.3f} s")
+    print(f"  pre block recurrence iterated to depth 10^4:    {fwd:.3f} s")
+    print(f"  closed forms of pre (uncached):                 {closed:.3f} s")
+    for n, t in evals.items():
+        print(f"  full profile to depth 10^4 ({n:6}, fwd + bwd):  {t:.3f} s")
+    return {"derive_all_cold_s": derive_cold, "derive_all_s": derive, "forward_1e4_s": fwd, "closed_pre_s": closed,
+            **{f"profile_1e4_{n}_s": t for n, t in evals.items()}}

@@ -1,0 +1,71 @@
+"""`bench --train`: training throughput and MFU of one shape, and a small grid run in parallel."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from analysis.corpus import load_corpus
+from analysis.model import ModelConfig
+from analysis.train import TrainConfig, peak_flops, resolve_device, train_run
+from analysis.train_grid import train_grid
+
+SHAPES = {  # (ModelConfig overrides, batch size)
+    "small": (dict(depth=4, width=128, heads=4, max_seq_len=128), 8),
+    "gpt2": (dict(depth=12, width=768, heads=12, max_seq_len=1024), 16),
+}
+
+
+def throughput(shape: str, device: str, steps: int = 30, warmup: int = 10) -> dict:
+    """Median step time, tokens/s and MFU of the pre-norm testbed at ``shape``."""
+    overrides, batch = SHAPES[shape]
+    mc = ModelConfig(scheme="pre", **overrides)
+    tc = TrainConfig(tokens=(steps + warmup) * batch * mc.max_seq_len, batch_size=batch,
+                     device=device, evals=1, eval_batches=1, checkpoints=1, profile_fractions=())
+    with tempfile.TemporaryDirectory() as tmp:
+        r = train_run(mc, tc, load_corpus(), tmp, log=lambda s: None)
+    step = statistics.median(r["step_seconds"][warmup:])  # after compile and allocator warm-up
+    tps = batch * mc.max_seq_len / step
+    return {"shape": shape, "step_s": step, "tokens_per_s": tps,
+            "mfu": tps * r["flops_per_token"] / peak_flops(resolve_device(device))}
+
+
+def grid_speedup(device: str, parallel: int, tokens: int = 8192) -> dict:
+    """Wall time of a small-width depth grid run one by one against ``parallel`` at a time."""
+    base = ModelConfig(scheme="pre", depth=2, width=64, heads=4, max_seq_len=64)
+    tc = TrainConfig(tokens=tokens, batch_size=8, device=device, evals=1, eval_batches=1,
+                     checkpoints=1)
+    depths = [2, 4, 6, 8]
+    corpus = load_corpus()
+    walls = {}
+    for p in (1, parallel):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            train_grid(["pre"], depths, replace(base), tc, corpus, tmp, log=lambda s: None, parallel=p)
+            walls[p] = time.perf_counter() - t0
+    total = tokens * len(depths)
+    return {"runs": len(depths), "sequential_tokens_per_s": total / walls[1],
+            "parallel_tokens_per_s": total / walls[parallel], "speedup": walls[1] / walls[parallel]}
+
+
+def run(args: argparse.Namespace) -> None:
+    """Print the training benchmark."""
+    device = args.device
+    shape = getattr(args, "shape", None) or ("gpt2" if resolve_device(device).type == "cuda" else "small")
+    dev_name = torch.cuda.get_device_name() if resolve_device(device).type == "cuda" else "CPU"
+    print(f"training throughput on {dev_name} ({torch.get_num_threads()} threads), pre-norm testbed")
+    t = throughput(shape, device)
+    mfu = "—" if t["mfu"] != t["mfu"] else f"{100 * t['mfu']:.1f}%"
+    overrides, batch = SHAPES[shape]
+    print(f"  shape {shape} (L={overrides['depth']} d={overrides['width']} T={overrides['max_seq_len']} "
+          f"B={batch}): median step {1000 * t['step_s']:.1f} ms, {t['tokens_per_s']:,.0f} tokens/s, MFU {mfu}")
+    parallel = getattr(args, "parallel", None) or 2
+    g = grid_speedup(device, parallel)
+    print(f"  depth grid of {g['runs']} small runs: one by one {g['sequential_tokens_per_s']:,.0f} "
+          f"tokens/s, {parallel} at a time {g['parallel_tokens_per_s']:,.0f} tokens/s "
+          f"(×{g['speedup']:.2f} wall-clock)")

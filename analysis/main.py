@@ -1,0 +1,131 @@
+"""The main analysis: init sweep, theory at the same configuration, comparison — as tables.
+
+Files in a run folder (stable names): ``config.json``, ``theory.json``, ``init_profiles.csv``, ``errors.csv``,
+``targets.csv``, ``disagreements.csv`` and ``claims.csv``; figures/ draws from them and writes
+the report, and ``report RUN_DIR`` rebuilds it from these files alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from analysis.compare import add_errors, aggregate, disagreements, error_summary, target_check
+from analysis.corpus import load_corpus
+from analysis.measured_claims import check_claims
+from analysis.model import ModelConfig
+from analysis.sweep import init_sweep
+from analysis.theory_cmd import collect, write_json
+from theory.schemes import SCHEMES
+
+TABLES = ("init_profiles", "errors", "targets", "disagreements", "claims")
+CLAIM_COLUMNS = ["claim", "scheme", "statement", "method", "status", "evidence"]
+
+
+@dataclass
+class AnalysisConfig:
+    """The grid and the model shape of one analysis."""
+
+    schemes: list[str] = field(default_factory=lambda: ["pre", "post", "span", "deepnorm"])
+    depths: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64, 128, 256])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    width: int = 256
+    heads: int = 4
+    seq_len: int = 64
+    batch_size: int = 4
+    batches: int = 2
+    ffn: str = "gelu"
+    norm: str = "layernorm"
+    experts: int = 0
+    top_k: int = 2
+    device: str = "cpu"
+    corpus: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if not self.schemes:
+            raise ValueError("no schemes given")
+        for s in self.schemes:
+            if s not in SCHEMES:
+                raise ValueError(f"unknown scheme '{s}' (known: {', '.join(SCHEMES)})")
+        if not self.depths:
+            raise ValueError("the depth list is empty")
+        if list(self.depths) != sorted(set(self.depths)):
+            raise ValueError(f"depths must be increasing without repeats, got {self.depths}")
+        if not self.seeds:
+            raise ValueError("the seed list is empty")
+        for name in ("batches", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.model_config(self.schemes[0], self.depths[0]).validate()
+
+    def model_config(self, scheme: str, depth: int) -> ModelConfig:
+        """The testbed configuration of one grid point."""
+        return ModelConfig(scheme=scheme, depth=depth, width=self.width, heads=self.heads,
+                           max_seq_len=self.seq_len, ffn=self.ffn, norm=self.norm,
+                           experts=self.experts, top_k=self.top_k)
+
+
+PRESETS = {
+    "cpu": AnalysisConfig(),
+    "gpu": AnalysisConfig(depths=[2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], width=1024, heads=8,
+                          seq_len=128, batch_size=8, device="cuda"),
+}
+
+
+def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print
+            ) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Run theory, the sweep and the comparison; every table of the run folder and theory.json."""
+    cfg.validate()
+    corpus = load_corpus(cfg.corpus)
+    t0 = time.perf_counter()
+    theory, _ = collect(cfg.schemes, latex=True)
+    log(f"theory: recurrences, closed forms and {len(theory['claims'])} claims derived in "
+        f"{time.perf_counter() - t0:.1f} s")
+    log(f"init sweep: {len(cfg.schemes)} schemes × {len(cfg.depths)} depths × {len(cfg.seeds)} seeds, "
+        f"width {cfg.width}, {cfg.batches} batches of {cfg.batch_size} × {cfg.seq_len} tokens, on {cfg.device}")
+    t0 = time.perf_counter()
+    profiles = init_sweep(cfg.schemes, cfg.depths, cfg.seeds, cfg.model_config(cfg.schemes[0], cfg.depths[0]),
+                          corpus, batches=cfg.batches, batch_size=cfg.batch_size, device=cfg.device, log=log)
+    log(f"sweep done in {time.perf_counter() - t0:.0f} s; comparing with theory")
+    return compare_tables(profiles, theory["claims"]), theory
+
+
+def compare_tables(profiles: pd.DataFrame, theory_claims: list[dict]) -> dict[str, pd.DataFrame]:
+    """Every derived table from the init profiles and theory's claims (what ``report`` recomputes)."""
+    errs = add_errors(aggregate(profiles))
+    summary = error_summary(errs)
+    theory = pd.DataFrame(theory_claims, columns=CLAIM_COLUMNS)
+    theory["method"] = "theory, " + theory["method"].astype(str)
+    claims = pd.concat([theory, check_claims(errs)], ignore_index=True)[CLAIM_COLUMNS]
+    return {"init_profiles": profiles, "errors": summary, "targets": target_check(summary),
+            "disagreements": disagreements(errs), "claims": claims}
+
+
+def save_tables(tables: dict[str, pd.DataFrame], cfg: AnalysisConfig, theory: dict, out: Path) -> None:
+    """Write config.json, theory.json and every table as CSV into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    write_json(theory, out)
+    for name in TABLES:
+        tables[name].to_csv(out / f"{name}.csv", index=False)
+
+
+def load_tables(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], AnalysisConfig, dict]:
+    """Read a run folder back (ValueError if it holds no results)."""
+    run_dir = Path(run_dir)
+    profiles = run_dir / "init_profiles.csv"
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a folder")
+    needed = [profiles, run_dir / "config.json", run_dir / "theory.json"]
+    if not all(p.exists() for p in needed):
+        raise ValueError(f"{run_dir} holds no results (init_profiles.csv, config.json and "
+                         f"theory.json are written by `run_analysis.py` or `sweep`)")
+    cfg = AnalysisConfig(**json.loads((run_dir / "config.json").read_text()))
+    theory = json.loads((run_dir / "theory.json").read_text())
+    return compare_tables(pd.read_csv(profiles), theory["claims"]), cfg, theory

@@ -1,0 +1,314 @@
+"""Training one testbed run: AdamW, warmup + cosine, divergence as an outcome, atomic checkpoints.
+
+Read top to bottom like nanoGPT's train.py. A run writes into its own folder:
+``checkpoint.pt`` (model, optimizer, data-generator state, history; written atomically and
+reloaded with ``weights_only=True``), and ``result.json`` once finished. A killed run resumes from
+its last checkpoint and ends in the same state as an uninterrupted one with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from analysis.corpus import Corpus
+from analysis.model import ModelConfig, Testbed, build_model
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
+
+
+@dataclass
+class TrainConfig:
+    """How one run trains; the model is fixed by its ModelConfig."""
+
+    tokens: int = 1 << 20  # token budget of the run
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = None  # off by default: instability is a result to record
+    spike_factor: float = 3.0  # loss above spike_factor × its running mean (or × ln vocab) ends the run
+    spike_after: int = 20  # steps before spikes count (the running mean needs history)
+    evals: int = 8  # validation points over the run (plus one at the end)
+    eval_batches: int = 8
+    checkpoints: int = 4  # checkpoints over the run
+    profile_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)  # when probes measure the model
+    device: str = "cpu"
+    compile: bool | None = None  # None: on CUDA only
+    autocast: bool | None = None  # bf16 autocast; None: on CUDA only
+    seed: int = 0
+
+    def validate(self, seq_len: int) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if self.tokens < self.batch_size * seq_len:
+            raise ValueError(f"tokens {self.tokens} is less than one batch "
+                             f"({self.batch_size} × {seq_len})")
+        for name in ("batch_size", "evals", "eval_batches", "checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.spike_factor > 1):
+            raise ValueError("lr must be > 0 and spike_factor > 1")
+        resolve_device(self.device)
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the run trains on a CUDA device."""
+        return resolve_device(self.device).type == "cuda"
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device, or ValueError if it is unknown or absent here."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}' (try cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device '{name}' (cpu or cuda)")
+    return dev
+
+
+def lr_at(step: int, steps: int, tc: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr · min_lr_ratio."""
+    warmup = max(1, int(tc.warmup_frac * steps))
+    if step < warmup:
+        return tc.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def flops_per_token(model: Testbed) -> float:
+    """6N + 12·L·H·Q·T (nanoGPT / PaLM appendix B); N without position embeddings."""
+    cfg = model.cfg
+    n = sum(p.numel() for p in model.parameters()) - model.pos_embed.weight.numel()
+    if cfg.experts:  # only top_k of E experts run per token
+        expert = sum(p.numel() for m in model.moe_layers for p in m.experts.parameters())
+        n -= expert * (1 - cfg.top_k / cfg.experts)
+    return 6 * n + 12 * cfg.depth * cfg.width * cfg.max_seq_len
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak dense bf16 FLOP/s of the device, NaN where unknown (CPUs)."""
+    if device.type != "cuda":
+        return math.nan
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
+
+
+def make_optimizer(model: Testbed, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not norms, not embeddings' rows of positions)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=tc.on_cuda)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides model and optimizer."""
+
+    step: int = 0
+    loss_ema: float | None = None
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    tokens_timed: int = 0
+    updates: list[tuple[int, int, float]] = field(default_factory=list)  # (step, block, size)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def snapshot_blocks(model: Testbed, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each block's (input, output) on batch ``x``, for measuring the next update's size."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [b.register_forward_hook(lambda m, args, out: pairs.append((args[0], out)))
+             for b in model.blocks]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pairs
+
+
+@torch.no_grad()
+def update_sizes(model: Testbed, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """‖B_new(x) − B_old(x)‖ / ‖B_old(x)‖ per block, on the block's own saved input x.
+
+    The input is held fixed, so each figure is the change from that block's own parameter
+    update alone (DeepNet's "model update", arXiv 2203.00555, taken per block).
+    """
+    sizes = [torch.linalg.vector_norm((b(x) - y).float()) / torch.linalg.vector_norm(y.float())
+             for b, (x, y) in zip(model.blocks, snapshot)]
+    return torch.stack(sizes).tolist()
+
+
+Profiler = Callable[[Testbed, str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]], None]
+
+
+@torch.no_grad()
+def evaluate(model: Testbed, corpus: Corpus, tc: TrainConfig, seq_len: int, ctx) -> float:
+    """Mean validation cross-entropy (nats) over fixed batches."""
+    gen = torch.Generator().manual_seed(10_000 + tc.seed)
+    model.eval()
+    total = 0.0
+    for _ in range(tc.eval_batches):
+        x, y = corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=tc.device)
+        with ctx():
+            logits, _ = model(x)
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+    model.train()
+    return total / tc.eval_batches
+
+
+def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
+              profiler: Profiler | None = None, log: Callable[[str], None] = print,
+              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train one model for ``tc.tokens`` tokens, resuming from ``run_dir`` if it holds a checkpoint.
+
+    Returns the result (also written to ``run_dir/result.json``). ``profiler(model, tag, step,
+    batch_fn)`` is called at ``tc.profile_fractions`` of training to measure the model;
+    ``on_step(step, loss)`` after every optimizer step (progress, tests).
+    """
+    tc.validate(mc.max_seq_len)
+    seq_len = mc.max_seq_len
+    for split in ("train", "val"):
+        if len(corpus.split(split)) < seq_len + 1:
+            raise ValueError(f"the {split} split of {corpus.source} has {len(corpus.split(split))} "
+                             f"bytes, shorter than the context {seq_len} + 1")
+    run_dir = Path(run_dir)
+    device = resolve_device(tc.device)
+    steps = tc.tokens // (tc.batch_size * seq_len)
+    eval_at = {round(steps * (i + 1) / tc.evals) - 1 for i in range(tc.evals)}
+    ckpt_at = {round(steps * (i + 1) / tc.checkpoints) for i in range(tc.checkpoints)}
+    profile_at = {min(steps, round(f * steps)) for f in tc.profile_fractions}
+
+    model = build_model(mc, seed=tc.seed, device=device)
+    opt = make_optimizer(model, tc)
+    data_gen = torch.Generator().manual_seed(tc.seed)
+    state = RunState()
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        data_gen.set_state(ckpt["data_gen"])
+        state = RunState(**ckpt["state"])
+        log(f"  resumed at step {state.step}/{steps}")
+
+    use_autocast = tc.autocast if tc.autocast is not None else device.type == "cuda"
+    ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast
+           else (lambda: torch.autocast(device.type, enabled=False)))
+    fwd = torch.compile(model) if (tc.compile if tc.compile is not None else tc.on_cuda) else model
+
+    def next_batch():
+        return corpus.batch("train", tc.batch_size, seq_len, generator=data_gen, device=device)
+
+    def next_fixed_batch() -> torch.Tensor:  # the same validation batch at every measurement
+        gen = torch.Generator().manual_seed(20_000 + tc.seed)
+        return corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)[0]
+
+    def profile(tag: str) -> None:
+        if profiler is not None:
+            gen = torch.Generator().manual_seed(30_000 + tc.seed)
+            profiler(model, tag, state.step,
+                     lambda: corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device))
+            model.zero_grad(set_to_none=True)  # a profiler's backward must not leak into training
+
+    def checkpoint() -> None:
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "data_gen": data_gen.get_state(), "state": asdict(state),
+                     "model_config": mc.to_dict()}, ckpt_path)
+
+    diverged, reason = False, ""
+    while state.step < steps:
+        step = state.step
+        snapshot = None
+        if step in profile_at:
+            profile("init" if step == 0 else f"step{step}")
+            snapshot = snapshot_blocks(model, next_fixed_batch())
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, tc)
+        x, y = next_batch()
+        t0 = time.perf_counter()
+        with ctx():
+            _, loss = fwd(x, y)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # one sync per step: divergence must be seen at once
+        state.step_seconds.append(time.perf_counter() - t0)
+        state.train_seconds += state.step_seconds[-1]
+        state.tokens_timed += x.numel()
+        state.step += 1
+        state.train_loss.append((step, loss_value))
+        if snapshot is not None:
+            state.updates += [(step, i, u) for i, u in enumerate(update_sizes(model, snapshot))]
+        if not math.isfinite(loss_value):
+            diverged, reason = True, f"loss {loss_value} at step {step}"
+        elif loss_value > tc.spike_factor * math.log(mc.vocab):
+            diverged, reason = True, (f"loss {loss_value:.3f} at step {step} is above {tc.spike_factor}"
+                                      f" × ln(vocab) = {tc.spike_factor * math.log(mc.vocab):.3f}, "
+                                      f"the loss of a uniform guess")
+        elif (state.loss_ema is not None and step >= tc.spike_after
+              and loss_value > tc.spike_factor * state.loss_ema):
+            diverged, reason = True, (f"loss {loss_value:.3f} at step {step} is above "
+                                      f"{tc.spike_factor} × its running mean {state.loss_ema:.3f}")
+        state.loss_ema = loss_value if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss_value
+        if on_step is not None:
+            on_step(step, loss_value)
+        if diverged:
+            log(f"  diverged: {reason}")
+            break
+        if step in eval_at:
+            state.val_loss.append((step, evaluate(model, corpus, tc, seq_len, ctx)))
+            log(f"  step {state.step}/{steps}  train {loss_value:.3f}  val {state.val_loss[-1][1]:.3f} nats")
+        if state.step in ckpt_at:
+            checkpoint()
+    if not diverged and steps in profile_at:
+        profile("end")
+
+    tokens_per_s = state.tokens_timed / state.train_seconds if state.train_seconds else math.nan
+    final_val = state.val_loss[-1][1] if state.val_loss and not diverged else math.nan
+    result = {
+        **{k: v for k, v in mc.to_dict().items() if k in ("scheme", "depth", "width", "experts", "top_k")},
+        "tokens": state.step * tc.batch_size * seq_len, "steps": state.step,
+        "final_val_bpb": final_val / math.log(2), "diverged": diverged,
+        "divergence_step": state.step - 1 if diverged else None, "divergence_reason": reason,
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops_per_token(model) / peak_flops(device),
+        "flops_per_token": flops_per_token(model),
+        "train_loss": state.train_loss, "val_loss": state.val_loss, "updates": state.updates,
+        "step_seconds": state.step_seconds,
+    }
+    checkpoint()
+    (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
+    return result

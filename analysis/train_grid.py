@@ -1,0 +1,160 @@
+"""A grid of training runs (schemes × depths, dense or MoE), resumable, with probes at fixed fractions.
+
+Layout of ``out_dir``: ``runs/<name>/`` per run (checkpoint, result.json, profiles.csv), and the
+grid's tables ``train_runs.csv`` and ``train_profiles.csv`` gathered from every finished run in
+the folder, so a dense and an MoE grid written to one folder share their tables. A killed grid
+resumes: finished runs are read back, an unfinished one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from analysis.corpus import Corpus
+from analysis.model import ModelConfig, Testbed
+from analysis.train import TrainConfig, train_run
+from probes import Probe
+
+PROFILE_METRICS = ["second_moment", "grad_second_moment", "token_cosine", "layer_cosine"]
+PROFILE_POINTS = ["embed", "blocks.*.pre_norm_sum", "blocks.*.resid_post"]
+RUN_COLUMNS = ["scheme", "depth", "width", "moe", "tokens", "final_val_bpb", "diverged",
+               "divergence_step", "tokens_per_s", "mfu"]
+
+
+def run_name(mc: ModelConfig) -> str:
+    """Folder name of a run: scheme, depth, width, dense or MoE."""
+    return f"{mc.scheme}-L{mc.depth}-d{mc.width}-{moe_label(mc.experts, mc.top_k)}"
+
+
+def moe_label(experts: int, top_k: int) -> str:
+    """'dense', or 'moe{E}k{k}'."""
+    return f"moe{experts}k{top_k}" if experts else "dense"
+
+
+def probe_profiler(run_dir: Path, batches: int = 2) -> Callable:
+    """A profiler for ``train_run`` that probes ``batches`` fixed batches and appends to profiles.csv."""
+    path = run_dir / "profiles.csv"
+
+    def profile(model: Testbed, tag: str, step: int, batch_fn) -> None:
+        with Probe(model, metrics=PROFILE_METRICS, points=PROFILE_POINTS) as p:
+            for _ in range(batches):
+                x, y = batch_fn()
+                _, loss = model(x, y)
+                loss.backward()
+        frame = p.frame().assign(tag=tag, step=step)
+        old = pd.read_csv(path) if path.exists() else None
+        if old is not None:  # a resumed run measures a tag again: keep the newest
+            old = old[old["tag"] != tag]
+        pd.concat([old, frame]).to_csv(path, index=False)
+
+    return profile
+
+
+def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: TrainConfig,
+               corpus: Corpus, out_dir: str | Path, log: Callable[[str], None] = print,
+               parallel: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train every (scheme, depth) of the grid into ``out_dir``; return (runs, profiles) tables.
+
+    ``parallel`` > 1 trains that many runs at once in worker processes (one device shared).
+    """
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    out_dir = Path(out_dir)
+    configs = [replace(base, scheme=s, depth=d) for s in schemes for d in depths]
+    for mc in configs:
+        mc.validate()
+    tc.validate(base.max_seq_len)
+    t_grid = time.perf_counter()
+    todo = []
+    for i, mc in enumerate(configs, 1):
+        if (out_dir / "runs" / run_name(mc) / "result.json").exists():
+            log(f"[{i}/{len(configs)}] {run_name(mc)}: finished earlier, kept")
+        else:
+            todo.append(mc)
+    workers = parallel if len(todo) > 1 else 1
+    jobs = [(mc, tc, corpus, out_dir / "runs" / run_name(mc), workers) for mc in todo]
+    if workers > 1:
+        # several small models at once keep a GPU busy that one alone leaves idle
+        log(f"training {len(todo)} runs, {parallel} at a time")
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
+            for mc, r in zip(todo, pool.map(_train_one, jobs)):
+                log(f"  {run_name(mc)}: {_outcome(r)}")
+    else:
+        for k, job in enumerate(jobs, 1):
+            log(f"[{k}/{len(jobs)}] {run_name(job[0])}: training {tc.tokens:,} tokens on {tc.device}")
+            log(f"    {_outcome(_train_one(job, log))}")
+    log(f"grid done in {time.perf_counter() - t_grid:.0f} s")
+    runs, profiles = collect(out_dir)
+    runs.to_csv(out_dir / "train_runs.csv", index=False)
+    profiles.to_csv(out_dir / "train_profiles.csv", index=False)
+    return runs, profiles
+
+
+def _train_one(job: tuple, log: Callable[[str], None] = print) -> dict:
+    """One run of the grid (top-level, so worker processes can call it)."""
+    mc, tc, corpus, run_dir, workers = job
+    if workers > 1:  # a worker process: name the run in its lines, share the CPU cores
+        log = (lambda s, name=run_name(mc): print(f"[{name}] {s.strip()}", flush=True))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return train_run(mc, tc, corpus, run_dir, profiler=probe_profiler(run_dir), log=log)
+    except torch.OutOfMemoryError:
+        raise ValueError(f"out of memory training {run_name(mc)} on {tc.device}: lower --batch, "
+                         f"--seq-len or --width, drop the deepest depths, or lower --parallel") from None
+
+
+def _outcome(r: dict) -> str:
+    if r["diverged"]:
+        return f"DIVERGED at step {r['divergence_step']}: {r['divergence_reason']}"
+    return f"val {r['final_val_bpb']:.3f} bits/byte, {r['tokens_per_s']:,.0f} tokens/s"
+
+
+def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The runs and profiles tables of every finished run under ``out_dir/runs``."""
+    rows, profiles = [], []
+    for result in sorted(Path(out_dir).glob("runs/*/result.json")):
+        r = json.loads(result.read_text())
+        label = moe_label(r["experts"], r["top_k"])
+        rows.append({**{k: r.get(k) for k in RUN_COLUMNS if k != "moe"}, "moe": label,
+                     "run": result.parent.name})
+        prof = result.parent / "profiles.csv"
+        meta = dict(scheme=r["scheme"], depth=r["depth"], width=r["width"], moe=label)
+        if prof.exists():
+            profiles.append(pd.read_csv(prof).assign(**meta))
+        if r.get("updates"):
+            upd = pd.DataFrame(r["updates"], columns=["step", "layer", "mean"])
+            profiles.append(upd.assign(point=[f"blocks.{i}" for i in upd["layer"]],
+                                       metric="update_size", tag="step" + upd["step"].astype(str),
+                                       count=1, **meta))
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS + ["run"])
+    prof = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
+    return runs, prof
+
+
+def curves(out_dir: str | Path) -> pd.DataFrame:
+    """Loss curves of every finished run: run, scheme, depth, moe, split, step, loss (nats)."""
+    frames = []
+    for result in sorted(Path(out_dir).glob("runs/*/result.json")):
+        r = json.loads(result.read_text())
+        label = moe_label(r["experts"], r["top_k"])
+        for split in ("train", "val"):
+            pts = r[f"{split}_loss"]
+            if pts:
+                f = pd.DataFrame(pts, columns=["step", "loss"])
+                frames.append(f.assign(run=result.parent.name, scheme=r["scheme"], depth=r["depth"],
+                                       moe=label, split=split))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["step", "loss", "run", "scheme", "depth", "moe", "split"])
+

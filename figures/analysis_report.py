@@ -1,0 +1,99 @@
+"""The main analysis report: figures from the aggregated profiles, tables, formulas, verdicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from figures import init as F
+from figures.report import Block, write_report
+from figures.train import training_blocks
+
+
+def detail_depth(depths: list[int]) -> int:
+    """The depth shown layer by layer: the deepest ≤ 64 (readable), else the shallowest."""
+    small = [d for d in depths if d <= 64]
+    return max(small) if small else min(depths)
+
+
+def formulas(theory: dict) -> list[tuple[str, str]]:
+    """(title, LaTeX) pairs from theory.json: each scheme's closed forms in L."""
+    out = []
+    for rep in theory.get("schemes", []):
+        cf = rep["closed_form"]
+        for key, label in (("q_L", "stream second moment q_L"), ("g0_over_gL", "gradient ratio g_0/g_L")):
+            if cf.get(key) and cf[key] != "—":
+                out.append((f"{rep['scheme']}: {label} ({cf['assumptions']})", cf[key]))
+    beta = theory.get("span_beta")
+    if beta:
+        out.append(("SpanNorm ScaleInit β(L)", beta["default"].replace("beta", r"\beta")))
+    return out
+
+
+def draw(agg: pd.DataFrame, out: Path, fmt: str = "png") -> list[Path]:
+    """Every init figure into ``out/figures``."""
+    folder = out / "figures"
+    depth = detail_depth(sorted(agg["depth"].unique()))
+    return [F.variance_vs_depth(agg, folder / "variance_vs_depth", fmt),
+            F.profiles_at_depth(agg, depth, folder / f"profiles_L{depth}", fmt),
+            F.gradient_ratio_vs_depth(agg, folder / "gradient_ratio_vs_depth", fmt),
+            F.rank_collapse_vs_depth(agg, folder / "rank_collapse_vs_depth", fmt)]
+
+
+def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[Path], out: Path,
+                  formulas: list[tuple[str, str]] = (), extra: list[Block] = ()) -> list[Block]:
+    """The report's blocks: verdicts first, then errors, figures and formulas."""
+    claims, targets, errors = tables["claims"], tables["targets"], tables["errors"]
+    bad = tables["disagreements"]
+    counts = claims["status"].value_counts()
+    verdict = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("holds", "fails", "untested"))
+    grid = (f"schemes {', '.join(config['schemes'])}; depths {', '.join(map(str, config['depths']))}; "
+            f"seeds {', '.join(map(str, config['seeds']))}; width {config['width']}, {config['heads']} heads, "
+            f"{config['ffn']} FFN, {config['norm']}; {config['batches']} batches of "
+            f"{config['batch_size']} × {config['seq_len']} tokens per seed; device {config['device']}")
+    blocks: list[Block] = [
+        ("h1", "sigprop: signal propagation at initialization, theory against measurement"),
+        ("p", f"Grid: {grid}. Measured values are means over seeds with their standard error "
+              "(across seeds; over batches when there is one seed); error bars show ± 2 standard "
+              "errors. Layers: -1 is the embedding, i is block i (the theory's l = i + 1)."),
+        ("h2", f"Claims ({verdict})"),
+        ("table", claims),
+        ("h2", "Targets"),
+        ("p", "Median and 99th-percentile error over every compared layer and depth, against the "
+              "targets (forward second moment: median ≤ 2 %, p99 ≤ 5 %; gradient: median ≤ 5 %)."),
+        ("table", targets),
+        ("h2", "Errors per scheme and metric"),
+        ("p", "Relative error for second moments and gradient ratios, absolute error for cosines. "
+              "within_spread: the share of rows whose theory lies within 2 standard errors of the "
+              "measured mean."),
+        ("table", errors),
+        ("h2", f"Disagreements ({len(bad)} rows with error > 5 % outside the measured spread)"),
+    ]
+    if len(bad):
+        cols = ["scheme", "depth", "point", "metric", "measured", "spread", "theory", "error"]
+        blocks.append(("table", bad[cols].head(40)))
+        if len(bad) > 40:
+            blocks.append(("p", f"… and {len(bad) - 40} more in disagreements.csv."))
+    blocks.append(("h2", "Figures"))
+    blocks += [("img", p.relative_to(out).as_posix()) for p in figures]
+    if formulas:
+        blocks.append(("h2", "Derived formulas"))
+        for title, latex in formulas:
+            blocks += [("h3", title), ("math", latex)]
+    return blocks + list(extra)
+
+
+def write(tables: dict[str, pd.DataFrame], agg: pd.DataFrame, config: dict, theory: dict,
+          out: Path, fmt: str = "png") -> tuple[Path, Path]:
+    """Draw the figures and write report.md and report.html into ``out``.
+
+    A training grid written to the same folder (train_runs.csv) adds its section.
+    """
+    figures = draw(agg, out, fmt)
+    extra: list[Block] = []
+    if (out / "train_runs.csv").exists():
+        train_figs = sorted((out / "figures").glob("train_*.*"))
+        extra = training_blocks(pd.read_csv(out / "train_runs.csv"), train_figs, out)
+    return write_report(report_blocks(tables, config, figures, out, formulas(theory), extra), out,
+                        "sigprop report")

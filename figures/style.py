@@ -1,0 +1,41 @@
+"""One plotting style for every figure: colour-blind-safe colours fixed per scheme."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Okabe & Ito (2008) colour-blind-safe palette; a scheme keeps its colour in every figure.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+KNOWN = ["pre", "post", "span", "deepnorm", "b2t", "peri", "mixln", "lns"]
+FORMATS = ("png", "svg", "pdf")
+
+
+def color(scheme: str) -> str:
+    """The scheme's colour (registered-later schemes get a stable fallback)."""
+    i = KNOWN.index(scheme) if scheme in KNOWN else sum(map(ord, scheme))
+    return PALETTE[i % len(PALETTE)]
+
+
+def new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
+    """A figure with ``ncols`` axes in one row, in the house style."""
+    plt.rcParams.update({"font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
+                         "axes.spines.top": False, "axes.spines.right": False})
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save(fig, path: str | Path, fmt: str = "png") -> Path:
+    """Write ``fig`` as ``path`` with extension ``fmt`` and close it."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown figure format '{fmt}' (known: {', '.join(FORMATS)})")
+    path = Path(path).with_suffix(f".{fmt}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

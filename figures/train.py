@@ -1,0 +1,86 @@
+"""Training figures and the training section of the report, from the grid's tables."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from figures.style import color, new_figure, save
+
+
+def loss_vs_depth(runs: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+    """Final validation bits/byte against depth per scheme; one panel per dense/MoE; × = diverged."""
+    kinds = sorted(runs["moe"].unique(), key=lambda k: (k != "dense", k))
+    fig, axes = new_figure(len(kinds))
+    for ax, kind in zip(axes, kinds):
+        sub = runs[runs["moe"] == kind]
+        for scheme, g in sub.groupby("scheme", sort=False):
+            g = g.sort_values("depth")
+            ok = g[~g["diverged"].astype(bool)]
+            ax.plot(ok["depth"], ok["final_val_bpb"], "o-", color=color(scheme), label=scheme)
+            bad = g[g["diverged"].astype(bool)]
+            if len(bad):
+                top = ok["final_val_bpb"].max() if len(ok) else 8.0
+                ax.plot(bad["depth"], [top] * len(bad), "x", color=color(scheme), ms=9, mew=2,
+                        label=f"{scheme} diverged")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("depth L (blocks)")
+        ax.set_ylabel("final validation loss (bits/byte)")
+        ax.set_title(f"validation loss vs depth ({kind})")
+        ax.legend(fontsize=8)
+    return save(fig, path, fmt)
+
+
+def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+    """Validation loss against step, one line per run, colour by scheme, shade by depth."""
+    val = curves[curves["split"] == "val"]
+    kinds = sorted(val["moe"].unique(), key=lambda k: (k != "dense", k)) or ["dense"]
+    fig, axes = new_figure(len(kinds))
+    depths = sorted(val["depth"].unique())
+    for ax, kind in zip(axes, kinds):
+        for (scheme, depth), g in val[val["moe"] == kind].groupby(["scheme", "depth"], sort=False):
+            shade = 0.35 + 0.65 * (depths.index(depth) + 1) / len(depths)
+            ax.plot(g["step"] + 1, g["loss"] / math.log(2), color=color(scheme), alpha=shade,
+                    label=f"{scheme} L={depth}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation loss (bits/byte)")
+        ax.set_title(f"loss curves ({kind})")
+        ax.legend(fontsize=6, ncol=2)
+    return save(fig, path, fmt)
+
+
+def profiles_init_vs_end(profiles: pd.DataFrame, path: Path, depth: int, fmt: str = "png") -> Path:
+    """Per-layer stream second moment, gradient second moment and token cosine at init and end."""
+    panels = [("second_moment", "stream second moment E[x²]", True),
+              ("grad_second_moment", "gradient second moment E[g²]", True),
+              ("token_cosine", "token cosine ρ", False)]
+    fig, axes = new_figure(len(panels), width=4.2)
+    sub = profiles[(profiles["depth"] == depth) & (profiles["moe"] == "dense")
+                   & profiles["point"].astype(str).str.endswith("resid_post")]
+    for ax, (metric, label, log) in zip(axes, panels):
+        for (scheme, tag), g in sub[sub["metric"] == metric].groupby(["scheme", "tag"], sort=False):
+            if tag not in ("init", "end"):
+                continue
+            g = g.sort_values("layer")
+            ax.errorbar(g["layer"] + 1, g["mean"], yerr=g["spread"].fillna(0), color=color(scheme),
+                        ls="-" if tag == "end" else ":", label=f"{scheme} {tag}")
+        ax.set_xlabel("block l")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"L={depth}: init (dotted) vs end of training")
+        ax.legend(fontsize=6)
+    return save(fig, path, fmt)
+
+
+def training_blocks(runs: pd.DataFrame, figures: list[Path], base: Path) -> list:
+    """Report blocks: the runs table, which runs diverged, and the figures (relative to ``base``)."""
+    table = runs.drop(columns=["run"], errors="ignore")
+    diverged = runs[runs["diverged"].astype(bool)]
+    summary = f"{len(diverged)} of {len(runs)} runs diverged" + (
+        ": " + ", ".join(f"{r.scheme} L={r.depth} ({r.moe}) at step {r.divergence_step}"
+                         for r in diverged.itertuples()) if len(diverged) else "") + "."
+    return ([("h2", "Training"), ("table", table), ("p", summary)]
+            + [("img", p.relative_to(base).as_posix()) for p in figures])

@@ -1,0 +1,147 @@
+"""The main analysis: comparison math on synthetic frames, a wrong theory reported as failing,
+and the default pipeline end to end at a tiny size."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import analysis.sweep as sweep_mod
+from analysis.compare import add_errors, aggregate, disagreements, error_summary, target_check
+from analysis.main import AnalysisConfig, analyse
+from analysis.measured_claims import check_claims
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic(theory_factor: float, seeds=(0, 1, 2), depths=(2, 4, 8)) -> pd.DataFrame:
+    """Profiles whose measured value is m(l) + seed noise and whose theory is m(l)·factor."""
+    rows = []
+    for depth in depths:
+        for seed in seeds:
+            noise = 0.001 * (seed - 1)
+            for i in range(depth):
+                m = 1.0 + 0.5 * (i + 1)
+                point = f"blocks.{i}.resid_post"
+                rows.append(("pre", depth, seed, i, point, "second_moment", m + noise, 0.0, m * theory_factor))
+                rows.append(("pre", depth, seed, i, point, "token_cosine", 0.3 + noise, 0.0, 0.3 + 0.1 * (theory_factor - 1)))
+    return pd.DataFrame(rows, columns=["scheme", "depth", "seed", "layer", "point", "metric",
+                                       "measured", "spread", "theory"])
+
+
+def test_aggregate_takes_the_standard_error_across_seeds():
+    agg = aggregate(synthetic(1.0))
+    row = agg[(agg["depth"] == 2) & (agg["layer"] == 0) & (agg["metric"] == "second_moment")].iloc[0]
+    assert row["measured"] == pytest.approx(1.5)
+    assert row["seeds"] == 3
+    assert row["spread"] == pytest.approx(np.std([-0.001, 0, 0.001], ddof=1) / np.sqrt(3))
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.03, 0.9])
+def test_errors_are_the_known_relative_and_absolute_errors(factor):
+    errs = add_errors(aggregate(synthetic(factor)))
+    q = errs[errs["metric"] == "second_moment"]
+    np.testing.assert_allclose(q["error"], abs(factor - 1), atol=1e-12)
+    rho = errs[errs["metric"] == "token_cosine"]
+    np.testing.assert_allclose(rho["error"], abs(0.1 * (factor - 1)), atol=1e-12)  # absolute
+    summary = error_summary(errs).set_index("metric")
+    assert summary.loc["second_moment", "median"] == pytest.approx(abs(factor - 1), abs=1e-12)
+    assert summary.loc["second_moment", "n"] == 2 + 4 + 8
+    assert summary.loc["second_moment", "within_spread"] == (1.0 if factor == 1.0 else 0.0)
+    target = target_check(error_summary(errs))
+    median_row = target[(target["metric"] == "second_moment") & (target["statistic"] == "median")]
+    assert bool(median_row["passes"].iloc[0]) == (abs(factor - 1) <= 0.02)
+    assert len(disagreements(errs)) == (14 if abs(factor - 1) > 0.05 else 0)
+
+
+def test_a_deliberately_wrong_theory_is_reported_as_failing(monkeypatch, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("import os\nprint(os.getcwd())\n" * 400)
+    real = sweep_mod.predict_profile
+
+    def off_by_30_percent(*a, **kw):
+        pred = real(*a, **kw)
+        pred["q"] = pred["q"] * 1.3  # a wrong forward recurrence
+        return pred
+
+    monkeypatch.setattr(sweep_mod, "predict_profile", off_by_30_percent)
+    cfg = AnalysisConfig(schemes=["pre"], depths=[2, 3, 4], seeds=[0, 1], width=32, seq_len=16,
+                         batch_size=2, corpus=str(text))
+    tables, _ = analyse(cfg, log=lambda s: None)
+    target = tables["targets"]
+    forward = target[(target["metric"] == "second_moment") & (target["site"] == "resid_post")]
+    assert not forward["passes"].any()
+    assert forward["error"].min() > 0.15
+    bad = tables["disagreements"]
+    assert (bad["metric"] == "second_moment").sum() >= 9  # every block of every depth is listed
+    linear = tables["claims"].set_index("claim").loc["pre_forward_linear"]
+    assert "measured" in " ".join(tables["claims"]["method"])
+    assert len(linear) == 2  # the theory's claim and its measured check, both kept
+
+
+def test_measured_claims_fail_with_numbers_when_the_data_disagree():
+    rows = []
+    for depth in (2, 4, 8, 16):
+        for i in range(depth):
+            rows.append(("pre", depth, 0, i, f"blocks.{i}.resid_post", "second_moment",
+                         1.0 + np.sqrt(i + 1), 0.01, 1.0 + 0.5 * (i + 1)))  # √L, not linear
+    errs = add_errors(aggregate(pd.DataFrame(rows, columns=["scheme", "depth", "seed", "layer", "point",
+                                                            "metric", "measured", "spread", "theory"])))
+    claims = check_claims(errs).set_index("claim")
+    assert claims.loc["pre_forward_linear", "status"] == "fails"
+    assert "R²" in claims.loc["pre_forward_linear", "evidence"]
+    assert claims.loc["span_gradient_bounded", "status"] == "untested"
+
+
+def test_default_pipeline_end_to_end_tiny(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return [i ** 2 for i in range(x)]\n" * 400)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "run_analysis.py"), "--schemes", "pre,post,span", "--depths",
+           "2,3,4", "--seeds", "0,1", "--width", "32", "--seq-len", "16", "--batch", "2",
+           "--corpus", str(text), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "init sweep" in r.stdout and "[9/9]" in r.stdout  # progress
+    profiles = pd.read_csv(out / "init_profiles.csv")
+    assert list(profiles.columns) == ["scheme", "depth", "seed", "layer", "point", "metric",
+                                      "measured", "spread", "theory"]
+    assert set(profiles["scheme"]) == {"pre", "post", "span"}
+    errors = pd.read_csv(out / "errors.csv")
+    assert {"scheme", "metric", "median", "p90", "p99", "n"} <= set(errors.columns)
+    claims = pd.read_csv(out / "claims.csv")
+    assert {"holds", "fails", "untested"} >= set(claims["status"]) and len(claims) > 10
+    md = (out / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 4
+    for link in links:
+        assert (out / link).stat().st_size > 5000
+    html = (out / "report.html").read_text()
+    assert all(f'src="{link}"' in html for link in links) and "<table" in html
+    assert "$$" in md  # derived formulas, LaTeX from sympy
+    # `report` rebuilds from the CSVs alone
+    (out / "report.md").unlink()
+    r2 = subprocess.run([sys.executable, str(ROOT / "run_analysis.py"), "report", str(out)],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r2.returncode == 0, r2.stderr
+    assert (out / "report.md").read_text() == md
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--schemes", "pre,nope"], "unknown scheme 'nope'"),
+    (["--depths", "8,4"], "depths must be increasing"),
+    (["--depths", ","], "--depths is empty"),
+    (["--format", "gif"], "unknown figure format 'gif'"),
+    (["--out", "/proc/sigprop-cannot-write"], "is not writable"),
+    (["report", "/tmp"], "holds no results"),
+])
+def test_bad_input_one_line_exit_2(argv, message):
+    r = subprocess.run([sys.executable, str(ROOT / "run_analysis.py"), *argv],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr

@@ -1,0 +1,358 @@
+"""Component moment maps at initialization: what each vocabulary operation does to moments.
+
+Conventions (per coordinate, averaged over tokens of one sequence of length T):
+``q`` second moment E[x²]; ``c`` cross-token covariance E[x_s·x_t]/d for s ≠ t (so the token
+correlation is ρ = c/q); ``G`` gradient power E[(∂loss/∂x)²]; ``gc`` its cross-token covariance.
+Weights are N(0, (gain·σ)²/fan_in) with no biases, as in analysis/model.py.
+
+Every map is a sympy expression (closed form) except the attention and MoE statistics, which are
+expectations over softmax weights with no closed form: they are sympy functions backed by a
+deterministic Monte Carlo table (marked "numeric" below), so they still lambdify and print.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import sympy
+from sympy import Rational, asin, pi, sqrt
+
+EPS = Rational(1, 100000)  # LayerNorm / RMSNorm eps of analysis/model.py
+
+
+# --- linear layer ------------------------------------------------------------------------
+
+
+def linear_forward(q: sympy.Expr, sigma: sympy.Expr, gain: sympy.Expr = 1) -> sympy.Expr:
+    """Second moment (or cross-token covariance) after W ~ N(0, (gain·σ)²/fan_in): (gain·σ)²·q.
+
+    Derivation: (Wx)_i = Σ_j W_ij x_j, E[(Wx)_i (Wy)_i] = (gain·σ)²/fan_in · Σ_j x_j y_j.
+    """
+    return (gain * sigma) ** 2 * q
+
+
+def linear_backward(G: sympy.Expr, sigma: sympy.Expr, gain: sympy.Expr = 1,
+                    fan_in: sympy.Expr = 1, fan_out: sympy.Expr = 1) -> sympy.Expr:
+    """Gradient power per input coordinate through Wᵀ: (gain·σ)²·(fan_out/fan_in)·G."""
+    return (gain * sigma) ** 2 * sympy.sympify(fan_out) / fan_in * G
+
+
+# --- norms ---------------------------------------------------------------------------------
+
+
+def norm_scale(Q: sympy.Expr) -> sympy.Expr:
+    """Forward factor of LayerNorm / RMSNorm at init: y = x / sqrt(Q + eps).
+
+    LayerNorm divides by sqrt(var + eps) with var the per-token feature variance; for
+    zero-mean sources var = Q(1 - 1/d) but the output second moment is var/(var + eps) exactly
+    (the mean of y² over features), so the 1/d term cancels forward; only eps remains.
+    """
+    return 1 / sqrt(Q + EPS)
+
+
+def norm_backward_factor(Q: sympy.Expr, d: sympy.Expr, kind: str = "layernorm") -> sympy.Expr:
+    """Gradient power factor through a norm: (1 - k/d)/(Q + eps), k = 2 (LayerNorm), 1 (RMSNorm).
+
+    Jacobian J = (I - 11ᵀ/d - yyᵀ/d)/sqrt(var + eps) (LayerNorm; RMSNorm lacks the 11ᵀ term);
+    for a gradient g independent of y and 1, E|Jᵀg|² = |g|²(1 - k/d)/(Q + eps) (projection terms).
+    """
+    k = 2 if kind == "layernorm" else 1
+    return (1 - sympy.Integer(k) / d) / (Q + EPS)
+
+
+# --- activations: kernels K(q1, q2, c) = E[φ(u)φ(v)], K'(…) = E[φ'(u)φ'(v)] -------------
+
+
+def relu_kernel(q: sympy.Expr, c: sympy.Expr) -> sympy.Expr:
+    """E[relu(u)relu(v)], Var u = Var v = q, Cov = c (arc-cosine kernel, Cho & Saul 2009)."""
+    r = c / q
+    return q / (2 * pi) * (sqrt(1 - r ** 2) + (pi - sympy.acos(r)) * r)
+
+
+def relu_dkernel(q: sympy.Expr, c: sympy.Expr) -> sympy.Expr:
+    """E[relu'(u)relu'(v)] = (π - arccos(c/q))/(2π) (Cho & Saul 2009, degree 0)."""
+    return (pi - sympy.acos(c / q)) / (2 * pi)
+
+
+def _orthant(q: sympy.Expr, c: sympy.Expr) -> sympy.Expr:
+    # E[Φ(u)Φ(v)] = P(a ≤ u, b ≤ v), a, b ~ N(0,1): an orthant of a Gaussian with
+    # variances 1+q and covariance c: 1/4 + asin(c/(1+q))/(2π) (Sheppard's formula).
+    return Rational(1, 4) + asin(c / (1 + q)) / (2 * pi)
+
+
+def gelu_kernel(q: sympy.Expr, c: sympy.Expr) -> sympy.Expr:
+    """E[gelu(u)gelu(v)], gelu(u) = uΦ(u), Var = q, Cov = c. Own derivation (erf kernel).
+
+    Stein's lemma on u: E[uvΦΦ] = q·E[vφ(u)Φ(v)] + c·E[ΦΦ] + c·E[vΦ(u)φ(v)]; each term with a
+    φ factor is a Gaussian re-weighting (Sherman–Morrison): multiplying by φ(u) gives
+    1/sqrt(2π(1+q)) times an expectation under Var u' = q/(1+q), Cov' = c/(1+q),
+    Var v' = q - c²/(1+q). Result agrees with neural-tangents' Gelu NNGP (checked by quadrature
+    and Monte Carlo in tests/test_theory_components.py).
+    """
+    qv = q - c ** 2 / (1 + q)  # Var v after re-weighting by φ(u)
+    t1 = q * qv / (2 * pi * sqrt((1 + q) * (1 + qv)))  # q·E[vφ(u)Φ(v)]
+    t3 = c * (c / (1 + q)) / (2 * pi * sqrt((1 + q) * (1 + qv)))  # c·E[vΦ(u)φ(v)]
+    return t1 + c * _orthant(q, c) + t3
+
+
+def gelu_dkernel(q: sympy.Expr, c: sympy.Expr) -> sympy.Expr:
+    """E[gelu'(u)gelu'(v)], gelu' = Φ(u) + uφ(u). Own derivation (same re-weighting).
+
+    = E[ΦΦ] + 2·E[uφ(u)Φ(v)] + E[uφ(u)vφ(v)], with E[uφ(u)Φ(v)] = c/((1+q)·2π·sqrt((1+q)(1+qv)))
+    and E[uφ(u)vφ(v)] = c/(2π·D^{3/2}), D = det(I + Σ) = (1+q)² - c².
+    """
+    qv = q - c ** 2 / (1 + q)
+    cross = c / (1 + q) / (2 * pi * sqrt((1 + q) * (1 + qv)))
+    D = (1 + q) ** 2 - c ** 2
+    return _orthant(q, c) + 2 * cross + c / (2 * pi * D ** Rational(3, 2))
+
+
+# SiLU has no closed-form Gaussian kernel: numeric 2-D Gauss–Hermite quadrature (marked numeric).
+_GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(80)
+_GH_W = _GH_W / _GH_W.sum()
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def _dsilu(x: np.ndarray) -> np.ndarray:
+    s = 1 / (1 + np.exp(-x))
+    return s * (1 + x * (1 - s))
+
+
+def _gauss2(fn: Callable[[np.ndarray], np.ndarray], q: float, c: float) -> float:
+    # (u, v) = sqrt(q)·(z1, r z1 + sqrt(1-r²) z2); tensor Gauss–Hermite on (z1, z2)
+    q = max(float(q), 1e-300)
+    r = min(max(float(c) / q, -1.0), 1.0)
+    z1, z2 = np.meshgrid(_GH_X, _GH_X, indexing="ij")
+    w = np.outer(_GH_W, _GH_W)
+    u = math.sqrt(q) * z1
+    v = math.sqrt(q) * (r * z1 + math.sqrt(max(1 - r * r, 0.0)) * z2)
+    return float((w * fn(u) * fn(v)).sum())
+
+
+def _num_silu_kernel(q: float, c: float) -> float:
+    return _gauss2(_silu, q, c)
+
+
+def _num_silu_dkernel(q: float, c: float) -> float:
+    return _gauss2(_dsilu, q, c)
+
+
+silu_kernel = sympy.Function("Ksilu")  # numeric: 2-D Gauss–Hermite quadrature
+silu_dkernel = sympy.Function("dKsilu")  # numeric: 2-D Gauss–Hermite quadrature
+SILU_NUMERIC = {"Ksilu": _num_silu_kernel, "dKsilu": _num_silu_dkernel}
+
+KERNELS = {"gelu": (gelu_kernel, gelu_dkernel), "relu": (relu_kernel, relu_dkernel),
+           "silu": (silu_kernel, silu_dkernel)}
+
+
+# --- FFN sublayer ----------------------------------------------------------------------------
+
+
+def ffn_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *, sigma: sympy.Expr,
+             kind: str, in_gain: sympy.Expr = 1, out_gain: sympy.Expr = 1
+             ) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, sympy.Expr]:
+    """(q_out, c_out, G_in, gc_in) of the MLP d→h→d (GELU/ReLU) or SwiGLU at init.
+
+    Forward: pre-activation u = W1 x has Var (in_gain·σ)²q, Cov (in_gain·σ)²c; the output is
+    (out_gain·σ)²·K. Backward: G_in = (in_gain·σ)²(out_gain·σ)²·K'(diag)·G, and the cross-token
+    gradient covariance uses K'(off-diagonal) (gradient independence, Yang 2019).
+    SwiGLU h = silu(W_g x)·(W_u x): independent gate and up weights, so E[h_s h_t] =
+    K_silu·Cov(u), and the backward has two uncorrelated paths (gate: silu'²·u², up: silu²).
+    """
+    a2, b2 = (in_gain * sigma) ** 2, (out_gain * sigma) ** 2
+    s, sc = a2 * q, a2 * c
+    if kind in ("gelu", "relu"):
+        K, dK = KERNELS[kind]
+        return b2 * K(s, s), b2 * K(s, sc), a2 * b2 * dK(s, s) * G, a2 * b2 * dK(s, sc) * gc
+    if kind == "swiglu":
+        K, dK = KERNELS["silu"]
+        q_out = b2 * K(s, s) * s
+        c_out = b2 * K(s, sc) * sc
+        G_in = a2 * b2 * (dK(s, s) * s + K(s, s)) * G
+        gc_in = a2 * b2 * (dK(s, sc) * sc + K(s, sc)) * gc
+        return q_out, c_out, G_in, gc_in
+    raise ValueError(f"unknown ffn kind '{kind}' (known: gelu, relu, swiglu)")
+
+
+# --- causal attention at init: numeric softmax statistics -----------------------------------
+#
+# Given the input (q, ρ), the logits of query t over keys s ≤ t are Gaussian with variance
+# σ⁴q² and correlation ρ between keys (Cov over W_k of a·W_k x_s, a = W_q x_t); the shared part
+# cancels in the softmax, leaving i.i.d. logits of variance v = σ⁴q²(1-ρ). Causal query t then
+# averages t values with weights P_t = softmax(z_1..z_t). The statistics needed are
+#   C_t(v) = E Σ_s P_ts²   (collision: 1/t for uniform, e^v/t for large t; softmax fluctuation)
+#   X_t(v) = E Σ_s P_ts²(1 + Σ_u P_tu² - 2P_ts)   (score-path backward)
+# computed by Monte Carlo with a fixed seed on a grid in v (deterministic, smooth in v because
+# the same normal draws are reused), then averaged over positions as the probes average
+# over tokens. Off-diagonal terms use E[P_ts] = 1/t (exact by exchangeability).
+
+_V_MAX = 16.0
+_V_GRID = [_V_MAX * (i / 64) ** 2 for i in range(65)]
+_MC_SAMPLES = 1024
+
+
+@lru_cache(maxsize=32)
+def attention_table(T: int) -> dict[str, list[float]]:
+    """Per-v-grid sequence averages (Cbar, D1bar, Xbar) for sequence length T (numeric, MC)."""
+    if T < 1:
+        raise ValueError(f"sequence length must be >= 1, got {T}")
+    rng = np.random.default_rng(20240601)
+    Z = rng.standard_normal((_MC_SAMPLES, T))
+    t = np.arange(1, T + 1, dtype=float)
+    pairs = max(T * (T - 1), 1)
+    out = {"Cbar": [], "D1bar": [], "Xbar": []}
+    for v in _V_GRID:
+        z = math.sqrt(v) * Z
+        z = z - z.max(axis=1, keepdims=True)  # softmax is shift invariant; avoids overflow
+        e = np.exp(z)
+        s1, s2, s3 = np.cumsum(e, 1), np.cumsum(e * e, 1), np.cumsum(e ** 3, 1)
+        p2, p3 = s2 / s1 ** 2, s3 / s1 ** 3
+        C = p2.mean(0)
+        X = (p2 * (1 + p2) - 2 * p3).mean(0)
+        out["Cbar"].append(float(C.mean()))
+        out["Xbar"].append(float(X.mean()))
+        # avg over ordered pairs s≠s' of Σ_{t≥max(s,s')} E[P_ts P_ts'] = Σ_t (1 - C_t) / (T(T-1))
+        out["D1bar"].append(float((1 - C[1:]).sum() / pairs))
+    return out
+
+
+@lru_cache(maxsize=32)
+def attention_constants(T: int) -> dict[str, float]:
+    """v-independent sequence averages under E[P_ts] = 1/t (exact; closed sums over positions).
+
+    Mbar: avg over pairs s≠t of Σ_u E P_su E P_tu = 1/max(s,t); Bbar, D2bar: the gradient
+    cross terms of the value path, with S_s = Σ_{t≥s} 1/t.
+    """
+    t = np.arange(1, T + 1, dtype=float)
+    pairs = max(T * (T - 1), 1)
+    S = np.cumsum((1 / t)[::-1])[::-1]
+    H = float((1 / t).sum())
+    return {"Mbar": float((2 * (t - 1) / t).sum() / pairs),
+            "Bbar": float(((S ** 2).sum() - H) / T),
+            "D2bar": float((S.sum() ** 2 - (S ** 2).sum() - ((t - 1) / t).sum()) / pairs)}
+
+
+def _interp(grid: list[float], vals: list[float], v: float) -> float:
+    # pure-Python linear interpolation: far faster than numpy for one scalar in a loop
+    if v <= 0:
+        return vals[0]
+    if v >= grid[-1]:
+        return vals[-1]  # clamped beyond the table (logit variance > 16: saturated softmax)
+    i = bisect.bisect_right(grid, v)
+    w = (v - grid[i - 1]) / (grid[i] - grid[i - 1])
+    return vals[i - 1] * (1 - w) + vals[i] * w
+
+
+def attention_numeric(T: int) -> dict[str, Callable[[float], float]]:
+    """Scalar functions Cbar(v), D1bar(v), Xbar(v) for sequence length T (numeric tables)."""
+    tab = attention_table(int(T))
+    return {name: (lambda v, vals=vals: _interp(_V_GRID, vals, float(v)))
+            for name, vals in tab.items()}
+
+
+Cbar = sympy.Function("Cbar")  # numeric: sequence-averaged E Σ_s P_ts² at logit variance v
+D1bar = sympy.Function("D1bar")  # numeric: pair-averaged Σ_t E[P_ts P_ts'] (gradient cross term)
+Xbar = sympy.Function("Xbar")  # numeric: sequence-averaged score-path factor
+
+
+def attention_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *,
+                   sigma: sympy.Expr, consts: dict[str, sympy.Expr], value_gain: sympy.Expr = 1,
+                   out_gain: sympy.Expr = 1
+                   ) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, sympy.Expr]:
+    """(q_out, c_out, G_in, gc_in) of causal attention at init, averaged over positions.
+
+    Forward (value averaging, Noci et al. 2022): y_t = Σ_s P_ts W_v x_s, so
+      q_out = g²[c + (q - c)·Cbar(v)],  c_out = g²[c + (q - c)·Mbar],  g² = (σ²·gv·go)², v = σ⁴q(q-c).
+    Backward value path g'_s = Σ_{t≥s} P_ts (W_o W_v)ᵀ g_t:
+      G_in ⊃ g²[G·Cbar + gc·Bbar],  gc_in = g²[G·D1bar + gc·D2bar].
+    Score path through W_q, W_k (sums of a_s = P_ts g_t·(v_s - y_t) over keys; Σ_s a_s = 0
+    removes the shared part): G_in ⊃ g²·σ⁴(q - c)(2q - c)·Xbar(v)·G; no cross term (independent
+    queries). ``consts`` maps Mbar, Bbar, D2bar to their values (symbols or numbers).
+    """
+    g2 = (sigma * value_gain) ** 2 * (sigma * out_gain) ** 2
+    v = sigma ** 4 * q * (q - c)
+    q_out = g2 * (c + (q - c) * Cbar(v))
+    c_out = g2 * (c + (q - c) * consts["Mbar"])
+    G_in = g2 * (G * Cbar(v) + gc * consts["Bbar"] + sigma ** 4 * (q - c) * (2 * q - c) * Xbar(v) * G)
+    gc_in = g2 * (G * D1bar(v) + gc * consts["D2bar"])
+    return q_out, c_out, G_in, gc_in
+
+
+# --- top-k MoE at init: numeric routing statistics ------------------------------------------
+#
+# Router logits z = W_r x have variance s = σ²q and correlation ρ between tokens. With top-k
+# weights w renormalized over the chosen set K (a softmax restricted to K):
+#   W2  = E Σ_e w_e²                      (forward: experts are independent MLPs)
+#   Wx  = E Σ_e w_se w_te (ρ-correlated tokens s, t)    (forward cross-token factor)
+#   R   = E Σ_{j∈K} w_j²[(1-w_j)² + Σ_{e∈K, e≠j} w_e²]  (router-path backward, own derivation:
+#         ∂loss/∂z_j = w_j(g·f_j - Σ_e w_e g·f_e), g·f_e ~ N(0, d·G·q_f) independent over e)
+
+_MOE_S = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+_MOE_R = [0.0, 0.25, 0.5, 0.75, 0.9, 1.0]
+
+
+@lru_cache(maxsize=16)
+def moe_table(E: int, k: int) -> dict[str, np.ndarray]:
+    """W2, Wx, R on a grid of router-logit variance s and token correlation ρ (numeric, MC)."""
+    rng = np.random.default_rng(7)
+    n = 20000
+    z1, z2 = rng.standard_normal((n, E)), rng.standard_normal((n, E))
+    out = {name: np.zeros((len(_MOE_S), len(_MOE_R))) for name in ("W2", "Wx", "R")}
+    for i, s in enumerate(_MOE_S):
+        for j, r in enumerate(_MOE_R):
+            a = math.sqrt(s) * z1
+            b = math.sqrt(s) * (r * z1 + math.sqrt(max(1 - r * r, 0.0)) * z2)
+            wa, wb = _topk_weights(a, k), _topk_weights(b, k)
+            out["W2"][i, j] = (wa ** 2).sum(1).mean()
+            out["Wx"][i, j] = (wa * wb).sum(1).mean()
+            p2 = (wa ** 2).sum(1, keepdims=True)
+            out["R"][i, j] = (wa ** 2 * ((1 - wa) ** 2 + p2 - wa ** 2)).sum(1).mean()
+    return out
+
+
+def _topk_weights(z: np.ndarray, k: int) -> np.ndarray:
+    idx = np.argsort(-z, axis=1)[:, :k]
+    w = np.zeros_like(z)
+    top = np.take_along_axis(z, idx, 1)
+    e = np.exp(top - top.max(1, keepdims=True))
+    np.put_along_axis(w, idx, e / e.sum(1, keepdims=True), 1)
+    return w
+
+
+def moe_numeric(E: int, k: int) -> dict[str, Callable[[float, float], float]]:
+    """Scalar functions W2(s, ρ), Wx(s, ρ), R(s, ρ) by bilinear interpolation of the table."""
+    from scipy.interpolate import RegularGridInterpolator
+    tab = moe_table(int(E), int(k))
+    fns = {}
+    for name, vals in tab.items():
+        f = RegularGridInterpolator((_MOE_S, _MOE_R), vals)
+        fns[name] = (lambda s, r, f=f: float(f([[min(max(float(s), 0.0), _MOE_S[-1]),
+                                                min(max(float(r), 0.0), 1.0)]])[0]))
+    return fns
+
+
+MoeW2 = sympy.Function("MoeW2")  # numeric: E Σ w²
+MoeWx = sympy.Function("MoeWx")  # numeric: E Σ w_s w_t
+MoeR = sympy.Function("MoeR")  # numeric: router-path backward factor
+
+
+def moe_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *, sigma: sympy.Expr,
+             kind: str, in_gain: sympy.Expr = 1, out_gain: sympy.Expr = 1
+             ) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, sympy.Expr]:
+    """(q_out, c_out, G_in, gc_in) of a top-k MoE of MLPs with a softmax router, at init.
+
+    Output Σ_{e∈K} w_e f_e(x) with independent experts: q_out = W2·q_f, c_out = Wx·c_f; backward
+    expert path W2·G_f, router path σ²·q_f·R·G (own derivation above); cross term expert path only.
+    """
+    qf, cf, Gf, gcf = ffn_maps(q, c, G, gc, sigma=sigma, kind=kind, in_gain=in_gain,
+                               out_gain=out_gain)
+    s, r = sigma ** 2 * q, c / q
+    return (MoeW2(s, r) * qf, MoeWx(s, r) * cf,
+            MoeW2(s, r) * Gf + sigma ** 2 * qf * MoeR(s, r) * G, MoeWx(s, r) * gcf)

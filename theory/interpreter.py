@@ -1,0 +1,357 @@
+"""The moment interpreter: runs a scheme's block function over symbolic values.
+
+The very function that analysis/model.py executes with torch modules is called here with
+``op`` = a symbolic vocabulary. DESIGN.md's mean-field rules:
+
+- a value is a sum of independent zero-mean *sources* with coefficients; its second moment is
+  Σ c_i² q_i and its cross-token covariance Σ c_i² k_i (sources are independent);
+- ``op.attn`` / ``op.ffn`` emit a fresh source whose (q, k) are component maps of the input's;
+- ``op.norm`` rescales the value (same sources) by 1/sqrt(Q + eps): skips stay coherent;
+- backward (reverse over the recorded tape): gradient *amplitudes* add along deterministic paths
+  (sums, scalings, norms), and each random sublayer emits a fresh independent gradient source
+  whose power is its backward gain times the power arriving at its output (gradient
+  independence, Yang 2019; Xiong et al. 2020 use the same rule for Pre/Post-LN).
+
+The result is a straight-line program of sympy assignments (one symbol per intermediate
+moment), so derivation is fast, printing is readable, and numeric evaluation is a compiled
+function of (q, ρ, ρ_g).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any, Callable
+
+import sympy
+from sympy.printing.pycode import PythonCodePrinter
+
+from theory import components as C
+from theory.schemes import Scheme, block_structure, get_scheme
+
+# state symbols of a block input and of the gradient at its output
+q, rho, rg = sympy.symbols("q rho rho_g", real=True)
+d, T, sigma = sympy.symbols("d T sigma", positive=True)
+l_sym, L_sym = sympy.symbols("l L", positive=True, integer=True)
+ATTN_CONST = {name: sympy.Symbol(name, positive=True) for name in ("Mbar", "Bbar", "D2bar")}
+OUTPUTS = ("q_next", "rho_next", "q_agg", "cos", "g_ratio", "rg_next")
+
+
+def _const(c: Any) -> sympy.Expr:
+    if isinstance(c, Fraction):
+        return sympy.Rational(c.numerator, c.denominator)
+    if isinstance(c, float):
+        return sympy.nsimplify(c) if abs(c - round(c, 12)) < 1e-15 else sympy.Float(c)
+    return sympy.sympify(c)
+
+
+class _Value:
+    """A symbolic value: {source index: coefficient} plus the tape node that produced it."""
+
+    __slots__ = ("ctx", "terms", "node")
+
+    def __init__(self, ctx: "_Ctx", terms: dict[int, sympy.Expr], node: int):
+        self.ctx, self.terms, self.node = ctx, terms, node
+
+    def __add__(self, other: "_Value") -> "_Value":
+        if not isinstance(other, _Value):
+            raise TypeError("a scheme may add values only to values (use c * v for scaling)")
+        return self.ctx.combine([(self, 1), (other, 1)])
+
+    def __mul__(self, c: Any) -> "_Value":
+        if isinstance(c, _Value):
+            raise TypeError("a scheme may multiply a value only by a constant")
+        return self.ctx.combine([(self, _const(c))])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: Any) -> "_Value":
+        return self.ctx.combine([(self, 1 / _const(c))])
+
+
+@dataclass
+class _Node:
+    kind: str  # input | lin | norm | attn | ffn
+    parents: list[tuple[int, sympy.Expr]]  # (node, amplitude factor), for input/lin/norm
+    sub: dict[str, Any] = field(default_factory=dict)  # sublayer: input state symbols, gains
+
+
+class _Ctx:
+    """The symbolic vocabulary (``op``) plus the straight-line program being recorded."""
+
+    def __init__(self, *, ffn: str, norm: str, experts: int, top_k: int):
+        self.ffn_kind, self.norm_kind, self.experts, self.top_k = ffn, norm, experts, top_k
+        self.assign: list[tuple[sympy.Symbol, sympy.Expr]] = []
+        self.sources: list[tuple[sympy.Expr, sympy.Expr]] = [(q, q * rho)]  # (q_i, k_i)
+        self.nodes: list[_Node] = [_Node("input", [])]
+        self.counts = {"norm": 0, "attn": 0, "ffn": 0}
+        self.norm_inputs: list[sympy.Symbol] = []  # Q symbol of each norm's input, in call order
+
+    def let(self, name: str, expr: sympy.Expr) -> sympy.Symbol:
+        """Record ``name = expr`` and return the symbol."""
+        s = sympy.Symbol(name, real=True)
+        self.assign.append((s, expr))
+        return s
+
+    def moments(self, v: _Value) -> tuple[sympy.Expr, sympy.Expr]:
+        """(second moment, cross-token covariance) of a value."""
+        Q = sympy.Add(*[c ** 2 * self.sources[i][0] for i, c in v.terms.items()])
+        K = sympy.Add(*[c ** 2 * self.sources[i][1] for i, c in v.terms.items()])
+        return Q, K
+
+    def combine(self, parts: list[tuple[_Value, sympy.Expr]]) -> _Value:
+        terms: dict[int, sympy.Expr] = {}
+        for v, c in parts:
+            for i, a in v.terms.items():
+                terms[i] = terms.get(i, 0) + c * a
+        self.nodes.append(_Node("lin", [(v.node, c) for v, c in parts]))
+        return _Value(self, terms, len(self.nodes) - 1)
+
+    # --- the vocabulary ---
+    def norm(self, v: _Value) -> _Value:
+        """Norm: same sources, rescaled by 1/sqrt(Q + eps)."""
+        k = self.counts["norm"] = self.counts["norm"] + 1
+        Q, _ = self.moments(v)
+        Qs = self.let(f"Q_n{k}", Q)
+        self.norm_inputs.append(Qs)
+        s = C.norm_scale(Qs)
+        proj = sympy.sqrt(C.norm_backward_factor(Qs, d, self.norm_kind) * (Qs + C.EPS))
+        self.nodes.append(_Node("norm", [(v.node, s)], {"proj": proj}))
+        return _Value(self, {i: c * s for i, c in v.terms.items()}, len(self.nodes) - 1)
+
+    def _sublayer(self, kind: str, v: _Value, gains: dict[str, Any]) -> _Value:
+        k = self.counts[kind] = self.counts[kind] + 1
+        tag = f"{'a' if kind == 'attn' else 'f'}{k}"
+        Q, K = self.moments(v)
+        qin, kin = self.let(f"q_in_{tag}", Q), self.let(f"k_in_{tag}", K)
+        G, Gc = sympy.Symbol(f"G_out_{tag}", real=True), sympy.Symbol(f"Gc_out_{tag}", real=True)
+        g = {n: _const(x) for n, x in gains.items()}
+        if kind == "attn":
+            maps = C.attention_maps(qin, kin, G, Gc, sigma=sigma, consts=ATTN_CONST, **g)
+        elif self.experts:
+            maps = C.moe_maps(qin, kin, G, Gc, sigma=sigma, kind=self.ffn_kind, **g)
+        else:
+            maps = C.ffn_maps(qin, kin, G, Gc, sigma=sigma, kind=self.ffn_kind, **g)
+        qo, ko = self.let(f"q_{tag}", maps[0]), self.let(f"k_{tag}", maps[1])
+        self.sources.append((qo, ko))
+        # backward maps are linear in (G, Gc): name their gains now (functions of the input)
+        gains_b = {}
+        for i, (out_name, m) in enumerate((("G", maps[2]), ("Gc", maps[3]))):
+            for src, sym in (("G", G), ("Gc", Gc)):
+                coef = sympy.diff(m, sym)  # linear in sym: the derivative is the gain
+                gains_b[(out_name, src)] = (self.let(f"chi_{out_name}{src}_{tag}", coef)
+                                            if coef != 0 else sympy.Integer(0))
+        G_in = gains_b[("G", "G")] * G + gains_b[("G", "Gc")] * Gc
+        Gc_in = gains_b[("Gc", "G")] * G + gains_b[("Gc", "Gc")] * Gc
+        self.nodes.append(_Node(kind, [(v.node, 1)], {"G": G, "Gc": Gc, "G_in": G_in,
+                                                      "Gc_in": Gc_in, "tag": tag}))
+        return _Value(self, {len(self.sources) - 1: sympy.Integer(1)}, len(self.nodes) - 1)
+
+    def attn(self, v: _Value, *, value_gain: Any = 1, out_gain: Any = 1) -> _Value:
+        """Causal attention: a fresh source (see components.attention_maps)."""
+        return self._sublayer("attn", v, {"value_gain": value_gain, "out_gain": out_gain})
+
+    def ffn(self, v: _Value, *, in_gain: Any = 1, out_gain: Any = 1) -> _Value:
+        """FFN or MoE: a fresh source (see components.ffn_maps / moe_maps)."""
+        return self._sublayer("ffn", v, {"in_gain": in_gain, "out_gain": out_gain})
+
+    # --- backward over the tape ---
+    def backward(self, out: _Value) -> tuple[sympy.Expr, sympy.Expr]:
+        """Gradient power and cross covariance at the block input, for unit power at the output.
+
+        A norm's projection (the k/d term of components.norm_backward_factor) removes k/d of the
+        power of a gradient *fresh* from a random sublayer; a gradient that already passed a norm
+        lies orthogonal to that norm's (nearly parallel) direction and loses ~nothing more, so
+        the factor is applied once per gradient source and path (entries carry a flag).
+        """
+        gsrc: list[tuple[sympy.Expr, sympy.Expr]] = [(sympy.Integer(1), rg)]
+        # gradients: node -> {(source, projected): amplitude}; the block output arrives projected
+        grads: dict[int, dict[tuple[int, bool], sympy.Expr]] = {out.node: {(0, True): sympy.Integer(1)}}
+
+        def power(gr: dict[tuple[int, bool], sympy.Expr]) -> tuple[sympy.Expr, sympy.Expr]:
+            amps: dict[int, sympy.Expr] = {}
+            for (j, _), a in gr.items():  # the same source adds coherently whatever its flag
+                amps[j] = amps.get(j, 0) + a
+            return (sympy.Add(*[a ** 2 * gsrc[j][0] for j, a in amps.items()]),
+                    sympy.Add(*[a ** 2 * gsrc[j][1] for j, a in amps.items()]))
+
+        def push(node: int, gr: dict, factor: sympy.Expr, proj: sympy.Expr | None = None) -> None:
+            dst = grads.setdefault(node, {})
+            for (j, done), a in gr.items():
+                key, f = (j, done), factor
+                if proj is not None and not done:
+                    key, f = (j, True), factor * proj
+                dst[key] = dst.get(key, 0) + f * a
+
+        for n in range(len(self.nodes) - 1, 0, -1):
+            gr = grads.pop(n, None)
+            if not gr:
+                continue
+            node = self.nodes[n]
+            if node.kind == "lin":
+                for parent, amp in node.parents:
+                    push(parent, gr, amp)
+            elif node.kind == "norm":
+                parent, scale = node.parents[0]
+                push(parent, gr, scale, node.sub["proj"])
+            else:  # random sublayer: a fresh gradient source
+                tag, sub = node.sub["tag"], node.sub
+                Gp, Gcp = power(gr)
+                # the maps were written in placeholder symbols G_out_*, which these define
+                self.let(f"G_out_{tag}", Gp)
+                self.let(f"Gc_out_{tag}", Gcp)
+                gin = self.let(f"G_in_{tag}", sub["G_in"])
+                gcin = self.let(f"Gc_in_{tag}", sub["Gc_in"])
+                gsrc.append((gin, gcin))
+                push(node.parents[0][0], {(len(gsrc) - 1, False): sympy.Integer(1)}, 1)
+        return power(grads.get(0, {}))
+
+
+@dataclass
+class Recurrence:
+    """A block's moment recurrence as a straight-line program of sympy assignments.
+
+    Inputs: q, rho (block input state), rho_g (gradient token correlation at the block output),
+    constants d, T, sigma, Mbar/Bbar/D2bar, and l, L where the scheme uses them. Outputs (OUTPUTS):
+    q_next, rho_next, q_agg (aggregate before the output norm; nan if none), cos (cos(x_l, x_{l+1})),
+    g_ratio (g_in/g_out) and rg_next (gradient token correlation at the block input).
+    """
+
+    scheme: str
+    assign: tuple[tuple[sympy.Symbol, sympy.Expr], ...]
+    outputs: dict[str, sympy.Expr]
+    has_output_norm: bool
+
+    def expr(self, name: str) -> sympy.Expr:
+        """Output ``name`` as one expression (intermediate symbols substituted)."""
+        e = self.outputs[name]
+        for s, v in reversed(self.assign):
+            if s in e.free_symbols:
+                e = e.xreplace({s: v})
+        return e
+
+    def lines(self) -> list[str]:
+        """The program as readable lines ``name = expr``."""
+        out = [f"{s} = {sympy.sstr(v)}" for s, v in self.assign]
+        return out + [f"{k} = {sympy.sstr(v)}" for k, v in self.outputs.items()]
+
+    def latex(self) -> list[str]:
+        """The program as LaTeX lines."""
+        out = [f"{sympy.latex(s)} = {sympy.latex(v)}" for s, v in self.assign]
+        return out + [f"\\mathrm{{{k.replace('_', '')}}} = {sympy.latex(v)}"
+                      for k, v in self.outputs.items()]
+
+
+def derive_block(s: Scheme, *, l: Any = l_sym, L: Any = L_sym, ffn: str = "gelu",
+                 norm: str = "layernorm", experts: int = 0, top_k: int = 2,
+                 params: dict[str, Any] | None = None) -> Recurrence:
+    """Run ``s.block`` over symbolic values and return its recurrence (ValueError on bad input)."""
+    ctx = _Ctx(ffn=ffn, norm=norm, experts=experts, top_k=top_k)
+    resolved = s.resolve(L, **(params or {}))
+    x = _Value(ctx, {0: sympy.Integer(1)}, 0)
+    out = s.block(x, ctx, l=l, L=L, **resolved)
+    if not isinstance(out, _Value):
+        raise ValueError(f"scheme '{s.name}' must return a value built from its input")
+    Q, K = ctx.moments(out)
+    qn, kn = ctx.let("q_next", Q), ctx.let("k_next", K)
+    has_norm = ctx.nodes[out.node].kind == "norm"
+    q_agg = ctx.norm_inputs[-1] if has_norm else sympy.nan
+    c_in = out.terms.get(0, sympy.Integer(0))
+    G_in, Gc_in = ctx.backward(out)
+    g_in, gc_in = ctx.let("g_in", G_in), ctx.let("gc_in", Gc_in)
+    outputs = {"q_next": qn, "rho_next": kn / qn, "q_agg": q_agg,
+               "cos": c_in * sympy.sqrt(q / qn), "g_ratio": g_in, "rg_next": gc_in / g_in}
+    return Recurrence(s.name, tuple(ctx.assign), outputs, has_norm)
+
+
+def _symbolic_ok(s: Scheme) -> bool:
+    try:
+        derive_block(s)
+        return True
+    except TypeError:  # the block branches on l or L (Mix-LN): derive per block instead
+        return False
+
+
+@lru_cache(maxsize=256)
+def _derive_cached(name: str, ffn: str, norm: str, experts: int, top_k: int,
+                   params_key: tuple, l: Any, L: Any) -> Recurrence:
+    return derive_block(get_scheme(name), l=l, L=L, ffn=ffn, norm=norm, experts=experts,
+                        top_k=top_k, params=dict(params_key))
+
+
+def derive(name: str, *, ffn: str = "gelu", norm: str = "layernorm", experts: int = 0,
+           top_k: int = 2, params: dict[str, Any] | None = None,
+           l: Any = None, L: Any = None) -> Recurrence:
+    """The (cached) recurrence of a registered scheme's block, symbolic in l and L by default.
+
+    A scheme that branches on l or L (Mix-LN) needs concrete ``l`` and ``L``.
+    """
+    key = tuple(sorted((params or {}).items()))
+    l = l_sym if l is None else l
+    L = L_sym if L is None else L
+    try:
+        return _derive_cached(name, ffn, norm, experts, top_k, key, l, L)
+    except TypeError:
+        raise ValueError(f"scheme '{name}' branches on l or L: pass concrete l and L") from None
+
+
+# --- numeric evaluation ---------------------------------------------------------------------
+
+class _Printer(PythonCodePrinter):
+    """Python code printer that calls undefined functions (Cbar, Ksilu, ...) by name."""
+
+    def _print_Function(self, expr):  # noqa: N802 (sympy's naming)
+        if isinstance(expr, sympy.core.function.AppliedUndef):
+            return f"{expr.func.__name__}({', '.join(self._print(a) for a in expr.args)})"
+        return super()._print_Function(expr)
+
+
+def _numeric_funcs(T_val: int, experts: int, top_k: int) -> dict[str, Callable]:
+    fns: dict[str, Callable] = dict(C.SILU_NUMERIC)
+    fns.update(C.attention_numeric(T_val))
+    if experts:
+        m = C.moe_numeric(experts, top_k)
+        fns.update({"MoeW2": m["W2"], "MoeWx": m["Wx"], "MoeR": m["R"]})
+    return fns
+
+
+def compile_recurrence(rec: Recurrence, consts: dict[Any, Any], *, T_val: int, experts: int = 0,
+                       top_k: int = 2) -> Callable[[float, float, float], tuple[float, ...]]:
+    """A fast Python function (q, rho, rho_g, l, L) -> OUTPUTS values; ``consts`` d, T, sigma."""
+    return _compile(rec, tuple(sorted((str(k), float(v)) for k, v in consts.items())),
+                    int(T_val), experts, top_k)
+
+
+@lru_cache(maxsize=4096)
+def _compile(rec: Recurrence, consts_key: tuple, T_val: int, experts: int, top_k: int):
+    consts = dict(consts_key)
+    ac = C.attention_constants(T_val)
+    namespace: dict[str, Any] = {"math": math, "nan": float("nan")}
+    namespace.update(_numeric_funcs(T_val, experts, top_k))
+    printer = _Printer({"fully_qualified_modules": True})
+    body = []
+    subs = {sympy.Symbol(k, positive=True): v for k, v in consts.items()}
+    subs.update({sympy.Symbol(k, positive=True, integer=True): v for k, v in consts.items()})
+    subs.update({ATTN_CONST[k]: v for k, v in ac.items()})
+    for s, v in rec.assign:
+        body.append(f"    {s} = {printer.doprint(v.xreplace(subs))}")
+    rets = []
+    for name in OUTPUTS:
+        e = rec.outputs[name]
+        rets.append("nan" if e is sympy.nan else printer.doprint(e.xreplace(subs)))
+    src = "def _f(q, rho, rho_g, l=1, L=1):\n" + "\n".join(body) + f"\n    return ({', '.join(rets)},)\n"
+    src = src.replace("math.", "_m_")
+    for fn in ("sqrt", "asin", "acos", "pi", "exp", "log"):
+        namespace[f"_m_{fn}"] = getattr(math, fn)
+    exec(compile(src, f"<recurrence {rec.scheme}>", "exec"), namespace)
+    return namespace["_f"]
+
+
+Recurrence.__hash__ = lambda self: id(self)  # cached by identity: derive() returns cached objects
+
+
+def structure_key(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple:
+    """Blocks with equal call structure share a recurrence (used for per-block schemes)."""
+    return (block_structure(s, l, L, {k: float(v) for k, v in params.items()}),)
