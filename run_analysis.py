@@ -277,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="print speed figures (see README, Benchmarks)")
     p.add_argument("--theory", action="store_true", help="time deriving and evaluating the recurrences")
     p.add_argument("--probes", action="store_true", help="time a probed training step against an unprobed one")
-    p.add_argument("--probe-shape", default="small", choices=["small", "gpt2"],
-                   help="--probes model shape: small (CPU, default) or gpt2 (d768 L12 T1024, for a GPU)")
+    p.add_argument("--shape", choices=["small", "gpt2"],
+                   help="model shape for --probes and --train: small (d128 L4 T128) or gpt2 "
+                        "(d768 L12 T1024, for a GPU) (default: gpt2 on cuda, small on cpu)")
     p.add_argument("--train", action="store_true",
                    help="time training steps (tokens/s, MFU) and a small depth grid run in parallel")
     p.add_argument("--parallel", type=int, default=2,

@@ -106,7 +106,7 @@ def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, r
 
 
 def run(args: argparse.Namespace) -> None:
-    """Print the probe-overhead table for ``args.device`` (and ``args.probe_shape`` where given)."""
+    """Print the probe-overhead table for ``args.device`` (and ``args.shape`` where given)."""
     threads = torch.get_num_threads()
     if str(args.device) == "cpu":  # one thread: oversubscribed OpenMP threads on a shared CPU swamp the figures
         torch.set_num_threads(1)
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    shape = getattr(args, "probe_shape", None) or "small"
+    shape = getattr(args, "shape", None) or ("gpt2" if str(args.device).startswith("cuda") else "small")
     kw, batch, n_rounds, per_round = SHAPES[shape]
     name = torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else "cpu"
     print(f"probe overhead: scheme pre, d={kw['width']} L={kw['depth']} T={kw['max_seq_len']} "

@@ -6,24 +6,20 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 
 import torch
 
 from analysis.corpus import load_corpus
 from analysis.model import ModelConfig
 from analysis.train import TrainConfig, peak_flops, resolve_device, train_run
+from analysis.bench_probes import SHAPES
 from analysis.train_grid import train_grid
 
-SHAPES = {  # (ModelConfig overrides, batch size)
-    "small": (dict(depth=4, width=128, heads=4, max_seq_len=128), 8),
-    "gpt2": (dict(depth=12, width=768, heads=12, max_seq_len=1024), 16),
-}
 
 
 def throughput(shape: str, device: str, steps: int = 30, warmup: int = 10) -> dict:
     """Median step time, tokens/s and MFU of the pre-norm testbed at ``shape``."""
-    overrides, batch = SHAPES[shape]
+    overrides, batch = SHAPES[shape][:2]
     mc = ModelConfig(scheme="pre", **overrides)
     tc = TrainConfig(tokens=(steps + warmup) * batch * mc.max_seq_len, batch_size=batch,
                      device=device, evals=1, eval_batches=1, checkpoints=1, profile_fractions=())
@@ -46,7 +42,8 @@ def grid_speedup(device: str, parallel: int, tokens: int = 8192) -> dict:
     for p in (1, parallel):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            train_grid(["pre"], depths, replace(base), tc, corpus, tmp, log=lambda s: None, parallel=p)
+            train_grid(["pre"], depths, base, tc, corpus, tmp, log=lambda s: None, parallel=p,
+                       verbose_workers=False)
             walls[p] = time.perf_counter() - t0
     total = tokens * len(depths)
     return {"runs": len(depths), "sequential_tokens_per_s": total / walls[1],
@@ -61,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"training throughput on {dev_name} ({torch.get_num_threads()} threads), pre-norm testbed")
     t = throughput(shape, device)
     mfu = "—" if t["mfu"] != t["mfu"] else f"{100 * t['mfu']:.1f}%"
-    overrides, batch = SHAPES[shape]
+    overrides, batch = SHAPES[shape][:2]
     print(f"  shape {shape} (L={overrides['depth']} d={overrides['width']} T={overrides['max_seq_len']} "
           f"B={batch}): median step {1000 * t['step_s']:.1f} ms, {t['tokens_per_s']:,.0f} tokens/s, MFU {mfu}")
     parallel = getattr(args, "parallel", None) or 2

@@ -62,10 +62,11 @@ def probe_profiler(run_dir: Path, batches: int = 2) -> Callable:
 
 def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: TrainConfig,
                corpus: Corpus, out_dir: str | Path, log: Callable[[str], None] = print,
-               parallel: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+               parallel: int = 1, verbose_workers: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every (scheme, depth) of the grid into ``out_dir``; return (runs, profiles) tables.
 
-    ``parallel`` > 1 trains that many runs at once in worker processes (one device shared).
+    ``parallel`` > 1 trains that many runs at once in worker processes (one device shared), which
+    print their progress prefixed with the run's name unless ``verbose_workers`` is False.
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -82,7 +83,7 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
         else:
             todo.append(mc)
     workers = parallel if len(todo) > 1 else 1
-    jobs = [(mc, tc, corpus, out_dir / "runs" / run_name(mc), workers) for mc in todo]
+    jobs = [(mc, tc, corpus, out_dir / "runs" / run_name(mc), workers, verbose_workers) for mc in todo]
     if workers > 1:
         # several small models at once keep a GPU busy that one alone leaves idle
         log(f"training {len(todo)} runs, {parallel} at a time")
@@ -103,9 +104,10 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
 
 def _train_one(job: tuple, log: Callable[[str], None] = print) -> dict:
     """One run of the grid (top-level, so worker processes can call it)."""
-    mc, tc, corpus, run_dir, workers = job
+    mc, tc, corpus, run_dir, workers, verbose = job
     if workers > 1:  # a worker process: name the run in its lines, share the CPU cores
-        log = (lambda s, name=run_name(mc): print(f"[{name}] {s.strip()}", flush=True))
+        log = ((lambda s, name=run_name(mc): print(f"[{name}] {s.strip()}", flush=True)) if verbose
+               else (lambda s: None))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

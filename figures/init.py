@@ -37,7 +37,7 @@ def variance_vs_depth(agg: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
     _versus_depth(a, _at_top(agg, "second_moment"), "last-block stream second moment E[x_L²]", True)
     a.set_title("stream second moment vs depth")
     pre = _at_top(agg, "second_moment", "pre_norm_sum")
-    _versus_depth(b, pre, "last-block aggregate E[s_L²] (before its norm)", True)
+    _versus_depth(b, pre, "last-block aggregate E[s_L²]", True)
     b.set_title("aggregate before the output norm vs depth")
     return save(fig, path, fmt)
 
@@ -46,7 +46,7 @@ def gradient_ratio_vs_depth(agg: pd.DataFrame, path: Path, fmt: str = "png") -> 
     """g_0 / g_L: gradient second moment at the embedding over that at the last block."""
     rows = agg[(agg["metric"] == "grad_rel") & (agg["point"] == "embed")]
     fig, (ax,) = new_figure(1, width=5.5)
-    _versus_depth(ax, rows, "g₀ / g_L  (gradient second moment, embedding / last block)", True)
+    _versus_depth(ax, rows, "g₀ / g_L (embedding / last block)", True)
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set_title("end-to-end gradient ratio vs depth")
     return save(fig, path, fmt)
