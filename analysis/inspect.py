@@ -9,6 +9,7 @@ import torch
 
 from analysis.corpus import load_corpus
 from analysis.model import ModelConfig, build_model
+from analysis.train import resolve_device
 from theory.schemes import SCHEMES, block_structure, get_scheme
 
 
@@ -46,12 +47,7 @@ def model_check_text(cfg: ModelConfig, corpus: str | None = None, batch_size: in
     """Build the testbed, run one forward/backward corpus batch, and summarise it."""
     if batch_size < 1:
         raise ValueError(f"batch must be >= 1, got {batch_size}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{device}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available here")
+    dev = resolve_device(device)
     data = load_corpus(corpus)
     t0 = time.perf_counter()
     model = build_model(cfg, seed=seed, device=dev)

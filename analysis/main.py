@@ -20,6 +20,7 @@ from analysis.corpus import load_corpus
 from analysis.measured_claims import check_claims
 from analysis.model import ModelConfig
 from analysis.sweep import init_sweep
+from analysis.train import resolve_device
 from analysis.theory_cmd import collect, write_json
 from theory.schemes import SCHEMES
 
@@ -63,6 +64,7 @@ class AnalysisConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.model_config(self.schemes[0], self.depths[0]).validate()
+        resolve_device(self.device)
 
     def model_config(self, scheme: str, depth: int) -> ModelConfig:
         """The testbed configuration of one grid point."""

@@ -206,11 +206,13 @@ class _Shape:
 class _Recorder:
     def __init__(self) -> None:
         self.calls: list[Call] = []
+        self.counts = {"norm": 0, "attn": 0, "ffn": 0}
 
     def _call(self, kind: str, v: _Shape, gains: dict[str, Any]) -> _Shape:
         if not isinstance(v, _Shape):
             raise TypeError(f"op.{kind} takes a value, got {type(v).__name__}")
-        index = sum(c.kind == kind for c in self.calls)
+        index = self.counts[kind]
+        self.counts[kind] += 1
         call = Call(kind, index, {k: float(g) for k, g in gains.items()})
         self.calls.append(call)
         return _Shape(call)

@@ -63,20 +63,27 @@ class TheoryConfig:
                 raise ValueError(msg)
 
 
-def _block_fn(cfg: TheoryConfig, l: int, L: int):
-    """Compiled recurrence of block l (symbolic-l derivation, or per structure for Mix-LN)."""
+def _numeric_params(cfg: TheoryConfig, L: int) -> dict[str, float]:
     s = get_scheme(cfg.scheme)
+    return {k: float(v) for k, v in s.resolve(L, **dict(cfg.scheme_params)).items()}
+
+
+def _structure_key(cfg: TheoryConfig, l: int, L: int, params: dict[str, float] | None = None) -> tuple:
+    """Blocks with the same calls, gains and output norm share one recurrence."""
+    bs = block_structure(get_scheme(cfg.scheme), l, L, params or _numeric_params(cfg, L))
+    return (tuple((c.kind, c.index, tuple(sorted(c.gains.items()))) for c in bs.calls),
+            bs.output_norm)
+
+
+def _block_fn(cfg: TheoryConfig, l: int, L: int, symbolic: bool = True, key: tuple | None = None):
+    """Compiled recurrence of block l (symbolic-l derivation, or per structure for Mix-LN)."""
     params = dict(cfg.scheme_params)
-    try:
+    if symbolic:
         rec = I.derive(cfg.scheme, ffn=cfg.ffn, norm=cfg.norm, experts=cfg.experts,
                        top_k=cfg.top_k, params=params)
-    except ValueError:
-        # a block that branches on l, L: blocks with the same call structure share a recurrence
-        bs = block_structure(s, l, L, {k: float(v) for k, v in s.resolve(L, **params).items()})
-        key = (tuple((c.kind, c.index, tuple(sorted(c.gains.items()))) for c in bs.calls),
-               bs.output_norm)
+    else:  # a block that branches on l, L
         rec = _per_structure(cfg.scheme, cfg.ffn, cfg.norm, cfg.experts, cfg.top_k,
-                             tuple(sorted(params.items())), key, l, L)
+                             tuple(sorted(params.items())), key or _structure_key(cfg, l, L), l, L)
     consts = {"d": cfg.width, "T": cfg.seq_len, "sigma": cfg.sigma}
     return I.compile_recurrence(rec, consts, T_val=cfg.seq_len, experts=cfg.experts,
                                 top_k=cfg.top_k)
@@ -112,8 +119,15 @@ def iterate(cfg: TheoryConfig, q0: float, rho0: float, rho_g: float = 0.0
     fns: list = [None] * (L + 1)
     uniform = _symbolic(cfg)  # one recurrence for every block: compile it once
     f = _block_fn(cfg, 1, L) if uniform else None
+    by_structure: dict[tuple, Any] = {}  # otherwise one per distinct block structure
+    params = None if uniform else _numeric_params(cfg, L)
     for l in range(1, L + 1):
-        f = fns[l] = f if uniform else _block_fn(cfg, l, L)
+        if not uniform:
+            key = _structure_key(cfg, l, L, params)
+            if key not in by_structure:
+                by_structure[key] = _block_fn(cfg, l, L, symbolic=False, key=key)
+            f = by_structure[key]
+        fns[l] = f
         out = f(q[-1], rho[-1], rho_g, l, L)
         q.append(out[0])
         rho.append(out[1])
