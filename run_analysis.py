@@ -26,6 +26,11 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.diagnose:
+        from analysis.bench_diagnose import run as bench_diagnose
+        bench_diagnose(args)
+        if not (args.theory or args.probes or args.train):
+            return 0
     if not (args.theory or args.probes or args.train):
         args.theory = args.probes = args.train = True
     if args.theory:
@@ -37,6 +42,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.train:
         from analysis.bench_train import run as bench_train
         bench_train(args)
+    return 0
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    import time
+
+    from analysis.diagnose import THRESHOLDS, diagnose, save, text_report
+    from figures.diagnose import diagnosis_blocks, diagnosis_figure
+    from figures.report import write_report
+    _check_format(args.format)
+    out = _writable_dir(args.out or f"runs/diagnose-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        d = diagnose(args.path, text=args.text, sequences=args.sequences, seq_len=args.seq_len,
+                     grad_sequences=args.grad_sequences, batch=args.batch, blocks=args.blocks,
+                     config=args.config, device=args.device)
+    except BaseException:
+        if not any(out.iterdir()):  # leave no empty output folder behind
+            out.rmdir()
+        raise
+    files = save(d, out)
+    fig = diagnosis_figure(d.table, {k: v for k, (v, _) in THRESHOLDS.items()},
+                           out / "figures" / "diagnosis", args.format, d.verdict)
+    files += [fig, *write_report(diagnosis_blocks(d.meta, d.verdict, d.findings, d.table,
+                                                  str(fig.relative_to(out)), d.notes),
+                                 out, "sigprop diagnosis")]
+    print(text_report(d))
+    print("wrote " + ", ".join(str(f) for f in files))
     return 0
 
 
@@ -284,8 +316,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time training steps (tokens/s, MFU) and a small depth grid run in parallel")
     p.add_argument("--parallel", type=int, default=2,
                    help="runs at once in the --train grid comparison (default: 2)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="time `diagnose` on a GPT-2-small-shaped checkpoint (124M) over 64 × 256 tokens")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("diagnose", help="collapse diagnosis of a checkpoint: sigprop run, local "
+                                        "Hugging Face folder, or state_dict + --config")
+    p.add_argument("path", help="checkpoint.pt / run folder, a Hugging Face model folder, or a "
+                                "state_dict file (.safetensors, .pt, .bin) with --config")
+    p.add_argument("--config", help="JSON config for a bare state_dict: a sigprop ModelConfig dict "
+                                    "or a Hugging Face config.json")
+    p.add_argument("--text", help="text file to run through the model (default: the corpus's "
+                                  "validation split)")
+    p.add_argument("--sequences", type=int, default=64, help="sequences run forward (default: 64)")
+    p.add_argument("--grad-sequences", type=int, default=16,
+                   help="of those, how many also run backward for the gradient profile (default: 16)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per sequence, cut to the model's maximum (default: 256)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--blocks", help="module path of the residual blocks' ModuleList, when they are "
+                                    "not found (as named in model.named_modules())")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--out", help="output folder (default: runs/diagnose-<timestamp>)")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    p.set_defaults(func=_cmd_diagnose)
     return parser
 
 

@@ -150,8 +150,10 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Lo
             return load_hf_folder(p)
         if (p / "checkpoint.pt").is_file():
             return load_sigprop(p / "checkpoint.pt")
+        below = sorted(p.rglob("checkpoint.pt"))[:3]
+        hint = f"; checkpoints below it: {', '.join(str(b.parent) for b in below)}" if below else ""
         raise ValueError(f"folder {p} holds neither config.json (a Hugging Face model folder) nor "
-                         "checkpoint.pt (a sigprop run)")
+                         f"checkpoint.pt (a sigprop run){hint}")
     if p.stat().st_size == 0:
         raise ValueError(f"{p} is empty")
     if p.suffix == ".safetensors":
@@ -241,6 +243,7 @@ def _transformers():
     except ImportError:
         raise ValueError("Hugging Face checkpoints need transformers (pip install -e .[hf])") from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

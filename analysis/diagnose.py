@@ -93,6 +93,8 @@ def token_windows(loaded: Loaded, text: str | None, n: int, seq_len: int) -> tup
     ids = torch.tensor(ids, dtype=torch.long)
     if len(ids) < per:
         raise ValueError(f"the text gives {len(ids)} tokens, fewer than one window of --seq-len + 1 = {per}")
+    if len(ids) < n * per:
+        how += f"; only {len(ids)} tokens for {n} windows of {per}: windows overlap"
     starts = torch.linspace(0, len(ids) - per, n).round().long()
     windows = ids[starts[:, None] + torch.arange(per)]
     return windows.clamp_(0, loaded.vocab_size - 1), how
@@ -102,7 +104,7 @@ def token_windows(loaded: Loaded, text: str | None, n: int, seq_len: int) -> tup
 
 def _loss(loaded: Loaded, model, w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x, y = w[:, :-1], w[:, 1:]
-    if loaded.kind in ("sigprop",) or (loaded.kind == "state_dict" and loaded.scheme):
+    if loaded.scheme is not None:  # a sigprop testbed: its own next-token loss
         return model(x, y)[1]
     if loaded.loss_kind == "lm":
         return model(input_ids=x, labels=x).loss
@@ -119,10 +121,10 @@ def _loss(loaded: Loaded, model, w: torch.Tensor, gen: torch.Generator) -> torch
 
 def _forward_only(loaded: Loaded, model, w: torch.Tensor) -> None:
     x = w[:, :-1]
-    if loaded.scheme is not None and loaded.kind in ("sigprop", "state_dict"):
+    if loaded.scheme is not None:
         model(x)
-    else:
-        model(input_ids=x)
+    else:  # the stream only: skip the LM head (a third of GPT-2-small's forward cost)
+        getattr(model, "base_model", model)(input_ids=x)
 
 
 def _grad_on_stream(block: torch.nn.Module):
@@ -237,6 +239,24 @@ def layer_table(frame: pd.DataFrame, layout) -> pd.DataFrame:
     return t.drop(columns=["angular_distance", "layer_cosine"])
 
 
+def weight_scale(model: torch.nn.Module, block_paths: tuple[str, ...]) -> float:
+    """σ such that the blocks' weight matrices look like N(0, σ²/fan_in): median of std·√fan_in.
+
+    Used to put a foreign model on the theory's scale (GPT-2 and BERT initialize with std 0.02,
+    not 1/√fan_in). Linear weights are [out, in]; GPT-2's Conv1D stores [in, out].
+    """
+    vals = []
+    for path in block_paths:
+        for mod in model.get_submodule(path).modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.numel() > 1 and w.is_floating_point():
+                fan_in = w.shape[0] if type(mod).__name__ == "Conv1D" else w.shape[1]
+                std = float(w.detach().float().std())
+                if math.isfinite(std) and std > 0:
+                    vals.append(std * math.sqrt(fan_in))
+    return float(np.median(vals)) if vals else 1.0
+
+
 def add_theory(t: pd.DataFrame, loaded: Loaded, layout, seq_len: int, notes: list[str]) -> str | None:
     """Add theory_* columns (at initialization) where the placement is known; returns the scheme used."""
     scheme = loaded.scheme or (layout.placement if layout.placement in ("pre", "post") else None)
@@ -246,6 +266,10 @@ def add_theory(t: pd.DataFrame, loaded: Loaded, layout, seq_len: int, notes: lis
         notes.append(f"no theory comparison: placement '{layout.placement}' has no single scheme")
         return None
     shape = dict(loaded.theory_shape)
+    if loaded.scheme is None:  # a foreign model: put the theory on its weights' scale
+        shape["sigma"] = weight_scale(loaded.model, layout.blocks)
+        notes.append(f"theory for a foreign model uses σ = {shape['sigma']:.3g}, the median "
+                     "std·√fan_in of its block weights (the theory's weights are N(0, σ²/fan_in))")
     L = len(layout.blocks)
     emb, top = t.iloc[0], t.iloc[L]
     if not all(np.isfinite([emb.second_moment, emb.token_cosine])) or not shape.get("width") or not shape.get("heads"):
@@ -300,7 +324,7 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
     if bad_weights:
         total = sum(n for _, n in bad_weights)
         add("non_finite_weights", "critical",
-            f"{total} weight values are NaN or inf, in {len(bad_weights)} tensors (first: "
+            f"{total} weight value(s) are NaN or inf, in {len(bad_weights)} tensor(s) (first: "
             f"{bad_weights[0][0]}): the checkpoint is damaged and its outputs are meaningless",
             value=float(total), threshold=0.0)
     q = t["second_moment"].to_numpy()
@@ -355,7 +379,9 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
         if ratio < lo:
             add("gradients_vanish", "warning",
                 f"g_0/g_L = {ratio:.3g} (< {lo:g}): gradients shrink on the way back to the "
-                "embedding; early blocks learn slowly", value=ratio, threshold=lo)
+                "embedding; early blocks learn slowly" if ratio > 0 else
+                f"g_0/g_L = 0 (< {lo:g}): no gradient reaches the embedding at all — some block "
+                "cuts the backward path", value=ratio, threshold=lo)
         elif ratio > hi:
             add("gradients_explode", "warning",
                 f"g_0/g_L = {ratio:.3g} (> {hi:g}): gradients grow on the way back to the embedding",
@@ -399,7 +425,7 @@ def verdict(found: list[dict[str, Any]]) -> str:
 
 def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len: int = 256,
              grad_sequences: int = 16, batch: int = 8, blocks: str | None = None,
-             config: str | None = None, device: str = "cpu", threads: int | None = None) -> Diagnosis:
+             config: str | None = None, device: str = "cpu") -> Diagnosis:
     """Load ``path`` and diagnose it (see the module docstring); ValueError on unusable input."""
     if sequences < 1 or seq_len < 2 or batch < 1 or grad_sequences < 0:
         raise ValueError(f"--sequences ({sequences}) and --batch ({batch}) must be >= 1, --seq-len "
@@ -419,8 +445,12 @@ def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len
         seq_len = loaded.max_len
     windows, text_how = token_windows(loaded, text, sequences, seq_len)
     bad_weights = non_finite_weights(loaded.model)
-    frame, layout, losses = run_probes(loaded, windows, min(grad_sequences, sequences), batch, dev,
-                                       blocks, bool(bad_weights), notes)
+    try:
+        frame, layout, losses = run_probes(loaded, windows, min(grad_sequences, sequences), batch, dev,
+                                           blocks, bool(bad_weights), notes)
+    except (RuntimeError, IndexError, TypeError, KeyError, AttributeError, MemoryError) as e:
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise ValueError(f"the model did not run on the text ({type(e).__name__}: {first})") from None
     t = layer_table(frame, layout)
     scheme = add_theory(t, loaded, layout, seq_len, notes)
     found = findings(t, bad_weights, losses, layout, loaded, scheme)

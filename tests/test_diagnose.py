@@ -1,0 +1,264 @@
+"""`diagnose`: sigprop checkpoints, Hugging Face folders, state_dicts; collapse flagged; bad input refused."""
+
+import builtins
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from analysis import checkpoints
+from analysis.corpus import load_corpus
+from analysis.diagnose import THRESHOLDS, diagnose
+from analysis.model import ModelConfig, build_model
+from analysis.train import TrainConfig, save_atomic, train_run
+from run_analysis import main
+
+FAST = dict(sequences=8, seq_len=32, grad_sequences=4, batch=4)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y = [1, 2]\n" * 300)
+    return path
+
+
+def _save_testbed(folder: Path, mc: ModelConfig, model=None) -> Path:
+    model = model or build_model(mc)
+    save_atomic({"model": model.state_dict(), "model_config": mc.to_dict()}, folder / "checkpoint.pt")
+    return folder
+
+
+def _collapsed(tmp_path: Path) -> Path:
+    """A post-norm testbed whose blocks 1.. end in a norm with γ = 0, β = c: every token becomes c."""
+    mc = ModelConfig(scheme="post", depth=6, width=32, heads=4, max_seq_len=64)
+    model = build_model(mc)
+    c = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for block in model.blocks[1:]:
+            block.output_norm.weight.zero_()
+            block.output_norm.bias.copy_(c)
+    return _save_testbed(tmp_path / "collapsed", mc, model)
+
+
+def _severities(d) -> dict[str, str]:
+    return dict(zip(d.findings["id"], d.findings["severity"]))
+
+
+def test_trained_toolkit_checkpoint_end_to_end(tmp_path, text, capsys):
+    mc = ModelConfig(scheme="pre", depth=3, width=32, heads=4, max_seq_len=32)
+    tc = TrainConfig(tokens=32 * 4 * 12, batch_size=4, lr=3e-3, evals=2, eval_batches=1)
+    train_run(mc, tc, load_corpus(text), tmp_path / "run", log=lambda s: None)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["state"]["step"] > 0  # really trained
+    out = tmp_path / "out"
+    rc = main(["diagnose", str(tmp_path / "run"), "--text", str(text), "--sequences", "8",
+               "--seq-len", "32", "--grad-sequences", "4", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "verdict:" in printed and "placement pre" in printed
+    doc = json.loads((out / "diagnosis.json").read_text())
+    assert doc["kind"] == "sigprop" and doc["placement"] == "pre" and doc["blocks"] == 3
+    assert doc["thresholds"]["collapse_cosine"]["value"] == THRESHOLDS["collapse_cosine"][0]
+    table = pd.read_csv(out / "diagnosis.csv")
+    assert list(table["layer"]) == [-1, 0, 1, 2, 3]
+    blocks = table[table.layer.between(0, 2)]
+    assert (blocks["second_moment"] > 0).all() and blocks["grad_second_moment"].gt(0).all()
+    assert blocks["angle_deg"].between(0, 180).all()
+    assert table.loc[table.layer == 2, "grad_rel"].item() == pytest.approx(1.0)
+    # the theory columns exist and are at initialization (finite for the testbed's own scheme)
+    assert table["theory_token_cosine"].iloc[:4].notna().all()
+    assert any(f["id"] == "theory_at_init" and "initialization" in f["message"] for f in doc["findings"])
+    assert (out / "figures" / "diagnosis.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "# Diagnosis" in report and "Verdict:" in report and "figures/diagnosis.png" in report
+    assert (out / "report.html").read_text().count("<table") >= 2
+
+
+def test_collapse_is_flagged_and_healthy_is_not(tmp_path, text):
+    bad = diagnose(str(_collapsed(tmp_path)), text=str(text), **FAST)
+    sev = _severities(bad)
+    assert sev.get("rank_collapse") == "critical", bad.findings
+    assert bad.verdict.startswith("COLLAPSED")
+    row = bad.findings.set_index("id").loc["rank_collapse"]
+    assert row["threshold"] == THRESHOLDS["collapse_cosine"][0] and row["value"] >= row["threshold"]
+    assert "from block 1 on" in row["message"]  # where: the first collapsed block
+    assert sev.get("redundant_blocks") == "warning"  # blocks 2.. map c to c: they change nothing
+    assert "blocks 2–5" in bad.findings.set_index("id").loc["redundant_blocks", "message"]
+    assert bad.table.loc[bad.table.layer == 5, "effective_rank"].item() < 1.5
+
+    mc = ModelConfig(scheme="pre", depth=6, width=32, heads=4, max_seq_len=64)
+    good = diagnose(str(_save_testbed(tmp_path / "healthy", mc)), text=str(text), **FAST)
+    assert not (good.findings["severity"] == "critical").any(), good.findings
+    assert "redundant_blocks" not in set(good.findings["id"])
+    assert good.verdict.startswith("HEALTHY")
+
+
+transformers = pytest.importorskip("transformers")
+
+HF = {
+    "bert": (lambda t: t.BertForMaskedLM(t.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                                      intermediate_size=64, vocab_size=120,
+                                                      max_position_embeddings=64)), "post", "masked-lm"),
+    "gpt2": (lambda t: t.GPT2LMHeadModel(t.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=120,
+                                                      n_positions=64, bos_token_id=0, eos_token_id=0)),
+             "pre", "lm"),
+    "gpt2-headless": (lambda t: t.GPT2Model(t.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=120,
+                                                         n_positions=64)), "pre", "surrogate"),
+    "llama": (lambda t: t.LlamaForCausalLM(t.LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                                         num_key_value_heads=2, intermediate_size=64,
+                                                         vocab_size=120)), "pre", "lm"),
+}
+
+
+def _hf_folder(name: str, tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path / name
+    HF[name][0](transformers).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", list(HF))
+def test_hugging_face_folders(name, tmp_path, text):
+    d = diagnose(str(_hf_folder(name, tmp_path)), text=str(text), **FAST)
+    _, placement, loss = HF[name]
+    assert d.meta["kind"] == "hf" and d.meta["placement"] == placement and d.meta["loss"] == loss
+    assert d.meta["blocks"] == 3 and math.isfinite(d.meta["loss_value"])
+    assert d.table["grad_second_moment"].iloc[:4].gt(0).all()
+    assert d.table["theory_q_rel"].iloc[:4].notna().all()  # placement known: theory at init
+    assert not (d.findings["severity"] == "critical").any(), d.findings
+
+
+def test_gpt2_cli_and_bare_state_dict_with_hf_config(tmp_path, text, capsys):
+    folder = _hf_folder("gpt2", tmp_path)
+    assert main(["diagnose", str(folder), "--text", str(text), "--sequences", "4", "--seq-len", "16",
+                 "--out", str(tmp_path / "o1")]) == 0
+    one = pd.read_csv(tmp_path / "o1" / "diagnosis.csv")
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(folder / "model.safetensors"))
+    save_file(sd, str(tmp_path / "weights.safetensors"))
+    assert main(["diagnose", str(tmp_path / "weights.safetensors"), "--text", str(text), "--sequences",
+                 "4", "--seq-len", "16", "--out", str(tmp_path / "o2")]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["diagnose", str(tmp_path / "weights.safetensors"), "--config", str(folder / "config.json"),
+                 "--text", str(text), "--sequences", "4", "--seq-len", "16", "--out", str(tmp_path / "o2")]) == 0
+    two = pd.read_csv(tmp_path / "o2" / "diagnosis.csv")
+    pd.testing.assert_series_equal(one["second_moment"], two["second_moment"], rtol=1e-5)
+
+
+def test_state_dict_with_sigprop_config(tmp_path, text):
+    mc = ModelConfig(scheme="span", depth=2, width=32, heads=4, max_seq_len=64)
+    torch.save(build_model(mc).state_dict(), tmp_path / "sd.pt")
+    (tmp_path / "cfg.json").write_text(json.dumps(mc.to_dict()))
+    d = diagnose(str(tmp_path / "sd.pt"), config=str(tmp_path / "cfg.json"), text=str(text), **FAST)
+    assert d.meta["kind"] == "state_dict" and d.meta["placement"] == "post" and d.meta["theory_scheme"] == "span"
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # would create a file if unpickled with code execution
+        return builtins.open, (self.marker, "w")
+
+
+def _err(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_bad_input_is_refused_with_one_line(tmp_path, capsys, text):
+    out = ["--out", str(tmp_path / "o"), "--text", str(text), "--sequences", "2", "--seq-len", "16"]
+    assert "does not exist" in _err(capsys, ["diagnose", str(tmp_path / "nope.pt"), *out])
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 this is not a zip archive at all" * 10)
+    assert "not a readable torch file" in _err(capsys, ["diagnose", str(tmp_path / "corrupt.pt"), *out])
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    assert "not a readable safetensors" in _err(capsys, ["diagnose", str(tmp_path / "corrupt.safetensors"), *out])
+    # a good checkpoint cut in half
+    mc = ModelConfig(scheme="pre", depth=2, width=32, heads=4, max_seq_len=64)
+    whole = _save_testbed(tmp_path / "whole", mc) / "checkpoint.pt"
+    (tmp_path / "half.pt").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert "not a readable torch file" in _err(capsys, ["diagnose", str(tmp_path / "half.pt"), *out])
+    # a pickle that needs code: refused, and the code never ran
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.zeros(2)}, "x": _Evil(str(marker))}, tmp_path / "evil.pt")
+    err = _err(capsys, ["diagnose", str(tmp_path / "evil.pt"), *out])
+    assert "refused" in err and "run code" in err and "open" in err
+    assert not marker.exists()
+    (tmp_path / "empty").mkdir()
+    assert "neither config.json" in _err(capsys, ["diagnose", str(tmp_path / "empty"), *out])
+
+
+def test_hf_remote_code_and_unknown_family_refused(tmp_path, capsys, text):
+    out = ["--out", str(tmp_path / "o"), "--text", str(text)]
+    folder = _hf_folder("gpt2", tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "evil.EvilModel"}}))
+    assert "custom model code" in _err(capsys, ["diagnose", str(folder), *out])
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "my_private_arch"}))
+    err = _err(capsys, ["diagnose", str(folder), *out])
+    assert "unsupported architecture" in err and "llama" in err
+
+
+def test_hf_folder_with_a_pickle_that_needs_code_is_refused(tmp_path, capsys, text):
+    folder = _hf_folder("gpt2", tmp_path)
+    from safetensors.torch import load_file
+    sd = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({**sd, "extra": _Evil(str(marker))}, folder / "pytorch_model.bin")
+    err = _err(capsys, ["diagnose", str(folder), "--out", str(tmp_path / "o"), "--text", str(text)])
+    assert "refused" in err and "weights_only=True" in err
+    assert not marker.exists()
+    torch.save(sd, folder / "pytorch_model.bin")  # the same weights as a plain .bin: accepted
+    d = diagnose(str(folder), text=str(text), **FAST)
+    assert "torch .bin" in d.meta["model"] and d.meta["blocks"] == 3
+
+
+def test_folder_tokenizer_is_used(tmp_path, text):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    folder = _hf_folder("gpt2", tmp_path)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text.read_text()], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    d = diagnose(str(folder), text=str(text), **FAST)
+    assert "the folder's own" in d.meta["text"] and "bytes" not in d.meta["text"]
+    assert math.isfinite(d.meta["loss_value"])
+
+
+def test_unlocatable_blocks_say_how_to_point_at_them(tmp_path, capsys, text):
+    folder = _hf_folder("gpt2", tmp_path)
+    out = ["--out", str(tmp_path / "o"), "--text", str(text), "--sequences", "2", "--seq-len", "16"]
+    err = _err(capsys, ["diagnose", str(folder), "--blocks", "transformer.nothing", *out])
+    assert "--blocks" in err and "not a submodule" in err
+    # a module that does not map [batch, seq, d] to itself is not a residual block: the check says so
+    err = _err(capsys, ["diagnose", str(folder), "--blocks", "transformer.h.0.attn.c_attn", *out])
+    assert "do not look like residual blocks" in err and "--blocks" in err and "GPT-2" in err
+
+
+def test_nan_weights_are_a_finding_not_a_crash(tmp_path, text):
+    mc = ModelConfig(scheme="pre", depth=3, width=32, heads=4, max_seq_len=64)
+    model = build_model(mc)
+    with torch.no_grad():
+        model.blocks[1].ffns[0].up.weight[0, 0] = float("nan")
+        model.blocks[1].attns[0].q.weight[1, 1] = float("inf")
+    d = diagnose(str(_save_testbed(tmp_path / "nan", mc, model)), text=str(text), **FAST)
+    sev = _severities(d)
+    assert sev["non_finite_weights"] == "critical" and sev["non_finite_activations"] == "critical"
+    assert d.findings.set_index("id").loc["non_finite_weights", "value"] == 2
+    assert "block 1" in d.findings.set_index("id").loc["non_finite_activations", "message"]
+    assert d.verdict.startswith("UNUSABLE")
+
+
+def test_checkpoint_larger_than_memory_is_refused_with_sizes(tmp_path, capsys, monkeypatch, text):
+    mc = ModelConfig(scheme="pre", depth=2, width=32, heads=4, max_seq_len=64)
+    folder = _save_testbed(tmp_path / "big", mc)
+    monkeypatch.setattr(checkpoints, "available_memory", lambda: 1000)
+    err = _err(capsys, ["diagnose", str(folder), "--out", str(tmp_path / "o"), "--text", str(text)])
+    assert "GB of weights" in err and "0.00 GB of memory" in err
