@@ -26,22 +26,10 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.diagnose:
-        from analysis.bench_diagnose import run as bench_diagnose
-        bench_diagnose(args)
-        if not (args.theory or args.probes or args.train):
-            return 0
-    if not (args.theory or args.probes or args.train):
-        args.theory = args.probes = args.train = True
-    if args.theory:
-        from analysis.bench_theory import run as bench_theory
-        bench_theory(args)
-    if args.probes:
-        from analysis.bench_probes import run as bench_probes
-        bench_probes(args)
-    if args.train:
-        from analysis.bench_train import run as bench_train
-        bench_train(args)
+    import importlib
+    parts = ("theory", "probes", "train", "diagnose")
+    for name in [p for p in parts if getattr(args, p)] or parts:  # no flag: every benchmark
+        importlib.import_module(f"analysis.bench_{name}").run(args)
     return 0
 
 
