@@ -34,6 +34,23 @@ def _stats(y: torch.Tensor) -> tuple[float, float]:
     return q, off.mean().item() / q
 
 
+def _monte_carlo(make_layer, T: int, q: float, rho: float, gen: torch.Generator,
+                 draws: int = 3) -> tuple[float, float, float]:
+    """Mean output second moment, output ρ and input-gradient power over fresh float64 layers."""
+    qs, rs, gs = [], [], []
+    for _ in range(draws):
+        layer = make_layer().double()
+        x = _tokens(8, T, q, rho, gen).requires_grad_()
+        y = layer(x)
+        gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        (y * gy).sum().backward()
+        a, b = _stats(y)
+        qs.append(a)
+        rs.append(b)
+        gs.append((x.grad ** 2).mean().item())
+    return sum(qs) / draws, sum(rs) / draws, sum(gs) / draws
+
+
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
@@ -72,23 +89,12 @@ def test_ffn_maps_against_mlp(kind, q, rho):
     gen = torch.Generator().manual_seed(2)
     torch.manual_seed(3)
     cfg = ModelConfig(width=D, ffn=kind, sigma=1.0)
-    qs, rs, gs, gcs = [], [], [], []
-    for _ in range(3):
-        mlp = MLP(cfg, in_gain=0.9, out_gain=1.1).double()
-        x = _tokens(8, 32, q, rho, gen).requires_grad_()
-        y = mlp(x)
-        gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-        (y * gy).sum().backward()
-        a, b = _stats(y)
-        qs.append(a)
-        rs.append(b)
-        gs.append((x.grad ** 2).mean().item())
+    mq, mr, mG = _monte_carlo(lambda: MLP(cfg, in_gain=0.9, out_gain=1.1), 32, q, rho, gen)
     sq, sc, sG, sGc = sympy.symbols("q c G Gc")
     maps = C.ffn_maps(sq, sc, sG, sGc, sigma=1, kind=kind, in_gain=sympy.Rational(9, 10),
                       out_gain=sympy.Rational(11, 10))
     vals = {sq: q, sc: q * rho, sG: 1, sGc: 0}
     pq, pc, pG = (_num(m.xreplace(vals)) for m in maps[:3])
-    mq, mr, mG = (sum(v) / len(v) for v in (qs, rs, gs))
     assert _rel(mq, pq) < 0.03
     assert abs(mr - pc / pq) < 0.03 * max(pc / pq, 0.1)
     assert _rel(mG, pG) < 0.03
@@ -102,23 +108,12 @@ def test_attention_maps_against_sdpa(q, rho):
     torch.manual_seed(5)
     T = 64
     cfg = ModelConfig(width=D, heads=8, sigma=1.0)
-    qs, rs, gs = [], [], []
-    for _ in range(3):
-        att = Attention(cfg).double()
-        x = _tokens(8, T, q, rho, gen).requires_grad_()
-        y = att(x)
-        gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-        (y * gy).sum().backward()
-        a, b = _stats(y)
-        qs.append(a)
-        rs.append(b)
-        gs.append((x.grad ** 2).mean().item())
+    mq, mr, mG = _monte_carlo(lambda: Attention(cfg), T, q, rho, gen)
     ac = C.attention_constants(T)
     sq, sc, sG, sGc = sympy.symbols("q c G Gc")
     maps = C.attention_maps(sq, sc, sG, sGc, sigma=1, consts=ac)
     vals = {sq: q, sc: q * rho, sG: 1, sGc: 0}
     pq, pc, pG = (_num(m.xreplace(vals), T) for m in maps[:3])
-    mq, mr, mG = (sum(v) / len(v) for v in (qs, rs, gs))
     assert _rel(mq, pq) < 0.04
     assert _rel(mG, pG) < 0.04
     assert abs(mr - pc / pq) < (0.05 * pc / pq if rho >= 0.3 else 0.4 * pc / pq)
