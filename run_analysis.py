@@ -121,8 +121,6 @@ TRAIN_PRESETS = {  # what `train` runs when a flag is not given, by device type
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from analysis.corpus import load_corpus
     from analysis.model import ModelConfig
     from analysis.train import TrainConfig, resolve_device

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from analysis.checkpoints import Loaded, load
+from analysis.train import resolve_device
 from probes import Probe, confirm_placement, locate
 
 # Every threshold a finding uses, with what it means (also written to diagnosis.json).
@@ -430,12 +431,7 @@ def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len
     if sequences < 1 or seq_len < 2 or batch < 1 or grad_sequences < 0:
         raise ValueError(f"--sequences ({sequences}) and --batch ({batch}) must be >= 1, --seq-len "
                          f"({seq_len}) >= 2 and --grad-sequences ({grad_sequences}) >= 0")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{device}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but no CUDA device is available")
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     loaded = load(path, config)
     notes = list(loaded.notes)

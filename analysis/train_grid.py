@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pandas as pd
 import torch
@@ -123,15 +123,20 @@ def _outcome(r: dict) -> str:
     return f"val {r['final_val_bpb']:.3f} bits/byte, {r['tokens_per_s']:,.0f} tokens/s"
 
 
+def _finished(out_dir: str | Path) -> Iterator[tuple[Path, dict, str]]:
+    """(run folder, result.json content, dense/MoE label) of every finished run, in name order."""
+    for result in sorted(Path(out_dir).glob("runs/*/result.json")):
+        r = json.loads(result.read_text())
+        yield result.parent, r, moe_label(r["experts"], r["top_k"])
+
+
 def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The runs and profiles tables of every finished run under ``out_dir/runs``."""
     rows, profiles = [], []
-    for result in sorted(Path(out_dir).glob("runs/*/result.json")):
-        r = json.loads(result.read_text())
-        label = moe_label(r["experts"], r["top_k"])
+    for folder, r, label in _finished(out_dir):
         rows.append({**{k: r.get(k) for k in RUN_COLUMNS if k != "moe"}, "moe": label,
-                     "run": result.parent.name})
-        prof = result.parent / "profiles.csv"
+                     "run": folder.name})
+        prof = folder / "profiles.csv"
         meta = dict(scheme=r["scheme"], depth=r["depth"], width=r["width"], moe=label)
         if prof.exists():
             profiles.append(pd.read_csv(prof).assign(**meta))
@@ -148,14 +153,12 @@ def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def curves(out_dir: str | Path) -> pd.DataFrame:
     """Loss curves of every finished run: run, scheme, depth, moe, split, step, loss (nats)."""
     frames = []
-    for result in sorted(Path(out_dir).glob("runs/*/result.json")):
-        r = json.loads(result.read_text())
-        label = moe_label(r["experts"], r["top_k"])
+    for folder, r, label in _finished(out_dir):
         for split in ("train", "val"):
             pts = r[f"{split}_loss"]
             if pts:
                 f = pd.DataFrame(pts, columns=["step", "loss"])
-                frames.append(f.assign(run=result.parent.name, scheme=r["scheme"], depth=r["depth"],
+                frames.append(f.assign(run=folder.name, scheme=r["scheme"], depth=r["depth"],
                                        moe=label, split=split))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["step", "loss", "run", "scheme", "depth", "moe", "split"])

@@ -205,7 +205,6 @@ def attention_table(T: int) -> dict[str, list[float]]:
         raise ValueError(f"sequence length must be >= 1, got {T}")
     rng = np.random.default_rng(20240601)
     Z = rng.standard_normal((_MC_SAMPLES, T))
-    t = np.arange(1, T + 1, dtype=float)
     pairs = max(T * (T - 1), 1)
     out = {"Cbar": [], "D1bar": [], "Xbar": []}
     for v in _V_GRID:
