@@ -27,7 +27,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
-    parts = ("theory", "probes", "train", "diagnose")
+    parts = ("theory", "probes", "train", "diagnose", "components")
     for name in [p for p in parts if getattr(args, p)] or parts:  # no flag: every benchmark
         importlib.import_module(f"analysis.bench_{name}").run(args)
     return 0
@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/theory)")
     p.set_defaults(func=lambda a: __import__("analysis.theory_cmd", fromlist=["run"]).run(a))
 
-    p = sub.add_parser("bench", help="print speed figures (see README, Benchmarks)")
+    p = sub.add_parser("bench", help="print speed figures and the component maps' accuracy "
+                                     "(see README, Benchmarks)")
     p.add_argument("--theory", action="store_true", help="time deriving and evaluating the recurrences")
     p.add_argument("--probes", action="store_true", help="time a probed training step against an unprobed one")
     p.add_argument("--shape", choices=["small", "gpt2"],
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at once in the --train grid comparison (default: 2)")
     p.add_argument("--diagnose", action="store_true",
                    help="time `diagnose` on a GPT-2-small-shaped checkpoint (124M) over 64 × 256 tokens")
+    p.add_argument("--components", action="store_true",
+                   help="relative error of every component moment map (linear, norms, MLPs, "
+                        "attention, MoE) against Monte Carlo with the testbed's modules at width "
+                        "1024: forward second moment, output rho, gradient power (CPU, < 1 min)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=_cmd_bench)
 

@@ -9,16 +9,21 @@ from typing import Callable
 
 from theory import interpreter as I
 from theory import solve as S
+from theory.positional import predict_positional
 from theory.schemes import SCHEMES
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
+def _times(fn: Callable[[], object], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(_times(fn, repeats))
 
 
 def _derive_all() -> None:
@@ -37,12 +42,16 @@ def run(args: argparse.Namespace | None = None) -> dict[str, float]:
     _derive_all()
     derive_cold = time.perf_counter() - t  # first call in the process: sympy's own caches cold
     derive = _median_time(_derive_all, repeats)  # derive_block bypasses our cache, not sympy's
-    S.predict_profile("span", depth=10, width=512)  # warm: compile + attention tables
-    S.predict_profile("pre", depth=10, width=512)
-    S.predict_profile("mixln", depth=10, width=512)
-    evals = {n: _median_time(lambda n=n: S.predict_profile(n, depth=10000, width=512), repeats)
-             for n in ("pre", "span", "mixln")}
+    evals: dict[str, tuple[float, float, float]] = {}  # scheme -> (first call, median, max)
+    for n in SCHEMES:  # every registered scheme, full profile (fwd + bwd) to depth 10^4
+        def profile(n: str = n) -> None:
+            S.predict_profile(n, depth=10000, width=512)
+        first = _times(profile, 1)[0]  # compiles (and builds tables) on the first call
+        ts = _times(profile, repeats)
+        evals[n] = (first, statistics.median(ts), max(ts))
     closed = _median_time(lambda: S.closed_forms.__wrapped__("pre"), 3)
+    positional = _median_time(lambda: predict_positional("post", depth=256, width=512,
+                                                         seq_len=128), 3)
     f = I.compile_recurrence(I.derive("pre"), {"d": 512, "T": 128, "sigma": 1.0}, T_val=128)
 
     def forward_1e4() -> None:
@@ -56,7 +65,14 @@ def run(args: argparse.Namespace | None = None) -> dict[str, float]:
     print(f"  derive all {len(SCHEMES)} schemes (our cache bypassed):    {derive:.3f} s")
     print(f"  pre block recurrence iterated to depth 10^4:    {fwd:.3f} s")
     print(f"  closed forms of pre (uncached):                 {closed:.3f} s")
-    for n, t in evals.items():
-        print(f"  full profile to depth 10^4 ({n:6}, fwd + bwd):  {t:.3f} s")
-    return {"derive_all_cold_s": derive_cold, "derive_all_s": derive, "forward_1e4_s": fwd, "closed_pre_s": closed,
-            **{f"profile_1e4_{n}_s": t for n, t in evals.items()}}
+    print(f"  position-resolved profile, post, L = 256, T = 128: {positional:.3f} s")
+    print(f"  full profile to depth 10^4 (fwd + bwd), per scheme: median / max of {repeats} "
+          "[first call, compiling]:")
+    for n, (first, med, worst) in evals.items():
+        print(f"    {n:9} {med:.3f} s / {worst:.3f} s  [{first:.3f} s]")
+    out = {"derive_all_cold_s": derive_cold, "derive_all_s": derive, "forward_1e4_s": fwd,
+           "closed_pre_s": closed, "positional_post_256_s": positional}
+    for n, (first, med, worst) in evals.items():
+        out.update({f"profile_1e4_{n}_s": med, f"profile_1e4_{n}_max_s": worst,
+                    f"profile_1e4_{n}_first_s": first})
+    return out

@@ -3,8 +3,12 @@
 Errors are relative, |theory − measured| / |measured|, for second moments and gradient ratios,
 and absolute, |theory − measured|, for cosines (a relative error of a cosine near 0 says
 nothing). The embedding rows (theory takes their measured q_0 and ρ_0 as input), the top
-block's gradient ratio (1 by definition on both sides) and its gradient token cosine (an input,
-ρ_g) are left out of the summaries.
+block's gradient ratio (1 by definition on both sides), its gradient token cosine (an input,
+ρ_g) and its first-token gradient share (uniform by assumption) are left out of the summaries.
+
+Two predictions are compared: ``theory`` (position-resolved, the primary one) and, where the
+profiles carry it, ``theory_averaged`` (the sequence-averaged symbolic recurrence); summaries
+and targets have a ``prediction`` column, ``resolved`` or ``averaged``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 ERROR_KIND = {"second_moment": "relative", "grad_rel": "relative", "token_cosine": "absolute",
-              "grad_token_cosine": "absolute", "layer_cosine": "absolute"}
+              "grad_token_cosine": "absolute", "layer_cosine": "absolute",
+              "grad_first_token": "relative"}
 # The issue's targets: (scheme set, metric, site) -> (median, p99) bounds on the relative error.
 # For normalized schemes the stream is 1 by construction: their forward test is the aggregate.
 TARGETS = {("second_moment", "resid_post"): (0.02, 0.05), ("second_moment", "pre_norm_sum"): (0.02, 0.05),
@@ -35,8 +40,10 @@ def aggregate(profiles: pd.DataFrame) -> pd.DataFrame:
     """
     keys = ["scheme", "depth", "layer", "point", "metric"]
     g = profiles.groupby(keys, sort=False)
-    out = g.agg(measured=("measured", "mean"), theory=("theory", "first"), seeds=("seed", "nunique"),
-                seed_std=("measured", "std"), batch_spread=("spread", "mean")).reset_index()
+    extra = {"theory_averaged": ("theory_averaged", "first")} if "theory_averaged" in profiles else {}
+    out = g.agg(measured=("measured", "mean"), theory=("theory", "first"), **extra,
+                seeds=("seed", "nunique"), seed_std=("measured", "std"),
+                batch_spread=("spread", "mean")).reset_index()
     across = out["seed_std"] / np.sqrt(out["seeds"])
     out["spread"] = np.where(out["seeds"] > 1, across, out["batch_spread"])
     return out.drop(columns=["seed_std", "batch_spread"])
@@ -56,37 +63,52 @@ def add_errors(agg: pd.DataFrame) -> pd.DataFrame:
 def comparable(errs: pd.DataFrame) -> pd.DataFrame:
     """The rows that count in summaries (see the module docstring)."""
     top = errs["point"] == "blocks." + (errs["depth"] - 1).astype(str) + ".resid_post"
-    top_input = errs["metric"].isin(["grad_rel", "grad_token_cosine"]) & top  # inputs, not predictions
+    top_input = (errs["metric"].isin(["grad_rel", "grad_token_cosine", "grad_first_token"])
+                 & top)  # inputs, not predictions
     keep = (errs["error_kind"].notna() & errs["theory"].notna() & (errs["site"] != "embed")
             & ~top_input)
     return errs[keep]
 
 
-def error_summary(errs: pd.DataFrame) -> pd.DataFrame:
-    """errors.csv: per scheme, metric and site — median, p90, p99 error, share within spread, n."""
-    rows = comparable(errs).groupby(["scheme", "metric", "site"], sort=False)
-    out = rows.agg(error_kind=("error_kind", "first"), median=("error", "median"),
-                   p90=("error", lambda e: e.quantile(0.9)), p99=("error", lambda e: e.quantile(0.99)),
-                   within_spread=("within_spread", "mean"), n=("error", "size")).reset_index()
-    return out
+PREDICTIONS = {"resolved": "theory", "averaged": "theory_averaged"}
+
+
+def error_summary(agg: pd.DataFrame) -> pd.DataFrame:
+    """errors.csv: per prediction, scheme, metric and site — median, p90, p99 error, share
+    within spread, n."""
+    parts = []
+    for name, column in PREDICTIONS.items():
+        if column not in agg:
+            continue
+        errs = add_errors(agg.assign(theory=agg[column]))
+        rows = comparable(errs).groupby(["scheme", "metric", "site"], sort=False)
+        out = rows.agg(error_kind=("error_kind", "first"), median=("error", "median"),
+                       p90=("error", lambda e: e.quantile(0.9)),
+                       p99=("error", lambda e: e.quantile(0.99)),
+                       within_spread=("within_spread", "mean"), n=("error", "size")).reset_index()
+        parts.append(out.assign(prediction=name))
+    out = pd.concat(parts, ignore_index=True)
+    return out[["prediction"] + [c for c in out.columns if c != "prediction"]]
 
 
 def target_check(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per (scheme, target): the bound, the measured error, and pass / fail."""
+    """One row per (prediction, scheme, target): the bound, the error, and pass / fail."""
     rows = []
-    for (metric, site), (med, p99) in TARGETS.items():
-        for scheme in TARGET_SCHEMES:
-            hit = summary[(summary["scheme"] == scheme) & (summary["metric"] == metric)
-                          & (summary["site"] == site)]
-            if hit.empty:
-                continue
-            h = hit.iloc[0]
-            for stat, bound in (("median", med), ("p99", p99)):
-                if bound is not None:
-                    rows.append({"scheme": scheme, "metric": metric, "site": site, "statistic": stat,
-                                 "target": bound, "error": h[stat], "passes": bool(h[stat] <= bound)})
-    return pd.DataFrame(rows, columns=["scheme", "metric", "site", "statistic", "target", "error",
-                                       "passes"])
+    for prediction in summary["prediction"].unique():
+        for (metric, site), (med, p99) in TARGETS.items():
+            for scheme in TARGET_SCHEMES:
+                hit = summary[(summary["prediction"] == prediction) & (summary["scheme"] == scheme)
+                              & (summary["metric"] == metric) & (summary["site"] == site)]
+                if hit.empty:
+                    continue
+                h = hit.iloc[0]
+                for stat, bound in (("median", med), ("p99", p99)):
+                    if bound is not None:
+                        rows.append({"prediction": prediction, "scheme": scheme, "metric": metric,
+                                     "site": site, "statistic": stat, "target": bound,
+                                     "error": h[stat], "passes": bool(h[stat] <= bound)})
+    return pd.DataFrame(rows, columns=["prediction", "scheme", "metric", "site", "statistic",
+                                       "target", "error", "passes"])
 
 
 def disagreements(errs: pd.DataFrame, limit: float = 0.05) -> pd.DataFrame:

@@ -100,8 +100,9 @@ def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print
 
 def compare_tables(profiles: pd.DataFrame, theory_claims: list[dict]) -> dict[str, pd.DataFrame]:
     """Every derived table from the init profiles and theory's claims (what ``report`` recomputes)."""
-    errs = add_errors(aggregate(profiles))
-    summary = error_summary(errs)
+    agg = aggregate(profiles)
+    errs = add_errors(agg)
+    summary = error_summary(agg)
     theory = pd.DataFrame(theory_claims, columns=CLAIM_COLUMNS)
     theory["method"] = "theory, " + theory["method"].astype(str)
     claims = pd.concat([theory, check_claims(errs)], ignore_index=True)[CLAIM_COLUMNS]

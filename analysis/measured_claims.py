@@ -122,6 +122,22 @@ def rank_collapse_direction(scheme: str) -> Callable[[pd.DataFrame], tuple[str, 
     return check
 
 
+def first_token_gradient_sink(scheme: str) -> Callable[[pd.DataFrame], tuple[str, str]]:
+    """The embedding's first-token gradient share at the deepest L agrees with the resolved
+    theory within 25 % (the averaged recurrence has no positions and cannot say)."""
+    def check(errs: pd.DataFrame) -> tuple[str, str]:
+        r = _embed(errs, scheme, "grad_first_token").dropna(subset=["theory"])
+        if r.empty:
+            return "untested", f"no first-token gradient measured for {scheme}"
+        last = r.iloc[-1]
+        err = abs(last["theory"] - last["measured"]) / last["measured"]
+        return ("holds" if err <= 0.25 else "fails",
+                f"first token's gradient power / token mean at the embedding, L = {last['depth']}: "
+                f"{last['measured']:.3g} ± {last['spread']:.2g} measured, {last['theory']:.3g} "
+                f"theory (relative error {err:.1%}; bound 25 %)")
+    return check
+
+
 def registry() -> list[tuple[str, str, str, Callable]]:
     """(claim, scheme, statement, check) for every measured claim."""
     claims = [
@@ -140,6 +156,10 @@ def registry() -> list[tuple[str, str, str, Callable]]:
     for s in ("pre", "post", "span", "deepnorm", "b2t", "peri", "mixln", "lns"):
         claims.append((f"{s}_gradient_ratio_order", s,
                        "theory's order of g_0/g_L in L matches measurement", gradient_ratio_trend(s)))
+        claims.append((f"{s}_first_token_gradient", s,
+                       "the first token's share of the embedding gradient at the deepest L is as "
+                       "the position-resolved theory predicts (gradient sink)",
+                       first_token_gradient_sink(s)))
         claims.append((f"{s}_rank_collapse", s,
                        "token correlation ρ_L moves with depth as theory says (rank collapse)",
                        rank_collapse_direction(s)))

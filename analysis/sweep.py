@@ -1,7 +1,9 @@
 """Init sweep: schemes × depths × seeds measured with probes, and theory at the same configuration.
 
 The result is one tidy table, ``init_profiles.csv``: scheme, depth, seed, layer, point, metric,
-measured, spread, theory. ``layer`` follows the probes: -1 is the embedding, i = 0..L-1 is block
+measured, spread, theory, theory_averaged. ``theory`` is the position-resolved prediction
+(theory/positional.py), ``theory_averaged`` the sequence-averaged symbolic recurrence
+(theory/interpreter.py); the comparison reports both. ``layer`` follows the probes: -1 is the embedding, i = 0..L-1 is block
 i (``blocks.{i}``, the block l = i + 1 of the theory). Metrics:
 
 - ``second_moment`` at ``embed``, ``blocks.{i}.resid_post`` and ``blocks.{i}.pre_norm_sum``
@@ -11,6 +13,8 @@ i (``blocks.{i}``, the block l = i + 1 of the theory). Metrics:
 - ``layer_cosine``: cos(x_{l-1}, x_l) of a block's input and output (theory cos)
 - ``grad_token_cosine``: token cosine of the gradient (theory ρ_g; its value at the top block is
   the theory's input, like q_0 and ρ_0 at the embedding)
+- ``grad_first_token``: the first token's gradient power over the token mean (resolved theory
+  g_first; the averaged recurrence has no positions: NaN)
 - ``grad_second_moment``, ``dong_residual``: measured only (theory NaN)
 
 ``spread`` is the standard error of the measured mean over the probe's batches (one seed).
@@ -29,11 +33,13 @@ import torch
 from analysis.corpus import Corpus
 from analysis.model import ModelConfig, build_model
 from probes import Probe
+from theory.positional import predict_positional
 from theory.solve import predict_profile
 
-PROBE_METRICS = ["second_moment", "grad_second_moment", "grad_token_cosine", "token_cosine",
-                 "layer_cosine", "dong_residual"]
-COLUMNS = ["scheme", "depth", "seed", "layer", "point", "metric", "measured", "spread", "theory"]
+PROBE_METRICS = ["second_moment", "grad_second_moment", "grad_token_cosine", "grad_first_token",
+                 "token_cosine", "layer_cosine", "dong_residual"]
+COLUMNS = ["scheme", "depth", "seed", "layer", "point", "metric", "measured", "spread", "theory",
+           "theory_averaged"]
 
 
 def measure(cfg: ModelConfig, seed: int, corpus: Corpus, batches: int, batch_size: int,
@@ -61,21 +67,32 @@ def to_rows(frame: pd.DataFrame, depth: int) -> pd.DataFrame:
     return pd.concat([rows, rel], ignore_index=True)
 
 
+PREDICTIONS = {"theory": predict_positional, "theory_averaged": predict_profile}
+
+
 def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.DataFrame:
-    """The theory's per-layer predictions for ``cfg``, as rows matching the measured ones."""
-    pred = predict_profile(cfg.scheme, depth=cfg.depth, width=cfg.width, heads=cfg.heads,
-                           seq_len=cfg.max_seq_len, ffn=cfg.ffn, norm=cfg.norm, sigma=cfg.sigma,
-                           embed_std=cfg.embed_std, experts=cfg.experts, top_k=cfg.top_k,
-                           scheme_params=cfg.scheme_params, q0=q0, rho0=rho0, rho_g=rho_g)
-    rows = []
-    for l in range(cfg.depth + 1):
-        point = "embed" if l == 0 else f"blocks.{l - 1}.resid_post"
-        for metric, key in (("second_moment", "q"), ("token_cosine", "rho"), ("grad_rel", "g"),
-                            ("grad_token_cosine", "rg"), ("layer_cosine", "cos")):
-            rows.append((point, metric, pred[key][l]))
-        if l > 0 and np.isfinite(pred["q_agg"][l]):
-            rows.append((f"blocks.{l - 1}.pre_norm_sum", "second_moment", pred["q_agg"][l]))
-    return pd.DataFrame(rows, columns=["point", "metric", "theory"])
+    """Both theories' per-layer predictions for ``cfg``, as rows matching the measured ones.
+
+    ``theory``: the position-resolved interpretation (theory/positional.py), the one compared;
+    ``theory_averaged``: the sequence-averaged symbolic recurrence (theory/interpreter.py).
+    """
+    frames = []
+    for column, predict in PREDICTIONS.items():
+        pred = predict(cfg.scheme, depth=cfg.depth, width=cfg.width, heads=cfg.heads,
+                       seq_len=cfg.max_seq_len, ffn=cfg.ffn, norm=cfg.norm, sigma=cfg.sigma,
+                       embed_std=cfg.embed_std, experts=cfg.experts, top_k=cfg.top_k,
+                       scheme_params=cfg.scheme_params, q0=q0, rho0=rho0, rho_g=rho_g)
+        rows = []
+        for l in range(cfg.depth + 1):
+            point = "embed" if l == 0 else f"blocks.{l - 1}.resid_post"
+            for metric, key in (("second_moment", "q"), ("token_cosine", "rho"), ("grad_rel", "g"),
+                                ("grad_token_cosine", "rg"), ("layer_cosine", "cos"),
+                                ("grad_first_token", "g_first")):
+                rows.append((point, metric, pred[key][l] if key in pred else np.nan))
+            if l > 0 and np.isfinite(pred["q_agg"][l]):
+                rows.append((f"blocks.{l - 1}.pre_norm_sum", "second_moment", pred["q_agg"][l]))
+        frames.append(pd.DataFrame(rows, columns=["point", "metric", column]).set_index(["point", "metric"]))
+    return pd.concat(frames, axis=1).reset_index()
 
 
 def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: ModelConfig,

@@ -61,17 +61,22 @@ def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[P
         ("table", claims),
         ("h2", "Targets"),
         ("p", "Median and 99th-percentile error over every compared layer and depth, against the "
-              "targets (forward second moment: median ≤ 2 %, p99 ≤ 5 %; gradient: median ≤ 5 %)."),
+              "targets (forward second moment: median ≤ 2 %, p99 ≤ 5 %; gradient: median ≤ 5 %), "
+              "for both predictions."),
         ("table", targets),
         ("h2", "Errors per scheme and metric"),
         ("p", "Relative error for second moments and gradient ratios, absolute error for cosines. "
               "within_spread: the share of rows whose theory lies within 2 standard errors of the "
-              "measured mean."),
+              "measured mean. prediction: resolved = the position-resolved theory (token-by-token "
+              "covariances; solid lines in the figures), averaged = the sequence-averaged symbolic "
+              "recurrence (dotted lines), which cannot see that causal attention sends the "
+              "gradient of every later token to the first ones."),
         ("table", errors),
         ("h2", f"Disagreements ({len(bad)} rows with error > 5 % outside the measured spread)"),
     ]
     if len(bad):
         cols = ["scheme", "depth", "point", "metric", "measured", "spread", "theory", "error"]
+        blocks.append(("p", "Rows of the position-resolved theory, largest error first."))
         blocks.append(("table", bad[cols].head(40)))
         if len(bad) > 40:
             blocks.append(("p", f"… and {len(bad) - 40} more in disagreements.csv."))

@@ -1,4 +1,8 @@
-"""Init-sweep figures: theory lines against measured points with error bars (± 2 standard errors)."""
+"""Init-sweep figures: theory lines against measured points with error bars (± 2 standard errors).
+
+Solid lines: the position-resolved theory; dotted: the sequence-averaged recurrence, where the
+profiles carry it.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,17 @@ def _at_top(agg: pd.DataFrame, metric: str, site: str = "resid_post") -> pd.Data
     return agg[(agg["metric"] == metric) & (agg["point"] == top)]
 
 
+def _theory_lines(ax, x: pd.Series, g: pd.DataFrame, scheme: str) -> None:
+    ax.plot(x, g["theory"], "-", color=color(scheme), alpha=0.8, label=f"{scheme} theory")
+    if "theory_averaged" in g:
+        ax.plot(x, g["theory_averaged"], ":", color=color(scheme), alpha=0.7, lw=1.2,
+                label=f"{scheme} averaged")
+
+
 def _versus_depth(ax, rows: pd.DataFrame, ylabel: str, log_y: bool) -> None:
     for scheme, g in rows.groupby("scheme", sort=False):
         g = g.sort_values("depth")
-        ax.plot(g["depth"], g["theory"], "-", color=color(scheme), alpha=0.8, label=f"{scheme} theory")
+        _theory_lines(ax, g["depth"], g, scheme)
         ax.errorbar(g["depth"], g["measured"], yerr=Z * g["spread"].fillna(0), fmt="o",
                     color=color(scheme), ms=4, capsize=2, label=f"{scheme} measured")
     ax.set_xscale("log", base=2)
@@ -74,7 +85,7 @@ def profiles_at_depth(agg: pd.DataFrame, depth: int, path: Path, fmt: str = "png
         for scheme, g in sub[sub["metric"] == metric].groupby("scheme", sort=False):
             g = g.sort_values("layer")
             l = g["layer"] + 1  # block index l; the embedding is l = 0
-            ax.plot(l, g["theory"], "-", color=color(scheme), alpha=0.8, label=f"{scheme} theory")
+            _theory_lines(ax, l, g, scheme)
             ax.errorbar(l, g["measured"], yerr=Z * g["spread"].fillna(0), fmt="o", ms=2.5,
                         color=color(scheme), capsize=1.5, label=f"{scheme} measured")
         ax.set_xlabel("block l (0 = embedding)")

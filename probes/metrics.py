@@ -33,6 +33,18 @@ def as_sequences(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _inverse_norms(norms: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """1/‖x_t‖ per token, 0 for a token whose norm underflows (it then counts as cosine 0).
+
+    Tiny gradients (deep PostNorm: 1e-25 in float32) have squares below the dtype's smallest
+    normal number, so ‖x_t‖ comes out 0 or far too small and x_t/‖x_t‖ explodes (token cosines of
+    1e21 were measured before this guard). The floor is 1000·sqrt(tiny·d), where the sum of squares
+    is still exact to float rounding.
+    """
+    floor = 1e3 * math.sqrt(torch.finfo(x.dtype).tiny * x.shape[-1])
+    return torch.where(norms > floor, 1.0 / norms.clamp_min(floor), torch.zeros_like(norms))
+
+
 def second_moment(x: torch.Tensor) -> torch.Tensor:
     """q = E[x²]: the mean of x² over all elements (DESIGN.md; Xiong et al. 2020, arXiv 2002.04745)."""
     x = as_sequences(x)
@@ -59,11 +71,12 @@ def token_cosine(x: torch.Tensor) -> torch.Tensor:
 
     Rank collapse drives ρ to 1 (Noci et al. 2022, arXiv 2206.03126). Computed without the
     T×T matrix: with unit rows u_i, Σ_{i≠j} u_i·u_j = ‖Σ_i u_i‖² − Σ_i ‖u_i‖². NaN for T < 2.
+    A token whose norm is zero or underflows counts as cosine 0 with every other.
     """
     x = as_sequences(x)
     T = x.shape[1]
     norms = torch.linalg.vector_norm(x, dim=-1)  # [B, T]
-    inv = 1.0 / norms.clamp_min(_TINY)
+    inv = _inverse_norms(norms, x)
     total = torch.bmm(inv.unsqueeze(1), x).squeeze(1)  # Σ_i u_i per sequence, [B, d]
     diag = (norms * inv).square().sum(-1)  # Σ_i ‖u_i‖² (= T unless a token is exactly 0)
     pairs = (total.square().sum(-1) - diag) / (T * (T - 1)) if T > 1 else torch.full_like(diag, math.nan)
@@ -152,6 +165,18 @@ def grad_token_cosine(g: torch.Tensor) -> torch.Tensor:
     return token_cosine(g)
 
 
+def grad_first_token(g: torch.Tensor) -> torch.Tensor:
+    """The first token's gradient power over the mean over tokens: E‖g_0‖² / mean_t E‖g_t‖².
+
+    1 when positions share the gradient evenly; T when the first token takes all of it. Causal
+    attention sends every later token's gradient back to the first keys, and deep PostNorm
+    compounds it block after block (a gradient sink).
+    """
+    g = as_sequences(g)
+    power = g.square().sum(-1).mean(0)  # [T]: mean over sequences
+    return power[0] / power.mean().clamp_min(_TINY)
+
+
 def summarize(x: torch.Tensor, names: tuple[str, ...], x_in: torch.Tensor | None = None,
               max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
     """The forward/pair metrics ``names`` of ``x`` as one 1-d tensor, sharing passes over ``x``.
@@ -177,7 +202,7 @@ def summarize(x: torch.Tensor, names: tuple[str, ...], x_in: torch.Tensor | None
     if "max_abs" in want:
         out["max_abs"] = torch.linalg.vector_norm(x, ord=math.inf)
     if want & {"token_cosine", "dong_residual"}:
-        inv = 1.0 / norms.clamp_min(_TINY)
+        inv = _inverse_norms(norms, x)
         weights = torch.stack([inv, torch.full_like(inv, 1.0 / T)], dim=1)  # [B, 2, T]
         sums = torch.bmm(weights, x)  # [B, 2, d]: Σ_i u_i and the token mean x̄
         if "token_cosine" in want:
@@ -228,6 +253,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("angular_distance", "pair", angular_distance),
     Metric("grad_second_moment", "grad", grad_second_moment),
     Metric("grad_token_cosine", "grad", grad_token_cosine),
+    Metric("grad_first_token", "grad", grad_first_token),
 )}
 
 # Cheap enough to leave on during training: no SVD (which may synchronise on CUDA).

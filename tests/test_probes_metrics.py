@@ -134,3 +134,26 @@ def test_summarize_equals_the_single_metrics(T):
             assert math.isnan(value) and math.isnan(ref)
         else:
             assert value.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6), name
+
+
+def test_grad_first_token_share():
+    g = torch.randn(3, 16, 32, dtype=torch.float64)
+    g[:, 0] *= 3.0  # the first token carries 9× the power of the others
+    power = (g ** 2).sum(-1).mean(0)
+    assert M.grad_first_token(g).item() == pytest.approx((power[0] / power.mean()).item())
+    even = torch.ones(2, 8, 4)
+    assert M.grad_first_token(even).item() == pytest.approx(1.0)
+    sink = torch.zeros(2, 8, 4)
+    sink[:, 0] = 1.0
+    assert M.grad_first_token(sink).item() == pytest.approx(8.0)  # all of it: T
+
+
+def test_token_cosine_survives_underflowing_gradients():
+    """Deep PostNorm gradients reach 1e-25 in float32, where squares underflow: the cosine must
+    stay a cosine (it once read 5e10 here), and tiny but representable scales must not matter."""
+    y = torch.randn(2, 6, 64, generator=_gen(3)) + 0.5
+    assert abs(M.token_cosine(y * 1e-25).item()) <= 1.0
+    assert abs(M.grad_token_cosine(y * 1e-30).item()) <= 1.0
+    assert M.token_cosine(y * 1e-12).item() == pytest.approx(M.token_cosine(y).item(), rel=1e-5)
+    out = M.summarize(y * 1e-25, ("token_cosine",))
+    assert abs(out[0].item()) <= 1.0

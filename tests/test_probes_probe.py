@@ -58,6 +58,9 @@ def _direct(x, metric, x_in=None):
         return ((g.sum((1, 2)) - np.trace(g, axis1=1, axis2=2)) / (T * (T - 1))).mean()
     if metric == "dong_residual":
         return np.mean([np.linalg.norm(s - s.mean(0)) / np.linalg.norm(s) for s in a])
+    if metric == "first_token":
+        power = (a ** 2).sum(-1).mean(0)
+        return power[0] / power.mean()
     if metric in ("effective_rank", "stable_rank"):
         T = a.shape[1]
         sample = a[:MAX_SEQS, np.arange(MAX_TOKENS) * T // MAX_TOKENS]

@@ -1,6 +1,7 @@
 """Closed forms against numeric iteration (L up to 10^4), profiles, the SpanNorm family, the CLI."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -85,3 +86,36 @@ def test_cli_theory_one_scheme(tmp_path, capsys):
     rows = (tmp_path / "claims.csv").read_text().splitlines()
     assert rows[0] == "claim,scheme,method,status,evidence" and len(rows) >= 3
     assert main(["theory", "--scheme", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_branching_scheme_with_depth_dependent_scaling_is_not_merged():
+    """A scheme that branches on l gets one recurrence per distinct dataflow, constants included:
+    an always-true branch around LayerNorm Scaling must reproduce lns exactly."""
+    from theory.schemes import SCHEMES, scheme
+
+    @scheme("t_lns_branch", formula="lns behind an always-true branch on l", source="test",
+            final_norm=True)
+    def t_lns_branch(x, op, *, l, L):
+        if l >= 1:  # concrete l only: forces per-block derivation
+            h = x + op.attn(op.norm(x) * l ** Fraction(-1, 2))
+            return h + op.ffn(op.norm(h) * l ** Fraction(-1, 2))
+        return x
+
+    try:
+        a = S.predict_profile("t_lns_branch", depth=12, width=256, seq_len=32, rho0=0.1)
+        b = S.predict_profile("lns", depth=12, width=256, seq_len=32, rho0=0.1)
+        for key in ("q", "rho", "g", "rg", "cos"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-12, equal_nan=True, err_msg=key)
+    finally:
+        del SCHEMES["t_lns_branch"]
+
+
+@pytest.mark.parametrize("scheme", list(S.SCHEMES))
+def test_correlations_stay_in_bounds_deep(scheme):
+    """Token and gradient correlations and layer cosines are cosines: within [-1, 1] at any depth
+    (an earlier version let ρ_g reach 1e21 in collapsed PostNorm)."""
+    for rho_g in (0.0, 0.15, 0.9):
+        p = S.predict_profile(scheme, depth=1024, width=512, seq_len=128, rho0=0.07, rho_g=rho_g)
+        for key in ("rho", "rg", "cos"):
+            v = p[key][np.isfinite(p[key])]
+            assert np.all(np.abs(v) <= 1 + 1e-9), (key, v[np.abs(v) > 1 + 1e-9][:3])

@@ -20,7 +20,7 @@ function of (q, ρ, ρ_g).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Callable
@@ -29,7 +29,8 @@ import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
 from theory import components as C
-from theory.schemes import Scheme, block_structure, get_scheme
+from theory.schemes import Scheme, get_scheme
+from theory.tape import Node, SourceValue, walk_backward
 
 # state symbols of a block input and of the gradient at its output
 q, rho, rg = sympy.symbols("q rho rho_g", real=True)
@@ -47,35 +48,11 @@ def _const(c: Any) -> sympy.Expr:
     return sympy.sympify(c)
 
 
-class _Value:
-    """A symbolic value: {source index: coefficient} plus the tape node that produced it."""
+class _Value(SourceValue):
+    """A symbolic value: {source index: sympy coefficient} plus the tape node that produced it."""
 
-    __slots__ = ("ctx", "terms", "node")
-
-    def __init__(self, ctx: "_Ctx", terms: dict[int, sympy.Expr], node: int):
-        self.ctx, self.terms, self.node = ctx, terms, node
-
-    def __add__(self, other: "_Value") -> "_Value":
-        if not isinstance(other, _Value):
-            raise TypeError("a scheme may add values only to values (use c * v for scaling)")
-        return self.ctx.combine([(self, 1), (other, 1)])
-
-    def __mul__(self, c: Any) -> "_Value":
-        if isinstance(c, _Value):
-            raise TypeError("a scheme may multiply a value only by a constant")
-        return self.ctx.combine([(self, _const(c))])
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, c: Any) -> "_Value":
-        return self.ctx.combine([(self, 1 / _const(c))])
-
-
-@dataclass
-class _Node:
-    kind: str  # input | lin | norm | attn | ffn
-    parents: list[tuple[int, sympy.Expr]]  # (node, amplitude factor), for input/lin/norm
-    sub: dict[str, Any] = field(default_factory=dict)  # sublayer: input state symbols, gains
+    __slots__ = ()
+    coerce = staticmethod(lambda c: _const(c))
 
 
 class _Ctx:
@@ -85,7 +62,7 @@ class _Ctx:
         self.ffn_kind, self.norm_kind, self.experts, self.top_k = ffn, norm, experts, top_k
         self.assign: list[tuple[sympy.Symbol, sympy.Expr]] = []
         self.sources: list[tuple[sympy.Expr, sympy.Expr]] = [(q, q * rho)]  # (q_i, k_i)
-        self.nodes: list[_Node] = [_Node("input", [])]
+        self.nodes: list[Node] = [Node("input", [])]
         self.counts = {"norm": 0, "attn": 0, "ffn": 0}
         self.norm_inputs: list[sympy.Symbol] = []  # Q symbol of each norm's input, in call order
 
@@ -106,7 +83,7 @@ class _Ctx:
         for v, c in parts:
             for i, a in v.terms.items():
                 terms[i] = terms.get(i, 0) + c * a
-        self.nodes.append(_Node("lin", [(v.node, c) for v, c in parts]))
+        self.nodes.append(Node("lin", [(v.node, c) for v, c in parts]))
         return _Value(self, terms, len(self.nodes) - 1)
 
     # --- the vocabulary ---
@@ -118,7 +95,7 @@ class _Ctx:
         self.norm_inputs.append(Qs)
         s = C.norm_scale(Qs)
         proj = sympy.sqrt(C.norm_backward_factor(Qs, d, self.norm_kind) * (Qs + C.EPS))
-        self.nodes.append(_Node("norm", [(v.node, s)], {"proj": proj}))
+        self.nodes.append(Node("norm", [(v.node, s)], {"proj": proj}))
         return _Value(self, {i: c * s for i, c in v.terms.items()}, len(self.nodes) - 1)
 
     def _sublayer(self, kind: str, v: _Value, gains: dict[str, Any]) -> _Value:
@@ -145,7 +122,7 @@ class _Ctx:
                                             if coef != 0 else sympy.Integer(0))
         G_in = gains_b[("G", "G")] * G + gains_b[("G", "Gc")] * Gc
         Gc_in = gains_b[("Gc", "G")] * G + gains_b[("Gc", "Gc")] * Gc
-        self.nodes.append(_Node(kind, [(v.node, 1)], {"G": G, "Gc": Gc, "G_in": G_in,
+        self.nodes.append(Node(kind, [(v.node, 1)], {"G": G, "Gc": Gc, "G_in": G_in,
                                                       "Gc_in": Gc_in, "tag": tag}))
         return _Value(self, {len(self.sources) - 1: sympy.Integer(1)}, len(self.nodes) - 1)
 
@@ -159,54 +136,23 @@ class _Ctx:
 
     # --- backward over the tape ---
     def backward(self, out: _Value) -> tuple[sympy.Expr, sympy.Expr]:
-        """Gradient power and cross covariance at the block input, for unit power at the output.
-
-        A norm's projection (the k/d term of components.norm_backward_factor) removes k/d of the
-        power of a gradient *fresh* from a random sublayer; a gradient that already passed a norm
-        lies orthogonal to that norm's (nearly parallel) direction and loses ~nothing more, so
-        the factor is applied once per gradient source and path (entries carry a flag).
-        """
+        """Gradient power and cross covariance at the block input, for unit power at the output
+        (tape.walk_backward's rules over (power, cross-token covariance) pairs)."""
         gsrc: list[tuple[sympy.Expr, sympy.Expr]] = [(sympy.Integer(1), rg)]
-        # gradients: node -> {(source, projected): amplitude}; the block output arrives projected
-        grads: dict[int, dict[tuple[int, bool], sympy.Expr]] = {out.node: {(0, True): sympy.Integer(1)}}
 
-        def power(gr: dict[tuple[int, bool], sympy.Expr]) -> tuple[sympy.Expr, sympy.Expr]:
-            amps: dict[int, sympy.Expr] = {}
-            for (j, _), a in gr.items():  # the same source adds coherently whatever its flag
-                amps[j] = amps.get(j, 0) + a
+        def power(amps: dict[int, sympy.Expr]) -> tuple[sympy.Expr, sympy.Expr]:
             return (sympy.Add(*[a ** 2 * gsrc[j][0] for j, a in amps.items()]),
                     sympy.Add(*[a ** 2 * gsrc[j][1] for j, a in amps.items()]))
 
-        def push(node: int, gr: dict, factor: sympy.Expr, proj: sympy.Expr | None = None) -> None:
-            dst = grads.setdefault(node, {})
-            for (j, done), a in gr.items():
-                key, f = (j, done), factor
-                if proj is not None and not done:
-                    key, f = (j, True), factor * proj
-                dst[key] = dst.get(key, 0) + f * a
+        def sublayer(node: Node, arriving: tuple[sympy.Expr, sympy.Expr]) -> int:
+            tag, sub = node.sub["tag"], node.sub
+            # the maps were written in placeholder symbols G_out_*, which these define
+            self.let(f"G_out_{tag}", arriving[0])
+            self.let(f"Gc_out_{tag}", arriving[1])
+            gsrc.append((self.let(f"G_in_{tag}", sub["G_in"]), self.let(f"Gc_in_{tag}", sub["Gc_in"])))
+            return len(gsrc) - 1
 
-        for n in range(len(self.nodes) - 1, 0, -1):
-            gr = grads.pop(n, None)
-            if not gr:
-                continue
-            node = self.nodes[n]
-            if node.kind == "lin":
-                for parent, amp in node.parents:
-                    push(parent, gr, amp)
-            elif node.kind == "norm":
-                parent, scale = node.parents[0]
-                push(parent, gr, scale, node.sub["proj"])
-            else:  # random sublayer: a fresh gradient source
-                tag, sub = node.sub["tag"], node.sub
-                Gp, Gcp = power(gr)
-                # the maps were written in placeholder symbols G_out_*, which these define
-                self.let(f"G_out_{tag}", Gp)
-                self.let(f"Gc_out_{tag}", Gcp)
-                gin = self.let(f"G_in_{tag}", sub["G_in"])
-                gcin = self.let(f"Gc_in_{tag}", sub["Gc_in"])
-                gsrc.append((gin, gcin))
-                push(node.parents[0][0], {(len(gsrc) - 1, False): sympy.Integer(1)}, 1)
-        return power(grads.get(0, {}))
+        return walk_backward(self.nodes, out.node, sympy.Integer(1), power, sublayer)
 
 
 @dataclass
@@ -349,9 +295,130 @@ def _compile(rec: Recurrence, consts_key: tuple, T_val: int, experts: int, top_k
     return namespace["_f"]
 
 
+def compile_split(rec: Recurrence, consts: dict[Any, Any], *, T_val: int, experts: int = 0,
+                  top_k: int = 2) -> Callable[[Any], tuple[Callable, Callable]]:
+    """The recurrence as a forward and a backward half, for iterating over a stack.
+
+    Returns ``make(L) -> (fwd, bwd)``: ``fwd(q, rho, l)`` returns (q_next, rho_next, q_agg, cos,
+    *saved) and ``bwd(rho_g, *fwd_output)`` returns (g_ratio, rg_next). The program is split by
+    dependence on rho_g (forward moments and every backward gain are computed once, in ``fwd``;
+    ``bwd`` evaluates only what the gradient correlation reaches), common subexpressions are
+    computed once (sympy.cse), and subexpressions of L and constants alone once per ``make(L)``.
+    Values agree with compile_recurrence up to floating-point reassociation.
+    """
+    return _compile_split(rec, tuple(sorted((str(k), float(v)) for k, v in consts.items())),
+                          int(T_val), experts, top_k)
+
+
+def _drop_unit(e: sympy.Expr) -> sympy.Expr:
+    """``e`` without factors ±1.0 (left by σ = 1.0): x·1.0 = x exactly in floating point."""
+    def unit(a: sympy.Expr) -> bool:
+        return a.is_Mul and isinstance(a.args[0], sympy.Float) and abs(float(a.args[0])) == 1.0
+
+    return e.replace(unit, lambda a: (1 if a.args[0] > 0 else -1) * a.func(*a.args[1:]))
+
+
+@lru_cache(maxsize=4096)
+def _compile_split(rec: Recurrence, consts_key: tuple, T_val: int, experts: int, top_k: int):
+    consts = dict(consts_key)
+    ac = C.attention_constants(T_val)
+    subs = {sympy.Symbol(k, positive=True): v for k, v in consts.items()}
+    subs.update({sympy.Symbol(k, positive=True, integer=True): v for k, v in consts.items()})
+    subs.update({ATTN_CONST[k]: v for k, v in ac.items()})
+    syms = [s for s, _ in rec.assign]
+    exprs = [_drop_unit(v.xreplace(subs)) for _, v in rec.assign]
+    fwd_names = ("q_next", "rho_next", "q_agg", "cos")
+    bwd_names = ("g_ratio", "rg_next")
+    out_exprs = [_drop_unit(rec.outputs[n].xreplace(subs)) for n in fwd_names + bwd_names]
+    live_out = [e for e in out_exprs if e is not sympy.nan]
+    repl, reduced = sympy.cse(exprs + live_out, symbols=sympy.numbered_symbols("_x"),
+                              order="none")
+    # one table of definitions: cse temporaries and program symbols, each with its expression
+    defs: dict[sympy.Symbol, sympy.Expr] = dict(repl)
+    defs.update(zip(syms, reduced[:len(syms)]))
+    outs = iter(reduced[len(syms):])
+    out_map = {n: (sympy.nan if e is sympy.nan else next(outs))
+               for n, e in zip(fwd_names + bwd_names, out_exprs)}
+    # copies (a = b, a = 1) are substituted, not assigned
+    while True:
+        alias = {s: e for s, e in defs.items() if e.is_Symbol or e.is_Integer}
+        if not alias:
+            break
+        defs = {s: e.xreplace(alias) for s, e in defs.items() if s not in alias}
+        out_map = {n: (e if e is sympy.nan else e.xreplace(alias)) for n, e in out_map.items()}
+    # classify: 'const' (L and numbers only), 'bwd' (reaches rho_g), else 'fwd'
+    kind: dict[sympy.Symbol, str] = {L_sym: "const", rg: "bwd", q: "fwd", rho: "fwd",
+                                     l_sym: "fwd"}
+    order: list[sympy.Symbol] = []
+
+    def visit(s: sympy.Symbol) -> str:
+        if s in kind:
+            return kind[s]
+        kind[s] = "fwd"  # provisional (definitions are acyclic)
+        ks = {visit(a) for a in defs[s].free_symbols}
+        kind[s] = "bwd" if "bwd" in ks else ("fwd" if "fwd" in ks else "const")
+        order.append(s)
+        return kind[s]
+
+    for e in out_map.values():
+        for a in e.free_symbols:
+            visit(a)
+    for n in fwd_names:
+        if any(kind[a] == "bwd" for a in out_map[n].free_symbols):
+            raise ValueError(f"forward output {n} depends on the gradient correlation")
+    # constant subtrees left inline (e.g. sqrt(2) used once) are hoisted too
+    hoisted: list[tuple[sympy.Symbol, sympy.Expr]] = []
+    hnames = sympy.numbered_symbols("_k")
+
+    def hoist(e: sympy.Expr) -> sympy.Expr:
+        if e.is_Atom:
+            return e
+        if all(kind.get(a) == "const" for a in e.free_symbols) and not e.is_number or \
+                (e.is_number and not e.is_Rational and not isinstance(e, sympy.Float)):
+            h = next(hnames)
+            kind[h] = "const"
+            hoisted.append((h, e))
+            return h
+        return e.func(*[hoist(a) for a in e.args])
+
+    body = {s: (defs[s] if kind[s] == "const" else hoist(defs[s])) for s in order}
+    out_map = {n: (e if e is sympy.nan else hoist(e)) for n, e in out_map.items()}
+    # backward: what it reads of the forward half (saved), in a fixed order
+    bwd_syms = [s for s in order if kind[s] == "bwd"]
+    need: set[sympy.Symbol] = set()
+    for s in bwd_syms:
+        need |= body[s].free_symbols
+    for n in bwd_names:
+        need |= out_map[n].free_symbols
+    saved = sorted((a for a in need if kind.get(a) == "fwd"), key=lambda a: a.name)
+    fwd_syms = [s for s in order if kind[s] == "fwd"]
+    printer = _Printer({"fully_qualified_modules": True})
+
+    def pr(e: sympy.Expr) -> str:
+        return "nan" if e is sympy.nan else printer.doprint(e)
+
+    lines = ["def _make(L):"]
+    lines += [f"    {s} = {pr(body[s])}" for s in order if kind[s] == "const"]
+    lines += [f"    {h} = {pr(e)}" for h, e in hoisted]
+    lines.append("    def _fwd(q, rho, l=1):")
+    lines += [f"        {s} = {pr(body[s])}" for s in fwd_syms]
+    rets = [pr(out_map[n]) for n in fwd_names] + [str(a) for a in saved]
+    lines.append(f"        return ({', '.join(rets)},)")
+    args = ", ".join(["rho_g", "_o0", "_o1", "_o2", "_o3"] + [str(a) for a in saved])
+    lines.append(f"    def _bwd({args}):")
+    lines += [f"        {s} = {pr(body[s])}" for s in bwd_syms]
+    lines.append(f"        return ({pr(out_map['g_ratio'])}, {pr(out_map['rg_next'])})")
+    lines.append("    return _fwd, _bwd")
+    src = "\n".join(lines).replace("math.", "_m_") + "\n"
+    namespace: dict[str, Any] = {"math": math, "nan": float("nan")}
+    namespace.update(_numeric_funcs(T_val, experts, top_k))
+    for fn in ("sqrt", "asin", "acos", "pi", "exp", "log"):
+        namespace[f"_m_{fn}"] = getattr(math, fn)
+    exec(compile(src, f"<recurrence {rec.scheme} (split)>", "exec"), namespace)
+    make = namespace["_make"]
+    make.source = src
+    return make
+
+
 Recurrence.__hash__ = lambda self: id(self)  # cached by identity: derive() returns cached objects
 
-
-def structure_key(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple:
-    """Blocks with equal call structure share a recurrence (used for per-block schemes)."""
-    return (block_structure(s, l, L, {k: float(v) for k, v in params.items()}),)

@@ -248,3 +248,67 @@ def block_structure(s: Scheme, l: int, L: int, params: dict[str, Any]) -> BlockS
     made_by = out.made_by
     return BlockStructure(tuple(rec.calls),
                           made_by.index if made_by and made_by.kind == "norm" else None)
+
+
+class _Traced:
+    """A value of the signature trace: the index of the step that made it (0 = block input)."""
+
+    __slots__ = ("rec", "step")
+
+    def __init__(self, rec: "_SignatureRecorder", step: int):
+        self.rec, self.step = rec, step
+
+    def __add__(self, other: "_Traced") -> "_Traced":
+        if not isinstance(other, _Traced):
+            raise TypeError("a scheme may add values only to values (use c * v for scaling)")
+        return self.rec.record(("add", self.step, other.step))
+
+    def __mul__(self, c: Any) -> "_Traced":
+        if isinstance(c, _Traced):
+            raise TypeError("a scheme may multiply a value only by a constant")
+        return self.rec.record(("scale", self.step, float(c)))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: Any) -> "_Traced":
+        return self * (1 / c)
+
+
+class _SignatureRecorder:
+    """The complete dataflow of one block as hashable steps: each vocabulary call, sum and
+    scaling with its operands and constants. Two blocks with equal signatures have equal
+    recurrences, so a scheme that branches on l (Mix-LN) derives one per distinct signature."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self) -> None:
+        self.steps: list[tuple] = [("input",)]
+
+    def record(self, step: tuple) -> _Traced:
+        self.steps.append(step)
+        return _Traced(self, len(self.steps) - 1)
+
+    def _call(self, kind: str, v: _Traced, gains: tuple) -> _Traced:
+        if not isinstance(v, _Traced):
+            raise TypeError(f"op.{kind} takes a value, got {type(v).__name__}")
+        return self.record((kind, v.step, gains))
+
+    def norm(self, v):
+        return self._call("norm", v, ())
+
+    def attn(self, v, *, value_gain=1, out_gain=1):
+        return self._call("attn", v, (("out_gain", float(out_gain)),
+                                      ("value_gain", float(value_gain))))
+
+    def ffn(self, v, *, in_gain=1, out_gain=1):
+        return self._call("ffn", v, (("in_gain", float(in_gain)), ("out_gain", float(out_gain))))
+
+
+def structure_signature(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple:
+    """Block l's complete dataflow (calls, sums, scalings with their constants) as a hashable
+    key, and the step that makes the output."""
+    rec = _SignatureRecorder()
+    out = s.block(_Traced(rec, 0), rec, l=l, L=L, **params)
+    if not isinstance(out, _Traced):
+        raise TypeError(f"scheme '{s.name}' must return a value built from its input")
+    return tuple(rec.steps), out.step

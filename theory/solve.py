@@ -25,7 +25,7 @@ import sympy
 
 from theory import components as C
 from theory import interpreter as I
-from theory.schemes import SCHEMES, block_structure, get_scheme
+from theory.schemes import SCHEMES, get_scheme, structure_signature
 
 PROFILE_KEYS = ("q", "q_agg", "rho", "g", "rg", "cos")
 
@@ -70,13 +70,15 @@ def _numeric_params(cfg: TheoryConfig, L: int) -> dict[str, float]:
 
 def _structure_key(cfg: TheoryConfig, l: int, L: int, params: dict[str, float] | None = None) -> tuple:
     """Blocks with the same calls, gains and output norm share one recurrence."""
-    bs = block_structure(get_scheme(cfg.scheme), l, L, params or _numeric_params(cfg, L))
-    return (tuple((c.kind, c.index, tuple(sorted(c.gains.items()))) for c in bs.calls),
-            bs.output_norm)
+    return structure_signature(get_scheme(cfg.scheme), l, L, params or _numeric_params(cfg, L))
 
 
-def _block_fn(cfg: TheoryConfig, l: int, L: int, symbolic: bool = True, key: tuple | None = None):
-    """Compiled recurrence of block l (symbolic-l derivation, or per structure for Mix-LN)."""
+def _block_fn(cfg: TheoryConfig, l: int, L: int, symbolic: bool = True, key: tuple | None = None,
+              split: bool = False):
+    """Compiled recurrence of block l (symbolic-l derivation, or per structure for Mix-LN).
+
+    ``split``: the forward/backward halves' factory (interpreter.compile_split) instead.
+    """
     params = dict(cfg.scheme_params)
     if symbolic:
         rec = I.derive(cfg.scheme, ffn=cfg.ffn, norm=cfg.norm, experts=cfg.experts,
@@ -85,8 +87,8 @@ def _block_fn(cfg: TheoryConfig, l: int, L: int, symbolic: bool = True, key: tup
         rec = _per_structure(cfg.scheme, cfg.ffn, cfg.norm, cfg.experts, cfg.top_k,
                              tuple(sorted(params.items())), key or _structure_key(cfg, l, L), l, L)
     consts = {"d": cfg.width, "T": cfg.seq_len, "sigma": cfg.sigma}
-    return I.compile_recurrence(rec, consts, T_val=cfg.seq_len, experts=cfg.experts,
-                                top_k=cfg.top_k)
+    compile_fn = I.compile_split if split else I.compile_recurrence
+    return compile_fn(rec, consts, T_val=cfg.seq_len, experts=cfg.experts, top_k=cfg.top_k)
 
 
 _STRUCT_CACHE: dict[tuple, Any] = {}
@@ -109,35 +111,74 @@ def _per_structure(name, ffn, norm, experts, top_k, params_key, key, l, L):
     return _STRUCT_CACHE[k]
 
 
+_SCHEDULES: dict[tuple, tuple] = {}
+
+
+def _schedule(cfg: TheoryConfig, L: int) -> tuple[list, list[int]]:
+    """For a scheme that branches on l: the distinct block structures' (block l, key) and, per
+    block l = 1..L, the index of its structure. Every block is traced once per (scheme, params,
+    L); the result is cached with the scheme object, so a re-registered scheme is traced anew."""
+    s = get_scheme(cfg.scheme)
+    ck = (cfg.scheme, cfg.scheme_params, L)
+    hit = _SCHEDULES.get(ck)
+    if hit is not None and hit[0] is s:
+        return hit[1], hit[2]
+    params = _numeric_params(cfg, L)
+    index: dict[tuple, int] = {}
+    firsts: list = []
+    which = [0] * (L + 1)
+    for l in range(1, L + 1):
+        key = _structure_key(cfg, l, L, params)
+        i = index.get(key)
+        if i is None:
+            i = index[key] = len(firsts)
+            firsts.append((l, key))
+        which[l] = i
+    if len(_SCHEDULES) > 256:
+        _SCHEDULES.clear()
+    _SCHEDULES[ck] = (s, firsts, which)
+    return firsts, which
+
+
 def iterate(cfg: TheoryConfig, q0: float, rho0: float, rho_g: float = 0.0
             ) -> dict[str, np.ndarray]:
-    """Run the full recurrence over depth: arrays indexed l = 0..L (see predict_profile)."""
+    """Run the full recurrence over depth: arrays indexed l = 0..L (see predict_profile).
+
+    The forward pass runs each block's forward half, which also returns what its backward half
+    needs (interpreter.compile_split); the backward pass then evaluates only the gradient terms.
+    """
     cfg.validate()
     L = int(cfg.depth)
     # plain Python floats in the loop: numpy scalars would triple the cost per block
-    q, rho, q_agg, cos = [float(q0)], [float(rho0)], [math.nan], [math.nan]
-    fns: list = [None] * (L + 1)
-    uniform = _symbolic(cfg)  # one recurrence for every block: compile it once
-    f = _block_fn(cfg, 1, L) if uniform else None
-    by_structure: dict[tuple, Any] = {}  # otherwise one per distinct block structure
-    params = None if uniform else _numeric_params(cfg, L)
-    for l in range(1, L + 1):
-        if not uniform:
-            key = _structure_key(cfg, l, L, params)
-            if key not in by_structure:
-                by_structure[key] = _block_fn(cfg, l, L, symbolic=False, key=key)
-            f = by_structure[key]
-        fns[l] = f
-        out = f(q[-1], rho[-1], rho_g, l, L)
-        q.append(out[0])
-        rho.append(out[1])
-        q_agg.append(out[2])
-        cos.append(out[3])
+    outs: list = [None] * (L + 1)
+    q_l, rho_l = float(q0), float(rho0)
+    if _symbolic(cfg):  # one recurrence for every block: compile it once
+        fwd, bwd = _block_fn(cfg, 1, L, split=True)(L)
+        for l in range(1, L + 1):
+            outs[l] = o = fwd(q_l, rho_l, l)
+            q_l, rho_l = o[0], o[1]
+        bwds = None
+    else:  # one recurrence per distinct block structure
+        firsts, which = _schedule(cfg, L)
+        halves = [_block_fn(cfg, l, L, symbolic=False, key=key, split=True)(L)
+                  for l, key in firsts]
+        fwds = [h[0] for h in halves]
+        bwds = [halves[i][1] for i in which[1:]]
+        for l in range(1, L + 1):
+            outs[l] = o = fwds[which[l]](q_l, rho_l, l)
+            q_l, rho_l = o[0], o[1]
     g, rg = [0.0] * (L + 1), [0.0] * (L + 1)
-    g[L], rg[L] = 1.0, float(rho_g)
+    g_l = g[L] = 1.0
+    rg_l = rg[L] = float(rho_g)
     for l in range(L, 0, -1):
-        out = fns[l](q[l - 1], rho[l - 1], rg[l], l, L)
-        g[l - 1], rg[l - 1] = g[l] * out[4], out[5]
+        r, rg_l = (bwd if bwds is None else bwds[l - 1])(rg_l, *outs[l])
+        g[l - 1] = g_l = g_l * r
+        rg[l - 1] = rg_l
+    body = outs[1:]
+    q = [float(q0)] + [o[0] for o in body]
+    rho = [float(rho0)] + [o[1] for o in body]
+    q_agg = [math.nan] + [o[2] for o in body]
+    cos = [math.nan] + [o[3] for o in body]
     q, rho, q_agg, cos, g, rg = (np.asarray(v, dtype=float) for v in (q, rho, q_agg, cos, g, rg))
     return {"q": q, "q_agg": q_agg, "rho": rho, "g": g, "rg": rg, "cos": cos}
 
