@@ -92,6 +92,8 @@ def test_profile_bounds_and_inputs():
         P.predict_positional("post", depth=0)
     with pytest.raises(ValueError, match="unknown scheme"):
         P.predict_positional("nope", depth=4)
+    with pytest.raises(ValueError, match="unknown norm kind"):
+        P.predict_positional("post", depth=4, norm="batchnorm")
 
 
 def _measure_post(depth: int, T: int, seeds: int = 2) -> dict[str, float]:

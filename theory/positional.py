@@ -36,6 +36,7 @@ import sympy
 
 from theory import components as C
 from theory.schemes import Scheme, get_scheme
+from theory.solve import TheoryConfig
 from theory.tape import Node, SourceValue, walk_backward
 
 _EPS = float(C.EPS)
@@ -359,9 +360,8 @@ def predict_positional(scheme: str, *, depth: int, width: int = 256, heads: int 
     token's gradient power over the mean over tokens. ``heads`` is accepted for a drop-in call;
     attention at init does not depend on the head count.
     """
-    if depth < 1 or seq_len < 1 or width < 2:
-        raise ValueError(f"depth, seq_len must be >= 1 and width >= 2 "
-                         f"(got {depth}, {seq_len}, {width})")
+    TheoryConfig(scheme, depth, width, heads, seq_len, ffn, norm, sigma, embed_std, experts, top_k,
+                 tuple(sorted((scheme_params or {}).items()))).validate()  # the same errors
     s = get_scheme(scheme)
     L, T = int(depth), int(seq_len)
     params = {k: float(v) for k, v in s.resolve(L, **(scheme_params or {})).items()}
