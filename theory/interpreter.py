@@ -270,29 +270,33 @@ def compile_recurrence(rec: Recurrence, consts: dict[Any, Any], *, T_val: int, e
                     int(T_val), experts, top_k)
 
 
-@lru_cache(maxsize=4096)
-def _compile(rec: Recurrence, consts_key: tuple, T_val: int, experts: int, top_k: int):
-    consts = dict(consts_key)
-    ac = C.attention_constants(T_val)
+def _const_subs(consts: dict[str, float], T_val: int) -> dict[sympy.Symbol, float]:
+    """Substitutions of the numeric constants (d, T, sigma, the attention sums) into a program."""
+    subs: dict[sympy.Symbol, float] = {sympy.Symbol(k, positive=True): v for k, v in consts.items()}
+    subs.update({sympy.Symbol(k, positive=True, integer=True): v for k, v in consts.items()})
+    subs.update({ATTN_CONST[k]: v for k, v in C.attention_constants(T_val).items()})
+    return subs
+
+
+def _exec(src: str, name: str, label: str, T_val: int, experts: int, top_k: int) -> Callable:
+    """Execute generated source (``math.f`` calls, numeric functions by name); return ``name``."""
     namespace: dict[str, Any] = {"math": math, "nan": float("nan")}
     namespace.update(_numeric_funcs(T_val, experts, top_k))
-    printer = _Printer({"fully_qualified_modules": True})
-    body = []
-    subs = {sympy.Symbol(k, positive=True): v for k, v in consts.items()}
-    subs.update({sympy.Symbol(k, positive=True, integer=True): v for k, v in consts.items()})
-    subs.update({ATTN_CONST[k]: v for k, v in ac.items()})
-    for s, v in rec.assign:
-        body.append(f"    {s} = {printer.doprint(v.xreplace(subs))}")
-    rets = []
-    for name in OUTPUTS:
-        e = rec.outputs[name]
-        rets.append("nan" if e is sympy.nan else printer.doprint(e.xreplace(subs)))
-    src = "def _f(q, rho, rho_g, l=1, L=1):\n" + "\n".join(body) + f"\n    return ({', '.join(rets)},)\n"
-    src = src.replace("math.", "_m_")
     for fn in ("sqrt", "asin", "acos", "pi", "exp", "log"):
         namespace[f"_m_{fn}"] = getattr(math, fn)
-    exec(compile(src, f"<recurrence {rec.scheme}>", "exec"), namespace)
-    return namespace["_f"]
+    exec(compile(src.replace("math.", "_m_"), f"<recurrence {label}>", "exec"), namespace)
+    return namespace[name]
+
+
+@lru_cache(maxsize=4096)
+def _compile(rec: Recurrence, consts_key: tuple, T_val: int, experts: int, top_k: int):
+    printer = _Printer({"fully_qualified_modules": True})
+    subs = _const_subs(dict(consts_key), T_val)
+    body = [f"    {s} = {printer.doprint(v.xreplace(subs))}" for s, v in rec.assign]
+    rets = ["nan" if rec.outputs[n] is sympy.nan else printer.doprint(rec.outputs[n].xreplace(subs))
+            for n in OUTPUTS]
+    src = "def _f(q, rho, rho_g, l=1, L=1):\n" + "\n".join(body) + f"\n    return ({', '.join(rets)},)\n"
+    return _exec(src, "_f", rec.scheme, T_val, experts, top_k)
 
 
 def compile_split(rec: Recurrence, consts: dict[Any, Any], *, T_val: int, experts: int = 0,
@@ -320,11 +324,7 @@ def _drop_unit(e: sympy.Expr) -> sympy.Expr:
 
 @lru_cache(maxsize=4096)
 def _compile_split(rec: Recurrence, consts_key: tuple, T_val: int, experts: int, top_k: int):
-    consts = dict(consts_key)
-    ac = C.attention_constants(T_val)
-    subs = {sympy.Symbol(k, positive=True): v for k, v in consts.items()}
-    subs.update({sympy.Symbol(k, positive=True, integer=True): v for k, v in consts.items()})
-    subs.update({ATTN_CONST[k]: v for k, v in ac.items()})
+    subs = _const_subs(dict(consts_key), T_val)
     syms = [s for s, _ in rec.assign]
     exprs = [_drop_unit(v.xreplace(subs)) for _, v in rec.assign]
     fwd_names = ("q_next", "rho_next", "q_agg", "cos")
@@ -409,13 +409,8 @@ def _compile_split(rec: Recurrence, consts_key: tuple, T_val: int, experts: int,
     lines += [f"        {s} = {pr(body[s])}" for s in bwd_syms]
     lines.append(f"        return ({pr(out_map['g_ratio'])}, {pr(out_map['rg_next'])})")
     lines.append("    return _fwd, _bwd")
-    src = "\n".join(lines).replace("math.", "_m_") + "\n"
-    namespace: dict[str, Any] = {"math": math, "nan": float("nan")}
-    namespace.update(_numeric_funcs(T_val, experts, top_k))
-    for fn in ("sqrt", "asin", "acos", "pi", "exp", "log"):
-        namespace[f"_m_{fn}"] = getattr(math, fn)
-    exec(compile(src, f"<recurrence {rec.scheme} (split)>", "exec"), namespace)
-    make = namespace["_make"]
+    src = "\n".join(lines) + "\n"
+    make = _exec(src, "_make", f"{rec.scheme} (split)", T_val, experts, top_k)
     make.source = src
     return make
 

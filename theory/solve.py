@@ -73,12 +73,9 @@ def _structure_key(cfg: TheoryConfig, l: int, L: int, params: dict[str, float] |
     return structure_signature(get_scheme(cfg.scheme), l, L, params or _numeric_params(cfg, L))
 
 
-def _block_fn(cfg: TheoryConfig, l: int, L: int, symbolic: bool = True, key: tuple | None = None,
-              split: bool = False):
-    """Compiled recurrence of block l (symbolic-l derivation, or per structure for Mix-LN).
-
-    ``split``: the forward/backward halves' factory (interpreter.compile_split) instead.
-    """
+def _block_fn(cfg: TheoryConfig, l: int, L: int, symbolic: bool = True, key: tuple | None = None):
+    """Block l's compiled forward/backward halves factory (interpreter.compile_split), from the
+    symbolic-l derivation or, for a block that branches on l (Mix-LN), its dataflow's."""
     params = dict(cfg.scheme_params)
     if symbolic:
         rec = I.derive(cfg.scheme, ffn=cfg.ffn, norm=cfg.norm, experts=cfg.experts,
@@ -87,8 +84,7 @@ def _block_fn(cfg: TheoryConfig, l: int, L: int, symbolic: bool = True, key: tup
         rec = _per_structure(cfg.scheme, cfg.ffn, cfg.norm, cfg.experts, cfg.top_k,
                              tuple(sorted(params.items())), key or _structure_key(cfg, l, L), l, L)
     consts = {"d": cfg.width, "T": cfg.seq_len, "sigma": cfg.sigma}
-    compile_fn = I.compile_split if split else I.compile_recurrence
-    return compile_fn(rec, consts, T_val=cfg.seq_len, experts=cfg.experts, top_k=cfg.top_k)
+    return I.compile_split(rec, consts, T_val=cfg.seq_len, experts=cfg.experts, top_k=cfg.top_k)
 
 
 _STRUCT_CACHE: dict[tuple, Any] = {}
@@ -153,14 +149,14 @@ def iterate(cfg: TheoryConfig, q0: float, rho0: float, rho_g: float = 0.0
     outs: list = [None] * (L + 1)
     q_l, rho_l = float(q0), float(rho0)
     if _symbolic(cfg):  # one recurrence for every block: compile it once
-        fwd, bwd = _block_fn(cfg, 1, L, split=True)(L)
+        fwd, bwd = _block_fn(cfg, 1, L)(L)
         for l in range(1, L + 1):
             outs[l] = o = fwd(q_l, rho_l, l)
             q_l, rho_l = o[0], o[1]
         bwds = None
     else:  # one recurrence per distinct block structure
         firsts, which = _schedule(cfg, L)
-        halves = [_block_fn(cfg, l, L, symbolic=False, key=key, split=True)(L)
+        halves = [_block_fn(cfg, l, L, symbolic=False, key=key)(L)
                   for l, key in firsts]
         fwds = [h[0] for h in halves]
         bwds = [halves[i][1] for i in which[1:]]
