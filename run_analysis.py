@@ -7,14 +7,14 @@ import sys
 
 
 def _cmd_schemes(args: argparse.Namespace) -> int:
-    from analysis.inspect import schemes_text
+    from analysis.testbed.inspect import schemes_text
     print(schemes_text(args.scheme))
     return 0
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    from analysis.inspect import model_check_text
-    from analysis.model import ModelConfig
+    from analysis.testbed.inspect import model_check_text
+    from analysis.testbed.model import ModelConfig
     experts, top_k = _parse_moe(args.moe)
     cfg = ModelConfig(scheme=args.scheme, depth=args.depth, width=args.width, heads=args.heads,
                       max_seq_len=args.seq_len, ffn=args.ffn, norm=args.norm, sigma=args.sigma,
@@ -27,16 +27,17 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
-    parts = ("theory", "probes", "train", "diagnose", "components")
-    for name in [p for p in parts if getattr(args, p)] or parts:  # no flag: every benchmark
-        importlib.import_module(f"analysis.bench_{name}").run(args)
+    parts = {"theory": "recurrences", "probes": "probe_overhead", "train": "training",
+             "diagnose": "diagnosis", "components": "components"}  # flag → analysis/bench/ module
+    for flag in [f for f in parts if getattr(args, f)] or parts:  # no flag: every benchmark
+        importlib.import_module(f"analysis.bench.{parts[flag]}").run(args)
     return 0
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     import time
 
-    from analysis.diagnose import THRESHOLDS, diagnose, save, text_report
+    from analysis.diagnose.diagnosis import THRESHOLDS, diagnose, save, text_report
     from figures.diagnose import diagnosis_blocks, diagnosis_figure
     from figures.report import write_report
     _check_format(args.format)
@@ -63,7 +64,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from analysis.main import PRESETS, analyse, save_tables
+    from analysis.init.pipeline import PRESETS, analyse, save_tables
 
     preset = PRESETS[args.preset]
     changes = {k: v for k, v in dict(
@@ -84,7 +85,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from analysis.main import load_tables, save_tables
+    from analysis.init.pipeline import load_tables, save_tables
     _check_format(args.format)
     tables, cfg, theory = load_tables(args.run_dir)
     out = _writable_dir(args.run_dir)
@@ -102,7 +103,7 @@ def _check_format(fmt: str) -> None:
 def _write_report(tables, theory: dict, out, fmt: str) -> None:
     import json
 
-    from analysis.compare import aggregate
+    from analysis.init.compare import aggregate
     from figures.analysis_report import write
     config = json.loads((out / "config.json").read_text())
     md, page = write(tables, aggregate(tables["init_profiles"]), config, theory, out, fmt)
@@ -121,10 +122,11 @@ TRAIN_PRESETS = {  # what `train` runs when a flag is not given, by device type
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from analysis.corpus import load_corpus
-    from analysis.model import ModelConfig
-    from analysis.train import TrainConfig, resolve_device
-    from analysis.train_grid import curves, train_grid
+    from analysis.testbed.corpus import load_corpus
+    from analysis.testbed.model import ModelConfig
+    from analysis.device import resolve_device
+    from analysis.training.train import TrainConfig
+    from analysis.training.grid import curves, train_grid
     from figures.report import to_markdown
     from figures.train import loss_curves, loss_vs_depth, profiles_init_vs_end, training_blocks
 
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", help="only this scheme (default: every registered scheme)")
     p.add_argument("--latex", action="store_true", help="print recurrences and closed forms as LaTeX")
     p.add_argument("--out", help="output folder (default: runs/theory)")
-    p.set_defaults(func=lambda a: __import__("analysis.theory_cmd", fromlist=["run"]).run(a))
+    p.set_defaults(func=lambda a: __import__("analysis.init.derivations", fromlist=["run"]).run(a))
 
     p = sub.add_parser("bench", help="print speed figures and the component maps' accuracy "
                                      "(see README, Benchmarks)")

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import analysis.sweep as sweep_mod
-from analysis.compare import add_errors, aggregate, disagreements, error_summary, target_check
-from analysis.main import AnalysisConfig, analyse
-from analysis.measured_claims import check_claims
+import analysis.init.sweep as sweep_mod
+from analysis.init.compare import add_errors, aggregate, disagreements, error_summary, target_check
+from analysis.init.pipeline import AnalysisConfig, analyse
+from analysis.init.measured_claims import check_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.corpus import load_corpus
-from analysis.model import ModelConfig
+from analysis.testbed.corpus import load_corpus
+from analysis.testbed.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

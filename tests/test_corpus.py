@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.corpus import is_validation, load_corpus
+from analysis.testbed.corpus import is_validation, load_corpus
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import checkpoints
-from analysis.corpus import load_corpus
-from analysis.diagnose import THRESHOLDS, diagnose
-from analysis.model import ModelConfig, build_model
-from analysis.train import TrainConfig, save_atomic, train_run
+from analysis.diagnose import loading as checkpoints
+from analysis.testbed.corpus import load_corpus
+from analysis.diagnose.diagnosis import THRESHOLDS, diagnose
+from analysis.testbed.model import ModelConfig, build_model
+from analysis.training.train import TrainConfig, save_atomic, train_run
 from run_analysis import main
 
 FAST = dict(sequences=8, seq_len=32, grad_sequences=4, batch=4)

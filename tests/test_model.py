@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from analysis.model import ModelConfig, MoE, build_model
+from analysis.testbed.model import ModelConfig, MoE, build_model
 
 SCHEMES = ["post", "pre", "span", "deepnorm", "b2t", "peri", "mixln", "lns"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.model import ModelConfig, build_model
+from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe, enable_hook_guards
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.model import ModelConfig, build_model
+from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe, confirm_placement, locate
 
 MAX_SEQS, MAX_TOKENS = 2, 8  # T = 16 below, so the SVD metrics really use a sample

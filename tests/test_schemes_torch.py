@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from analysis.model import ModelConfig, build_model
+from analysis.testbed.model import ModelConfig, build_model
 from theory.schemes import SCHEMES, get_scheme, scheme
 
 WIDTH, HEADS, T, L = 64, 4, 12, 8

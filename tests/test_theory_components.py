@@ -6,8 +6,8 @@ import pytest
 import sympy
 import torch
 
-from analysis.bench_components import D, moe_monte_carlo, monte_carlo, numeric, rel as _rel
-from analysis.model import MLP, Attention, ModelConfig, make_norm
+from analysis.bench.components import D, moe_monte_carlo, monte_carlo, numeric, rel as _rel
+from analysis.testbed.model import MLP, Attention, ModelConfig, make_norm
 from theory import components as C
 
 
@@ -106,7 +106,7 @@ def test_gelu_kernel_against_quadrature():
 @pytest.mark.parametrize("E,k,kind", [(8, 2, "gelu"), (4, 1, "relu")])
 @pytest.mark.parametrize("q,rho", [(1.0, 0.0), (1.0, 0.6)])
 def test_moe_maps_against_moe(E, k, kind, q, rho):
-    """Top-k MoE maps (routing tables MoeW2, MoeWx, MoeR) against analysis.model.MoE.
+    """Top-k MoE maps (routing tables MoeW2, MoeWx, MoeR) against analysis.testbed.model.MoE.
 
     Tolerance: second moment and gradient power ≤ 3% (MC standard error 0.1–0.3% here: 12 draws
     of 512 sequences × 4 tokens); output ρ ≤ 4% relative at ρ_in = 0.6 and 0.006 absolute at

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.corpus import load_corpus
-from analysis.model import Attention, ModelConfig, build_model
+from analysis.testbed.corpus import load_corpus
+from analysis.testbed.model import Attention, ModelConfig, build_model
 from theory import positional as P
 from theory.schemes import SCHEMES, scheme
 from theory.solve import predict_profile

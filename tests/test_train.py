@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-import analysis.train_grid as grid_mod
-from analysis.corpus import load_corpus
-from analysis.model import ModelConfig
-from analysis.train import TrainConfig, lr_at, train_run
-from analysis.train_grid import RUN_COLUMNS, train_grid
+import analysis.training.grid as grid_mod
+from analysis.testbed.corpus import load_corpus
+from analysis.testbed.model import ModelConfig
+from analysis.training.train import TrainConfig, lr_at, train_run
+from analysis.training.grid import RUN_COLUMNS, train_grid
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_checkpoint_round_trip(corpus, tmp_path):
     train_run(mc, fast(), corpus, tmp_path, log=lambda s: None)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["model_config"]["scheme"] == "deepnorm" and ckpt["state"]["step"] == 24
-    from analysis.model import build_model
+    from analysis.testbed.model import build_model
     model = build_model(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     x, y = corpus.batch("val", 2, 32, generator=torch.Generator().manual_seed(0))

@@ -3,7 +3,7 @@
 Conventions (per coordinate, averaged over tokens of one sequence of length T):
 ``q`` second moment E[x²]; ``c`` cross-token covariance E[x_s·x_t]/d for s ≠ t (so the token
 correlation is ρ = c/q); ``G`` gradient power E[(∂loss/∂x)²]; ``gc`` its cross-token covariance.
-Weights are N(0, (gain·σ)²/fan_in) with no biases, as in analysis/model.py.
+Weights are N(0, (gain·σ)²/fan_in) with no biases, as in analysis/testbed/model.py.
 
 Every map is a sympy expression (closed form) except the attention and MoE statistics, which are
 expectations over softmax weights with no closed form: they are sympy functions backed by a
@@ -21,7 +21,7 @@ import numpy as np
 import sympy
 from sympy import Rational, asin, pi, sqrt
 
-EPS = Rational(1, 100000)  # LayerNorm / RMSNorm eps of analysis/model.py
+EPS = Rational(1, 100000)  # LayerNorm / RMSNorm eps of analysis/testbed/model.py
 
 
 # --- linear layer ------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def attention_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, 
 
 # --- top-k MoE at init: numeric routing statistics ------------------------------------------
 #
-# Router of analysis/model.py: p = softmax(z) over all E experts, K = the k largest p, weights
+# Router of analysis/testbed/model.py: p = softmax(z) over all E experts, K = the k largest p, weights
 # w_e = p_e / Σ_{K} p. The full-softmax normaliser cancels, so w is the softmax of the logits
 # restricted to K: "softmax, then renormalise the top k" and "softmax over the top-k logits" are
 # the same map. Logits z = W_r x with W_r ~ N(0, σ²/d) (no gain): independent over experts,
@@ -410,7 +410,7 @@ def moe_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *, sig
     expert path W2·G_f, router path σ²·q_f·R·G (own derivation above); cross term expert path only.
     Not included: the router path's cross-token term σ²·c_f·gc·Rx, Rx = E Σ_j w_sj w_tj
     [(1-w_sj)(1-w_tj) + Σ_{e≠j} w_se w_te] (same derivation with E[a_se a_te] = d·gc·c_f); it
-    affects gc_in only, and vanishes for k = 1. q_out, c_out and G_in agree with analysis.model.MoE
+    affects gc_in only, and vanishes for k = 1. q_out, c_out and G_in agree with analysis.testbed.model.MoE
     by Monte Carlo to ≤ 0.5% / 1.6% / 0.5% (tests/test_theory_components.py).
     """
     qf, cf, Gf, gcf = ffn_maps(q, c, G, gc, sigma=sigma, kind=kind, in_gain=in_gain,

@@ -1,6 +1,6 @@
 """The moment interpreter: runs a scheme's block function over symbolic values.
 
-The very function that analysis/model.py executes with torch modules is called here with
+The very function that analysis/testbed/model.py executes with torch modules is called here with
 ``op`` = a symbolic vocabulary. DESIGN.md's mean-field rules:
 
 - a value is a sum of independent zero-mean *sources* with coefficients; its second moment is

@@ -347,11 +347,9 @@ def mean_cosine(M: np.ndarray) -> float:
     return float((cosm.sum() - np.trace(cosm)) / (T * (T - 1)))
 
 
-def predict_positional(scheme: str, *, depth: int, width: int = 256, heads: int = 4,
-                       seq_len: int = 128, ffn: str = "gelu", norm: str = "layernorm",
-                       sigma: float = 1.0, embed_std: float = 1.0, experts: int = 0,
-                       top_k: int = 2, scheme_params: dict[str, Any] | None = None,
-                       q0: float | None = None, rho0: float = 0.0, rho_g: float = 0.0
+def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
+                       scheme_params: dict[str, Any] | None = None, q0: float | None = None,
+                       rho0: float = 0.0, rho_g: float = 0.0, **shape: Any
                        ) -> dict[str, np.ndarray]:
     """Per-layer position-resolved predictions at init, arrays indexed by l = 0..depth.
 
@@ -360,13 +358,15 @@ def predict_positional(scheme: str, *, depth: int, width: int = 256, heads: int 
     token's gradient power over the mean over tokens. ``heads`` is accepted for a drop-in call;
     attention at init does not depend on the head count.
     """
-    TheoryConfig(scheme, depth, width, heads, seq_len, ffn, norm, sigma, embed_std, experts, top_k,
-                 tuple(sorted((scheme_params or {}).items()))).validate()  # the same errors
+    cfg = TheoryConfig(scheme=scheme, depth=depth, seq_len=seq_len,
+                       scheme_params=tuple(sorted((scheme_params or {}).items())), **shape)
+    cfg.validate()  # the same errors as predict_profile
     s = get_scheme(scheme)
     L, T = int(depth), int(seq_len)
     params = {k: float(v) for k, v in s.resolve(L, **(scheme_params or {})).items()}
-    st = Setting(int(width), T, float(sigma), ffn, norm, int(experts), int(top_k))
-    q0 = embed_std ** 2 if q0 is None else float(q0)
+    st = Setting(int(cfg.width), T, float(cfg.sigma), cfg.ffn, cfg.norm, int(cfg.experts),
+                 int(cfg.top_k))
+    q0 = cfg.embed_std ** 2 if q0 is None else float(q0)
     cov = q0 * ((1 - rho0) * np.eye(T) + rho0 * np.ones((T, T)))
     # keep every forward covariance when they fit in ~128 MB; otherwise every stride-th (√L of
     # them) and recompute the others during the backward pass

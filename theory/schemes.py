@@ -169,7 +169,7 @@ def lns(x, op, *, l, L):
     return h + op.ffn(op.norm(h) * l ** Fraction(-1, 2))
 
 
-# --- a structural interpretation: which operations a block calls, in order ----------------
+# --- a structural interpretation: the block's dataflow, step by step -------------------------
 
 
 @dataclass(frozen=True)
@@ -181,81 +181,12 @@ class Call:
     gains: dict[str, float]
 
 
-class _Shape:
-    """A value that only remembers which call produced it (None for sums and inputs)."""
-
-    def __init__(self, made_by: Call | None = None):
-        self.made_by = made_by
-
-    def __add__(self, other: "_Shape") -> "_Shape":
-        if not isinstance(other, _Shape):
-            raise TypeError("a scheme may add values only to values (use c * v for scaling)")
-        return _Shape()
-
-    def __mul__(self, c: Any) -> "_Shape":
-        if isinstance(c, _Shape):
-            raise TypeError("a scheme may multiply a value only by a constant")
-        return _Shape()
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, c: Any) -> "_Shape":
-        return self * (1 / c)
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.calls: list[Call] = []
-        self.counts = {"norm": 0, "attn": 0, "ffn": 0}
-
-    def _call(self, kind: str, v: _Shape, gains: dict[str, Any]) -> _Shape:
-        if not isinstance(v, _Shape):
-            raise TypeError(f"op.{kind} takes a value, got {type(v).__name__}")
-        index = self.counts[kind]
-        self.counts[kind] += 1
-        call = Call(kind, index, {k: float(g) for k, g in gains.items()})
-        self.calls.append(call)
-        return _Shape(call)
-
-    def norm(self, v):
-        return self._call("norm", v, {})
-
-    def attn(self, v, *, value_gain=1, out_gain=1):
-        return self._call("attn", v, {"value_gain": value_gain, "out_gain": out_gain})
-
-    def ffn(self, v, *, in_gain=1, out_gain=1):
-        return self._call("ffn", v, {"in_gain": in_gain, "out_gain": out_gain})
-
-
-@dataclass(frozen=True)
-class BlockStructure:
-    """The calls a block makes, in order, and which norm (if any) produces its output."""
-
-    calls: tuple[Call, ...]
-    output_norm: int | None
-
-    def count(self, kind: str) -> int:
-        """How many calls of ``kind`` the block makes."""
-        return sum(c.kind == kind for c in self.calls)
-
-
-def block_structure(s: Scheme, l: int, L: int, params: dict[str, Any]) -> BlockStructure:
-    """Trace block ``l`` of ``L`` of scheme ``s`` and return its calls."""
-    rec = _Recorder()
-    out = s.block(_Shape(), rec, l=l, L=L, **params)
-    if not isinstance(out, _Shape):
-        raise TypeError(f"scheme '{s.name}' must return a value built from its input")
-    made_by = out.made_by
-    return BlockStructure(tuple(rec.calls),
-                          made_by.index if made_by and made_by.kind == "norm" else None)
-
-
 class _Traced:
-    """A value of the signature trace: the index of the step that made it (0 = block input)."""
+    """A value of the trace: the index of the step that made it (0 = the block input)."""
 
     __slots__ = ("rec", "step")
 
-    def __init__(self, rec: "_SignatureRecorder", step: int):
+    def __init__(self, rec: "_Tracer", step: int):
         self.rec, self.step = rec, step
 
     def __add__(self, other: "_Traced") -> "_Traced":
@@ -274,10 +205,10 @@ class _Traced:
         return self * (1 / c)
 
 
-class _SignatureRecorder:
-    """The complete dataflow of one block as hashable steps: each vocabulary call, sum and
-    scaling with its operands and constants. Two blocks with equal signatures have equal
-    recurrences, so a scheme that branches on l (Mix-LN) derives one per distinct signature."""
+class _Tracer:
+    """The ``op`` of the structural interpretation: records every vocabulary call, sum and
+    scaling with its operands and constants as hashable steps (kind, operand step(s), constants).
+    Call steps carry their gains as ((name, value), ...) in keyword order."""
 
     __slots__ = ("steps",)
 
@@ -297,18 +228,51 @@ class _SignatureRecorder:
         return self._call("norm", v, ())
 
     def attn(self, v, *, value_gain=1, out_gain=1):
-        return self._call("attn", v, (("out_gain", float(out_gain)),
-                                      ("value_gain", float(value_gain))))
+        return self._call("attn", v, (("value_gain", float(value_gain)),
+                                      ("out_gain", float(out_gain))))
 
     def ffn(self, v, *, in_gain=1, out_gain=1):
         return self._call("ffn", v, (("in_gain", float(in_gain)), ("out_gain", float(out_gain))))
 
 
-def structure_signature(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple:
-    """Block l's complete dataflow (calls, sums, scalings with their constants) as a hashable
-    key, and the step that makes the output."""
-    rec = _SignatureRecorder()
+def _trace(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple[list[tuple], int]:
+    """Run block ``l`` of ``L`` over traced values: its steps and the step that makes the output."""
+    rec = _Tracer()
     out = s.block(_Traced(rec, 0), rec, l=l, L=L, **params)
     if not isinstance(out, _Traced):
         raise TypeError(f"scheme '{s.name}' must return a value built from its input")
-    return tuple(rec.steps), out.step
+    return rec.steps, out.step
+
+
+@dataclass(frozen=True)
+class BlockStructure:
+    """The calls a block makes, in order, and which norm (if any) produces its output."""
+
+    calls: tuple[Call, ...]
+    output_norm: int | None
+
+    def count(self, kind: str) -> int:
+        """How many calls of ``kind`` the block makes."""
+        return sum(c.kind == kind for c in self.calls)
+
+
+def block_structure(s: Scheme, l: int, L: int, params: dict[str, Any]) -> BlockStructure:
+    """Block ``l`` of ``L`` of scheme ``s``: its calls in order (what the torch side builds)."""
+    steps, out = _trace(s, l, L, params)
+    calls: dict[int, Call] = {}  # step index → call
+    counts = {"norm": 0, "attn": 0, "ffn": 0}
+    for i, (kind, *rest) in enumerate(steps):
+        if kind in counts:
+            calls[i] = Call(kind, counts[kind], dict(rest[1]))
+            counts[kind] += 1
+    made_by = calls.get(out)
+    return BlockStructure(tuple(calls.values()),
+                          made_by.index if made_by and made_by.kind == "norm" else None)
+
+
+def structure_signature(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple:
+    """Block l's complete dataflow (calls, sums, scalings with their constants) as a hashable
+    key, and the step that makes the output. Two blocks with equal signatures have equal
+    recurrences, so a scheme that branches on l (Mix-LN) derives one per distinct signature."""
+    steps, out = _trace(s, l, L, params)
+    return tuple(steps), out

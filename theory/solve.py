@@ -26,25 +26,19 @@ import sympy
 from theory import components as C
 from theory import interpreter as I
 from theory.schemes import SCHEMES, get_scheme, structure_signature
+from theory.shape import Shape
 
 PROFILE_KEYS = ("q", "q_agg", "rho", "g", "rg", "cos")
 
 
-@dataclass(frozen=True)
-class TheoryConfig:
-    """The plain parameters a prediction needs (mirrors analysis.model.ModelConfig)."""
+@dataclass(frozen=True, kw_only=True)
+class TheoryConfig(Shape):
+    """The plain parameters a prediction needs: the shared Shape, the scheme, depth, sequence
+    length and parameter overrides."""
 
     scheme: str = "pre"
     depth: int = 12
-    width: int = 256
-    heads: int = 4
     seq_len: int = 128
-    ffn: str = "gelu"
-    norm: str = "layernorm"
-    sigma: float = 1.0
-    embed_std: float = 1.0
-    experts: int = 0
-    top_k: int = 2
     scheme_params: tuple = ()  # ((name, value), ...) so the config stays hashable
 
     def validate(self) -> None:
@@ -52,15 +46,11 @@ class TheoryConfig:
         get_scheme(self.scheme).resolve(max(int(self.depth), 1), **dict(self.scheme_params))
         checks = [(self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
                   (self.width >= 2, f"width must be >= 2, got {self.width}"),
-                  (self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}"),
-                  (self.ffn in ("gelu", "relu", "swiglu"), f"unknown ffn kind '{self.ffn}'"),
-                  (self.norm in ("layernorm", "rmsnorm"), f"unknown norm kind '{self.norm}'"),
-                  (self.sigma > 0 and self.embed_std > 0, "sigma and embed_std must be > 0"),
-                  (self.experts == 0 or 1 <= self.top_k <= self.experts,
-                   f"top-k {self.top_k} must be between 1 and the number of experts {self.experts}")]
+                  (self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self.validate_shape()
 
 
 def _numeric_params(cfg: TheoryConfig, L: int) -> dict[str, float]:
@@ -179,11 +169,9 @@ def iterate(cfg: TheoryConfig, q0: float, rho0: float, rho_g: float = 0.0
     return {"q": q, "q_agg": q_agg, "rho": rho, "g": g, "rg": rg, "cos": cos}
 
 
-def predict_profile(scheme: str, *, depth: int, width: int = 256, heads: int = 4,
-                    seq_len: int = 128, ffn: str = "gelu", norm: str = "layernorm",
-                    sigma: float = 1.0, embed_std: float = 1.0, experts: int = 0, top_k: int = 2,
+def predict_profile(scheme: str, *, depth: int, seq_len: int = 128,
                     scheme_params: dict[str, Any] | None = None, q0: float | None = None,
-                    rho0: float = 0.0, rho_g: float = 0.0) -> dict[str, np.ndarray]:
+                    rho0: float = 0.0, rho_g: float = 0.0, **shape: Any) -> dict[str, np.ndarray]:
     """Per-layer predictions at init, arrays indexed by l = 0..depth (0 = the embedding).
 
     q: E[x_l²] (block output, resid_post); q_agg: E[(aggregate before the output norm)²] (nan
@@ -191,11 +179,12 @@ def predict_profile(scheme: str, *, depth: int, width: int = 256, heads: int = 4
     second moment, averaged over the sequence); g: E[(∂loss/∂x_l)²] relative to g at l = depth;
     rg: gradient token correlation; cos: cos(x_{l-1}, x_l) (nan at l = 0). q0 defaults to
     embed_std² (token + position embedding); rho0 and rho_g (top gradient's token correlation)
-    are inputs because they depend on the text.
+    are inputs because they depend on the text. ``shape``: any field of theory.shape.Shape
+    (width, heads, ffn, norm, sigma, embed_std, experts, top_k), with its defaults.
     """
-    cfg = TheoryConfig(scheme, depth, width, heads, seq_len, ffn, norm, sigma, embed_std, experts,
-                       top_k, tuple(sorted((scheme_params or {}).items())))
-    return iterate(cfg, embed_std ** 2 if q0 is None else q0, rho0, rho_g)
+    cfg = TheoryConfig(scheme=scheme, depth=depth, seq_len=seq_len,
+                       scheme_params=tuple(sorted((scheme_params or {}).items())), **shape)
+    return iterate(cfg, cfg.embed_std ** 2 if q0 is None else q0, rho0, rho_g)
 
 
 # --- closed forms of the frozen-correlation reduction ----------------------------------------
@@ -252,7 +241,8 @@ def reduce_program(rec: I.Recurrence, keep: frozenset = frozenset(), q_value: An
         e = _reduce(sympy.sympify(v)).xreplace(env)
         if e.free_symbols & live:
             reps = {}
-            for a in e.atoms(sympy.Function, sympy.Pow):
+            # sorted: a set's order follows string hashes, which differ between processes
+            for a in sorted(e.atoms(sympy.Function, sympy.Pow), key=sympy.default_sort_key):
                 if not (a.free_symbols & live) and (isinstance(a, sympy.Function) or
                                                     not a.exp.is_Integer):
                     counter[0] += 1

@@ -19,8 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from analysis.corpus import Corpus
-from analysis.model import ModelConfig, Testbed, build_model
+from analysis.device import resolve_device
+from analysis.testbed.corpus import Corpus
+from analysis.testbed.model import ModelConfig, Testbed, build_model
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
@@ -65,19 +66,6 @@ class TrainConfig:
     def on_cuda(self) -> bool:
         """Whether the run trains on a CUDA device."""
         return resolve_device(self.device).type == "cuda"
-
-
-def resolve_device(name: str) -> torch.device:
-    """A torch device, or ValueError if it is unknown or absent here."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{name}' (try cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device '{name}' (cpu or cuda)")
-    return dev
 
 
 def lr_at(step: int, steps: int, tc: TrainConfig) -> float:

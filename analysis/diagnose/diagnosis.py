@@ -1,6 +1,6 @@
 """Collapse diagnosis of any checkpoint: probes over N sequences, per-layer table, findings.
 
-``diagnose(path, …)`` loads the checkpoint (``analysis.checkpoints``: never runs code from it),
+``diagnose(path, …)`` loads the checkpoint (``analysis.diagnose.loading``: never runs code from it),
 cuts the text into N windows of T tokens, runs every window forward through the probed model
 (``probes.Probe``) and the first ``grad_sequences`` of them backward with the model's own loss,
 and turns the per-layer statistics into findings, each with its threshold (``THRESHOLDS``).
@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.checkpoints import Loaded, load
-from analysis.train import resolve_device
+from analysis.diagnose.loading import Loaded, load
+from analysis.device import resolve_device
 from probes import Probe, confirm_placement, locate
 
 # Every threshold a finding uses, with what it means (also written to diagnosis.json).
@@ -67,7 +67,7 @@ class Diagnosis:
 
 def _text_bytes(text: str | None, need: int) -> tuple[bytes, str]:
     if text is None:
-        from analysis.corpus import load_corpus
+        from analysis.testbed.corpus import load_corpus
         corpus = load_corpus()
         data = corpus.split("val")
         return bytes(data[:need]), f"default corpus ({corpus.source}), validation split"

@@ -2,7 +2,7 @@
 
 For every vocabulary operation (linear, LayerNorm, RMSNorm, GELU/ReLU/SwiGLU MLP, causal
 attention, top-k MoE) at width 1024 in float64, fresh layers are drawn from the testbed's own torch
-modules (analysis/model.py), fed Gaussian tokens with second moment q and token correlation ρ
+modules (analysis/testbed/model.py), fed Gaussian tokens with second moment q and token correlation ρ
 (a shared per-sequence component), and backpropagated with an independent unit Gaussian output
 gradient. The measured output second moment, output ρ (mean off-diagonal Gram entry over the
 second moment, as the theory defines it) and input-gradient power are compared with the maps of
@@ -25,7 +25,7 @@ import sympy
 import torch
 from torch import nn
 
-from analysis.model import MLP, MoE, Attention, ModelConfig, init_linear, make_norm
+from analysis.testbed.model import MLP, MoE, Attention, ModelConfig, init_linear, make_norm
 from theory import components as C
 
 D = 1024  # width of every check

@@ -9,11 +9,12 @@ import time
 
 import torch
 
-from analysis.corpus import load_corpus
-from analysis.model import ModelConfig
-from analysis.train import TrainConfig, peak_flops, resolve_device, train_run
-from analysis.bench_probes import SHAPES
-from analysis.train_grid import train_grid
+from analysis.testbed.corpus import load_corpus
+from analysis.testbed.model import ModelConfig
+from analysis.device import resolve_device
+from analysis.training.train import TrainConfig, peak_flops, train_run
+from analysis.bench.probe_overhead import SHAPES
+from analysis.training.grid import train_grid
 
 
 

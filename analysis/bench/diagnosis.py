@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> None:
         import transformers
     except ImportError:
         raise ValueError("bench --diagnose needs transformers (pip install -e .[hf])") from None
-    from analysis.diagnose import diagnose
+    from analysis.diagnose.diagnosis import diagnose
     transformers.utils.logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory() as tmp:

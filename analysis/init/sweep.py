@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.corpus import Corpus
-from analysis.model import ModelConfig, build_model
+from analysis.testbed.corpus import Corpus
+from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe
 from theory.positional import predict_positional
 from theory.solve import predict_profile
@@ -78,10 +78,9 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
     """
     frames = []
     for column, predict in PREDICTIONS.items():
-        pred = predict(cfg.scheme, depth=cfg.depth, width=cfg.width, heads=cfg.heads,
-                       seq_len=cfg.max_seq_len, ffn=cfg.ffn, norm=cfg.norm, sigma=cfg.sigma,
-                       embed_std=cfg.embed_std, experts=cfg.experts, top_k=cfg.top_k,
-                       scheme_params=cfg.scheme_params, q0=q0, rho0=rho0, rho_g=rho_g)
+        pred = predict(cfg.scheme, depth=cfg.depth, seq_len=cfg.max_seq_len,
+                       scheme_params=cfg.scheme_params, q0=q0, rho0=rho0, rho_g=rho_g,
+                       **cfg.shape_fields())
         rows = []
         for l in range(cfg.depth + 1):
             point = "embed" if l == 0 else f"blocks.{l - 1}.resid_post"

@@ -193,7 +193,7 @@ def load_sigprop(path: Path) -> Loaded:
 
 
 def _sigprop_model(mc_dict: dict[str, Any], sd: dict[str, torch.Tensor], source: Path) -> Loaded:
-    from analysis.model import ModelConfig, build_model
+    from analysis.testbed.model import ModelConfig, build_model
     try:
         mc = ModelConfig(**mc_dict)
     except TypeError as e:

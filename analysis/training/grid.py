@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 
-from analysis.corpus import Corpus
-from analysis.model import ModelConfig, Testbed
-from analysis.train import TrainConfig, train_run
+from analysis.testbed.corpus import Corpus
+from analysis.testbed.model import ModelConfig, Testbed
+from analysis.training.train import TrainConfig, train_run
 from probes import Probe
 
 PROFILE_METRICS = ["second_moment", "grad_second_moment", "token_cosine", "layer_cosine"]

@@ -15,35 +15,30 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis.compare import add_errors, aggregate, disagreements, error_summary, target_check
-from analysis.corpus import load_corpus
-from analysis.measured_claims import check_claims
-from analysis.model import ModelConfig
-from analysis.sweep import init_sweep
-from analysis.train import resolve_device
-from analysis.theory_cmd import collect, write_json
+from analysis.init.compare import add_errors, aggregate, disagreements, error_summary, target_check
+from analysis.testbed.corpus import load_corpus
+from analysis.init.measured_claims import check_claims
+from analysis.testbed.model import ModelConfig
+from analysis.init.sweep import init_sweep
+from analysis.device import resolve_device
+from analysis.init.derivations import collect, write_json
 from theory.schemes import SCHEMES
+from theory.shape import Shape
 
 TABLES = ("init_profiles", "errors", "targets", "disagreements", "claims")
 CLAIM_COLUMNS = ["claim", "scheme", "statement", "method", "status", "evidence"]
 
 
-@dataclass
-class AnalysisConfig:
-    """The grid and the model shape of one analysis."""
+@dataclass(frozen=True, kw_only=True)
+class AnalysisConfig(Shape):
+    """The grid of one analysis and the data it reads; the model shape is the shared Shape."""
 
     schemes: list[str] = field(default_factory=lambda: ["pre", "post", "span", "deepnorm"])
     depths: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64, 128, 256])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    width: int = 256
-    heads: int = 4
     seq_len: int = 64
     batch_size: int = 4
     batches: int = 2
-    ffn: str = "gelu"
-    norm: str = "layernorm"
-    experts: int = 0
-    top_k: int = 2
     device: str = "cpu"
     corpus: str | None = None
 
@@ -68,9 +63,8 @@ class AnalysisConfig:
 
     def model_config(self, scheme: str, depth: int) -> ModelConfig:
         """The testbed configuration of one grid point."""
-        return ModelConfig(scheme=scheme, depth=depth, width=self.width, heads=self.heads,
-                           max_seq_len=self.seq_len, ffn=self.ffn, norm=self.norm,
-                           experts=self.experts, top_k=self.top_k)
+        return ModelConfig(scheme=scheme, depth=depth, max_seq_len=self.seq_len,
+                           **self.shape_fields())
 
 
 PRESETS = {

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.model import ModelConfig, build_model
+from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe
 
 # name: (ModelConfig keywords, batch size, rounds, steps per round)

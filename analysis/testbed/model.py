@@ -18,30 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from theory.schemes import Scheme, block_structure, get_scheme
+from theory.shape import Shape
 
-FFN_KINDS = ("gelu", "relu", "swiglu")
-NORM_KINDS = ("layernorm", "rmsnorm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-@dataclass
-class ModelConfig:
-    """Everything that fixes a testbed model (and the theory evaluated against it)."""
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(Shape):
+    """Everything that fixes a testbed model (and the theory evaluated against it): the shared
+    Shape (width, heads, ffn, norm, sigma, embed_std, experts, top_k) and what is the model's own."""
 
     scheme: str = "pre"
     depth: int = 12
-    width: int = 256
-    heads: int = 4
     max_seq_len: int = 256
     vocab: int = 256
-    ffn: str = "gelu"
     ffn_hidden: int | None = None  # default 4·width (gelu, relu) or ⌈8·width/3⌉ (swiglu)
-    experts: int = 0  # 0: dense FFN; E > 0: top-k MoE of E FFNs
-    top_k: int = 2
     aux_loss_coef: float = 0.01
-    norm: str = "layernorm"
-    sigma: float = 1.0  # weights ~ N(0, sigma^2 / fan_in)
-    embed_std: float = 1.0  # token + position embedding has second moment embed_std^2
     dtype: str = "float32"
     scheme_params: dict[str, Any] = field(default_factory=dict)
 
@@ -53,17 +45,10 @@ class ModelConfig:
         if not (isinstance(self.depth, int) and self.depth >= 1):
             raise ValueError(f"depth must be >= 1, got {self.depth}")
         get_scheme(self.scheme).resolve(self.depth, **self.scheme_params)
+        self.validate_shape()
         checks = [
-            (self.width >= 1 and self.heads >= 1, f"width and heads must be >= 1, got {self.width}, {self.heads}"),
-            (self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}"),
-            (self.ffn in FFN_KINDS, f"unknown ffn kind '{self.ffn}' (known: {', '.join(FFN_KINDS)})"),
-            (self.norm in NORM_KINDS, f"unknown norm kind '{self.norm}' (known: {', '.join(NORM_KINDS)})"),
             (self.dtype in DTYPES, f"unknown dtype '{self.dtype}' (known: {', '.join(DTYPES)})"),
-            (self.experts >= 0, f"experts must be >= 0, got {self.experts}"),
-            (self.experts == 0 or 1 <= self.top_k <= self.experts,
-             f"top-k {self.top_k} must be between 1 and the number of experts {self.experts}"),
             (self.max_seq_len >= 1 and self.vocab >= 1, "max_seq_len and vocab must be >= 1"),
-            (self.sigma > 0 and self.embed_std > 0, "sigma and embed_std must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,1 @@
+"""Benchmarks behind `run_analysis.py bench`: each module has ``run(args)`` and prints figures."""
