@@ -161,3 +161,14 @@ def test_train_command_writes_tables_figures_and_section(corpus, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: top-k 3 must be between 1 and the number of experts 2"]
+
+
+def test_divergence_is_recorded_at_its_step_though_losses_are_read_in_windows(corpus, tmp_path):
+    steps = []
+    r = train_run(tiny("post"), fast(lr=50.0, check_every=8), corpus, tmp_path, log=lambda s: None,
+                  on_step=lambda step, loss: steps.append(step))
+    assert r["diverged"]
+    d = r["divergence_step"]
+    assert r["train_loss"][-1][0] == d and steps[-1] == d  # nothing read past the divergence
+    assert [s for s, _ in r["train_loss"]] == list(range(d + 1))  # every step read, in order
+    assert r["steps"] >= d + 1  # up to check_every - 1 further steps ran before the host looked

@@ -9,24 +9,25 @@ import time
 
 import torch
 
+from analysis.bench.probe_overhead import SHAPES
+from analysis.device import resolve_device
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig
-from analysis.device import resolve_device
-from analysis.training.train import TrainConfig, peak_flops, train_run
-from analysis.bench.probe_overhead import SHAPES
 from analysis.training.grid import train_grid
-
+from analysis.training.train import TrainConfig, peak_flops, train_run
 
 
 def throughput(shape: str, device: str, steps: int = 30, warmup: int = 10) -> dict:
-    """Median step time, tokens/s and MFU of the pre-norm testbed at ``shape``."""
+    """Median step time (over windows of 5 steps after ``warmup``), tokens/s and MFU of the pre-norm
+    testbed at ``shape``."""
     overrides, batch = SHAPES[shape][:2]
     mc = ModelConfig(scheme="pre", **overrides)
     tc = TrainConfig(tokens=(steps + warmup) * batch * mc.max_seq_len, batch_size=batch,
-                     device=device, evals=1, eval_batches=1, checkpoints=1, profile_fractions=())
+                     device=device, evals=1, eval_batches=1, checkpoints=1, profile_fractions=(),
+                     timing_warmup=warmup, check_every=5)  # windows of 5 steps after warm-up
     with tempfile.TemporaryDirectory() as tmp:
         r = train_run(mc, tc, load_corpus(), tmp, log=lambda s: None)
-    step = statistics.median(r["step_seconds"][warmup:])  # after compile and allocator warm-up
+    step = statistics.median(s / n for _, n, s in r["timed_windows"])
     tps = batch * mc.max_seq_len / step
     return {"shape": shape, "step_s": step, "tokens_per_s": tps,
             "mfu": tps * r["flops_per_token"] / peak_flops(resolve_device(device))}

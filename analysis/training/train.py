@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +47,10 @@ class TrainConfig:
     profile_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)  # when probes measure the model
     device: str = "cpu"
     compile: bool | None = None  # None: on CUDA only
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" traces without codegen)
     autocast: bool | None = None  # bf16 autocast; None: on CUDA only
+    check_every: int = 16  # steps between host syncs: losses are read, divergence checked
+    timing_warmup: int = 3  # steps after each (re)start left out of tokens/s (compile, allocator)
     seed: int = 0
 
     def validate(self, seq_len: int) -> None:
@@ -55,17 +58,24 @@ class TrainConfig:
         if self.tokens < self.batch_size * seq_len:
             raise ValueError(f"tokens {self.tokens} is less than one batch "
                              f"({self.batch_size} × {seq_len})")
-        for name in ("batch_size", "evals", "eval_batches", "checkpoints"):
+        for name in ("batch_size", "evals", "eval_batches", "checkpoints", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.spike_factor > 1):
             raise ValueError("lr must be > 0 and spike_factor > 1")
+        if self.timing_warmup < 0:
+            raise ValueError(f"timing_warmup must be >= 0, got {self.timing_warmup}")
         resolve_device(self.device)
 
     @property
     def on_cuda(self) -> bool:
         """Whether the run trains on a CUDA device."""
         return resolve_device(self.device).type == "cuda"
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the run trains under torch.compile (default: on CUDA only)."""
+        return self.compile if self.compile is not None else self.on_cuda
 
 
 def lr_at(step: int, steps: int, tc: TrainConfig) -> float:
@@ -125,10 +135,9 @@ class RunState:
     loss_ema: float | None = None
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     val_loss: list[tuple[int, float]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    tokens_timed: int = 0
     updates: list[tuple[int, int, float]] = field(default_factory=list)  # (step, block, size)
-    step_seconds: list[float] = field(default_factory=list)
+    # timed windows of training steps only, between two host syncs: (first step, steps, seconds)
+    windows: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -207,13 +216,18 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         data_gen.set_state(ckpt["data_gen"])
-        state = RunState(**ckpt["state"])
+        known = {f.name for f in fields(RunState)}  # checkpoints of older versions carry more
+        state = RunState(**{k: v for k, v in ckpt["state"].items() if k in known})
         log(f"  resumed at step {state.step}/{steps}")
 
     use_autocast = tc.autocast if tc.autocast is not None else device.type == "cuda"
     ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast
            else (lambda: torch.autocast(device.type, enabled=False)))
-    fwd = torch.compile(model) if (tc.compile if tc.compile is not None else tc.on_cuda) else model
+    if tc.compiled:
+        # A process that trains many models (a grid) would reach dynamo's recompile limit after 8
+        # and silently run the rest eagerly: every run starts from empty caches instead.
+        torch.compiler.reset()
+    fwd = torch.compile(model, backend=tc.compile_backend) if tc.compiled else model
 
     def next_batch():
         return corpus.batch("train", tc.batch_size, seq_len, generator=data_gen, device=device)
@@ -234,68 +248,99 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
                      "data_gen": data_gen.get_state(), "state": asdict(state),
                      "model_config": mc.to_dict()}, ckpt_path)
 
-    diverged, reason = False, ""
-    while state.step < steps:
-        step = state.step
-        snapshot = None
-        if step in profile_at:
-            profile("init" if step == 0 else f"step{step}")
-            snapshot = snapshot_blocks(model, next_fixed_batch())
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, tc)
-        x, y = next_batch()
-        t0 = time.perf_counter()
-        with ctx():
-            _, loss = fwd(x, y)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # one sync per step: divergence must be seen at once
-        state.step_seconds.append(time.perf_counter() - t0)
-        state.train_seconds += state.step_seconds[-1]
-        state.tokens_timed += x.numel()
-        state.step += 1
-        state.train_loss.append((step, loss_value))
-        if snapshot is not None:
-            state.updates += [(step, i, u) for i, u in enumerate(update_sizes(model, snapshot))]
-        if not math.isfinite(loss_value):
-            diverged, reason = True, f"loss {loss_value} at step {step}"
-        elif loss_value > tc.spike_factor * math.log(mc.vocab):
-            diverged, reason = True, (f"loss {loss_value:.3f} at step {step} is above {tc.spike_factor}"
-                                      f" × ln(vocab) = {tc.spike_factor * math.log(mc.vocab):.3f}, "
-                                      f"the loss of a uniform guess")
-        elif (state.loss_ema is not None and step >= tc.spike_after
-              and loss_value > tc.spike_factor * state.loss_ema):
-            diverged, reason = True, (f"loss {loss_value:.3f} at step {step} is above "
-                                      f"{tc.spike_factor} × its running mean {state.loss_ema:.3f}")
-        state.loss_ema = loss_value if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss_value
-        if on_step is not None:
-            on_step(step, loss_value)
-        if diverged:
-            log(f"  diverged: {reason}")
-            break
-        if step in eval_at:
-            state.val_loss.append((step, evaluate(model, corpus, tc, seq_len, ctx)))
-            log(f"  step {state.step}/{steps}  train {loss_value:.3f}  val {state.val_loss[-1][1]:.3f} nats")
-        if state.step in ckpt_at:
-            checkpoint()
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) since the last sync
+    timed_from = state.step + tc.timing_warmup  # steps before it include compiling
+    window_t0 = None
+
+    def read_losses() -> str:
+        """The one host sync of a window: check each step's loss in order; a reason if diverged."""
+        nonlocal window_t0
+        values = torch.stack([l for _, l in pending]).tolist() if pending else []
+        if window_t0 is not None and pending and pending[0][0] >= timed_from:
+            state.windows.append((pending[0][0], len(pending), time.perf_counter() - window_t0))
+        window_t0 = None
+        steps_read = [s for s, _ in pending]
+        pending.clear()
+        for step, value in zip(steps_read, values):
+            state.train_loss.append((step, value))
+            reason = divergence(step, value)
+            state.loss_ema = value if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * value
+            if on_step is not None:
+                on_step(step, value)
+            if reason:
+                return reason
+        return ""
+
+    def divergence(step: int, value: float) -> str:
+        if not math.isfinite(value):
+            return f"loss {value} at step {step}"
+        if value > tc.spike_factor * math.log(mc.vocab):
+            return (f"loss {value:.3f} at step {step} is above {tc.spike_factor} × ln(vocab) = "
+                    f"{tc.spike_factor * math.log(mc.vocab):.3f}, the loss of a uniform guess")
+        if state.loss_ema is not None and step >= tc.spike_after and value > tc.spike_factor * state.loss_ema:
+            return (f"loss {value:.3f} at step {step} is above {tc.spike_factor} × its running "
+                    f"mean {state.loss_ema:.3f}")
+        return ""
+
+    reason, divergence_step = "", None
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # never a silent eager fallback
+        while state.step < steps:
+            step = state.step
+            snapshot = None
+            if step in profile_at:
+                profile("init" if step == 0 else f"step{step}")
+                snapshot = snapshot_blocks(model, next_fixed_batch())
+            if window_t0 is None:
+                window_t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, tc)
+            x, y = next_batch()
+            with ctx():
+                _, loss = fwd(x, y)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            pending.append((step, loss.detach()))
+            state.step += 1
+            if snapshot is not None:
+                state.updates += [(step, i, u) for i, u in enumerate(update_sizes(model, snapshot))]
+                window_t0 = None  # measuring is not training: this window is not timed
+            # sync only where the host needs the losses: every check_every steps, and before
+            # anything that reads, measures or saves the state
+            if (len(pending) >= tc.check_every or state.step == steps or state.step == timed_from
+                    or snapshot is not None or step in eval_at or state.step in ckpt_at
+                    or state.step in profile_at):
+                reason = read_losses()
+                if reason:
+                    divergence_step = state.train_loss[-1][0]
+                    log(f"  diverged: {reason}")
+                    break
+            if step in eval_at:
+                state.val_loss.append((step, evaluate(model, corpus, tc, seq_len, ctx)))
+                log(f"  step {state.step}/{steps}  train {state.train_loss[-1][1]:.3f}  "
+                    f"val {state.val_loss[-1][1]:.3f} nats")
+            if state.step in ckpt_at:
+                checkpoint()
+    diverged = divergence_step is not None
     if not diverged and steps in profile_at:
         profile("end")
 
-    tokens_per_s = state.tokens_timed / state.train_seconds if state.train_seconds else math.nan
+    timed_steps = sum(n for _, n, _ in state.windows)
+    timed_seconds = sum(s for _, _, s in state.windows)
+    tokens_per_s = timed_steps * tc.batch_size * seq_len / timed_seconds if timed_seconds else math.nan
     final_val = state.val_loss[-1][1] if state.val_loss and not diverged else math.nan
     result = {
         **{k: v for k, v in mc.to_dict().items() if k in ("scheme", "depth", "width", "experts", "top_k")},
         "tokens": state.step * tc.batch_size * seq_len, "steps": state.step,
         "final_val_bpb": final_val / math.log(2), "diverged": diverged,
-        "divergence_step": state.step - 1 if diverged else None, "divergence_reason": reason,
+        "divergence_step": divergence_step, "divergence_reason": reason,
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token(model) / peak_flops(device),
         "flops_per_token": flops_per_token(model),
         "train_loss": state.train_loss, "val_loss": state.val_loss, "updates": state.updates,
-        "step_seconds": state.step_seconds,
+        "timed_windows": state.windows, "compiled": tc.compiled,
     }
     checkpoint()
     (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
