@@ -95,3 +95,19 @@ def test_bfloat16_runs():
     cfg = ModelConfig(scheme="deepnorm", depth=4, width=32, heads=4, max_seq_len=8, dtype="bfloat16")
     model, logits, loss = forward_backward(cfg)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+
+
+def test_build_draws_every_weight_once_and_never_on_another_device(monkeypatch):
+    import torch.nn as nn
+    drawn = []
+    real = nn.init.normal_
+
+    def counting(tensor, *a, **kw):
+        if tensor.device.type != "meta":  # the model is built without storage first
+            drawn.append(tensor)
+        return real(tensor, *a, **kw)
+
+    monkeypatch.setattr(nn.init, "normal_", counting)
+    model = build_model(ModelConfig(scheme="span", depth=3, width=32, heads=4, experts=2, top_k=1))
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    assert len(drawn) == len(matrices) and {id(t) for t in drawn} == {id(p) for p in matrices}

@@ -67,8 +67,9 @@ class ModelConfig(Shape):
 
 
 def init_linear(layer: nn.Linear, sigma: float, gain: float = 1.0) -> nn.Linear:
-    """Weights ~ N(0, (gain·sigma)^2 / fan_in), no bias."""
-    nn.init.normal_(layer.weight, std=gain * sigma / math.sqrt(layer.in_features))
+    """Weights ~ N(0, (gain·sigma)^2 / fan_in), no bias; the std is kept for ``init_weights``."""
+    layer.init_std = gain * sigma / math.sqrt(layer.in_features)
+    nn.init.normal_(layer.weight, std=layer.init_std)
     return layer
 
 
@@ -216,12 +217,29 @@ class Testbed(nn.Module):
         d = cfg.width
         self.tok_embed = nn.Embedding(cfg.vocab, d)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, d)
-        for emb in (self.tok_embed, self.pos_embed):  # each half of the embedding's second moment
-            nn.init.normal_(emb.weight, std=cfg.embed_std / math.sqrt(2))
         self.blocks = nn.ModuleList(Block(self.scheme, l, cfg) for l in range(1, cfg.depth + 1))
         self.final_norm = make_norm(cfg) if self.scheme.final_norm else nn.Identity()
         self.head = _linear(d, cfg.vocab, cfg.sigma)
         self.to(DTYPES[cfg.dtype])
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Draw every parameter afresh, in module order, from the current RNG of its device:
+        linears N(0, init_std²), each embedding N(0, embed_std²/2), norms to identity."""
+        done = set()
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.init_std)
+            elif isinstance(m, nn.Embedding):  # each half of the embedding's second moment
+                nn.init.normal_(m.weight, std=self.cfg.embed_std / math.sqrt(2))
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                m.reset_parameters()
+            else:
+                continue
+            done.update(id(p) for p in m.parameters(recurse=False))
+        missed = [n for n, p in self.named_parameters() if id(p) not in done]
+        if missed:
+            raise RuntimeError(f"init_weights does not know how to draw {', '.join(missed)}")
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -252,8 +270,16 @@ class Testbed(nn.Module):
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> Testbed:
-    """A testbed at initialization, deterministic in ``seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """A testbed at initialization, deterministic in ``seed`` on a given device.
+
+    Built without storage (meta device), allocated on ``device`` and drawn there once, so a deep,
+    wide model never passes through the CPU (the same seed draws other values on a GPU).
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
         model = Testbed(cfg)
-    return model.to(device)
+    model.to_empty(device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.init_weights()
+    return model
