@@ -72,13 +72,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         depths=args.depths and _parse_ints(args.depths, "--depths"),
         seeds=args.seeds and _parse_ints(args.seeds, "--seeds"),
         width=args.width, heads=args.heads, seq_len=args.seq_len, batch_size=args.batch,
-        batches=args.batches, device=args.device, corpus=args.corpus).items() if v is not None}
+        batches=args.batches, device=args.device, corpus=args.corpus,
+        compile=args.compile).items() if v is not None}
     cfg = replace(preset, **changes)
     cfg.validate()
     _check_format(args.format)
     out = _writable_dir(args.out)
     print(f"sigprop analysis → {out}")
-    tables, theory = analyse(cfg)
+    tables, theory = analyse(cfg, out=out)
     save_tables(tables, cfg, theory, out)
     _write_report(tables, theory, out, args.format)
     return 0
@@ -139,7 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        heads=opt["heads"], max_seq_len=opt["seq_len"], ffn=args.ffn, norm=args.norm,
                        experts=experts, top_k=top_k)
     tc = TrainConfig(tokens=opt["tokens"], batch_size=opt["batch"], lr=opt["lr"],
-                     grad_clip=args.grad_clip, device=args.device, seed=args.seed)
+                     grad_clip=args.grad_clip, device=args.device, seed=args.seed,
+                     compile=args.compile)
     out = _writable_dir(args.out)
     corpus = load_corpus(args.corpus)
     runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel)
@@ -218,6 +220,12 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    _add_compile_arg(p, "probed models run under torch.compile, the probe entered first "
+                        "(default: off; a fresh compile per model)")
+
+
+def _add_compile_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=what)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder; an existing grid there resumes "
                                  "(default: runs/<timestamp>)")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    _add_compile_arg(p, "train under torch.compile, a fresh compile per run (default: on cuda "
+                        "only)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("theory", help="derive every scheme's moment recurrences, closed forms, "
@@ -312,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention, MoE) against Monte Carlo with the testbed's modules at width "
                         "1024: forward second moment, output rho, gradient power (CPU, < 1 min)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _add_compile_arg(p, "--probes: also time compiled copies (default: on); --train: train "
+                        "compiled (default: on cuda only)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("diagnose", help="collapse diagnosis of a checkpoint: sigprop run, local "
@@ -352,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        out = getattr(args, "out", None)
+        kept = f"; what finished is kept in {out}" if out else ""
+        print(f"error: out of memory on {getattr(args, 'device', 'the device')} (the estimate "
+              f"before the run was too low){kept}: lower --batch, --seq-len or the deepest "
+              "depth", file=sys.stderr)
         return 2
 
 

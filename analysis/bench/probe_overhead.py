@@ -124,7 +124,8 @@ def _report(args: argparse.Namespace) -> None:
           f"B={batch}, AdamW step, {args.device} ({name}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; median of {n_rounds} interleaved rounds × {per_round} steps")
     t0 = time.perf_counter()
-    times = benchmark(shape, args.device, rounds=getattr(args, "probe_rounds", None))
+    times = benchmark(shape, args.device, compile=getattr(args, "compile", None) is not False,
+                      rounds=getattr(args, "probe_rounds", None))
     print(f"  {'mode':<10} {'unprobed ms':>12} {'probed ms':>10} {'overhead':>9}   (quartiles of the per-round ratio)")
     for mode in ("eager", "compiled"):
         if mode in times and f"{mode}+probe" in times:

@@ -17,14 +17,16 @@ from analysis.training.grid import train_grid
 from analysis.training.train import TrainConfig, peak_flops, train_run
 
 
-def throughput(shape: str, device: str, steps: int = 30, warmup: int = 10) -> dict:
+def throughput(shape: str, device: str, steps: int = 30, warmup: int = 10,
+               compile: bool | None = None) -> dict:
     """Median step time (over windows of 5 steps after ``warmup``), tokens/s and MFU of the pre-norm
     testbed at ``shape``."""
     overrides, batch = SHAPES[shape][:2]
     mc = ModelConfig(scheme="pre", **overrides)
     tc = TrainConfig(tokens=(steps + warmup) * batch * mc.max_seq_len, batch_size=batch,
                      device=device, evals=1, eval_batches=1, checkpoints=1, profile_fractions=(),
-                     timing_warmup=warmup, check_every=5)  # windows of 5 steps after warm-up
+                     timing_warmup=warmup, check_every=5,  # windows of 5 steps after warm-up
+                     compile=compile)
     with tempfile.TemporaryDirectory() as tmp:
         r = train_run(mc, tc, load_corpus(), tmp, log=lambda s: None)
     step = statistics.median(s / n for _, n, s in r["timed_windows"])
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     shape = getattr(args, "shape", None) or ("gpt2" if resolve_device(device).type == "cuda" else "small")
     dev_name = torch.cuda.get_device_name() if resolve_device(device).type == "cuda" else "CPU"
     print(f"training throughput on {dev_name} ({torch.get_num_threads()} threads), pre-norm testbed")
-    t = throughput(shape, device)
+    t = throughput(shape, device, compile=getattr(args, "compile", None))
     mfu = "—" if t["mfu"] != t["mfu"] else f"{100 * t['mfu']:.1f}%"
     overrides, batch = SHAPES[shape][:2]
     print(f"  shape {shape} (L={overrides['depth']} d={overrides['width']} T={overrides['max_seq_len']} "

@@ -30,6 +30,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from analysis.device import available_memory
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -59,20 +61,6 @@ class Loaded:
 
 
 # --- guards -----------------------------------------------------------------------------------
-
-def available_memory() -> int:
-    """Bytes of memory available now (MemAvailable), or total physical memory as a fallback."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
-
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"

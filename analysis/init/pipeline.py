@@ -19,7 +19,7 @@ from analysis.init.compare import add_errors, aggregate, disagreements, error_su
 from analysis.testbed.corpus import load_corpus
 from analysis.init.measured_claims import check_claims
 from analysis.testbed.model import ModelConfig
-from analysis.init.sweep import init_sweep
+from analysis.init.sweep import check_memory, init_sweep
 from analysis.device import resolve_device
 from analysis.init.derivations import collect, write_json
 from theory.schemes import SCHEMES
@@ -41,6 +41,10 @@ class AnalysisConfig(Shape):
     batches: int = 2
     device: str = "cpu"
     corpus: str | None = None
+    compile: bool = False  # probed models run under torch.compile
+
+    # settings that change no statistic: a folder's sweep may resume under other values
+    RESUMABLE_ACROSS = ("device", "compile")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -74,20 +78,49 @@ PRESETS = {
 }
 
 
-def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print
+def check_same_settings(cfg: AnalysisConfig, out: Path) -> None:
+    """Refuse a folder that holds an analysis of other settings, naming the first difference."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    new = asdict(cfg)
+    for key, value in new.items():
+        if key not in AnalysisConfig.RESUMABLE_ACROSS and key in old and old[key] != value:
+            raise ValueError(f"{out} holds an analysis with {key} = {old[key]}, not {value}: "
+                             "choose another --out folder or the same settings")
+
+
+def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print, out: Path | None = None
             ) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Run theory, the sweep and the comparison; every table of the run folder and theory.json."""
+    """Run theory, the sweep and the comparison; every table of the run folder and theory.json.
+
+    With ``out``, config.json and theory.json are written first and each grid point's rows as it
+    finishes, so a cut run keeps its finished points and a re-run with the same settings resumes.
+    """
     cfg.validate()
+    if out is not None:
+        check_same_settings(cfg, out)
+    check_memory([cfg.model_config(s, d) for s in cfg.schemes for d in cfg.depths],
+                 cfg.batch_size, cfg.device)  # before any work
     corpus = load_corpus(cfg.corpus)
     t0 = time.perf_counter()
     theory, _ = collect(cfg.schemes, latex=True)
     log(f"theory: recurrences, closed forms and {len(theory['claims'])} claims derived in "
         f"{time.perf_counter() - t0:.1f} s")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        write_json(theory, out)
     log(f"init sweep: {len(cfg.schemes)} schemes × {len(cfg.depths)} depths × {len(cfg.seeds)} seeds, "
         f"width {cfg.width}, {cfg.batches} batches of {cfg.batch_size} × {cfg.seq_len} tokens, on {cfg.device}")
     t0 = time.perf_counter()
     profiles = init_sweep(cfg.schemes, cfg.depths, cfg.seeds, cfg.model_config(cfg.schemes[0], cfg.depths[0]),
-                          corpus, batches=cfg.batches, batch_size=cfg.batch_size, device=cfg.device, log=log)
+                          corpus, batches=cfg.batches, batch_size=cfg.batch_size, device=cfg.device, log=log,
+                          out_dir=out, compile=cfg.compile)
     log(f"sweep done in {time.perf_counter() - t0:.0f} s; comparing with theory")
     return compare_tables(profiles, theory["claims"]), theory
 

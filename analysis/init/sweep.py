@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
+from analysis.device import available_memory, resolve_device
 from analysis.testbed.corpus import Corpus
+from analysis.testbed.memory import check_fits
 from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe
 from theory.positional import predict_positional
@@ -43,14 +46,18 @@ COLUMNS = ["scheme", "depth", "seed", "layer", "point", "metric", "measured", "s
 
 
 def measure(cfg: ModelConfig, seed: int, corpus: Corpus, batches: int, batch_size: int,
-            device: str = "cpu") -> pd.DataFrame:
-    """Probe frame of the testbed at init over ``batches`` corpus batches (forward and backward)."""
+            device: str = "cpu", compile: bool = False) -> pd.DataFrame:
+    """Probe frame of the testbed at init over ``batches`` corpus batches (forward and backward);
+    ``compile``: the probed model runs under torch.compile (the probe is entered first)."""
     model = build_model(cfg, seed=seed, device=device)
     gen = torch.Generator().manual_seed(1_000 + seed)
     with Probe(model, metrics=PROBE_METRICS) as p:
+        if compile:
+            torch.compiler.reset()  # one model per call: never the recompile limit
+        fwd = torch.compile(model) if compile else model
         for _ in range(batches):
             x, y = corpus.batch("train", batch_size, cfg.max_seq_len, generator=gen, device=device)
-            _, loss = model(x, y)
+            _, loss = fwd(x, y)
             loss.backward()
             model.zero_grad(set_to_none=True)
     return p.frame()
@@ -94,25 +101,61 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
     return pd.concat(frames, axis=1).reset_index()
 
 
+def check_memory(configs: list[ModelConfig], batch_size: int, device: str) -> None:
+    """Refuse, before any work, grid points whose estimated memory exceeds what ``device`` has."""
+    dev = resolve_device(device)
+    free = available_memory(dev)
+    too_big = []
+    for cfg in configs:
+        try:
+            check_fits(cfg, batch_size, cfg.max_seq_len, free, str(dev))
+        except ValueError as e:
+            too_big.append((cfg, str(e)))
+    if too_big:
+        fits = sorted({c.depth for c in configs} - {c.depth for c, _ in too_big})
+        hint = (f"; depths that fit: {','.join(map(str, fits))}" if fits else "")
+        raise ValueError(f"{too_big[0][1]}{hint} (or lower --batch / --seq-len)")
+
+
 def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: ModelConfig,
                corpus: Corpus, batches: int = 2, batch_size: int = 4, device: str = "cpu",
-               log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Measure and predict every (scheme, depth, seed); the tidy init_profiles table."""
+               log: Callable[[str], None] = print, out_dir: Path | None = None,
+               compile: bool = False) -> pd.DataFrame:
+    """Measure and predict every (scheme, depth, seed); the tidy init_profiles table.
+
+    With ``out_dir``, each (scheme, depth)'s rows are appended to ``out_dir/init_profiles.csv``
+    as soon as its seeds are done, and points found there already are kept, not measured again:
+    a cut sweep keeps what it finished and a re-run resumes. The memory of every point is
+    estimated first; a point that cannot fit is refused before anything runs.
+    """
     configs = [replace(base, scheme=s, depth=d) for s in schemes for d in depths]
     for cfg in configs:
         cfg.validate()
+    check_memory(configs, batch_size, device)
+    path = None if out_dir is None else Path(out_dir) / "init_profiles.csv"
     parts = []
+    if path is not None and path.exists() and path.stat().st_size:
+        kept = pd.read_csv(path)
+        done = set(zip(kept["scheme"], kept["depth"]))
+        parts.append(kept)
+        configs = [c for c in configs if (c.scheme, c.depth) not in done]
+        log(f"  kept {len(done)} finished grid points from {path}")
     t0 = time.perf_counter()
     for k, cfg in enumerate(configs, 1):
         t = time.perf_counter()
+        point = []
         for seed in seeds:
-            rows = to_rows(measure(cfg, seed, corpus, batches, batch_size, device), cfg.depth)
+            rows = to_rows(measure(cfg, seed, corpus, batches, batch_size, device, compile), cfg.depth)
             embed = rows[rows["point"] == "embed"].set_index("metric")["measured"]
             top = rows[rows["point"] == f"blocks.{cfg.depth - 1}.resid_post"].set_index("metric")
             theory = theory_rows(cfg, q0=embed["second_moment"], rho0=embed["token_cosine"],
                                  rho_g=top.loc["grad_token_cosine", "measured"])
             rows = rows.merge(theory, on=["point", "metric"], how="left")
-            parts.append(rows.assign(scheme=cfg.scheme, depth=cfg.depth, seed=seed))
+            point.append(rows.assign(scheme=cfg.scheme, depth=cfg.depth, seed=seed)[COLUMNS])
+        parts += point
+        if path is not None:
+            first = not path.exists() or not path.stat().st_size
+            pd.concat(point).to_csv(path, mode="a", header=first, index=False)
         log(f"  [{k}/{len(configs)}] {cfg.scheme} L={cfg.depth}: {len(seeds)} seeds in "
             f"{time.perf_counter() - t:.1f} s (total {time.perf_counter() - t0:.0f} s)")
     return pd.concat(parts, ignore_index=True)[COLUMNS]

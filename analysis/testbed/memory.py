@@ -1,0 +1,110 @@
+"""How much memory a testbed needs, known before it is built: so a run that cannot fit is refused
+in one line instead of dying with a traceback minutes later.
+
+Parameters and gradients are counted exactly. Activations saved for the backward pass are
+counted by running the model's forward on the meta device (shapes without storage, no compute)
+under ``torch.autograd.graph.saved_tensors_hooks``, which sees every tensor autograd keeps. A
+tensor saved by several operations is counted once; a view saved beside its base is counted again,
+so the figure errs high. A top-k MoE block is counted as a dense block whose FFN is top_k times
+as wide: the tokens its experts see add up to top_k per token (the routing itself is
+data-dependent and cannot run on meta).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from analysis.testbed.model import DTYPES, Block, ModelConfig, Testbed
+from theory.schemes import block_structure, get_scheme
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a forward/backward (and, training, an AdamW step) needs: the parts and their sum."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        """All parts together."""
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        """'≈ 12.3 GB (weights 1.0 GB, gradients 1.0 GB, optimizer 2.0 GB, activations 8.3 GB)'."""
+        parts = [("weights", self.params), ("gradients", self.grads)]
+        if self.optimizer:
+            parts.append(("optimizer", self.optimizer))
+        parts.append(("activations", self.activations))
+        return f"≈ {size(self.total)} ({', '.join(f'{name} {size(n)}' for name, n in parts)})"
+
+
+def size(n: float) -> str:
+    """Bytes in GB, MB or kB, three significant digits."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / 1e3:.3g} kB"
+
+
+def _saved_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes autograd saves in one forward of ``module`` (on meta; each tensor counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(id(t), t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return sum(seen.values())
+
+
+def _blocks_by_structure(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(a block index l, how many blocks share its structure) per distinct block structure."""
+    s = get_scheme(cfg.scheme)
+    params = {k: float(v) for k, v in s.resolve(cfg.depth, **cfg.scheme_params).items()}
+    groups: dict[str, list[int]] = {}
+    for l in range(1, cfg.depth + 1):
+        key = repr(block_structure(s, l, cfg.depth, params).calls)
+        groups.setdefault(key, []).append(l)
+    return [(ls[0], len(ls)) for ls in groups.values()]
+
+
+def estimate(cfg: ModelConfig, batch: int, seq_len: int, training: bool = False) -> MemoryEstimate:
+    """Memory of a forward/backward of ``cfg`` at [batch, seq_len]; ``training`` adds AdamW's two
+    float32 moments per parameter. Blocks of one structure are measured once, so a depth-1024
+    estimate takes as long as a shallow one."""
+    act_cfg = replace(cfg, experts=0, ffn_hidden=cfg.hidden * cfg.top_k) if cfg.experts else cfg
+    dtype = DTYPES[cfg.dtype]
+    n_params = activations = 0
+    with torch.device("meta"):
+        shallow = Testbed(replace(act_cfg, depth=1))  # embeddings, final norm and head
+        idx = torch.zeros(batch, seq_len, dtype=torch.long)
+        x = torch.zeros(batch, seq_len, cfg.width, dtype=dtype, requires_grad=True)
+        activations += _saved_bytes(shallow, idx, idx) - _saved_bytes(shallow.blocks[0], x)
+        n_params += sum(p.numel() for p in shallow.parameters())
+        n_params -= sum(p.numel() for p in shallow.blocks[0].parameters())
+        s = get_scheme(cfg.scheme)
+        for l, count in _blocks_by_structure(cfg):
+            n_params += count * sum(p.numel() for p in Block(s, l, cfg).parameters())
+            activations += count * _saved_bytes(Block(s, l, act_cfg).to(dtype), x)
+    width = torch.empty((), dtype=dtype).element_size()
+    return MemoryEstimate(params=n_params * width, grads=n_params * width,
+                          optimizer=8 * n_params if training else 0, activations=activations)
+
+
+def check_fits(cfg: ModelConfig, batch: int, seq_len: int, available: int, where: str,
+               training: bool = False, fraction: float = 0.9) -> MemoryEstimate:
+    """The estimate, or ValueError naming it and the memory ``where`` has (``fraction`` of
+    ``available`` is usable: allocator fragmentation and the framework's own buffers)."""
+    est = estimate(cfg, batch, seq_len, training)
+    if est.total > fraction * available:
+        raise ValueError(f"{cfg.scheme} at depth {cfg.depth}, width {cfg.width}, batch {batch} × "
+                         f"{seq_len} needs {est.describe()} but {where} has "
+                         f"{size(available)} free")
+    return est
