@@ -122,6 +122,15 @@ class MoE(nn.Module):
     E·Σ_e f_e·P_e (f_e: share of routing slots sent to expert e, P_e: mean router
     probability; 1 when balanced; Fedus et al. 2021, arXiv 2101.03961) and ``last_topk``
     the chosen experts per token.
+
+    Three dispatches compute the same mixture (tests/test_moe_dispatch.py):
+    - grouped: the routing slots sorted by expert and every expert's matmul in one grouped GEMM
+      (``F.grouped_mm``, bf16: under bf16 autocast or for a bf16 model, widths divisible by 8).
+      Static shapes, no host sync, no graph break: what training on a GPU runs.
+    - dense: under torch.compile otherwise, every expert on every token, weighted by the
+      top-k weights (zero for the others): exact and static, E/k times the expert FLOPs.
+    - loop: eager otherwise, each expert on its own tokens (``nonzero``): exact, the float32 /
+      float64 analyses' path.
     """
 
     def __init__(self, cfg: ModelConfig, in_gain: float = 1.0, out_gain: float = 1.0):
@@ -131,23 +140,68 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg, in_gain, out_gain) for _ in range(cfg.experts))
         self.aux_loss = torch.zeros(())
         self.last_topk = torch.zeros(0, cfg.top_k, dtype=torch.long)
+        self.dispatch = "auto"  # or force "grouped", "dense", "loop" (tests, benchmarks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         logits = self.router(flat)  # routed in at least float32: bf16 ties would flip experts
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = getattr(self, f"_{self.choose_dispatch(flat)}")(flat, weights, chosen)
         E = len(self.experts)
         share = F.one_hot(chosen, E).sum(1).float().mean(0) / self.top_k
         self.aux_loss = E * (share * probs.mean(0)).sum()
         self.last_topk = chosen.detach()
         return out.view_as(x)
+
+    def choose_dispatch(self, flat: torch.Tensor) -> str:
+        """'grouped', 'dense' or 'loop' for this input (see the class docstring)."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        kind = flat.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else flat.dtype
+        mlp = self.experts[0]
+        if dtype == torch.bfloat16 and mlp.up.in_features % 8 == 0 and mlp.up.out_features % 8 == 0:
+            return "grouped"
+        return "dense" if torch.compiler.is_compiling() else "loop"
+
+    def _loop(self, flat, weights, chosen):
+        out = torch.zeros_like(flat)
+        weights = weights.to(flat.dtype)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, (expert(flat[token]) * weights[token, slot, None]).to(flat.dtype))
+        return out
+
+    def _dense(self, flat, weights, chosen):
+        combine = torch.zeros(flat.shape[0], len(self.experts), dtype=weights.dtype,
+                              device=flat.device).scatter(1, chosen, weights)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out + (combine[:, e, None] * expert(flat)).to(flat.dtype)
+        return out
+
+    def _grouped(self, flat, weights, chosen):
+        expert_of_slot = chosen.flatten()
+        order = expert_of_slot.argsort(stable=True)  # slots grouped by expert, static length N·k
+        token = order // self.top_k
+        ends = torch.bincount(expert_of_slot, minlength=len(self.experts)).cumsum(0).to(torch.int32)
+
+        def matmul(v: torch.Tensor, name: str) -> torch.Tensor:  # every expert's Linear at once
+            w = torch.stack([getattr(e, name).weight for e in self.experts])  # [E, out, in]
+            return F.grouped_mm(v, w.to(torch.bfloat16).transpose(1, 2), offs=ends)
+
+        xs = flat[token].to(torch.bfloat16)
+        u = matmul(xs, "up")
+        kind = self.experts[0].kind
+        if kind == "swiglu":
+            h = F.silu(matmul(xs, "gate")) * u
+        else:
+            h = F.gelu(u) if kind == "gelu" else F.relu(u)
+        y = matmul(h, "down") * weights.flatten()[order, None].to(torch.bfloat16)
+        return torch.zeros_like(flat).index_add(0, token, y.to(flat.dtype))
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
