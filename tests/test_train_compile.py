@@ -17,8 +17,8 @@ def corpus(tmp_path_factory):
     return load_corpus(path)
 
 
-def _compiled_run(corpus, depth, run_dir, **kw):
-    mc = ModelConfig(scheme="pre", depth=depth, width=16, heads=2, max_seq_len=16)
+def _compiled_run(corpus, depth, run_dir, scheme="pre", **kw):
+    mc = ModelConfig(scheme=scheme, depth=depth, width=16, heads=2, max_seq_len=16)
     # the eager backend: dynamo traces, guards and counts recompiles as with inductor, minus codegen
     tc = TrainConfig(**{"tokens": 16 * 2 * 4, "batch_size": 2, "evals": 1, "eval_batches": 1,
                         "checkpoints": 1, "profile_fractions": (), "compile": True,
@@ -26,10 +26,11 @@ def _compiled_run(corpus, depth, run_dir, **kw):
     return train_run(mc, tc, corpus, run_dir, log=lambda s: None)
 
 
-def test_twelve_compiled_runs_in_one_process_never_fall_back(corpus, tmp_path):
-    for depth in range(1, 13):  # 12 distinct graphs: above dynamo's recompile limit of 8
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_twelve_compiled_runs_in_one_process_never_fall_back(corpus, tmp_path, scope):
+    for depth in range(1, 13):  # 12 whole-model graphs: above dynamo's recompile limit of 8
         before = counters["frames"]["ok"]
-        r = _compiled_run(corpus, depth, tmp_path / f"L{depth}")
+        r = _compiled_run(corpus, depth, tmp_path / f"L{depth}", compile_scope=scope)
         assert r["compiled"] and counters["frames"]["ok"] > before, depth  # traced afresh
 
 
@@ -38,7 +39,7 @@ def test_without_a_reset_per_run_the_limit_is_hit_loudly(corpus, tmp_path, monke
     monkeypatch.setattr(torch.compiler, "reset", lambda: None)  # what the grid did before
     with pytest.raises(Exception, match="recompile_limit"):
         for depth in range(1, 10):
-            _compiled_run(corpus, depth, tmp_path / f"L{depth}")
+            _compiled_run(corpus, depth, tmp_path / f"L{depth}", compile_scope="model")
     assert depth == 9  # the 9th model: a hard failure, not a silent eager run
 
 
@@ -49,3 +50,15 @@ def test_tokens_per_s_counts_only_steps_after_the_warm_up(corpus, tmp_path):
     assert sum(n for _, n, _ in windows) <= 12 - 3
     timed = sum(n for _, n, _ in windows) * 2 * 16 / sum(s for _, _, s in windows)
     assert r["tokens_per_s"] == pytest.approx(timed)
+
+
+def test_compiled_blocks_share_one_graph_and_blocks_that_branch_on_l_get_their_own(corpus, tmp_path):
+    torch.compiler.reset()
+    counters.clear()
+    _compiled_run(corpus, 12, tmp_path / "pre", compile_scope="blocks", tokens=16 * 2 * 2)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for 12 blocks: compile time flat in depth
+    counters.clear()
+    # LayerNorm Scaling multiplies by l^-1/2: a graph per block, 12 > the default limit of 8
+    r = _compiled_run(corpus, 12, tmp_path / "lns", scheme="lns", compile_scope="blocks",
+                      tokens=16 * 2 * 2)
+    assert r["compiled"] and counters["stats"]["unique_graphs"] == 12

@@ -300,14 +300,15 @@ class Testbed(nn.Module):
         """Every MoE sublayer, in order."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, vocab] and, given targets, cross-entropy (+ MoE aux loss · coef)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                blocks: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, vocab] and, given targets, cross-entropy (+ MoE aux loss · coef).
+        ``blocks``: callables run in place of ``self.blocks`` (compiled wrappers of them)."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_embed(idx) + self.pos_embed(torch.arange(T, device=idx.device))
-        for block in self.blocks:
+        for block in self.blocks if blocks is None else blocks:
             x = block(x)
         logits = self.head(self.final_norm(x))
         if targets is None:
@@ -337,3 +338,14 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
         torch.manual_seed(seed)
         model.init_weights()
     return model
+
+
+def compile_blocks(model: Testbed, backend: str = "inductor"):
+    """``model``'s forward with each block under torch.compile ("regional compilation").
+
+    Blocks of one structure share one compiled graph (Dynamo treats parameters as inputs), so
+    compile time does not grow with depth, as compiling the whole unrolled model's does. The
+    model itself stays uncompiled: probes and measurements run it eagerly.
+    """
+    compiled = [torch.compile(b, backend=backend) for b in model.blocks]
+    return lambda idx, targets=None: model(idx, targets, blocks=compiled)

@@ -21,7 +21,7 @@ import torch
 
 from analysis.device import resolve_device
 from analysis.testbed.corpus import Corpus
-from analysis.testbed.model import ModelConfig, Testbed, build_model
+from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_blocks
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool | None = None  # None: on CUDA only
     compile_backend: str = "inductor"  # torch.compile backend ("eager" traces without codegen)
+    compile_scope: str = "blocks"  # "blocks": each block (graphs shared by depth); "model": whole
     autocast: bool | None = None  # bf16 autocast; None: on CUDA only
     check_every: int = 16  # steps between host syncs: losses are read, divergence checked
     timing_warmup: int = 3  # steps after each (re)start left out of tokens/s (compile, allocator)
@@ -63,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.spike_factor > 1):
             raise ValueError("lr must be > 0 and spike_factor > 1")
+        if self.compile_scope not in ("blocks", "model"):
+            raise ValueError(f"compile_scope must be 'blocks' or 'model', got '{self.compile_scope}'")
         if self.timing_warmup < 0:
             raise ValueError(f"timing_warmup must be >= 0, got {self.timing_warmup}")
         resolve_device(self.device)
@@ -227,7 +230,10 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
         # A process that trains many models (a grid) would reach dynamo's recompile limit after 8
         # and silently run the rest eagerly: every run starts from empty caches instead.
         torch.compiler.reset()
-    fwd = torch.compile(model, backend=tc.compile_backend) if tc.compiled else model
+    fwd = model
+    if tc.compiled:
+        fwd = (compile_blocks(model, tc.compile_backend) if tc.compile_scope == "blocks"
+               else torch.compile(model, backend=tc.compile_backend))
 
     def next_batch():
         return corpus.batch("train", tc.batch_size, seq_len, generator=data_gen, device=device)
@@ -283,7 +289,10 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
         return ""
 
     reason, divergence_step = "", None
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # never a silent eager fallback
+    # never a silent eager fallback; compiled by block, a scheme whose blocks branch on l
+    # (Mix-LN, LNS) needs a graph per block
+    limit = max(8, mc.depth + 8) if tc.compile_scope == "blocks" else 8
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
         while state.step < steps:
             step = state.step
             snapshot = None
