@@ -94,12 +94,13 @@ def check_same_settings(cfg: AnalysisConfig, out: Path) -> None:
                              "choose another --out folder or the same settings")
 
 
-def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print, out: Path | None = None
-            ) -> tuple[dict[str, pd.DataFrame], dict]:
+def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print, out: Path | None = None,
+            deadline: float | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Run theory, the sweep and the comparison; every table of the run folder and theory.json.
 
     With ``out``, config.json and theory.json are written first and each grid point's rows as it
-    finishes, so a cut run keeps its finished points and a re-run with the same settings resumes.
+    finishes, so a cut run keeps its finished points and a re-run with the same settings resumes
+    (at ``deadline`` the sweep raises analysis.budget.Cut between points).
     """
     cfg.validate()
     if out is not None:
@@ -120,7 +121,7 @@ def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print, out: Path |
     t0 = time.perf_counter()
     profiles = init_sweep(cfg.schemes, cfg.depths, cfg.seeds, cfg.model_config(cfg.schemes[0], cfg.depths[0]),
                           corpus, batches=cfg.batches, batch_size=cfg.batch_size, device=cfg.device, log=log,
-                          out_dir=out, compile=cfg.compile)
+                          out_dir=out, compile=cfg.compile, deadline=deadline)
     log(f"sweep done in {time.perf_counter() - t0:.0f} s; comparing with theory")
     return compare_tables(profiles, theory["claims"]), theory
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.budget import Cut, past
 from analysis.device import available_memory, resolve_device
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.memory import check_fits
@@ -120,13 +121,14 @@ def check_memory(configs: list[ModelConfig], batch_size: int, device: str) -> No
 def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: ModelConfig,
                corpus: Corpus, batches: int = 2, batch_size: int = 4, device: str = "cpu",
                log: Callable[[str], None] = print, out_dir: Path | None = None,
-               compile: bool = False) -> pd.DataFrame:
+               compile: bool = False, deadline: float | None = None) -> pd.DataFrame:
     """Measure and predict every (scheme, depth, seed); the tidy init_profiles table.
 
     With ``out_dir``, each (scheme, depth)'s rows are appended to ``out_dir/init_profiles.csv``
     as soon as its seeds are done, and points found there already are kept, not measured again:
     a cut sweep keeps what it finished and a re-run resumes. The memory of every point is
-    estimated first; a point that cannot fit is refused before anything runs.
+    estimated first; a point that cannot fit is refused before anything runs. At ``deadline``
+    (time.time()) the sweep stops between points and raises analysis.budget.Cut.
     """
     configs = [replace(base, scheme=s, depth=d) for s in schemes for d in depths]
     for cfg in configs:
@@ -142,6 +144,9 @@ def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: Mo
         log(f"  kept {len(done)} finished grid points from {path}")
     t0 = time.perf_counter()
     for k, cfg in enumerate(configs, 1):
+        if past(deadline):
+            raise Cut(f"{len(configs) - k + 1} of {len(configs)} grid points not measured; the same "
+                      "command resumes them")
         t = time.perf_counter()
         point = []
         for seed in seeds:

@@ -20,6 +20,9 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 
+from analysis.budget import Cut, past
+from analysis.device import available_memory, resolve_device
+from analysis.testbed.memory import check_fits
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed
 from analysis.training.train import TrainConfig, train_run
@@ -62,11 +65,14 @@ def probe_profiler(run_dir: Path, batches: int = 2) -> Callable:
 
 def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: TrainConfig,
                corpus: Corpus, out_dir: str | Path, log: Callable[[str], None] = print,
-               parallel: int = 1, verbose_workers: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+               parallel: int = 1, verbose_workers: bool = True, deadline: float | None = None
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every (scheme, depth) of the grid into ``out_dir``; return (runs, profiles) tables.
 
     ``parallel`` > 1 trains that many runs at once in worker processes (one device shared), which
-    print their progress prefixed with the run's name unless ``verbose_workers`` is False.
+    print their progress prefixed with the run's name unless ``verbose_workers`` is False. At
+    ``deadline`` (time.time()) running runs checkpoint, no new one starts, the tables of the
+    finished runs are written and analysis.budget.Cut is raised; a re-run resumes.
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -83,7 +89,13 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
         else:
             todo.append(mc)
     workers = parallel if len(todo) > 1 else 1
-    jobs = [(mc, tc, corpus, out_dir / "runs" / run_name(mc), workers, verbose_workers) for mc in todo]
+    free = available_memory(resolve_device(tc.device)) / workers  # runs side by side share it
+    for mc in todo:  # refuse before training what cannot fit
+        check_fits(mc, tc.batch_size, mc.max_seq_len, free, f"{tc.device} (per run, {workers} at once)",
+                   training=True)
+    jobs = [(mc, tc, corpus, out_dir / "runs" / run_name(mc), workers, verbose_workers, deadline)
+            for mc in todo]
+    unfinished = []
     if workers > 1:
         # several small models at once keep a GPU busy that one alone leaves idle
         log(f"training {len(todo)} runs, {parallel} at a time")
@@ -91,33 +103,51 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
         with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
             for mc, r in zip(todo, pool.map(_train_one, jobs)):
                 log(f"  {run_name(mc)}: {_outcome(r)}")
+                if r is None:
+                    unfinished.append(run_name(mc))
     else:
         for k, job in enumerate(jobs, 1):
+            if past(deadline):
+                unfinished += [run_name(j[0]) for j in jobs[k - 1:]]
+                break
             log(f"[{k}/{len(jobs)}] {run_name(job[0])}: training {tc.tokens:,} tokens on {tc.device}")
-            log(f"    {_outcome(_train_one(job, log))}")
-    log(f"grid done in {time.perf_counter() - t_grid:.0f} s")
+            r = _train_one(job, log)
+            log(f"    {_outcome(r)}")
+            if r is None:
+                unfinished += [run_name(j[0]) for j in jobs[k - 1:]]
+                break
+    log(f"grid {'cut' if unfinished else 'done'} in {time.perf_counter() - t_grid:.0f} s")
     runs, profiles = collect(out_dir)
     runs.to_csv(out_dir / "train_runs.csv", index=False)
     profiles.to_csv(out_dir / "train_profiles.csv", index=False)
+    if unfinished:
+        raise Cut(f"{len(unfinished)} of {len(configs)} runs not finished ({', '.join(unfinished)}); "
+                  "the same command resumes them")
     return runs, profiles
 
 
-def _train_one(job: tuple, log: Callable[[str], None] = print) -> dict:
-    """One run of the grid (top-level, so worker processes can call it)."""
-    mc, tc, corpus, run_dir, workers, verbose = job
+def _train_one(job: tuple, log: Callable[[str], None] = print) -> dict | None:
+    """One run of the grid (top-level, so worker processes can call it); None if cut."""
+    mc, tc, corpus, run_dir, workers, verbose, deadline = job
     if workers > 1:  # a worker process: name the run in its lines, share the CPU cores
         log = ((lambda s, name=run_name(mc): print(f"[{name}] {s.strip()}", flush=True)) if verbose
                else (lambda s: None))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return train_run(mc, tc, corpus, run_dir, profiler=probe_profiler(run_dir), log=log)
+        return train_run(mc, tc, corpus, run_dir, profiler=probe_profiler(run_dir), log=log,
+                         deadline=deadline)
+    except Cut as e:
+        log(f"    {e}")
+        return None
     except torch.OutOfMemoryError:
         raise ValueError(f"out of memory training {run_name(mc)} on {tc.device}: lower --batch, "
                          f"--seq-len or --width, drop the deepest depths, or lower --parallel") from None
 
 
-def _outcome(r: dict) -> str:
+def _outcome(r: dict | None) -> str:
+    if r is None:
+        return "cut at the deadline (checkpoint kept)"
     if r["diverged"]:
         return f"DIVERGED at step {r['divergence_step']}: {r['divergence_reason']}"
     return f"val {r['final_val_bpb']:.3f} bits/byte, {r['tokens_per_s']:,.0f} tokens/s"

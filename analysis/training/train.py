@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from analysis.budget import Cut, past
 from analysis.device import resolve_device
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_blocks
@@ -189,12 +190,15 @@ def evaluate(model: Testbed, corpus: Corpus, tc: TrainConfig, seq_len: int, ctx)
 
 def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
               profiler: Profiler | None = None, log: Callable[[str], None] = print,
-              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+              on_step: Callable[[int, float], None] | None = None,
+              deadline: float | None = None) -> dict[str, Any]:
     """Train one model for ``tc.tokens`` tokens, resuming from ``run_dir`` if it holds a checkpoint.
 
     Returns the result (also written to ``run_dir/result.json``). ``profiler(model, tag, step,
     batch_fn)`` is called at ``tc.profile_fractions`` of training to measure the model;
-    ``on_step(step, loss)`` after every optimizer step (progress, tests).
+    ``on_step(step, loss)`` for every optimizer step, when its loss is read (progress, tests).
+    At ``deadline`` (a time.time() value) the run checkpoints at its next host sync and raises
+    analysis.budget.Cut; called again, it resumes there.
     """
     tc.validate(mc.max_seq_len)
     seq_len = mc.max_seq_len
@@ -332,6 +336,9 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
                     f"val {state.val_loss[-1][1]:.3f} nats")
             if state.step in ckpt_at:
                 checkpoint()
+            if not pending and state.step < steps and past(deadline):  # only where the host looked
+                checkpoint()
+                raise Cut(f"cut at step {state.step}/{steps}; checkpoint saved")
     diverged = divergence_step is not None
     if not diverged and steps in profile_at:
         profile("end")
