@@ -126,10 +126,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from analysis.testbed.corpus import load_corpus
     from analysis.testbed.model import ModelConfig
     from analysis.device import resolve_device
+    from analysis.training.grid import train_grid
     from analysis.training.train import TrainConfig
-    from analysis.training.grid import curves, train_grid
-    from figures.report import to_markdown
-    from figures.train import loss_curves, loss_vs_depth, profiles_init_vs_end, training_blocks
 
     preset = TRAIN_PRESETS[resolve_device(args.device).type]
     opt = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in preset}
@@ -145,17 +143,87 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = _writable_dir(args.out)
     corpus = load_corpus(args.corpus)
     runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel)
-    figs = [loss_vs_depth(runs, out / "figures" / "train_loss_vs_depth", args.format),
-            loss_curves(curves(out), out / "figures" / "train_loss_curves", args.format)]
-    if len(profiles):
-        deepest = int(profiles[profiles["moe"] == "dense"]["depth"].max()) if (profiles["moe"] == "dense").any() else None
-        if deepest is not None:
-            figs.append(profiles_init_vs_end(profiles, out / "figures" / "train_profiles", deepest,
-                                             args.format))
-    (out / "train.md").write_text(to_markdown(training_blocks(runs, figs, out)))
+    figs = _grid_report(out, runs, profiles, args.format)
     print(f"wrote {out / 'train_runs.csv'}, {out / 'train_profiles.csv'}, {out / 'train.md'} "
           f"and {len(figs)} figures")
     return 0
+
+
+def _grid_report(out, runs, profiles, fmt: str) -> list:
+    """Figures and train.md of a training grid folder; the figure paths."""
+    from analysis.training.grid import curves
+    from figures.report import to_markdown
+    from figures.train import loss_curves, loss_vs_depth, profiles_init_vs_end, training_blocks
+    figs = [loss_vs_depth(runs, out / "figures" / "train_loss_vs_depth", fmt),
+            loss_curves(curves(out), out / "figures" / "train_loss_curves", fmt)]
+    if len(profiles):
+        kinds = profiles["moe"].unique()
+        kind = "dense" if "dense" in kinds else kinds[0]
+        deepest = int(profiles[profiles["moe"] == kind]["depth"].max())
+        figs.append(profiles_init_vs_end(profiles, out / "figures" / "train_profiles", deepest, fmt,
+                                         moe=kind))
+    (out / "train.md").write_text(to_markdown(training_blocks(runs, figs, out)))
+    return figs
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from analysis.training.campaign import CampaignConfig, remaining, run_campaign, with_stages
+    from analysis.training.grid import collect
+    cfg = with_stages(CampaignConfig(device=args.device, tiny=args.tiny,
+                                     compile=args.compile is not False,
+                                     compile_backend=args.compile_backend, parallel=args.parallel,
+                                     tokens=args.tokens, corpus=args.corpus), args.stages)
+    cfg.validate()
+    _check_format(args.format)
+    out = _writable_dir(args.out or "runs/campaign")
+    print(f"sigprop campaign → {out} ({'tiny, ' if cfg.tiny else ''}{cfg.device}, time limit "
+          f"{args.time_limit:g} s)")
+    state = run_campaign(cfg, out, time_limit=args.time_limit)
+    for name in ("dense", "moe"):
+        if (out / name / "train_runs.csv").exists():
+            runs, profiles = collect(out / name)
+            if len(runs):
+                _grid_report(out / name, runs, profiles, args.format)
+    init = out / "init"
+    if (init / "init_profiles.csv").exists() and (init / "theory.json").exists():
+        from analysis.init.pipeline import load_tables
+        tables, _, theory = load_tables(init)
+        _write_report(tables, theory, init, args.format)
+    from figures.campaign import write_campaign_report
+    tables = {n: pd.read_csv(out / f"{n}.csv") for n in ("probe_overhead", "throughput")
+              if (out / f"{n}.csv").exists()}
+    run_columns = ["scheme", "depth", "moe", "tokens", "final_val_bpb", "diverged", "divergence_step",
+                   "tokens_per_s", "mfu"]
+    for name in ("dense", "moe"):
+        if (out / name / "train_runs.csv").exists():
+            tables[name] = pd.read_csv(out / name / "train_runs.csv")[run_columns]
+    if (init / "targets.csv").exists():
+        tables["init_targets"] = pd.read_csv(init / "targets.csv")
+    report = write_campaign_report(out, state, tables)
+    bundle = _bundle(out)
+    todo = remaining(state, cfg)
+    print(f"wrote {report} and {bundle} ({bundle.stat().st_size / 1e6:.2f} MB)")
+    if todo:
+        print("remaining: " + ", ".join(f"{s} (~{m:.1f} min)" for s, m in todo)
+              + f"; about {sum(m for _, m in todo):.1f} minutes. Run the same command again.")
+    else:
+        print("campaign complete")
+    return 0
+
+
+def _bundle(out):
+    """The campaign's small results (CSVs, figures, reports, no checkpoints) as one tarball."""
+    import tarfile
+    path = out / "campaign-bundle.tar.gz"
+    keep = {".csv", ".png", ".svg", ".pdf", ".md", ".html", ".json"}
+    with tarfile.open(path, "w:gz") as tar:
+        for f in sorted(out.rglob("*")):
+            rel = f.relative_to(out)
+            if f.is_file() and f.suffix in keep and "runs" not in rel.parts[:-1] and f != path:
+                tar.add(f, arcname=str(rel))
+    return path
 
 
 def _parse_ints(text: str, flag: str) -> list[int]:
@@ -296,6 +364,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_arg(p, "train under torch.compile, a fresh compile per run (default: on cuda "
                         "only)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("campaign", help="the GPU campaign: dense grid, probe overhead, throughput, "
+                                        "MoE grid, init sweep; resumable, stops before --time-limit")
+    p.add_argument("--device", default="cuda", help="torch device (default: cuda)")
+    p.add_argument("--out", help="campaign folder; a campaign there resumes (default: runs/campaign)")
+    p.add_argument("--time-limit", type=float, default=540.0,
+                   help="seconds this invocation may take; it stops cleanly before (default: 540)")
+    p.add_argument("--stages", help="comma-separated subset of dense_grid, probe_overhead, "
+                                    "throughput, moe_grid, init_sweep (default: all, in that order)")
+    p.add_argument("--tiny", action="store_true",
+                   help="toy sizes: the same code path as a CPU rehearsal, minutes")
+    p.add_argument("--tokens", type=int, help="tokens per training run (default: 8e6; tiny: 1536)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="training runs side by side on the device (default: 1)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default: inductor; aot_eager traces without codegen)")
+    p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    _add_compile_arg(p, "train and benchmark under torch.compile (default: on)")
+    p.set_defaults(func=_cmd_campaign)
 
     p = sub.add_parser("theory", help="derive every scheme's moment recurrences, closed forms, "
                                       "asymptotic orders and claims; write theory.json, claims.csv")

@@ -51,13 +51,15 @@ def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
     return save(fig, path, fmt)
 
 
-def profiles_init_vs_end(profiles: pd.DataFrame, path: Path, depth: int, fmt: str = "png") -> Path:
-    """Per-layer stream second moment, gradient second moment and token cosine at init and end."""
+def profiles_init_vs_end(profiles: pd.DataFrame, path: Path, depth: int, fmt: str = "png",
+                         moe: str = "dense") -> Path:
+    """Per-layer stream second moment, gradient second moment and token cosine at init and end,
+    for the runs of one FFN kind (``moe``: 'dense' or an MoE label such as 'moe8k2')."""
     panels = [("second_moment", "stream second moment E[x²]", True),
               ("grad_second_moment", "gradient second moment E[g²]", True),
               ("token_cosine", "token cosine ρ", False)]
     fig, axes = new_figure(len(panels), width=4.2)
-    sub = profiles[(profiles["depth"] == depth) & (profiles["moe"] == "dense")
+    sub = profiles[(profiles["depth"] == depth) & (profiles["moe"] == moe)
                    & profiles["point"].astype(str).str.endswith("resid_post")]
     for ax, (metric, label, log) in zip(axes, panels):
         for (scheme, tag), g in sub[sub["metric"] == metric].groupby(["scheme", "tag"], sort=False):

@@ -26,6 +26,7 @@ from probes import Probe
 SHAPES = {
     "small": (dict(depth=4, width=128, heads=4, max_seq_len=128), 8, 15, 1),
     "gpt2": (dict(depth=12, width=768, heads=12, max_seq_len=1024), 8, 20, 3),  # GPT-2 small, T 1024
+    "tiny": (dict(depth=2, width=32, heads=4, max_seq_len=32), 4, 3, 1),  # the campaign's rehearsal
 }
 
 
@@ -53,21 +54,21 @@ def _step(run: _Run, idx: torch.Tensor, autocast: bool) -> None:
     run.opt.zero_grad(set_to_none=True)
 
 
-def _make_runs(base: torch.nn.Module, compile_ok: bool) -> list[_Run]:
+def _make_runs(base: torch.nn.Module, compile_ok: bool, backend: str = "inductor") -> list[_Run]:
     runs = []
     for name in ("eager", "eager+probe", "compiled", "compiled+probe"):
         if name.startswith("compiled") and not compile_ok:
             continue
         model = copy.deepcopy(base)
         probe = Probe(model).install() if name.endswith("probe") else None
-        step_model = torch.compile(model) if name.startswith("compiled") else model
+        step_model = torch.compile(model, backend=backend) if name.startswith("compiled") else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         runs.append(_Run(name, model, step_model, opt, probe, []))
     return runs
 
 
 def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, rounds: int | None = None,
-              seed: int = 0) -> dict[str, list[float]]:
+              seed: int = 0, backend: str = "inductor") -> dict[str, list[float]]:
     """Step times in ms per copy, one per round (keys: eager, eager+probe, compiled, compiled+probe)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape '{shape}' (known: {', '.join(SHAPES)})")
@@ -78,7 +79,7 @@ def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, r
     base = build_model(ModelConfig(scheme="pre", **kw), seed=seed, device=dev)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.randint(0, base.cfg.vocab, (batch, kw["max_seq_len"]), generator=gen).to(dev)
-    runs = _make_runs(base, compile)
+    runs = _make_runs(base, compile, backend)
     for run in list(runs):  # warm-up: compiles, allocator, AdamW state
         try:
             for _ in range(2):

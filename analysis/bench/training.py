@@ -18,7 +18,7 @@ from analysis.training.train import TrainConfig, peak_flops, train_run
 
 
 def throughput(shape: str, device: str, steps: int = 30, warmup: int = 10,
-               compile: bool | None = None) -> dict:
+               compile: bool | None = None, compile_backend: str = "inductor") -> dict:
     """Median step time (over windows of 5 steps after ``warmup``), tokens/s and MFU of the pre-norm
     testbed at ``shape``."""
     overrides, batch = SHAPES[shape][:2]
@@ -26,7 +26,7 @@ def throughput(shape: str, device: str, steps: int = 30, warmup: int = 10,
     tc = TrainConfig(tokens=(steps + warmup) * batch * mc.max_seq_len, batch_size=batch,
                      device=device, evals=1, eval_batches=1, checkpoints=1, profile_fractions=(),
                      timing_warmup=warmup, check_every=5,  # windows of 5 steps after warm-up
-                     compile=compile)
+                     compile=compile, compile_backend=compile_backend)
     with tempfile.TemporaryDirectory() as tmp:
         r = train_run(mc, tc, load_corpus(), tmp, log=lambda s: None)
     step = statistics.median(s / n for _, n, s in r["timed_windows"])

@@ -1,0 +1,47 @@
+"""The campaign's summary report: each stage's status and time, its tables, its main figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from figures.report import Block, write_report
+
+SECTIONS = [  # table name, heading, figure beside it (relative to the campaign folder)
+    ("dense", "Dense training grid", "dense/figures/train_loss_vs_depth.png"),
+    ("probe_overhead", "Probe overhead", None),
+    ("throughput", "Training throughput", None),
+    ("moe", "MoE training grid", "moe/figures/train_loss_vs_depth.png"),
+    ("init_targets", "Init sweep: theory against measurement", "init/figures/gradient_ratio_vs_depth.png"),
+]
+DETAILS = {"dense": "dense/train.md", "moe": "moe/train.md", "init_targets": "init/report.md"}
+
+
+def campaign_blocks(out: Path, state: dict, tables: dict[str, pd.DataFrame]) -> list[Block]:
+    """Report blocks: settings, the stage table, then each stage's table and figure."""
+    s = state["settings"]
+    stages = pd.DataFrame([(name, state["stages"].get(name, "not started"),
+                            round(state["seconds"].get(name, 0.0) / 60, 2))
+                           for name in state["selected"]], columns=["stage", "status", "minutes"])
+    blocks: list[Block] = [
+        ("h1", "sigprop campaign"),
+        ("p", f"Device {s['device']}, compile {'on (' + s['compile_backend'] + ')' if s['compile'] else 'off'}"
+              f", {'tiny rehearsal sizes' if s['tiny'] else 'full sizes'}; each stage's sizes are in "
+              "campaign.json (settings.plan)."),
+        ("table", stages)]
+    for name, heading, figure in SECTIONS:
+        if name not in tables:
+            continue
+        blocks += [("h2", heading), ("table", tables[name])]
+        if figure and (out / figure).exists():
+            blocks.append(("img", figure))
+        if name in DETAILS and (out / DETAILS[name]).exists():
+            blocks.append(("p", f"Details: [{DETAILS[name]}]({DETAILS[name]})."))
+    return blocks
+
+
+def write_campaign_report(out: Path, state: dict, tables: dict[str, pd.DataFrame]) -> Path:
+    """Write report.md and report.html into ``out``; the Markdown path."""
+    md, _ = write_report(campaign_blocks(out, state, tables), out, "sigprop campaign")
+    return md

@@ -1,0 +1,93 @@
+"""The campaign: the CPU rehearsal end to end, a cut resumed, bad input refused in one line."""
+
+import json
+import tarfile
+import time
+
+import pytest
+
+import analysis.training.campaign as campaign_mod
+from analysis.budget import Cut
+from analysis.testbed.corpus import load_corpus
+from analysis.testbed.model import ModelConfig
+from analysis.training.train import TrainConfig, train_run
+from run_analysis import main
+
+TINY = ["campaign", "--device", "cpu", "--tiny", "--compile-backend", "aot_eager"]
+
+
+def test_tiny_campaign_end_to_end_then_nothing_left(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main([*TINY, "--out", str(out)]) == 0
+    state = json.loads((out / "campaign.json").read_text())
+    assert state["stages"] == {s: "done" for s in campaign_mod.STAGES}
+    for f in ["dense/train_runs.csv", "moe/train_runs.csv", "probe_overhead.csv", "throughput.csv",
+              "init/errors.csv", "init/claims.csv", "report.md", "dense/figures/train_loss_vs_depth.png"]:
+        assert (out / f).stat().st_size > 0, f
+    bundle = out / "campaign-bundle.tar.gz"
+    assert bundle.stat().st_size < 5e6
+    names = tarfile.open(bundle).getnames()
+    assert "report.md" in names and not any("checkpoint" in n for n in names)
+    report = (out / "report.md").read_text()
+    assert "| dense_grid | done |" in report and "Probe overhead" in report
+    assert "campaign complete" in capsys.readouterr().out
+    t0 = time.time()
+    assert main([*TINY, "--out", str(out)]) == 0  # everything done: kept, not redone
+    assert "done earlier, kept" in capsys.readouterr().out and time.time() - t0 < 60
+
+
+def test_a_cut_stage_is_reported_and_resumed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "c"
+    ran = []
+
+    def cut_once(cfg, folder, deadline, log):
+        ran.append("probe_overhead")
+        if len(ran) == 1:
+            raise Cut("simulated time limit")
+        (folder / "probe_overhead.csv").write_text("shape,mode\ntiny,eager\n")
+
+    monkeypatch.setitem(campaign_mod.RUNNERS, "probe_overhead", cut_once)
+    args = [*TINY, "--out", str(out), "--stages", "probe_overhead,throughput"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "cut at the time limit" in text and "remaining: probe_overhead" in text
+    assert json.loads((out / "campaign.json").read_text())["stages"] == {"probe_overhead": "cut"}
+    assert main(args) == 0
+    assert json.loads((out / "campaign.json").read_text())["stages"] == {
+        "probe_overhead": "done", "throughput": "done"}
+    assert ran == ["probe_overhead", "probe_overhead"]
+
+
+def test_a_run_cut_at_its_deadline_resumes_to_the_uninterrupted_result(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("def add(a, b):\n    return a + b\n" * 300)
+    corpus = load_corpus(path)
+    mc = ModelConfig(scheme="span", depth=2, width=16, heads=2, max_seq_len=16)
+    tc = TrainConfig(tokens=16 * 2 * 20, batch_size=2, evals=4, eval_batches=1, check_every=4)
+    full = train_run(mc, tc, corpus, tmp_path / "full", log=lambda s: None)
+    with pytest.raises(Cut, match="checkpoint saved"):
+        train_run(mc, tc, corpus, tmp_path / "cut", log=lambda s: None, deadline=time.time())
+    resumed = train_run(mc, tc, corpus, tmp_path / "cut", log=lambda s: None)
+    assert resumed["train_loss"] == full["train_loss"] and resumed["val_loss"] == full["val_loss"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--stages", "dense_grid,warp"], "unknown stage 'warp'"),
+    (["--time-limit", "10"], "too small for any step"),
+    (["--parallel", "0"], "parallel must be >= 1"),
+])
+def test_bad_campaign_input_is_one_line(tmp_path, capsys, extra, message):
+    assert main([*TINY, "--out", str(tmp_path / "c"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_a_folder_of_another_campaign_is_refused_naming_the_difference(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "c"
+    monkeypatch.setitem(campaign_mod.RUNNERS, "throughput",
+                        lambda cfg, folder, deadline, log: (folder / "throughput.csv").write_text("a\n1\n"))
+    assert main([*TINY, "--out", str(out), "--stages", "throughput"]) == 0
+    capsys.readouterr()
+    assert main([*TINY, "--out", str(out), "--stages", "throughput", "--no-compile"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "compile = True, not False" in err and len(err.splitlines()) == 1
