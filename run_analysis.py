@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "throughput, moe_grid, init_sweep (default: all, in that order)")
     p.add_argument("--tiny", action="store_true",
                    help="toy sizes: the same code path as a CPU rehearsal, minutes")
-    p.add_argument("--tokens", type=int, help="tokens per training run (default: 8e6; tiny: 1536)")
+    p.add_argument("--tokens", type=int, help="tokens per training run (default: 4e6; tiny: 1536)")
     p.add_argument("--parallel", type=int, default=1,
                    help="training runs side by side on the device (default: 1)")
     p.add_argument("--compile-backend", default="inductor",
@@ -396,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(see README, Benchmarks)")
     p.add_argument("--theory", action="store_true", help="time deriving and evaluating the recurrences")
     p.add_argument("--probes", action="store_true", help="time a probed training step against an unprobed one")
-    p.add_argument("--shape", choices=["small", "gpt2"],
-                   help="model shape for --probes and --train: small (d128 L4 T128) or gpt2 "
+    p.add_argument("--shape", choices=["small", "gpt2", "tiny"],
+                   help="model shape for --probes and --train: small (d128 L4 T128), tiny (d32 L2 "
+                        "T32, the campaign's rehearsal) or gpt2 "
                         "(d768 L12 T1024, for a GPU) (default: gpt2 on cuda, small on cpu)")
     p.add_argument("--train", action="store_true",
                    help="time training steps (tokens/s, MFU) and a small depth grid run in parallel")
@@ -453,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        print("error: interrupted" + (f"; what finished is kept in {out} and the same command "
+                                      "resumes" if out else ""), file=sys.stderr)
+        return 130
     except torch.OutOfMemoryError:
         out = getattr(args, "out", None)
         kept = f"; what finished is kept in {out}" if out else ""

@@ -26,12 +26,22 @@ def _compiled_run(corpus, depth, run_dir, scheme="pre", **kw):
     return train_run(mc, tc, corpus, run_dir, log=lambda s: None)
 
 
-@pytest.mark.parametrize("scope", ["model", "blocks"])
-def test_twelve_compiled_runs_in_one_process_never_fall_back(corpus, tmp_path, scope):
+def test_twelve_compiled_runs_in_one_process_never_fall_back(corpus, tmp_path):
     for depth in range(1, 13):  # 12 whole-model graphs: above dynamo's recompile limit of 8
         before = counters["frames"]["ok"]
-        r = _compiled_run(corpus, depth, tmp_path / f"L{depth}", compile_scope=scope)
+        r = _compiled_run(corpus, depth, tmp_path / f"L{depth}", compile_scope="model")
         assert r["compiled"] and counters["frames"]["ok"] > before, depth  # traced afresh
+
+
+def test_runs_compiled_by_block_share_their_graphs_across_depths(corpus, tmp_path):
+    torch.compiler.reset()
+    counters.clear()
+    for depth in range(1, 13):
+        for scheme in ("pre", "span"):
+            r = _compiled_run(corpus, depth, tmp_path / f"{scheme}{depth}", scheme=scheme,
+                              tokens=16 * 2 * 2)
+            assert r["compiled"]
+    assert counters["stats"]["unique_graphs"] == 2  # one per scheme, for 24 runs of 1..12 blocks
 
 
 def test_without_a_reset_per_run_the_limit_is_hit_loudly(corpus, tmp_path, monkeypatch):
@@ -52,11 +62,8 @@ def test_tokens_per_s_counts_only_steps_after_the_warm_up(corpus, tmp_path):
     assert r["tokens_per_s"] == pytest.approx(timed)
 
 
-def test_compiled_blocks_share_one_graph_and_blocks_that_branch_on_l_get_their_own(corpus, tmp_path):
+def test_blocks_that_branch_on_l_get_a_graph_each_past_the_default_limit(corpus, tmp_path):
     torch.compiler.reset()
-    counters.clear()
-    _compiled_run(corpus, 12, tmp_path / "pre", compile_scope="blocks", tokens=16 * 2 * 2)
-    assert counters["stats"]["unique_graphs"] == 1  # one graph for 12 blocks: compile time flat in depth
     counters.clear()
     # LayerNorm Scaling multiplies by l^-1/2: a graph per block, 12 > the default limit of 8
     r = _compiled_run(corpus, 12, tmp_path / "lns", scheme="lns", compile_scope="blocks",

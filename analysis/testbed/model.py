@@ -187,7 +187,9 @@ class MoE(nn.Module):
         expert_of_slot = chosen.flatten()
         order = expert_of_slot.argsort(stable=True)  # slots grouped by expert, static length N·k
         token = order // self.top_k
-        ends = torch.bincount(expert_of_slot, minlength=len(self.experts)).cumsum(0).to(torch.int32)
+        counts = torch.zeros(len(self.experts), dtype=torch.int32, device=flat.device)
+        counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot, dtype=torch.int32))
+        ends = counts.cumsum(0, dtype=torch.int32)  # static shape [E]: bincount's is data-dependent
 
         def matmul(v: torch.Tensor, name: str) -> torch.Tensor:  # every expert's Linear at once
             w = torch.stack([getattr(e, name).weight for e in self.experts])  # [E, out, in]

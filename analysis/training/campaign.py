@@ -41,9 +41,9 @@ STAGES = ("dense_grid", "probe_overhead", "throughput", "moe_grid", "init_sweep"
 PLANS = {
     "full": {
         "dense_grid": dict(schemes=["pre", "post", "span", "deepnorm"], depths=[12, 24, 48, 96],
-                           width=256, heads=4, seq_len=256, batch=32, tokens=8_000_000, lr=1e-3),
+                           width=256, heads=4, seq_len=256, batch=32, tokens=4_000_000, lr=1e-3),
         "moe_grid": dict(schemes=["pre", "span"], depths=[12, 24], experts=8, top_k=2, width=256,
-                         heads=4, seq_len=256, batch=32, tokens=8_000_000, lr=1e-3),
+                         heads=4, seq_len=256, batch=32, tokens=4_000_000, lr=1e-3),
         "bench": dict(shape="gpt2", steps=30, warmup=10, rounds=20),
         "init_sweep": dict(schemes=["pre", "post", "span", "deepnorm"],
                            depths=[2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], width=1024, heads=8,
@@ -60,11 +60,12 @@ PLANS = {
     },
 }
 
-# Estimated device minutes per stage on an H200 for the full plan, until measured ones exist
-# (campaign.json keeps those): FLOPs at an assumed achieved 100 TFLOP/s for the small-width
-# grids, plus compiles; see README.
-ESTIMATED_MINUTES = {"dense_grid": 4.0, "probe_overhead": 1.5, "throughput": 1.0, "moe_grid": 2.0,
-                     "init_sweep": 3.0}
+# Estimated device minutes per stage on an H200 for the full plan, until measured ones replace
+# them (README, The GPU campaign): the grids' FLOPs at an assumed 100 TFLOP/s (small widths use a
+# GPU poorly) plus a compile per block structure; the benchmarks' compiles; the sweep's
+# position-resolved theory on the host CPU.
+ESTIMATED_MINUTES = {"dense_grid": 4.0, "probe_overhead": 1.5, "throughput": 1.0, "moe_grid": 1.0,
+                     "init_sweep": 2.0}
 # Least time worth starting a stage with: a cut stage resumes, so only its fixed costs count.
 START_SECONDS = {"full": {"dense_grid": 60, "probe_overhead": 120, "throughput": 90,
                           "moe_grid": 60, "init_sweep": 60},
@@ -220,8 +221,8 @@ def load_state(cfg: CampaignConfig, out: Path) -> dict:
 
 
 def remaining(state: dict, cfg: CampaignConfig) -> list[tuple[str, float]]:
-    """(stage, estimated minutes) of every selected stage not done: measured seconds where a
-    cut stage recorded some, else the plan's estimate."""
+    """(stage, estimated device minutes) of every selected stage not done yet (the full plan's
+    estimates; a twentieth of them for the tiny one)."""
     scale = 0.05 if cfg.tiny else 1.0
     return [(s, scale * ESTIMATED_MINUTES[s]) for s in STAGES
             if s in cfg.stages and state["stages"].get(s) != "done"]

@@ -230,9 +230,10 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
     use_autocast = tc.autocast if tc.autocast is not None else device.type == "cuda"
     ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast
            else (lambda: torch.autocast(device.type, enabled=False)))
-    if tc.compiled:
-        # A process that trains many models (a grid) would reach dynamo's recompile limit after 8
-        # and silently run the rest eagerly: every run starts from empty caches instead.
+    if tc.compiled and tc.compile_scope == "model":
+        # Every whole model is a graph of its own: a process that trains many (a grid) would
+        # reach dynamo's recompile limit after 8 and silently run the rest eagerly. Each run
+        # starts from empty caches instead. Compiled by block, runs share graphs: no reset.
         torch.compiler.reset()
     fwd = model
     if tc.compiled:
