@@ -137,12 +137,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     base = ModelConfig(scheme=schemes[0] if schemes else "", depth=depths[0], width=opt["width"],
                        heads=opt["heads"], max_seq_len=opt["seq_len"], ffn=args.ffn, norm=args.norm,
                        experts=experts, top_k=top_k)
+    seeds = _parse_ints(args.seeds, "--seeds")
     tc = TrainConfig(tokens=opt["tokens"], batch_size=opt["batch"], lr=opt["lr"],
-                     grad_clip=args.grad_clip, device=args.device, seed=args.seed,
+                     grad_clip=args.grad_clip, device=args.device, seed=seeds[0],
                      compile=args.compile)
     out = _writable_dir(args.out)
     corpus = load_corpus(args.corpus)
-    runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel)
+    runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel,
+                                seeds=seeds)
     figs = _grid_report(out, runs, profiles, args.format)
     print(f"wrote {out / 'train_runs.csv'}, {out / 'train_profiles.csv'}, {out / 'train.md'} "
           f"and {len(figs)} figures")
@@ -355,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default="layernorm", help="layernorm or rmsnorm (default: layernorm)")
     p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="init and data seed (default: 0)")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated init and data seeds, a run each (default: 0)")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs trained at once in worker processes, sharing the device (default: 1)")
     p.add_argument("--out", help="output folder; an existing grid there resumes "

@@ -11,19 +11,21 @@ from figures.style import color, new_figure, save
 
 
 def loss_vs_depth(runs: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
-    """Final validation bits/byte against depth per scheme; one panel per dense/MoE; × = diverged."""
+    """Final validation bits/byte against depth per scheme: the mean over seeds with ± 2 standard
+    errors; one panel per dense/MoE; × marks a depth where a seed diverged."""
     kinds = sorted(runs["moe"].unique(), key=lambda k: (k != "dense", k))
     fig, axes = new_figure(len(kinds))
     for ax, kind in zip(axes, kinds):
         sub = runs[runs["moe"] == kind]
         for scheme, g in sub.groupby("scheme", sort=False):
-            g = g.sort_values("depth")
-            ok = g[~g["diverged"].astype(bool)]
-            ax.plot(ok["depth"], ok["final_val_bpb"], "o-", color=color(scheme), label=scheme)
-            bad = g[g["diverged"].astype(bool)]
-            if len(bad):
-                top = ok["final_val_bpb"].max() if len(ok) else 8.0
-                ax.plot(bad["depth"], [top] * len(bad), "x", color=color(scheme), ms=9, mew=2,
+            ok = g[~g["diverged"].astype(bool)].groupby("depth")["final_val_bpb"]
+            mean, se = ok.mean(), (ok.std() / ok.count() ** 0.5).fillna(0)
+            ax.errorbar(mean.index, mean, yerr=2 * se, fmt="o-", color=color(scheme), capsize=3,
+                        label=f"{scheme} ({g['seed'].nunique() if 'seed' in g else 1} seeds)")
+            bad = sorted(g[g["diverged"].astype(bool)]["depth"].unique())
+            if bad:
+                top = mean.max() if len(mean) else 8.0
+                ax.plot(bad, [top] * len(bad), "x", color=color(scheme), ms=9, mew=2,
                         label=f"{scheme} diverged")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("depth L (blocks)")
@@ -51,6 +53,15 @@ def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
     return save(fig, path, fmt)
 
 
+def _over_seeds(g: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: the mean over seeds with its standard error (one seed: its own spread)."""
+    if "seed" not in g or g["seed"].nunique() < 2:
+        return g.sort_values("layer")
+    by = g.groupby("layer")["mean"]
+    return pd.DataFrame({"layer": by.mean().index, "mean": by.mean().values,
+                         "spread": (by.std() / by.count() ** 0.5).values})
+
+
 def profiles_init_vs_end(profiles: pd.DataFrame, path: Path, depth: int, fmt: str = "png",
                          moe: str = "dense") -> Path:
     """Per-layer stream second moment, gradient second moment and token cosine at init and end,
@@ -65,7 +76,7 @@ def profiles_init_vs_end(profiles: pd.DataFrame, path: Path, depth: int, fmt: st
         for (scheme, tag), g in sub[sub["metric"] == metric].groupby(["scheme", "tag"], sort=False):
             if tag not in ("init", "end"):
                 continue
-            g = g.sort_values("layer")
+            g = _over_seeds(g)
             ax.errorbar(g["layer"] + 1, g["mean"], yerr=g["spread"].fillna(0), color=color(scheme),
                         ls="-" if tag == "end" else ":", label=f"{scheme} {tag}")
         ax.set_xlabel("block l")

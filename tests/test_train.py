@@ -104,11 +104,11 @@ def test_killed_grid_does_not_redo_finished_runs(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(grid_mod, "train_run", killed_on_second)
     with pytest.raises(KeyboardInterrupt):
         train_grid(["pre"], [2, 3], tiny(), fast(), corpus, tmp_path, log=lambda s: None)
-    finished = json.loads((tmp_path / "runs" / "pre-L2-d32-dense" / "result.json").read_text())
+    finished = json.loads((tmp_path / "runs" / "pre-L2-d32-dense-s0" / "result.json").read_text())
     runs, _ = train_grid(["pre"], [2, 3], tiny(), fast(), corpus, tmp_path, log=lambda s: None)
     assert calls == [2, 3, 3]
     assert len(runs) == 2
-    again = json.loads((tmp_path / "runs" / "pre-L2-d32-dense" / "result.json").read_text())
+    again = json.loads((tmp_path / "runs" / "pre-L2-d32-dense-s0" / "result.json").read_text())
     assert again == finished
 
 
@@ -172,3 +172,32 @@ def test_divergence_is_recorded_at_its_step_though_losses_are_read_in_windows(co
     assert r["train_loss"][-1][0] == d and steps[-1] == d  # nothing read past the divergence
     assert [s for s, _ in r["train_loss"]] == list(range(d + 1))  # every step read, in order
     assert r["steps"] >= d + 1  # up to check_every - 1 further steps ran before the host looked
+
+
+def test_a_changed_setting_never_reuses_a_run(corpus, tmp_path):
+    quiet = dict(log=lambda s: None)
+    train_grid(["pre"], [2], tiny(), fast(), corpus, tmp_path, **quiet)
+    for change, message in [(dict(tokens=32 * 4 * 12), "tokens = 3072, not 1536"),
+                            (dict(lr=1e-3), "lr = 0.003, not 0.001"),
+                            (dict(warmup_frac=0.2), "warmup_frac = 0.05, not 0.2")]:
+        with pytest.raises(ValueError, match=message):
+            train_grid(["pre"], [2], tiny(), fast(**change), corpus, tmp_path, **quiet)
+    with pytest.raises(ValueError, match="ffn = gelu, not relu"):
+        train_grid(["pre"], [2], tiny(ffn="relu"), fast(), corpus, tmp_path, **quiet)
+    runs, _ = train_grid(["pre"], [2], tiny(), fast(seed=1), corpus, tmp_path, **quiet)
+    assert sorted(runs["seed"]) == [0, 1]  # another seed is another run, beside the first
+    assert {"lr", "batch_size", "warmup_frac", "corpus", "heads", "ffn"} <= set(runs.columns)
+
+
+def test_two_seed_grid_end_to_end(corpus, tmp_path):
+    from figures.train import loss_vs_depth, profiles_init_vs_end
+    runs, profiles = train_grid(["pre", "span"], [2], tiny(), fast(), corpus, tmp_path,
+                                log=lambda s: None, seeds=[0, 1])
+    assert len(runs) == 4 and set(runs.groupby("scheme")["seed"].nunique()) == {2}
+    assert runs["final_val_bpb"].notna().all()
+    assert set(profiles["seed"]) == {0, 1}
+    for fig in (loss_vs_depth(runs, tmp_path / "loss"),
+                profiles_init_vs_end(profiles, tmp_path / "prof", 2)):
+        assert fig.stat().st_size > 1000
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        train_grid(["pre"], [2], tiny(), fast(), corpus, tmp_path, seeds=[0, 0])

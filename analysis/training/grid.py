@@ -25,18 +25,23 @@ from analysis.device import available_memory, resolve_device
 from analysis.testbed.memory import check_fits
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed
-from analysis.training.train import TrainConfig, train_run
+from analysis.training.train import TrainConfig, check_same_run, run_settings, train_run
 from probes import Probe
 
 PROFILE_METRICS = ["second_moment", "grad_second_moment", "token_cosine", "layer_cosine"]
 PROFILE_POINTS = ["embed", "blocks.*.pre_norm_sum", "blocks.*.resid_post"]
 RUN_COLUMNS = ["scheme", "depth", "width", "moe", "tokens", "final_val_bpb", "diverged",
                "divergence_step", "tokens_per_s", "mfu"]
+# after RUN_COLUMNS and the run's folder name: every other setting that changes a result
+SETTING_COLUMNS = ["seed", "heads", "ffn", "norm", "sigma", "max_seq_len", "batch_size", "lr",
+                   "min_lr_ratio", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip",
+                   "spike_factor", "scheme_params", "corpus"]
 
 
-def run_name(mc: ModelConfig) -> str:
-    """Folder name of a run: scheme, depth, width, dense or MoE."""
-    return f"{mc.scheme}-L{mc.depth}-d{mc.width}-{moe_label(mc.experts, mc.top_k)}"
+def run_name(mc: ModelConfig, seed: int = 0) -> str:
+    """Folder name of a run: scheme, depth, width, dense or MoE, seed. Its settings.json holds
+    every other setting, and a run folder of other settings is refused, never reused."""
+    return f"{mc.scheme}-L{mc.depth}-d{mc.width}-{moe_label(mc.experts, mc.top_k)}-s{seed}"
 
 
 def moe_label(experts: int, top_k: int) -> str:
@@ -65,9 +70,11 @@ def probe_profiler(run_dir: Path, batches: int = 2) -> Callable:
 
 def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: TrainConfig,
                corpus: Corpus, out_dir: str | Path, log: Callable[[str], None] = print,
-               parallel: int = 1, verbose_workers: bool = True, deadline: float | None = None
-               ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train every (scheme, depth) of the grid into ``out_dir``; return (runs, profiles) tables.
+               parallel: int = 1, verbose_workers: bool = True, deadline: float | None = None,
+               seeds: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train every (scheme, depth, seed) of the grid into ``out_dir``; return (runs, profiles).
+
+    ``seeds`` (default: ``tc.seed`` alone) seed each run's init and data order.
 
     ``parallel`` > 1 trains that many runs at once in worker processes (one device shared), which
     print their progress prefixed with the run's name unless ``verbose_workers`` is False. At
@@ -77,44 +84,54 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     out_dir = Path(out_dir)
-    configs = [replace(base, scheme=s, depth=d) for s in schemes for d in depths]
-    for mc in configs:
+    seeds = [tc.seed] if seeds is None else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and not empty, got {seeds}")
+    configs = [(replace(base, scheme=s, depth=d), replace(tc, seed=seed))
+               for s in schemes for d in depths for seed in seeds]
+    for mc, _ in configs:
         mc.validate()
     tc.validate(base.max_seq_len)
     t_grid = time.perf_counter()
     todo = []
-    for i, mc in enumerate(configs, 1):
-        if (out_dir / "runs" / run_name(mc) / "result.json").exists():
-            log(f"[{i}/{len(configs)}] {run_name(mc)}: finished earlier, kept")
+    for i, (mc, tcs) in enumerate(configs, 1):
+        folder = out_dir / "runs" / run_name(mc, tcs.seed)
+        if folder.exists():  # kept or resumed only if it is the same run
+            if (folder / "result.json").exists() and not (folder / "settings.json").exists():
+                raise ValueError(f"{folder} holds a run without its settings.json (an older "
+                                 "sigprop): choose another --out folder")
+            check_same_run(folder, run_settings(mc, tcs, corpus))
+        if (folder / "result.json").exists():
+            log(f"[{i}/{len(configs)}] {folder.name}: finished earlier, kept")
         else:
-            todo.append(mc)
+            todo.append((mc, tcs))
     workers = parallel if len(todo) > 1 else 1
     free = available_memory(resolve_device(tc.device)) / workers  # runs side by side share it
-    for mc in todo:  # refuse before training what cannot fit
+    for mc, _ in todo:  # refuse before training what cannot fit
         check_fits(mc, tc.batch_size, mc.max_seq_len, free, f"{tc.device} (per run, {workers} at once)",
                    training=True)
-    jobs = [(mc, tc, corpus, out_dir / "runs" / run_name(mc), workers, verbose_workers, deadline)
-            for mc in todo]
+    jobs = [(mc, tcs, corpus, out_dir / "runs" / run_name(mc, tcs.seed), workers, verbose_workers,
+             deadline) for mc, tcs in todo]
     unfinished = []
     if workers > 1:
         # several small models at once keep a GPU busy that one alone leaves idle
         log(f"training {len(todo)} runs, {parallel} at a time")
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
-            for mc, r in zip(todo, pool.map(_train_one, jobs)):
-                log(f"  {run_name(mc)}: {_outcome(r)}")
+            for job, r in zip(jobs, pool.map(_train_one, jobs)):
+                log(f"  {job[3].name}: {_outcome(r)}")
                 if r is None:
-                    unfinished.append(run_name(mc))
+                    unfinished.append(job[3].name)
     else:
         for k, job in enumerate(jobs, 1):
             if past(deadline):
-                unfinished += [run_name(j[0]) for j in jobs[k - 1:]]
+                unfinished += [j[3].name for j in jobs[k - 1:]]
                 break
-            log(f"[{k}/{len(jobs)}] {run_name(job[0])}: training {tc.tokens:,} tokens on {tc.device}")
+            log(f"[{k}/{len(jobs)}] {job[3].name}: training {tc.tokens:,} tokens on {tc.device}")
             r = _train_one(job, log)
             log(f"    {_outcome(r)}")
             if r is None:
-                unfinished += [run_name(j[0]) for j in jobs[k - 1:]]
+                unfinished += [j[3].name for j in jobs[k - 1:]]
                 break
     log(f"grid {'cut' if unfinished else 'done'} in {time.perf_counter() - t_grid:.0f} s")
     runs, profiles = collect(out_dir)
@@ -130,7 +147,7 @@ def _train_one(job: tuple, log: Callable[[str], None] = print) -> dict | None:
     """One run of the grid (top-level, so worker processes can call it); None if cut."""
     mc, tc, corpus, run_dir, workers, verbose, deadline = job
     if workers > 1:  # a worker process: name the run in its lines, share the CPU cores
-        log = ((lambda s, name=run_name(mc): print(f"[{name}] {s.strip()}", flush=True)) if verbose
+        log = ((lambda s, name=run_dir.name: print(f"[{name}] {s.strip()}", flush=True)) if verbose
                else (lambda s: None))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +158,7 @@ def _train_one(job: tuple, log: Callable[[str], None] = print) -> dict | None:
         log(f"    {e}")
         return None
     except torch.OutOfMemoryError:
-        raise ValueError(f"out of memory training {run_name(mc)} on {tc.device}: lower --batch, "
+        raise ValueError(f"out of memory training {run_dir.name} on {tc.device}: lower --batch, "
                          f"--seq-len or --width, drop the deepest depths, or lower --parallel") from None
 
 
@@ -164,10 +181,14 @@ def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The runs and profiles tables of every finished run under ``out_dir/runs``."""
     rows, profiles = [], []
     for folder, r, label in _finished(out_dir):
+        s = r.get("settings", {})
+        flat = {**s.get("model", {}), **s.get("train", {}), "corpus": s.get("corpus")}
+        flat["scheme_params"] = json.dumps(flat.get("scheme_params", {}), sort_keys=True)
         rows.append({**{k: r.get(k) for k in RUN_COLUMNS if k != "moe"}, "moe": label,
-                     "run": folder.name})
+                     "run": folder.name, **{k: flat.get(k) for k in SETTING_COLUMNS}})
         prof = folder / "profiles.csv"
-        meta = dict(scheme=r["scheme"], depth=r["depth"], width=r["width"], moe=label)
+        meta = dict(scheme=r["scheme"], depth=r["depth"], width=r["width"], moe=label,
+                    seed=flat.get("seed", 0))
         if prof.exists():
             profiles.append(pd.read_csv(prof).assign(**meta))
         if r.get("updates"):
@@ -175,13 +196,13 @@ def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             profiles.append(upd.assign(point=[f"blocks.{i}" for i in upd["layer"]],
                                        metric="update_size", tag="step" + upd["step"].astype(str),
                                        count=1, **meta))
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS + ["run"])
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS + ["run"] + SETTING_COLUMNS)
     prof = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
     return runs, prof
 
 
 def curves(out_dir: str | Path) -> pd.DataFrame:
-    """Loss curves of every finished run: run, scheme, depth, moe, split, step, loss (nats)."""
+    """Loss curves of every finished run: run, scheme, depth, moe, split, seed, step, loss (nats)."""
     frames = []
     for folder, r, label in _finished(out_dir):
         for split in ("train", "val"):
@@ -189,7 +210,8 @@ def curves(out_dir: str | Path) -> pd.DataFrame:
             if pts:
                 f = pd.DataFrame(pts, columns=["step", "loss"])
                 frames.append(f.assign(run=folder.name, scheme=r["scheme"], depth=r["depth"],
-                                       moe=label, split=split))
+                                       moe=label, split=split,
+                                       seed=r.get("settings", {}).get("train", {}).get("seed", 0)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["step", "loss", "run", "scheme", "depth", "moe", "split"])
+        columns=["step", "loss", "run", "scheme", "depth", "moe", "split", "seed"])
 

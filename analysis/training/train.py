@@ -76,10 +76,43 @@ class TrainConfig:
         """Whether the run trains on a CUDA device."""
         return resolve_device(self.device).type == "cuda"
 
+    # how a run executes, not what it computes: a run may resume under other values of these
+    EXECUTION_ONLY = ("device", "compile", "compile_backend", "compile_scope", "check_every",
+                      "timing_warmup", "checkpoints")
+
+    def identity(self) -> dict[str, Any]:
+        """Every setting that changes a run's result."""
+        return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION_ONLY}
+
     @property
     def compiled(self) -> bool:
         """Whether the run trains under torch.compile (default: on CUDA only)."""
         return self.compile if self.compile is not None else self.on_cuda
+
+
+def run_settings(mc: ModelConfig, tc: TrainConfig, corpus: Corpus) -> dict[str, Any]:
+    """What fixes a run's result: the model, the training settings and the corpus, JSON-ready."""
+    return json.loads(json.dumps({"model": mc.to_dict(), "train": tc.identity(),
+                                  "corpus": corpus.source}))
+
+
+def check_same_run(run_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume or reuse a run folder of other settings, naming the first difference."""
+    path = run_dir / "settings.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    for part in ("model", "train"):
+        for key, value in settings[part].items():
+            if old.get(part, {}).get(key) != value:
+                raise ValueError(f"{run_dir} holds a run with {key} = {old.get(part, {}).get(key)}, "
+                                 f"not {value}: choose another --out folder or the same settings")
+    if old.get("corpus") != settings["corpus"]:
+        raise ValueError(f"{run_dir} holds a run on the corpus {old.get('corpus')}, not "
+                         f"{settings['corpus']}: choose another --out folder or the same corpus")
 
 
 def lr_at(step: int, steps: int, tc: TrainConfig) -> float:
@@ -207,12 +240,16 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
             raise ValueError(f"the {split} split of {corpus.source} has {len(corpus.split(split))} "
                              f"bytes, shorter than the context {seq_len} + 1")
     run_dir = Path(run_dir)
+    settings = run_settings(mc, tc, corpus)
+    check_same_run(run_dir, settings)
     device = resolve_device(tc.device)
     steps = tc.tokens // (tc.batch_size * seq_len)
     eval_at = {round(steps * (i + 1) / tc.evals) - 1 for i in range(tc.evals)}
     ckpt_at = {round(steps * (i + 1) / tc.checkpoints) for i in range(tc.checkpoints)}
     profile_at = {min(steps, round(f * steps)) for f in tc.profile_fractions}
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
     model = build_model(mc, seed=tc.seed, device=device)
     opt = make_optimizer(model, tc)
     data_gen = torch.Generator().manual_seed(tc.seed)
@@ -296,7 +333,9 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
     reason, divergence_step = "", None
     # never a silent eager fallback; compiled by block, a scheme whose blocks branch on l
     # (Mix-LN, LNS) needs a graph per block
-    limit = max(8, mc.depth + 8) if tc.compile_scope == "blocks" else 8
+    limit = torch._dynamo.config.recompile_limit
+    if tc.compile_scope == "blocks":
+        limit = max(limit, mc.depth + 8)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
         while state.step < steps:
             step = state.step
@@ -357,7 +396,7 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
         "mfu": tokens_per_s * flops_per_token(model) / peak_flops(device),
         "flops_per_token": flops_per_token(model),
         "train_loss": state.train_loss, "val_loss": state.val_loss, "updates": state.updates,
-        "timed_windows": state.windows, "compiled": tc.compiled,
+        "timed_windows": state.windows, "compiled": tc.compiled, "settings": settings,
     }
     checkpoint()
     (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
