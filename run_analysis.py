@@ -136,7 +136,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     schemes = [s for s in opt["schemes"].split(",") if s]
     base = ModelConfig(scheme=schemes[0] if schemes else "", depth=depths[0], width=opt["width"],
                        heads=opt["heads"], max_seq_len=opt["seq_len"], ffn=args.ffn, norm=args.norm,
-                       experts=experts, top_k=top_k)
+                       experts=experts, top_k=top_k, tie_embeddings=args.tie_embeddings,
+                       dropout=args.dropout)
     seeds = _parse_ints(args.seeds, "--seeds")
     tc = TrainConfig(tokens=opt["tokens"], batch_size=opt["batch"], lr=opt["lr"],
                      grad_clip=args.grad_clip, device=args.device, seed=seeds[0],
@@ -146,13 +147,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel,
                                 seeds=seeds)
     figs = _grid_report(out, runs, profiles, args.format)
-    print(f"wrote {out / 'train_runs.csv'}, {out / 'train_profiles.csv'}, {out / 'train.md'} "
-          f"and {len(figs)} figures")
+    print(f"wrote {out / 'train_runs.csv'}, {out / 'train_profiles.csv'}, {out / 'claims.csv'}, "
+          f"{out / 'train.md'} and {len(figs)} figures")
     return 0
 
 
 def _grid_report(out, runs, profiles, fmt: str) -> list:
     """Figures and train.md of a training grid folder; the figure paths."""
+    from analysis.training.claims import check_training_claims
     from analysis.training.grid import curves
     from figures.report import to_markdown
     from figures.train import loss_curves, loss_vs_depth, profiles_init_vs_end, training_blocks
@@ -164,7 +166,9 @@ def _grid_report(out, runs, profiles, fmt: str) -> list:
         deepest = int(profiles[profiles["moe"] == kind]["depth"].max())
         figs.append(profiles_init_vs_end(profiles, out / "figures" / "train_profiles", deepest, fmt,
                                          moe=kind))
-    (out / "train.md").write_text(to_markdown(training_blocks(runs, figs, out)))
+    claims = check_training_claims(runs, profiles)
+    claims.to_csv(out / "claims.csv", index=False)
+    (out / "train.md").write_text(to_markdown(training_blocks(runs, figs, out, claims)))
     return figs
 
 
@@ -359,13 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--seeds", default="0",
                    help="comma-separated init and data seeds, a run each (default: 0)")
+    p.add_argument("--tie-embeddings", action="store_true",
+                   help="the LM head reuses the token embedding, as nanoGPT (default: separate)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout on attention, sublayer outputs and the embedding (default: 0)")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs trained at once in worker processes, sharing the device (default: 1)")
     p.add_argument("--out", help="output folder; an existing grid there resumes "
                                  "(default: runs/<timestamp>)")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
-    _add_compile_arg(p, "train under torch.compile, a fresh compile per run (default: on cuda "
-                        "only)")
+    _add_compile_arg(p, "train under torch.compile, block by block (default: on cuda only)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("campaign", help="the GPU campaign: dense grid, probe overhead, throughput, "

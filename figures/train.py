@@ -88,12 +88,22 @@ def profiles_init_vs_end(profiles: pd.DataFrame, path: Path, depth: int, fmt: st
     return save(fig, path, fmt)
 
 
-def training_blocks(runs: pd.DataFrame, figures: list[Path], base: Path) -> list:
-    """Report blocks: the runs table, which runs diverged, and the figures (relative to ``base``)."""
-    table = runs.drop(columns=["run"], errors="ignore")
+def training_blocks(runs: pd.DataFrame, figures: list[Path], base: Path,
+                    claims: pd.DataFrame | None = None) -> list:
+    """Report blocks: the runs table, which runs diverged, the training claims, and the figures
+    (relative to ``base``)."""
+    table = runs[[c for c in ("scheme", "depth", "moe", "seed", "tokens", "final_val_bpb",
+                              "diverged", "divergence_step", "tokens_per_s", "mfu") if c in runs]]
     diverged = runs[runs["diverged"].astype(bool)]
     summary = f"{len(diverged)} of {len(runs)} runs diverged" + (
         ": " + ", ".join(f"{r.scheme} L={r.depth} ({r.moe}) at step {r.divergence_step}"
                          for r in diverged.itertuples()) if len(diverged) else "") + "."
-    return ([("h2", "Training"), ("table", table), ("p", summary)]
-            + [("img", p.relative_to(base).as_posix()) for p in figures])
+    blocks = [("h2", "Training"), ("table", table), ("p", summary)]
+    if claims is not None and len(claims):
+        counts = claims["status"].value_counts()
+        blocks += [("h3", "Claims after training"),
+                   ("p", f"{counts.get('holds', 0)} hold, {counts.get('fails', 0)} fail, "
+                         f"{counts.get('untested', 0)} untested (every setting of every run is in "
+                         "train_runs.csv)."),
+                   ("table", claims[["claim", "status", "evidence"]])]
+    return blocks + [("img", p.relative_to(base).as_posix()) for p in figures]

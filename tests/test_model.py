@@ -111,3 +111,23 @@ def test_build_draws_every_weight_once_and_never_on_another_device(monkeypatch):
     model = build_model(ModelConfig(scheme="span", depth=3, width=32, heads=4, experts=2, top_k=1))
     matrices = [p for p in model.parameters() if p.dim() == 2]
     assert len(drawn) == len(matrices) and {id(t) for t in drawn} == {id(p) for p in matrices}
+
+
+def test_tied_embeddings_and_dropout_as_in_nanogpt():
+    cfg = ModelConfig(scheme="pre", depth=2, width=32, heads=4, max_seq_len=16, tie_embeddings=True,
+                      dropout=0.2)
+    model = build_model(cfg)
+    assert model.head.weight is model.tok_embed.weight
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in build_model(ModelConfig(scheme="pre", depth=2, width=32, heads=4,
+                                                   max_seq_len=16)).parameters()) - 256 * 32
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    assert model(x, x)[1].item() != model(x, x)[1].item()  # dropout draws anew
+    model.eval()
+    assert model(x, x)[1].item() == model(x, x)[1].item()
+    _, loss = model(x, x)
+    loss.backward()
+    assert model.tok_embed.weight.grad is not None  # the head's gradient lands on the embedding
+    with pytest.raises(ValueError, match="dropout must be in"):
+        ModelConfig(dropout=1.0)

@@ -36,6 +36,9 @@ class ModelConfig(Shape):
     aux_loss_coef: float = 0.01
     dtype: str = "float32"
     scheme_params: dict[str, Any] = field(default_factory=dict)
+    # the usual nanoGPT options, off by default (the theory is at init, without them)
+    tie_embeddings: bool = False  # the LM head reuses the token embedding (drawn as the embedding)
+    dropout: float = 0.0  # on attention weights, sublayer outputs and the embedding, in training
 
     def __post_init__(self) -> None:
         self.validate()
@@ -49,6 +52,7 @@ class ModelConfig(Shape):
         checks = [
             (self.dtype in DTYPES, f"unknown dtype '{self.dtype}' (known: {', '.join(DTYPES)})"),
             (self.max_seq_len >= 1 and self.vocab >= 1, "max_seq_len and vocab must be >= 1"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -83,7 +87,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, value_gain: float = 1.0, out_gain: float = 1.0):
         super().__init__()
         d, s = cfg.width, cfg.sigma
-        self.heads = cfg.heads
+        self.heads, self.dropout = cfg.heads, cfg.dropout
         self.q, self.k = _linear(d, d, s), _linear(d, d, s)
         self.v, self.o = _linear(d, d, s, value_gain), _linear(d, d, s, out_gain)
 
@@ -91,8 +95,9 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = (m(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
                    for m in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, D))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return F.dropout(self.o(y.transpose(1, 2).reshape(B, T, D)), p, self.training)
 
 
 class MLP(nn.Module):
@@ -105,6 +110,7 @@ class MLP(nn.Module):
         self.up = _linear(d, h, s, in_gain)
         self.gate = _linear(d, h, s, in_gain) if cfg.ffn == "swiglu" else None
         self.down = _linear(h, d, s, out_gain)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.up(x)
@@ -112,7 +118,7 @@ class MLP(nn.Module):
             h = F.silu(self.gate(x)) * u
         else:
             h = F.gelu(u) if self.kind == "gelu" else F.relu(u)
-        return self.down(h)
+        return F.dropout(self.down(h), self.dropout, self.training)
 
 
 class MoE(nn.Module):
@@ -276,6 +282,8 @@ class Testbed(nn.Module):
         self.blocks = nn.ModuleList(Block(self.scheme, l, cfg) for l in range(1, cfg.depth + 1))
         self.final_norm = make_norm(cfg) if self.scheme.final_norm else nn.Identity()
         self.head = _linear(d, cfg.vocab, cfg.sigma)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_embed.weight
         self.to(DTYPES[cfg.dtype])
 
     @torch.no_grad()
@@ -284,6 +292,8 @@ class Testbed(nn.Module):
         linears N(0, init_std²), each embedding N(0, embed_std²/2), norms to identity."""
         done = set()
         for m in self.modules():
+            if m is self.head and self.cfg.tie_embeddings:
+                continue  # its weight is the token embedding's, drawn with it
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=m.init_std)
             elif isinstance(m, nn.Embedding):  # each half of the embedding's second moment
@@ -310,6 +320,7 @@ class Testbed(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_embed(idx) + self.pos_embed(torch.arange(T, device=idx.device))
+        x = F.dropout(x, self.cfg.dropout, self.training)
         for block in self.blocks if blocks is None else blocks:
             x = block(x)
         logits = self.head(self.final_norm(x))
@@ -336,6 +347,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
     with torch.device("meta"):
         model = Testbed(cfg)
     model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives every module fresh storage: tie them again
+        model.head.weight = model.tok_embed.weight
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model.init_weights()

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -28,12 +29,14 @@ from analysis.testbed.model import ModelConfig, Testbed
 from analysis.training.train import TrainConfig, check_same_run, run_settings, train_run
 from probes import Probe
 
-PROFILE_METRICS = ["second_moment", "grad_second_moment", "token_cosine", "layer_cosine"]
+PROFILE_METRICS = ["second_moment", "grad_second_moment", "token_cosine", "layer_cosine",
+                   "effective_rank"]
 PROFILE_POINTS = ["embed", "blocks.*.pre_norm_sum", "blocks.*.resid_post"]
 RUN_COLUMNS = ["scheme", "depth", "width", "moe", "tokens", "final_val_bpb", "diverged",
                "divergence_step", "tokens_per_s", "mfu"]
-# after RUN_COLUMNS and the run's folder name: every other setting that changes a result
-SETTING_COLUMNS = ["seed", "heads", "ffn", "norm", "sigma", "max_seq_len", "batch_size", "lr",
+# after RUN_COLUMNS and the run's folder name: the first training loss and the mean of the last
+# 10 (nats), then every other setting that changes a result
+SETTING_COLUMNS = ["first_train_loss", "final_train_loss", "seed", "heads", "ffn", "norm", "sigma", "max_seq_len", "batch_size", "lr",
                    "min_lr_ratio", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip",
                    "spike_factor", "scheme_params", "corpus"]
 
@@ -184,6 +187,9 @@ def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         s = r.get("settings", {})
         flat = {**s.get("model", {}), **s.get("train", {}), "corpus": s.get("corpus")}
         flat["scheme_params"] = json.dumps(flat.get("scheme_params", {}), sort_keys=True)
+        losses = [v for _, v in r.get("train_loss", [])]
+        flat["first_train_loss"] = losses[0] if losses else None
+        flat["final_train_loss"] = float(np.mean(losses[-10:])) if losses else None  # last 10 steps
         rows.append({**{k: r.get(k) for k in RUN_COLUMNS if k != "moe"}, "moe": label,
                      "run": folder.name, **{k: flat.get(k) for k in SETTING_COLUMNS}})
         prof = folder / "profiles.csv"

@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,11 +105,16 @@ def check_same_run(run_dir: Path, settings: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    defaults = {part: {f.name: f.default_factory() if f.default is MISSING else f.default
+                       for f in fields(cls)} for part, cls in (("model", ModelConfig), ("train", TrainConfig))}
     for part in ("model", "train"):
+        saved = old.get(part, {})
         for key, value in settings[part].items():
-            if old.get(part, {}).get(key) != value:
-                raise ValueError(f"{run_dir} holds a run with {key} = {old.get(part, {}).get(key)}, "
-                                 f"not {value}: choose another --out folder or the same settings")
+            # a setting newer than the run was saved with its default, which the run had then
+            was = saved[key] if key in saved else json.loads(json.dumps(defaults[part].get(key)))
+            if was != value:
+                raise ValueError(f"{run_dir} holds a run with {key} = {was}, not {value}: choose "
+                                 "another --out folder or the same settings")
     if old.get("corpus") != settings["corpus"]:
         raise ValueError(f"{run_dir} holds a run on the corpus {old.get('corpus')}, not "
                          f"{settings['corpus']}: choose another --out folder or the same corpus")
@@ -208,8 +213,8 @@ Profiler = Callable[[Testbed, str, int, Callable[[], tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def evaluate(model: Testbed, corpus: Corpus, tc: TrainConfig, seq_len: int, ctx) -> float:
-    """Mean validation cross-entropy (nats) over fixed batches."""
-    gen = torch.Generator().manual_seed(10_000 + tc.seed)
+    """Mean validation cross-entropy (nats) over fixed batches, the same for every run."""
+    gen = torch.Generator().manual_seed(10_000)  # one validation set for every run and seed
     model.eval()
     total = 0.0
     for _ in range(tc.eval_batches):
