@@ -288,16 +288,21 @@ class Testbed(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Draw every parameter afresh, in module order, from the current RNG of its device:
-        linears N(0, init_std²), each embedding N(0, embed_std²/2), norms to identity."""
+        """Draw every parameter afresh, in module order, from the current RNG of its device (in
+        float32, then cast): linears N(0, init_std²), each embedding N(0, embed_std²/2), norms to
+        identity."""
+        def draw(w: torch.Tensor, std: float) -> None:
+            # in float32 whatever the model's dtype: one seed, the same weights up to rounding
+            w.copy_(nn.init.normal_(torch.empty(w.shape, device=w.device), std=std))
+
         done = set()
         for m in self.modules():
             if m is self.head and self.cfg.tie_embeddings:
                 continue  # its weight is the token embedding's, drawn with it
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=m.init_std)
+                draw(m.weight, m.init_std)
             elif isinstance(m, nn.Embedding):  # each half of the embedding's second moment
-                nn.init.normal_(m.weight, std=self.cfg.embed_std / math.sqrt(2))
+                draw(m.weight, self.cfg.embed_std / math.sqrt(2))
             elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
                 m.reset_parameters()
             else:
