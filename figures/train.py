@@ -36,16 +36,21 @@ def loss_vs_depth(runs: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
 
 
 def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
-    """Validation loss against step, one line per run, colour by scheme, shade by depth."""
+    """Validation loss against step, one line per run (every seed), colour by scheme, shade by
+    depth."""
     val = curves[curves["split"] == "val"]
     kinds = sorted(val["moe"].unique(), key=lambda k: (k != "dense", k)) or ["dense"]
     fig, axes = new_figure(len(kinds))
     depths = sorted(val["depth"].unique())
+    if "seed" not in val:
+        val = val.assign(seed=0)
     for ax, kind in zip(axes, kinds):
-        for (scheme, depth), g in val[val["moe"] == kind].groupby(["scheme", "depth"], sort=False):
+        groups = val[val["moe"] == kind].groupby(["scheme", "depth", "seed"], sort=False)
+        for (scheme, depth, seed), g in groups:  # a line per run; one legend entry per seed group
             shade = 0.35 + 0.65 * (depths.index(depth) + 1) / len(depths)
+            first = seed == val[(val["scheme"] == scheme) & (val["depth"] == depth)]["seed"].min()
             ax.plot(g["step"] + 1, g["loss"] / math.log(2), color=color(scheme), alpha=shade,
-                    label=f"{scheme} L={depth}")
+                    label=f"{scheme} L={depth}" if first else None)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation loss (bits/byte)")
         ax.set_title(f"loss curves ({kind})")
