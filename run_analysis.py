@@ -146,14 +146,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel,
                                 seeds=seeds)
-    figs = _grid_report(out, runs, profiles, args.format)
+    figs = _grid_report(out, runs, profiles, args.format, corpus.unigram_bits())
     print(f"wrote {out / 'train_runs.csv'}, {out / 'train_profiles.csv'}, {out / 'claims.csv'}, "
           f"{out / 'train.md'} and {len(figs)} figures")
     return 0
 
 
-def _grid_report(out, runs, profiles, fmt: str) -> list:
-    """Figures and train.md of a training grid folder; the figure paths."""
+def _grid_report(out, runs, profiles, fmt: str, unigram_bpb: float) -> list:
+    """Figures, claims.csv and train.md of a training grid folder (``unigram_bpb``: the corpus's
+    byte entropy, the plateau a stalled run sits on); the figure paths."""
     from analysis.training.claims import check_training_claims
     from analysis.training.grid import curves
     from figures.report import to_markdown
@@ -166,7 +167,7 @@ def _grid_report(out, runs, profiles, fmt: str) -> list:
         deepest = int(profiles[profiles["moe"] == kind]["depth"].max())
         figs.append(profiles_init_vs_end(profiles, out / "figures" / "train_profiles", deepest, fmt,
                                          moe=kind))
-    claims = check_training_claims(runs, profiles)
+    claims = check_training_claims(runs, profiles, unigram_bpb)
     claims.to_csv(out / "claims.csv", index=False)
     (out / "train.md").write_text(to_markdown(training_blocks(runs, figs, out, claims)))
     return figs
@@ -175,6 +176,7 @@ def _grid_report(out, runs, profiles, fmt: str) -> list:
 def _cmd_campaign(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from analysis.testbed.corpus import load_corpus
     from analysis.training.campaign import CampaignConfig, remaining, run_campaign, with_stages
     from analysis.training.grid import collect
     cfg = with_stages(CampaignConfig(device=args.device, tiny=args.tiny,
@@ -191,7 +193,8 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
         if (out / name / "train_runs.csv").exists():
             runs, profiles = collect(out / name)
             if len(runs):
-                _grid_report(out / name, runs, profiles, args.format)
+                _grid_report(out / name, runs, profiles, args.format,
+                             load_corpus(cfg.corpus).unigram_bits())
     init = out / "init"
     if (init / "init_profiles.csv").exists() and (init / "theory.json").exists():
         from analysis.init.pipeline import load_tables

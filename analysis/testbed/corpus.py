@@ -46,6 +46,13 @@ class Corpus:
             raise ValueError(f"unknown split '{name}' (known: {', '.join(SPLITS)})")
         return self.train if name == "train" else self.val
 
+    def unigram_bits(self, split: str = "val") -> float:
+        """Entropy of the split's byte frequencies, in bits per byte: the loss of a model that
+        learned which bytes are common and nothing of context (a stalled run's plateau)."""
+        counts = np.bincount(self.split(split), minlength=256).astype(float)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log2(p)).sum())
+
     def batch(self, split: str, batch_size: int, seq_len: int,
               generator: torch.Generator | None = None, device: str | torch.device = "cpu"
               ) -> tuple[torch.Tensor, torch.Tensor]:
