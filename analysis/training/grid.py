@@ -203,6 +203,7 @@ def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                                        metric="update_size", tag="step" + upd["step"].astype(str),
                                        count=1, **meta))
     runs = pd.DataFrame(rows, columns=RUN_COLUMNS + ["run"] + SETTING_COLUMNS)
+    runs = runs.sort_values(["moe", "scheme", "depth", "seed"], ignore_index=True)
     prof = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
     return runs, prof
 
