@@ -158,7 +158,8 @@ def _grid_report(out, runs, profiles, fmt: str, unigram_bpb: float) -> list:
     from analysis.training.claims import check_training_claims
     from analysis.training.grid import curves
     from figures.report import to_markdown
-    from figures.train import loss_curves, loss_vs_depth, profiles_init_vs_end, training_blocks
+    from figures.train import (loss_curves, loss_vs_depth, profiles_init_vs_end, training_blocks,
+                               update_sizes)
     figs = [loss_vs_depth(runs, out / "figures" / "train_loss_vs_depth", fmt),
             loss_curves(curves(out), out / "figures" / "train_loss_curves", fmt)]
     if len(profiles):
@@ -167,6 +168,9 @@ def _grid_report(out, runs, profiles, fmt: str, unigram_bpb: float) -> list:
         deepest = int(profiles[profiles["moe"] == kind]["depth"].max())
         figs.append(profiles_init_vs_end(profiles, out / "figures" / "train_profiles", deepest, fmt,
                                          moe=kind))
+        if (profiles["metric"] == "update_size").any():
+            figs.append(update_sizes(profiles, out / "figures" / "train_update_sizes", deepest, fmt,
+                                     moe=kind))
     claims = check_training_claims(runs, profiles, unigram_bpb)
     claims.to_csv(out / "claims.csv", index=False)
     (out / "train.md").write_text(to_markdown(training_blocks(runs, figs, out, claims)))

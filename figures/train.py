@@ -93,6 +93,29 @@ def profiles_init_vs_end(profiles: pd.DataFrame, path: Path, depth: int, fmt: st
     return save(fig, path, fmt)
 
 
+def update_sizes(profiles: pd.DataFrame, path: Path, depth: int, fmt: str = "png",
+                 moe: str = "dense") -> Path:
+    """Each block's relative update size (one optimizer step, its own input held fixed) at every
+    measured step, per scheme, at ``depth``: the mean over seeds."""
+    sub = profiles[(profiles["metric"] == "update_size") & (profiles["depth"] == depth)
+                   & (profiles["moe"] == moe)]
+    schemes = list(dict.fromkeys(sub["scheme"])) or ["none"]
+    fig, axes = new_figure(len(schemes), width=3.6)
+    for ax, scheme in zip(axes, schemes):
+        g = sub[sub["scheme"] == scheme]
+        steps = sorted(g["tag"].unique(), key=lambda s: int(s.removeprefix("step")))
+        for k, tag in enumerate(steps):
+            by = g[g["tag"] == tag].groupby("layer")["mean"].mean()
+            ax.plot(by.index + 1, by.values, "o-", ms=3, color=color(scheme),
+                    alpha=0.4 + 0.6 * (k + 1) / len(steps), label=f"step {tag.removeprefix('step')}")
+        ax.set_yscale("log")
+        ax.set_xlabel("block l")
+        ax.set_ylabel("relative update ‖ΔB(x)‖/‖B(x)‖")
+        ax.set_title(f"{scheme}, L={depth}")
+        ax.legend(fontsize=7)
+    return save(fig, path, fmt)
+
+
 def training_blocks(runs: pd.DataFrame, figures: list[Path], base: Path,
                     claims: pd.DataFrame | None = None) -> list:
     """Report blocks: the runs table, which runs diverged, the training claims, and the figures

@@ -91,3 +91,12 @@ def test_a_folder_of_another_campaign_is_refused_naming_the_difference(tmp_path,
     assert main([*TINY, "--out", str(out), "--stages", "throughput", "--no-compile"]) == 2
     err = capsys.readouterr().err.strip()
     assert "compile = True, not False" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_tiny_campaign_with_inductor_as_on_the_gpu(tmp_path):
+    out = tmp_path / "c"
+    assert main(["campaign", "--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    state = json.loads((out / "campaign.json").read_text())
+    assert state["settings"]["compile_backend"] == "inductor"
+    assert state["stages"] == {s: "done" for s in campaign_mod.STAGES}

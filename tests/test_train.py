@@ -155,7 +155,7 @@ def test_train_command_writes_tables_figures_and_section(corpus, tmp_path):
     assert len(pd.read_csv(out / "train_profiles.csv")) > 0
     md = (out / "train.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", md)
-    assert len(links) == 3
+    assert len(links) == 4  # loss vs depth, loss curves, profiles, update sizes
     assert all((out / link).stat().st_size > 1000 for link in links)
     bad = subprocess.run(cmd[:-2] + ["--moe", "2,3", "--out", str(tmp_path / "o2")],
                          capture_output=True, text=True, timeout=120)

@@ -9,6 +9,7 @@ blocks): its input is the aggregate just before the norm.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ from theory.schemes import Scheme, block_structure, get_scheme
 from theory.shape import Shape
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# where modules are created: None (torch's default) or, while build_model builds, meta
+_BUILD_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar(
+    "build_device", default=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,12 +77,13 @@ class ModelConfig(Shape):
 def init_linear(layer: nn.Linear, sigma: float, gain: float = 1.0) -> nn.Linear:
     """Weights ~ N(0, (gain·sigma)^2 / fan_in), no bias; the std is kept for ``init_weights``."""
     layer.init_std = gain * sigma / math.sqrt(layer.in_features)
-    nn.init.normal_(layer.weight, std=layer.init_std)
+    if not layer.weight.is_meta:  # on meta (build_model) there is nothing to draw yet
+        nn.init.normal_(layer.weight, std=layer.init_std)
     return layer
 
 
 def _linear(d_in: int, d_out: int, sigma: float, gain: float = 1.0) -> nn.Linear:
-    return init_linear(nn.Linear(d_in, d_out, bias=False), sigma, gain)
+    return init_linear(nn.Linear(d_in, d_out, bias=False, device=_BUILD_DEVICE.get()), sigma, gain)
 
 
 class Attention(nn.Module):
@@ -215,8 +220,8 @@ class MoE(nn.Module):
 def make_norm(cfg: ModelConfig) -> nn.Module:
     """The configured norm over the last dimension (identity affine at init)."""
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.width, eps=1e-5)
-    return nn.RMSNorm(cfg.width, eps=1e-5)
+        return nn.LayerNorm(cfg.width, eps=1e-5, device=_BUILD_DEVICE.get())
+    return nn.RMSNorm(cfg.width, eps=1e-5, device=_BUILD_DEVICE.get())
 
 
 class _TorchOps:
@@ -277,8 +282,8 @@ class Testbed(nn.Module):
         self.cfg = cfg
         self.scheme = scheme or get_scheme(cfg.scheme)
         d = cfg.width
-        self.tok_embed = nn.Embedding(cfg.vocab, d)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, d)
+        self.tok_embed = nn.Embedding(cfg.vocab, d, device=_BUILD_DEVICE.get())
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, d, device=_BUILD_DEVICE.get())
         self.blocks = nn.ModuleList(Block(self.scheme, l, cfg) for l in range(1, cfg.depth + 1))
         self.final_norm = make_norm(cfg) if self.scheme.final_norm else nn.Identity()
         self.head = _linear(d, cfg.vocab, cfg.sigma)
@@ -349,8 +354,11 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
     wide model never passes through the CPU (the same seed draws other values on a GPU).
     """
     device = torch.device(device)
-    with torch.device("meta"):
+    token = _BUILD_DEVICE.set(torch.device("meta"))  # factory arguments: no dispatch mode, fast
+    try:
         model = Testbed(cfg)
+    finally:
+        _BUILD_DEVICE.reset(token)
     model.to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty gives every module fresh storage: tie them again
         model.head.weight = model.tok_embed.weight

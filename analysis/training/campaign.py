@@ -55,7 +55,7 @@ PLANS = {
         "moe_grid": dict(schemes=["pre", "span"], depths=[2], experts=4, top_k=2, width=32,
                          heads=4, seq_len=32, batch=4, tokens=32 * 4 * 12, lr=3e-3),
         "bench": dict(shape="tiny", steps=6, warmup=2, rounds=3),
-        "init_sweep": dict(schemes=["pre", "span"], depths=[2, 4], width=32, heads=4,
+        "init_sweep": dict(schemes=["span"], depths=[2, 4], width=32, heads=4,
                            seq_len=16, batch=2, batches=1, seeds=[0]),
     },
 }
