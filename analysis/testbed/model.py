@@ -101,8 +101,9 @@ class Attention(nn.Module):
         q, k, v = (m(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
                    for m in (self.q, self.k, self.v))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return F.dropout(self.o(y.transpose(1, 2).reshape(B, T, D)), p, self.training)
+        y = self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+                   .transpose(1, 2).reshape(B, T, D))
+        return F.dropout(y, p, True) if p else y
 
 
 class MLP(nn.Module):
@@ -123,7 +124,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate(x)) * u
         else:
             h = F.gelu(u) if self.kind == "gelu" else F.relu(u)
-        return F.dropout(self.down(h), self.dropout, self.training)
+        y = self.down(h)
+        return F.dropout(y, self.dropout, True) if self.dropout and self.training else y
 
 
 class MoE(nn.Module):
@@ -330,7 +332,8 @@ class Testbed(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_embed(idx) + self.pos_embed(torch.arange(T, device=idx.device))
-        x = F.dropout(x, self.cfg.dropout, self.training)
+        if self.cfg.dropout and self.training:
+            x = F.dropout(x, self.cfg.dropout, True)
         for block in self.blocks if blocks is None else blocks:
             x = block(x)
         logits = self.head(self.final_norm(x))
