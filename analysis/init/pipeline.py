@@ -20,6 +20,7 @@ from analysis.testbed.corpus import load_corpus
 from analysis.init.measured_claims import check_claims
 from analysis.testbed.model import ModelConfig
 from analysis.init.sweep import check_memory, init_sweep
+from analysis.records import read_record, refuse_other
 from analysis.device import resolve_device
 from analysis.init.derivations import collect, write_json
 from theory.schemes import SCHEMES
@@ -80,18 +81,12 @@ PRESETS = {
 
 def check_same_settings(cfg: AnalysisConfig, out: Path) -> None:
     """Refuse a folder that holds an analysis of other settings, naming the first difference."""
-    path = out / "config.json"
-    if not path.exists():
+    old = read_record(out / "config.json")
+    if old is None:
         return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    new = asdict(cfg)
-    for key, value in new.items():
+    for key, value in asdict(cfg).items():
         if key not in AnalysisConfig.RESUMABLE_ACROSS and key in old and old[key] != value:
-            raise ValueError(f"{out} holds an analysis with {key} = {old[key]}, not {value}: "
-                             "choose another --out folder or the same settings")
+            raise refuse_other(out, "an analysis", key, old[key], value)
 
 
 def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print, out: Path | None = None,

@@ -28,6 +28,7 @@ import pandas as pd
 
 from analysis.budget import Cut, left
 from analysis.device import available_memory, resolve_device
+from analysis.records import read_record, refuse_other
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.memory import estimate
 from analysis.testbed.model import ModelConfig
@@ -204,19 +205,16 @@ RUNNERS: dict[str, Callable] = {"dense_grid": dense_grid, "probe_overhead": prob
 
 def load_state(cfg: CampaignConfig, out: Path) -> dict:
     """``out/campaign.json``, or a new state; ValueError if it records other settings."""
-    path = out / "campaign.json"
-    if not path.exists():
+    state = read_record(out / "campaign.json")
+    if state is None:
         return {"settings": cfg.identity(), "stages": {}, "seconds": {}}
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
     old, new = state.get("settings", {}), cfg.identity()
     for key in new:
         if old.get(key) != new[key]:
-            what = "the stage sizes (plan)" if key == "plan" else f"{key} = {old.get(key)}, not {new[key]}"
-            raise ValueError(f"{out} holds a campaign with {what}: choose another --out folder or "
-                             "the same settings")
+            if key == "plan":
+                raise ValueError(f"{out} holds a campaign of other stage sizes (settings.plan): "
+                                 "choose another --out folder or the same settings")
+            raise refuse_other(out, "a campaign", key, old.get(key), new[key])
     return state
 
 

@@ -21,6 +21,7 @@ import torch
 
 from analysis.budget import Cut, past
 from analysis.device import resolve_device
+from analysis.records import read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_blocks
 
@@ -98,13 +99,9 @@ def run_settings(mc: ModelConfig, tc: TrainConfig, corpus: Corpus) -> dict[str, 
 
 def check_same_run(run_dir: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume or reuse a run folder of other settings, naming the first difference."""
-    path = run_dir / "settings.json"
-    if not path.exists():
+    old = read_record(run_dir / "settings.json")
+    if old is None:
         return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
     defaults = {part: {f.name: f.default_factory() if f.default is MISSING else f.default
                        for f in fields(cls)} for part, cls in (("model", ModelConfig), ("train", TrainConfig))}
     for part in ("model", "train"):
@@ -113,11 +110,9 @@ def check_same_run(run_dir: Path, settings: dict[str, Any]) -> None:
             # a setting newer than the run was saved with its default, which the run had then
             was = saved[key] if key in saved else json.loads(json.dumps(defaults[part].get(key)))
             if was != value:
-                raise ValueError(f"{run_dir} holds a run with {key} = {was}, not {value}: choose "
-                                 "another --out folder or the same settings")
+                raise refuse_other(run_dir, "a run", key, was, value)
     if old.get("corpus") != settings["corpus"]:
-        raise ValueError(f"{run_dir} holds a run on the corpus {old.get('corpus')}, not "
-                         f"{settings['corpus']}: choose another --out folder or the same corpus")
+        raise refuse_other(run_dir, "a run", "corpus", old.get("corpus"), settings["corpus"])
 
 
 def lr_at(step: int, steps: int, tc: TrainConfig) -> float:

@@ -1,0 +1,24 @@
+"""The JSON records that runs leave behind (settings, configs, campaign state), read with one-line
+errors: a folder that holds a record of other settings is refused, never silently reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``; None if there is none; ValueError naming a broken one."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def refuse_other(folder: Path, what: str, key: str, was: Any, now: Any) -> ValueError:
+    """The error for a folder whose record has ``key = was`` where this run has ``now``."""
+    return ValueError(f"{folder} holds {what} with {key} = {was}, not {now}: choose another --out "
+                      "folder or the same settings")
