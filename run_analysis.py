@@ -193,12 +193,13 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     print(f"sigprop campaign → {out} ({'tiny, ' if cfg.tiny else ''}{cfg.device}, time limit "
           f"{args.time_limit:g} s)")
     state = run_campaign(cfg, out, time_limit=args.time_limit)
+    unigram = None
     for name in ("dense", "moe"):
         if (out / name / "train_runs.csv").exists():
             runs, profiles = collect(out / name)
             if len(runs):
-                _grid_report(out / name, runs, profiles, args.format,
-                             load_corpus(cfg.corpus).unigram_bits())
+                unigram = unigram or load_corpus(cfg.corpus).unigram_bits()
+                _grid_report(out / name, runs, profiles, args.format, unigram)
     init = out / "init"
     if (init / "init_profiles.csv").exists() and (init / "theory.json").exists():
         from analysis.init.pipeline import load_tables

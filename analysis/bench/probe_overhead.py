@@ -106,6 +106,21 @@ def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, r
     return {run.name: run.times for run in runs}
 
 
+def overhead_rows(times: dict[str, list[float]]) -> list[dict]:
+    """Per mode with both copies timed: median unprobed and probed ms, the overhead of the medians
+    and the quartiles of the per-round ratio."""
+    rows = []
+    for mode in ("eager", "compiled"):
+        if mode in times and f"{mode}+probe" in times:
+            plain, probed = times[mode], times[f"{mode}+probe"]
+            ratios = [b / a - 1 for a, b in zip(plain, probed)]
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            a, b = statistics.median(plain), statistics.median(probed)
+            rows.append(dict(mode=mode, rounds=len(plain), unprobed_ms=a, probed_ms=b,
+                             overhead=b / a - 1, overhead_q1=q[0], overhead_q3=q[2]))
+    return rows
+
+
 def run(args: argparse.Namespace) -> None:
     """Print the probe-overhead table for ``args.device`` (and ``args.shape`` where given)."""
     threads = torch.get_num_threads()
@@ -128,11 +143,8 @@ def _report(args: argparse.Namespace) -> None:
     times = benchmark(shape, args.device, compile=getattr(args, "compile", None) is not False,
                       rounds=getattr(args, "probe_rounds", None))
     print(f"  {'mode':<10} {'unprobed ms':>12} {'probed ms':>10} {'overhead':>9}   (quartiles of the per-round ratio)")
-    for mode in ("eager", "compiled"):
-        if mode in times and f"{mode}+probe" in times:
-            plain, probed = statistics.median(times[mode]), statistics.median(times[f"{mode}+probe"])
-            ratios = [b / a - 1 for a, b in zip(times[mode], times[f"{mode}+probe"])]
-            q1, _, q3 = statistics.quantiles(ratios, n=4)
-            print(f"  {mode:<10} {plain:>12.2f} {probed:>10.2f} {100 * (probed / plain - 1):>+8.1f}%   "
-                  f"({100 * q1:+.1f}% .. {100 * q3:+.1f}%)")
+    for r in overhead_rows(times):
+        print(f"  {r['mode']:<10} {r['unprobed_ms']:>12.2f} {r['probed_ms']:>10.2f} "
+              f"{100 * r['overhead']:>+8.1f}%   ({100 * r['overhead_q1']:+.1f}% .. "
+              f"{100 * r['overhead_q3']:+.1f}%)")
     print(f"  ({time.perf_counter() - t0:.0f} s in all, compiles included)")

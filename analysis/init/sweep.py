@@ -34,7 +34,7 @@ import torch
 from analysis.budget import Cut, past
 from analysis.device import available_memory, resolve_device
 from analysis.testbed.corpus import Corpus
-from analysis.testbed.memory import check_fits
+from analysis.testbed.memory import check_all_fit
 from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe
 from theory.positional import predict_positional
@@ -105,17 +105,7 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
 def check_memory(configs: list[ModelConfig], batch_size: int, device: str) -> None:
     """Refuse, before any work, grid points whose estimated memory exceeds what ``device`` has."""
     dev = resolve_device(device)
-    free = available_memory(dev)
-    too_big = []
-    for cfg in configs:
-        try:
-            check_fits(cfg, batch_size, cfg.max_seq_len, free, str(dev))
-        except ValueError as e:
-            too_big.append((cfg, str(e)))
-    if too_big:
-        fits = sorted({c.depth for c in configs} - {c.depth for c, _ in too_big})
-        hint = (f"; depths that fit: {','.join(map(str, fits))}" if fits else "")
-        raise ValueError(f"{too_big[0][1]}{hint} (or lower --batch / --seq-len)")
+    check_all_fit(configs, batch_size, available_memory(dev), str(dev))
 
 
 def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: ModelConfig,

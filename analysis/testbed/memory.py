@@ -91,11 +91,37 @@ def estimate(cfg: ModelConfig, batch: int, seq_len: int, training: bool = False)
         n_params -= sum(p.numel() for p in shallow.blocks[0].parameters())
         s = get_scheme(cfg.scheme)
         for l, count in _blocks_by_structure(cfg):
-            n_params += count * sum(p.numel() for p in Block(s, l, cfg).parameters())
-            activations += count * _saved_bytes(Block(s, l, act_cfg).to(dtype), x)
+            block = Block(s, l, cfg)
+            n_params += count * sum(p.numel() for p in block.parameters())
+            act_block = block if act_cfg is cfg else Block(s, l, act_cfg)
+            activations += count * _saved_bytes(act_block.to(dtype), x)
     width = torch.empty((), dtype=dtype).element_size()
     return MemoryEstimate(params=n_params * width, grads=n_params * width,
                           optimizer=8 * n_params if training else 0, activations=activations)
+
+
+def check_all_fit(configs: list[ModelConfig], batch: int, available: float, where: str,
+                  training: bool = False) -> None:
+    """Refuse, naming the first that does not fit and the depths that do, any of ``configs``
+    whose estimate exceeds what ``where`` has (see check_fits)."""
+    too_big = []
+    for cfg in configs:
+        try:
+            check_fits(cfg, batch, cfg.max_seq_len, available, where, training)
+        except ValueError as e:
+            too_big.append((cfg, str(e)))
+    if too_big:
+        fits = sorted({c.depth for c in configs} - {c.depth for c, _ in too_big})
+        hint = f"; depths that fit: {','.join(map(str, fits))}" if fits else ""
+        raise ValueError(f"{too_big[0][1]}{hint} (or lower --batch / --seq-len)")
+
+
+def depths_that_fit(configs: list[ModelConfig], batch: int, available: float,
+                    fraction: float = 0.9) -> list[int]:
+    """The depths at which every one of ``configs`` fits in ``fraction`` of ``available`` bytes."""
+    too_big = {c.depth for c in configs
+               if estimate(c, batch, c.max_seq_len).total > fraction * available}
+    return sorted({c.depth for c in configs} - too_big)
 
 
 def check_fits(cfg: ModelConfig, batch: int, seq_len: int, available: int, where: str,

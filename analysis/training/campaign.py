@@ -30,7 +30,7 @@ from analysis.budget import Cut, left
 from analysis.device import available_memory, resolve_device
 from analysis.records import read_record, refuse_other
 from analysis.testbed.corpus import load_corpus
-from analysis.testbed.memory import estimate
+from analysis.testbed.memory import depths_that_fit
 from analysis.testbed.model import ModelConfig
 from analysis.training.grid import train_grid
 from analysis.training.train import TrainConfig
@@ -139,24 +139,14 @@ def moe_grid(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> Non
 
 def probe_overhead(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> None:
     """Stage 2: probed against unprobed step times → ``out/probe_overhead.csv``."""
-    import statistics
-
-    from analysis.bench.probe_overhead import benchmark
+    from analysis.bench.probe_overhead import benchmark, overhead_rows
     bench = cfg.plan()["bench"]
     times = benchmark(bench["shape"], cfg.device, compile=cfg.compile, rounds=bench["rounds"],
                       backend=cfg.compile_backend)
-    rows = []
-    for mode in ("eager", "compiled"):
-        if mode in times and f"{mode}+probe" in times:
-            plain, probed = times[mode], times[f"{mode}+probe"]
-            ratios = [b / a - 1 for a, b in zip(plain, probed)]
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-            rows.append(dict(shape=bench["shape"], mode=mode, rounds=len(plain),
-                             unprobed_ms=statistics.median(plain), probed_ms=statistics.median(probed),
-                             overhead=statistics.median(probed) / statistics.median(plain) - 1,
-                             overhead_q1=q[0], overhead_q3=q[2]))
-            log(f"  {mode}: {rows[-1]['unprobed_ms']:.2f} → {rows[-1]['probed_ms']:.2f} ms "
-                f"({100 * rows[-1]['overhead']:+.1f} %)")
+    rows = [dict(shape=bench["shape"], **r) for r in overhead_rows(times)]
+    for r in rows:
+        log(f"  {r['mode']}: {r['unprobed_ms']:.2f} → {r['probed_ms']:.2f} ms "
+            f"({100 * r['overhead']:+.1f} %)")
     pd.DataFrame(rows).to_csv(out / "probe_overhead.csv", index=False)
 
 
@@ -170,21 +160,14 @@ def throughput(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> N
     pd.DataFrame([r]).to_csv(out / "throughput.csv", index=False)
 
 
-def deepest_fitting(depths: list[int], schemes: list[str], width: int, heads: int, seq_len: int,
-                    batch: int, free: float, fraction: float = 0.9) -> list[int]:
-    """The depths whose every scheme's estimated memory fits in ``fraction`` of ``free`` bytes."""
-    return [d for d in depths if all(
-        estimate(ModelConfig(scheme=s, depth=d, width=width, heads=heads, max_seq_len=seq_len),
-                 batch, seq_len).total <= fraction * free for s in schemes)]
-
-
 def init_sweep(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> None:
     """Stage 5: the init sweep to the deepest depth that fits, into ``out/init``."""
     from analysis.init.pipeline import AnalysisConfig, analyse, save_tables
     p = cfg.plan()["init_sweep"]
     free = available_memory(resolve_device(cfg.device))
-    depths = deepest_fitting(p["depths"], p["schemes"], p["width"], p["heads"], p["seq_len"],
-                             p["batch"], free)
+    depths = depths_that_fit([ModelConfig(scheme=s, depth=d, width=p["width"], heads=p["heads"],
+                                          max_seq_len=p["seq_len"])
+                              for s in p["schemes"] for d in p["depths"]], p["batch"], free)
     if not depths:
         raise ValueError(f"no init-sweep depth fits in the {free / 1e9:.1f} GB free on {cfg.device}")
     if depths != p["depths"]:

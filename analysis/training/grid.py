@@ -23,7 +23,7 @@ import torch
 
 from analysis.budget import Cut, past
 from analysis.device import available_memory, resolve_device
-from analysis.testbed.memory import check_fits
+from analysis.testbed.memory import check_all_fit
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed
 from analysis.training.train import TrainConfig, check_same_run, run_settings, train_run
@@ -110,9 +110,8 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
             todo.append((mc, tcs))
     workers = parallel if len(todo) > 1 else 1
     free = available_memory(resolve_device(tc.device)) / workers  # runs side by side share it
-    for mc, _ in todo:  # refuse before training what cannot fit
-        check_fits(mc, tc.batch_size, mc.max_seq_len, free, f"{tc.device} (per run, {workers} at once)",
-                   training=True)
+    check_all_fit([mc for mc, _ in todo], tc.batch_size, free,  # refuse before training
+                  f"{tc.device} (per run, {workers} at once)", training=True)
     jobs = [(mc, tcs, corpus, out_dir / "runs" / run_name(mc, tcs.seed), workers, verbose_workers,
              deadline) for mc, tcs in todo]
     unfinished = []

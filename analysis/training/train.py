@@ -374,10 +374,10 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
                 state.val_loss.append((step, evaluate(model, corpus, tc, seq_len, ctx)))
                 log(f"  step {state.step}/{steps}  train {state.train_loss[-1][1]:.3f}  "
                     f"val {state.val_loss[-1][1]:.3f} nats")
-            if state.step in ckpt_at:
+            cut = not pending and state.step < steps and past(deadline)  # where the host looked
+            if state.step in ckpt_at or cut:
                 checkpoint()
-            if not pending and state.step < steps and past(deadline):  # only where the host looked
-                checkpoint()
+            if cut:
                 raise Cut(f"cut at step {state.step}/{steps}; checkpoint saved")
     diverged = divergence_step is not None
     if not diverged and steps in profile_at:
