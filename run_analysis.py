@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
 import sys
 
 
@@ -15,11 +17,17 @@ def _cmd_schemes(args: argparse.Namespace) -> int:
 def _cmd_model(args: argparse.Namespace) -> int:
     from analysis.testbed.inspect import model_check_text
     from analysis.testbed.model import ModelConfig
+    from analysis.device import available_memory, resolve_device
+    from analysis.testbed.memory import check_fits
     experts, top_k = _parse_moe(args.moe)
     cfg = ModelConfig(scheme=args.scheme, depth=args.depth, width=args.width, heads=args.heads,
                       max_seq_len=args.seq_len, ffn=args.ffn, norm=args.norm, sigma=args.sigma,
                       experts=experts, top_k=top_k, dtype=args.dtype,
                       scheme_params=_parse_params(args.param))
+    if args.batch < 1:
+        raise ValueError(f"batch must be >= 1, got {args.batch}")
+    dev = resolve_device(args.device)
+    check_fits(cfg, args.batch, cfg.max_seq_len, available_memory(dev), str(dev))  # before building
     print(model_check_text(cfg, corpus=args.corpus, batch_size=args.batch, seed=args.seed,
                            device=args.device))
     return 0
@@ -29,6 +37,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
     parts = {"theory": "recurrences", "probes": "probe_overhead", "train": "training",
              "diagnose": "diagnosis", "components": "components"}  # flag → analysis/bench/ module
+    if args.parallel < 1:  # checked before any part runs, whichever parts are asked for
+        raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
     for flag in [f for f in parts if getattr(args, f)] or parts:  # no flag: every benchmark
         importlib.import_module(f"analysis.bench.{parts[flag]}").run(args)
     return 0
@@ -37,7 +47,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     import time
 
-    from analysis.diagnose.diagnosis import THRESHOLDS, diagnose, save, text_report
+    from analysis.diagnose.diagnosis import (SEVERITY_ORDER, THRESHOLDS, diagnose, save, text_report,
+                                             verdict_level)
     from figures.diagnose import diagnosis_blocks, diagnosis_figure
     from figures.report import write_report
     _check_format(args.format)
@@ -45,19 +56,26 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     try:
         d = diagnose(args.path, text=args.text, sequences=args.sequences, seq_len=args.seq_len,
                      grad_sequences=args.grad_sequences, batch=args.batch, blocks=args.blocks,
-                     config=args.config, device=args.device)
+                     config=args.config, tokenizer=args.tokenizer, skip_sequences=args.skip_sequences,
+                     init_sequences=args.init_sequences, tolerance=args.tolerance, device=args.device,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
     except BaseException:
         if not any(out.iterdir()):  # leave no empty output folder behind
             out.rmdir()
         raise
     files = save(d, out)
     fig = diagnosis_figure(d.table, {k: v for k, (v, _) in THRESHOLDS.items()},
-                           out / "figures" / "diagnosis", args.format, d.verdict)
+                           out / "figures" / "diagnosis", args.format, d.verdict,
+                           d.meta["max_effective_rank"])
     files += [fig, *write_report(diagnosis_blocks(d.meta, d.verdict, d.findings, d.table,
                                                   str(fig.relative_to(out)), d.notes),
                                  out, "sigprop diagnosis")]
     print(text_report(d))
     print("wrote " + ", ".join(str(f) for f in files))
+    level = verdict_level(d.verdict)
+    if args.fail_on and SEVERITY_ORDER[level] >= SEVERITY_ORDER[args.fail_on]:
+        print(f"--fail-on {args.fail_on}: verdict {level.upper()}, exit status 1", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -78,6 +96,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     cfg.validate()
     _check_format(args.format)
     out = _writable_dir(args.out)
+    args.out = str(out)  # what an interruption names, with the command that resumes
     print(f"sigprop analysis → {out}")
     tables, theory = analyse(cfg, out=out)
     save_tables(tables, cfg, theory, out)
@@ -88,7 +107,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.init.pipeline import load_tables, save_tables
     _check_format(args.format)
-    tables, cfg, theory = load_tables(args.run_dir)
+    tables, cfg, theory = load_tables(args.run_dir, warn=lambda s: print(s, file=sys.stderr))
     out = _writable_dir(args.run_dir)
     save_tables(tables, cfg, theory, out)
     _write_report(tables, theory, out, args.format)
@@ -102,11 +121,10 @@ def _check_format(fmt: str) -> None:
 
 
 def _write_report(tables, theory: dict, out, fmt: str) -> None:
-    import json
-
     from analysis.init.compare import aggregate
+    from analysis.records import read_record
     from figures.analysis_report import write
-    config = json.loads((out / "config.json").read_text())
+    config = read_record(out / "config.json")
     md, page = write(tables, aggregate(tables["init_profiles"]), config, theory, out, fmt)
     claims = tables["claims"]["status"].value_counts()
     print(f"claims: {claims.get('holds', 0)} hold, {claims.get('fails', 0)} fail, "
@@ -142,7 +160,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     tc = TrainConfig(tokens=opt["tokens"], batch_size=opt["batch"], lr=opt["lr"],
                      grad_clip=args.grad_clip, device=args.device, seed=seeds[0],
                      compile=args.compile)
+    tc.validate(base.max_seq_len)  # before any folder is made
     out = _writable_dir(args.out)
+    args.out = str(out)  # what an interruption names, with the command that resumes
     corpus = load_corpus(args.corpus)
     runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel,
                                 seeds=seeds)
@@ -190,6 +210,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     cfg.validate()
     _check_format(args.format)
     out = _writable_dir(args.out or "runs/campaign")
+    args.out = str(out)  # what an interruption names, with the command that resumes
     print(f"sigprop campaign → {out} ({'tiny, ' if cfg.tiny else ''}{cfg.device}, time limit "
           f"{args.time_limit:g} s)")
     state = run_campaign(cfg, out, time_limit=args.time_limit)
@@ -270,6 +291,9 @@ def _parse_moe(text: str | None) -> tuple[int, int]:
         experts, top_k = (int(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--moe takes E,k (experts, top-k), got '{text}'") from None
+    if experts < 1:  # E = 0 would silently train the dense model
+        raise ValueError(f"--moe E,k needs E >= 1 experts, got '{text}' (leave --moe out for a "
+                         "dense FFN)")
     return experts, top_k
 
 
@@ -278,12 +302,36 @@ def _parse_params(items: list[str]) -> dict[str, float]:
     for item in items:
         name, sep, value = item.partition("=")
         try:
-            params[name] = float(value)
+            number = float(value)
         except ValueError:
             sep = ""
         if not sep or not name:
             raise ValueError(f"--param takes NAME=NUMBER, got '{item}'")
+        if not math.isfinite(number):
+            raise ValueError(f"--param {name} must be a finite number, got '{value}'")
+        if name in params:
+            raise ValueError(f"--param {name} is given twice ({params[name]:g} and {number:g})")
+        params[name] = number
     return params
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite float (NaN and inf are refused, not silently propagated)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``error: …`` (exit 2), like every other
+    refusal of bad input; the usage is one ``--help`` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -312,7 +360,7 @@ def _add_compile_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="run_analysis.py",
         description="sigprop: signal propagation in deep Transformers, theory against measurement. "
                     "With no command (or only sweep options, e.g. --preset gpu) it runs the main "
@@ -332,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", default="gelu", help="gelu, relu or swiglu (default: gelu)")
     p.add_argument("--norm", default="layernorm", help="layernorm or rmsnorm (default: layernorm)")
     p.add_argument("--moe", metavar="E,k", help="mixture of E experts, top-k routing (default: dense)")
-    p.add_argument("--sigma", type=float, default=1.0, help="init: weights ~ N(0, σ²/fan_in) (default: 1)")
+    p.add_argument("--sigma", type=_finite, default=1.0, help="init: weights ~ N(0, σ²/fan_in) (default: 1)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="override a scheme parameter, e.g. --param beta=0.1 (repeatable)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64 (default: float32)")
@@ -362,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="context length (default: 64 on cpu, 256 on cuda)")
     p.add_argument("--batch", type=int, help="sequences per step (default: 8 on cpu, 32 on cuda)")
     p.add_argument("--tokens", type=int, help="token budget per run (default: 32768 on cpu, 2e7 on cuda)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 on cpu, 1e-3 on cuda)")
-    p.add_argument("--grad-clip", type=float, help="clip the gradient norm (default: off)")
+    p.add_argument("--lr", type=_finite, help="peak learning rate (default: 2e-3 on cpu, 1e-3 on cuda)")
+    p.add_argument("--grad-clip", type=_finite,
+                   help="clip the gradient norm to this value; 0 is off (default: off)")
     p.add_argument("--moe", metavar="E,k", help="MoE FFN: E experts, top-k (default: dense)")
     p.add_argument("--ffn", default="gelu", help="gelu, relu or swiglu (default: gelu)")
     p.add_argument("--norm", default="layernorm", help="layernorm or rmsnorm (default: layernorm)")
@@ -373,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated init and data seeds, a run each (default: 0)")
     p.add_argument("--tie-embeddings", action="store_true",
                    help="the LM head reuses the token embedding, as nanoGPT (default: separate)")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--dropout", type=_finite, default=0.0,
                    help="dropout on attention, sublayer outputs and the embedding (default: 0)")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs trained at once in worker processes, sharing the device (default: 1)")
@@ -387,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "MoE grid, init sweep; resumable, stops before --time-limit")
     p.add_argument("--device", default="cuda", help="torch device (default: cuda)")
     p.add_argument("--out", help="campaign folder; a campaign there resumes (default: runs/campaign)")
-    p.add_argument("--time-limit", type=float, default=540.0,
+    p.add_argument("--time-limit", type=_finite, default=540.0,
                    help="seconds this invocation may take; it stops cleanly before (default: 540)")
     p.add_argument("--stages", help="comma-separated subset of dense_grid, probe_overhead, "
                                     "throughput, moe_grid, init_sweep (default: all, in that order)")
@@ -423,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2,
                    help="runs at once in the --train grid comparison (default: 2)")
     p.add_argument("--diagnose", action="store_true",
-                   help="time `diagnose` on a GPT-2-small-shaped checkpoint (124M) over 64 × 256 tokens")
+                   help="time `diagnose` on a 6-layer width-384 BERT and a GPT-2-small-shaped "
+                        "checkpoint (124M) over 64 × 256 tokens, against the plain forward/backward")
     p.add_argument("--components", action="store_true",
                    help="relative error of every component moment map (linear, norms, MLPs, "
                         "attention, MoE) against Monte Carlo with the testbed's modules at width "
@@ -439,14 +489,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 "state_dict file (.safetensors, .pt, .bin) with --config")
     p.add_argument("--config", help="JSON config for a bare state_dict: a sigprop ModelConfig dict "
                                     "or a Hugging Face config.json")
+    p.add_argument("--tokenizer", help="folder holding the tokenizer to use (default: the model "
+                                       "folder's own; for a bare state_dict, the one beside the "
+                                       "weights or the config; else bytes)")
     p.add_argument("--text", help="text file to run through the model (default: the corpus's "
                                   "validation split)")
-    p.add_argument("--sequences", type=int, default=64, help="sequences run forward (default: 64)")
+    p.add_argument("--sequences", type=int, default=64,
+                   help="at most this many sequences run forward (default: 64; see --tolerance)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="stop sampling once every block's statistics have a standard error within "
+                        "this fraction of their value (default: 0.05; 0: run every sequence)")
     p.add_argument("--grad-sequences", type=int, default=16,
                    help="of those, how many also run backward for the gradient profile (default: 16)")
     p.add_argument("--seq-len", type=int, default=256,
                    help="tokens per sequence, cut to the model's maximum (default: 256)")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--skip-sequences", type=int, default=4,
+                   help="sequences for the skip test, each block replaced by the identity in turn "
+                        "(default: 4; 0: off)")
+    p.add_argument("--init-sequences", type=int, default=8,
+                   help="sequences run through the same architecture re-initialized, to show what "
+                        "training changed and to compare the init theory (default: 8; 0: off)")
+    p.add_argument("--fail-on", choices=("warnings", "collapsed", "unusable"),
+                   help="exit with status 1 when the verdict is this bad or worse (for automation)")
     p.add_argument("--blocks", help="module path of the residual blocks' ModuleList, when they are "
                                     "not found (as named in model.named_modules())")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -468,14 +533,19 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["sweep", *argv]  # the main job: `run_analysis.py [sweep options]`
     args = parser.parse_args(argv)
     try:
+        if args.command != "diagnose" and getattr(args, "device", None):
+            from analysis.device import resolve_device
+            resolve_device(args.device)  # every command: a bad device in one line, before work
         return args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        print("error: interrupted" + (f"; what finished is kept in {out} and the same command "
-                                      "resumes" if out else ""), file=sys.stderr)
+    except OSError as e:  # a file or folder that cannot be read or written
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(_interrupted(args, argv, e), file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
         out = getattr(args, "out", None)
@@ -484,6 +554,22 @@ def main(argv: list[str] | None = None) -> int:
               f"before the run was too low){kept}: lower --batch, --seq-len or the deepest "
               "depth", file=sys.stderr)
         return 2
+
+
+RESUMABLE = ("sweep", "train", "campaign")  # commands that keep what finished and resume
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str], e: KeyboardInterrupt) -> str:
+    """The one line for Ctrl-C: what was kept (the message of analysis.budget.Interrupted, where
+    the work said) and the exact command that resumes, naming the output folder."""
+    detail = str(e)
+    out = getattr(args, "out", None)
+    if args.command not in RESUMABLE or not out:
+        return "error: interrupted" + (f" ({detail})" if detail else "")
+    has_out = any(a == "--out" or a.startswith("--out=") for a in argv)
+    resume = shlex.join(["python", "run_analysis.py", *argv, *([] if has_out else ["--out", out])])
+    kept = detail or "what finished"
+    return f"error: interrupted; kept in {out}: {kept}; resume with: {resume}"
 
 
 if __name__ == "__main__":

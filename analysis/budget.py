@@ -6,7 +6,11 @@ that reaches one saves its state and raises :class:`Cut`; a re-run resumes from 
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class Cut(Exception):
@@ -21,3 +25,34 @@ def past(deadline: float | None, reserve: float = 0.0) -> bool:
 def left(deadline: float | None) -> float:
     """Seconds left before ``deadline`` (infinite without one)."""
     return float("inf") if deadline is None else deadline - time.time()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the work stopped where it can resume: the message says what was kept."""
+
+
+@contextmanager
+def deferred_interrupt(log=print) -> Iterator[dict]:
+    """While inside, a first Ctrl-C (SIGINT) only sets ``flag["set"]``, for the work to stop at its
+    next safe point (a checkpoint); a second one interrupts at once (KeyboardInterrupt). Outside
+    the main thread, or where SIGINT is ignored, nothing is installed and the flag stays unset."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = signal.getsignal(signal.SIGINT)
+    if old in (signal.SIG_IGN, None):
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+        log("  Ctrl-C: stopping at the end of this step with a checkpoint (Ctrl-C again: at once)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -13,9 +13,15 @@ def read_record(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})"
+                         f"{': it is empty' if not e.doc.strip() else ''}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a JSON object (it holds a {type(record).__name__})")
+    return record
 
 
 def refuse_other(folder: Path, what: str, key: str, was: Any, now: Any) -> ValueError:

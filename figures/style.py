@@ -36,6 +36,6 @@ def save(fig, path: str | Path, fmt: str = "png") -> Path:
     path = Path(path).with_suffix(f".{fmt}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight")  # legends placed outside the axes stay whole
     plt.close(fig)
     return path

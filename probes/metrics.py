@@ -107,20 +107,44 @@ def token_sample(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> t
     return x
 
 
+def singular_values(x: torch.Tensor) -> torch.Tensor:
+    """Singular values of each [T, d] matrix in ``x``, descending: √eig of the smaller Gram matrix, in float64.
+
+    Why not ``torch.linalg.svdvals``: the Gram matrix is one matmul plus a symmetric eigensolve,
+    several times faster for these small matrices, and LAPACK's SVD oversubscribes on a few
+    threads. Squaring the condition number costs nothing here: float64 keeps singular values down
+    to ~1e-8 of the largest, far below what the rank metrics can see. A sequence holding NaN or
+    inf gets NaN singular values (its rank is undefined) instead of an error.
+    """
+    x = x.double()
+    gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
+    finite = torch.isfinite(gram).flatten(-2).all(-1)
+    gram = torch.where(finite[..., None, None], gram, torch.zeros_like(gram))
+    ev = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+    return torch.where(finite[..., None], ev, torch.full_like(ev, math.nan))
+
+
 def effective_rank(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
     """exp of the Shannon entropy of the singular values normalised to sum 1 (Roy & Vetterli 2007, EUSIPCO).
 
-    1 for a rank-1 matrix, n for n equal singular values. Per sequence on ``token_sample``, averaged.
+    1 for a rank-1 matrix, n for n equal singular values: at most min(T, d) of ``token_sample``.
+    Per sequence on ``token_sample``, averaged over the sequences whose values are finite.
     """
-    s = torch.linalg.svdvals(token_sample(x, max_seqs, max_tokens))  # [B, min(T, d)]
+    s = singular_values(token_sample(x, max_seqs, max_tokens))  # [B, min(T, d)]
     p = s / s.sum(-1, keepdim=True).clamp_min(_TINY)
-    return torch.exp(-torch.special.xlogy(p, p).sum(-1)).mean()
+    return _finite_mean(torch.exp(-torch.special.xlogy(p, p).sum(-1))).to(x.dtype)
+
+
+def _finite_mean(v: torch.Tensor) -> torch.Tensor:
+    """Mean of the finite entries (NaN if none): one damaged sequence must not hide the others."""
+    ok = torch.isfinite(v)
+    return torch.where(ok, v, torch.zeros_like(v)).sum() / ok.sum()
 
 
 def stable_rank(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
     """‖X‖_F² / ‖X‖_2² (Rudelson & Vershynin 2007), per sequence on ``token_sample``, averaged."""
-    s = torch.linalg.svdvals(token_sample(x, max_seqs, max_tokens))
-    return (s.square().sum(-1) / s[..., 0].square().clamp_min(_TINY)).mean()
+    s = singular_values(token_sample(x, max_seqs, max_tokens))
+    return _finite_mean(s.square().sum(-1) / s[..., 0].square().clamp_min(_TINY)).to(x.dtype)
 
 
 def _token_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -215,10 +239,10 @@ def summarize(x: torch.Tensor, names: tuple[str, ...], x_in: torch.Tensor | None
             centred = (total - T * sums[:, 1].square().sum(-1)).clamp_min(0)
             out["dong_residual"] = (centred.sqrt() / total.sqrt().clamp_min(_TINY)).mean()
     if want & {"effective_rank", "stable_rank"}:
-        sv = torch.linalg.svdvals(token_sample(x, max_seqs, max_tokens))
+        sv = singular_values(token_sample(x, max_seqs, max_tokens))
         p = sv / sv.sum(-1, keepdim=True).clamp_min(_TINY)
-        out["effective_rank"] = torch.exp(-torch.special.xlogy(p, p).sum(-1)).mean()
-        out["stable_rank"] = (sv.square().sum(-1) / sv[..., 0].square().clamp_min(_TINY)).mean()
+        out["effective_rank"] = _finite_mean(torch.exp(-torch.special.xlogy(p, p).sum(-1)))
+        out["stable_rank"] = _finite_mean(sv.square().sum(-1) / sv[..., 0].square().clamp_min(_TINY))
     if want & {"layer_cosine", "angular_distance"}:
         a = as_sequences(x_in)
         if a.shape != x.shape:

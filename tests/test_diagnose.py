@@ -71,7 +71,16 @@ def test_trained_toolkit_checkpoint_end_to_end(tmp_path, text, capsys):
     assert table.loc[table.layer == 2, "grad_rel"].item() == pytest.approx(1.0)
     # the theory columns exist and are at initialization (finite for the testbed's own scheme)
     assert table["theory_token_cosine"].iloc[:4].notna().all()
-    assert any(f["id"] == "theory_at_init" and "initialization" in f["message"] for f in doc["findings"])
+    assert any(f["id"] == "theory_at_init" and "re-initialized" in f["message"] for f in doc["findings"])
+    # the re-initialized twin: measured beside the trained model; the theory describes it, not the trained one
+    assert table["init_token_cosine"].iloc[:4].notna().all() and table["init_q_rel"].iloc[0] == 1.0
+    assert (table["theory_token_cosine"] - table["init_token_cosine"]).iloc[:4].abs().max() < 0.15
+    assert table["branch_rel_median"].iloc[1:4].gt(0).all() and table["skip_out_change"].iloc[1:4].gt(0).all()
+    assert table["skip_loss_delta"].iloc[1:4].notna().all()  # a real loss: the skip test's loss change
+    assert table["point"].iloc[-1] == "final"  # pre-norm's final norm: the head input, its own row
+    from analysis.diagnose.diagnosis import glossary_for
+    assert [c for c in table.columns if glossary_for(c) is None] == []  # every column explained
+    assert "Columns" in (out / "report.md").read_text() and doc["max_effective_rank"] == 32
     assert (out / "figures" / "diagnosis.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "# Diagnosis" in report and "Verdict:" in report and "figures/diagnosis.png" in report
@@ -86,9 +95,10 @@ def test_collapse_is_flagged_and_healthy_is_not(tmp_path, text):
     row = bad.findings.set_index("id").loc["rank_collapse"]
     assert row["threshold"] == THRESHOLDS["collapse_cosine"][0] and row["value"] >= row["threshold"]
     assert "from block 1 on" in row["message"]  # where: the first collapsed block
-    assert sev.get("redundant_blocks") == "warning"  # blocks 2.. map c to c: they change nothing
-    assert "blocks 2–5" in bad.findings.set_index("id").loc["redundant_blocks", "message"]
+    assert sev.get("redundant_blocks") == "warning"  # every block's output is reset to c downstream:
+    assert "blocks 0–5" in bad.findings.set_index("id").loc["redundant_blocks", "message"]  # skipping any changes nothing
     assert bad.table.loc[bad.table.layer == 5, "effective_rank"].item() < 1.5
+    assert "final" not in set(bad.table["point"])  # post-norm: no final norm, no row repeating block 5
 
     mc = ModelConfig(scheme="pre", depth=6, width=32, heads=4, max_seq_len=64)
     good = diagnose(str(_save_testbed(tmp_path / "healthy", mc)), text=str(text), **FAST)
@@ -166,10 +176,12 @@ class _Evil:
 
 
 def _err(capsys, argv) -> str:
+    """The one error line; progress lines ("[  1.2 s] …") may come before it, nothing else."""
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    return err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[")]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
 
 
 def test_bad_input_is_refused_with_one_line(tmp_path, capsys, text):
@@ -220,16 +232,30 @@ def test_hf_folder_with_a_pickle_that_needs_code_is_refused(tmp_path, capsys, te
     assert "torch .bin" in d.meta["model"] and d.meta["blocks"] == 3
 
 
-def test_folder_tokenizer_is_used(tmp_path, text):
+def test_tokenizer_is_found_beside_the_weights_and_foreign_text_is_flagged(tmp_path, text, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     folder = _hf_folder("gpt2", tmp_path)
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # a word tokenizer: drops line breaks and indents
     tok.train_from_iterator([text.read_text()], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
     d = diagnose(str(folder), text=str(text), **FAST)
-    assert "the folder's own" in d.meta["text"] and "bytes" not in d.meta["text"]
+    assert f"from {folder}" in d.meta["text"] and "bytes" not in d.meta["text"]
     assert math.isfinite(d.meta["loss_value"])
+    # a bare state_dict with --config: the tokenizer beside the weights is used, not bytes
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (folder / "model.safetensors").rename(bare / "weights.safetensors")
+    for f in folder.glob("tok*"):
+        f.rename(bare / f.name)
+    d = diagnose(str(bare / "weights.safetensors"), config=str(folder / "config.json"), text=str(text), **FAST)
+    assert f"from {bare}" in d.meta["text"]
+    d = diagnose(str(bare / "weights.safetensors"), config=str(folder / "config.json"), tokenizer=str(bare),
+                 **FAST)  # --tokenizer; the default text (Python source) is foreign to a word tokenizer
+    assert any("does not keep it" in n and "line breaks" in n and "--text" in n for n in d.notes), d.notes
+    err = _err(capsys, ["diagnose", str(bare / "weights.safetensors"), "--config", str(folder / "config.json"),
+                        "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "holds no tokenizer" in err
 
 
 def test_unlocatable_blocks_say_how_to_point_at_them(tmp_path, capsys, text):
@@ -254,6 +280,8 @@ def test_nan_weights_are_a_finding_not_a_crash(tmp_path, text):
     assert d.findings.set_index("id").loc["non_finite_weights", "value"] == 2
     assert "block 1" in d.findings.set_index("id").loc["non_finite_activations", "message"]
     assert d.verdict.startswith("UNUSABLE")
+    # the finite layers before the damage keep their effective rank
+    assert d.table.loc[d.table.layer <= 0, "effective_rank"].notna().all()
 
 
 def test_checkpoint_larger_than_memory_is_refused_with_sizes(tmp_path, capsys, monkeypatch, text):
@@ -262,3 +290,106 @@ def test_checkpoint_larger_than_memory_is_refused_with_sizes(tmp_path, capsys, m
     monkeypatch.setattr(checkpoints, "available_memory", lambda: 1000)
     err = _err(capsys, ["diagnose", str(folder), "--out", str(tmp_path / "o"), "--text", str(text)])
     assert "GB of weights" in err and "0.00 GB of memory" in err
+
+
+def test_block_whose_branches_output_zero_is_redundant_in_a_post_norm_model(tmp_path, text):
+    """The old turn-angle test missed it: the block's LayerNorms still turn the stream."""
+    mc = ModelConfig(scheme="post", depth=4, width=32, heads=4, max_seq_len=64)
+    model = build_model(mc)
+    with torch.no_grad():
+        model.blocks[2].attns[0].o.weight.zero_()
+        model.blocks[2].ffns[0].down.weight.zero_()
+        for norm in model.blocks[2].norms:  # trained-looking affine norms: they alone move the stream
+            norm.weight.normal_(1.0, 0.3)
+            norm.bias.normal_(0.0, 0.3)
+    d = diagnose(str(_save_testbed(tmp_path / "zero", mc, model)), text=str(text), skip_sequences=4, **FAST)
+    row = d.table.set_index("layer")
+    assert row.loc[2, "branch_rel_median"] == 0.0 and row.loc[2, "angle_deg"] > 2.0
+    assert (row.loc[[0, 1, 3], "branch_rel_median"] > 0.1).all()
+    found = d.findings.set_index("id")
+    assert found.loc["redundant_blocks", "layers"] == "2", found
+    assert "contribution 0" in found.loc["redundant_blocks", "message"]
+    assert row.loc[2, "skip_out_change"] > 0  # skipping also drops its norms: not zero, reported as is
+
+
+def test_fail_on_sets_the_exit_status(tmp_path, text, capsys):
+    folder = _collapsed(tmp_path)
+    args = ["diagnose", str(folder), "--text", str(text), "--sequences", "4", "--seq-len", "16",
+            "--grad-sequences", "2", "--skip-sequences", "0", "--init-sequences", "0"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0  # reporting alone never fails
+    assert main([*args, "--out", str(tmp_path / "b"), "--fail-on", "collapsed"]) == 1
+    assert main([*args, "--out", str(tmp_path / "c"), "--fail-on", "warnings"]) == 1
+    assert main([*args, "--out", str(tmp_path / "d"), "--fail-on", "unusable"]) == 0
+    assert "--fail-on collapsed: verdict COLLAPSED, exit status 1" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "a" / "diagnosis.json").read_text())
+    assert doc["init_sequences"] == 0 and all(v is None for v in (r.get("theory_q_rel") for r in doc["layers"]))
+
+
+def test_encoders_get_bidirectional_attention_theory_and_vision_configs_are_refused(tmp_path, text, capsys):
+    d = diagnose(str(_hf_folder("bert", tmp_path)), text=str(text), **FAST)
+    assert d.meta["encoder"] is True
+    msg = d.findings.set_index("id").loc["theory_at_init", "message"]
+    assert "bidirectional attention" in msg
+    gpt = diagnose(str(_hf_folder("gpt2", tmp_path)), text=str(text), **FAST)
+    assert gpt.meta["encoder"] is False and "causal attention" in gpt.findings.set_index("id").loc[
+        "theory_at_init", "message"]
+    vit = tmp_path / "vit"
+    transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, image_size=32, patch_size=8)
+                          ).save_pretrained(vit)
+    capsys.readouterr()  # transformers' save progress bar
+    err = _err(capsys, ["diagnose", str(vit), "--out", str(tmp_path / "o"), "--text", str(text)])
+    assert "vit" in err and "text" in err
+
+
+def test_sampling_stops_once_the_statistics_converge(tmp_path, text):
+    folder = _save_testbed(tmp_path / "m", ModelConfig(scheme="pre", depth=2, width=32, heads=4, max_seq_len=64))
+    kw = dict(text=str(text), sequences=40, seq_len=32, grad_sequences=4, batch=4, skip_sequences=0,
+              init_sequences=0)
+    early = diagnose(str(folder), **kw)  # a repetitive text: every window alike, the errors tiny
+    assert 12 <= early.meta["sequences_used"] < 40 and any("sampling stopped" in n for n in early.notes)
+    full = diagnose(str(folder), tolerance=0.0, **kw)
+    assert full.meta["sequences_used"] == 40
+    with pytest.raises(ValueError, match="--tolerance"):
+        diagnose(str(folder), tolerance=1.5, **kw)
+
+
+@pytest.mark.parametrize("name", ["testbed", "llama"])
+def test_skip_test_replaying_the_prefix_equals_running_every_block(name, tmp_path):
+    from analysis.diagnose.contribution import _identity_hook, skip_test
+    from probes import locate
+    if name == "testbed":
+        model = build_model(ModelConfig(scheme="post", depth=4, width=32, heads=4, max_seq_len=64)).eval()
+        run = lambda w: torch.nn.functional.cross_entropy(  # noqa: E731
+            model(w[:, :-1])[0].transpose(1, 2), w[:, 1:], reduction="none").mean(1)
+    else:
+        model = HF["llama"][0](transformers).eval()
+        run = lambda w: torch.nn.functional.cross_entropy(  # noqa: E731
+            model(input_ids=w[:, :-1]).logits.transpose(1, 2), w[:, 1:], reduction="none").mean(1)
+    layout = locate(model)
+    w = torch.randint(0, 64, (6, 17), generator=torch.Generator().manual_seed(0))
+    fast = skip_test(model, layout, w, run, batch=4)
+    with torch.no_grad():
+        base = run(w)
+        for i, path in enumerate(layout.blocks):  # naive: every block runs, block i is the identity
+            h = model.get_submodule(path).register_forward_hook(_identity_hook, with_kwargs=True)
+            delta = (run(w) - base).mean()
+            h.remove()
+            assert fast.loc[i, "skip_loss_delta"] == pytest.approx(float(delta), abs=1e-5)
+    assert fast["skip_out_change"].gt(0).all() and fast["skip_loss_delta_se"].notna().all()
+
+
+def test_calibration_tables_over_several_checkpoints(tmp_path, text, capsys):
+    from analysis.diagnose import calibration
+    paths = [str(_save_testbed(tmp_path / s, ModelConfig(scheme=s, depth=2, width=32, heads=4, max_seq_len=64)))
+             for s in ("pre", "post")]
+    out = tmp_path / "cal"
+    assert calibration.main([*paths, "--out", str(out), "--text", str(text), "--sequences", "4",
+                             "--seq-len", "16", "--skip-sequences", "2"]) == 0
+    blocks = pd.read_csv(out / "blocks.csv")
+    assert len(blocks) == 4 and set(blocks["placement"]) == {"pre", "post"}
+    assert blocks["branch_rel_median"].gt(0).all() and blocks["skip_out_change"].gt(0).all()
+    summary = pd.read_csv(out / "summary.csv").set_index("placement")
+    assert summary.loc["pre", "blocks"] == 2 and summary.loc["post", "below_contribution_threshold"] == 0
+    assert calibration.main([str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -157,3 +157,16 @@ def test_token_cosine_survives_underflowing_gradients():
     assert M.token_cosine(y * 1e-12).item() == pytest.approx(M.token_cosine(y).item(), rel=1e-5)
     out = M.summarize(y * 1e-25, ("token_cosine",))
     assert abs(out[0].item()) <= 1.0
+
+
+@pytest.mark.parametrize("T,d", [(16, 48), (48, 16)])
+def test_singular_values_match_svd_and_skip_non_finite_sequences(T, d):
+    x = torch.randn(3, T, d) * torch.logspace(0, -3, d)  # a wide spread of singular values
+    s = M.singular_values(x)
+    ref = torch.linalg.svdvals(x.double())
+    assert s.shape == ref.shape and torch.allclose(s, ref, rtol=1e-6, atol=1e-9)
+    x[1, 0, 0] = math.nan
+    assert torch.isnan(M.singular_values(x)[1]).all() and torch.isfinite(M.singular_values(x)[[0, 2]]).all()
+    # one damaged sequence leaves the others' effective rank defined: the mean of the finite ones
+    er = [float(M.effective_rank(x[i:i + 1])) for i in (0, 2)]
+    assert float(M.effective_rank(x)) == pytest.approx(sum(er) / 2, rel=1e-5)

@@ -24,6 +24,58 @@ from sympy import Rational, asin, pi, sqrt
 EPS = Rational(1, 100000)  # LayerNorm / RMSNorm eps of analysis/testbed/model.py
 
 
+# --- numeric evaluation on closed domains -------------------------------------------------
+#
+# The kernels are written for correlations r ∈ [-1, 1]: relu_kernel has acos(r) and
+# sqrt(1 - r²), the GELU orthant asin(c/(1+q)). At r = ±1 exactly they are defined (the ReLU
+# kernel's cross term is q/2 at r = 1), but a correlation computed as k/q of two separately
+# rounded sums can land an ulp outside, and a collapsed stream (ρ → 1, the fixed point of every
+# deep scheme) sits right on the edge. The sympy forms stay as printed; numeric evaluation uses
+# these functions, which clamp an argument that lies within DOMAIN_SLACK outside the domain
+# (rounding) and pass anything farther out through, so a real bug still raises.
+
+DOMAIN_SLACK = 1e-9
+
+
+def _into(x: float, lo: float, hi: float) -> float:
+    """``x`` clamped to [lo, hi] when it lies within DOMAIN_SLACK outside; else ``x`` itself."""
+    if lo - DOMAIN_SLACK <= x < lo:
+        return lo
+    if hi < x <= hi + DOMAIN_SLACK:
+        return hi
+    return x
+
+
+def safe_acos(x: float) -> float:
+    """math.acos on [-1, 1], rounding past ±1 clamped."""
+    return math.acos(_into(x, -1.0, 1.0))
+
+
+def safe_asin(x: float) -> float:
+    """math.asin on [-1, 1], rounding past ±1 clamped."""
+    return math.asin(_into(x, -1.0, 1.0))
+
+
+def safe_sqrt(x: float) -> float:
+    """math.sqrt on [0, ∞), rounding below 0 (e.g. 1 - r² at r = 1 + ulp) clamped."""
+    return math.sqrt(_into(x, 0.0, math.inf))
+
+
+NUMERIC_MATH = {"acos": safe_acos, "asin": safe_asin, "sqrt": safe_sqrt}
+
+
+def _np_into(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    x = np.where((x < lo) & (x >= lo - DOMAIN_SLACK), lo, x)
+    return np.where((x > hi) & (x <= hi + DOMAIN_SLACK), hi, x)
+
+
+# the same for sympy.lambdify(..., [NUMPY_MATH, "numpy"]) (entry-wise kernels of positional.py)
+NUMPY_MATH = {"acos": lambda x: np.arccos(_np_into(x, -1.0, 1.0)),
+              "asin": lambda x: np.arcsin(_np_into(x, -1.0, 1.0)),
+              "sqrt": lambda x: np.sqrt(_np_into(x, 0.0, math.inf))}
+
+
 # --- linear layer ------------------------------------------------------------------------
 
 
@@ -68,9 +120,14 @@ def norm_backward_factor(Q: sympy.Expr, d: sympy.Expr, kind: str = "layernorm") 
 
 
 def relu_kernel(q: sympy.Expr, c: sympy.Expr) -> sympy.Expr:
-    """E[relu(u)relu(v)], Var u = Var v = q, Cov = c (arc-cosine kernel, Cho & Saul 2009)."""
+    """E[relu(u)relu(v)], Var u = Var v = q, Cov = c (arc-cosine kernel, Cho & Saul 2009).
+
+    sqrt(1 - r²) is written sqrt((1 - r)(1 + r)): near r = 1 the factor 1 - r is exact in floating
+    point, whereas 1 - r² loses all digits, and the square root would blow a rounding of 1e-16 in ρ
+    up to 1e-8 (ρ drifting off 1 in a collapsed stream, by 1e-4 in ρ_g after 64 ReLU blocks).
+    """
     r = c / q
-    return q / (2 * pi) * (sqrt(1 - r ** 2) + (pi - sympy.acos(r)) * r)
+    return q / (2 * pi) * (sqrt((1 - r) * (1 + r)) + (pi - sympy.acos(r)) * r)
 
 
 def relu_dkernel(q: sympy.Expr, c: sympy.Expr) -> sympy.Expr:
@@ -181,7 +238,7 @@ def ffn_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *, sig
     raise ValueError(f"unknown ffn kind '{kind}' (known: gelu, relu, swiglu)")
 
 
-# --- causal attention at init: numeric softmax statistics -----------------------------------
+# --- attention at init: numeric softmax statistics (causal; bidirectional reuses them) ----
 #
 # Given the input (q, ρ), the logits of query t over keys s ≤ t are Gaussian with variance
 # σ⁴q² and correlation ρ between keys (Cov over W_k of a·W_k x_s, a = W_q x_t); the shared part
@@ -221,6 +278,32 @@ def attention_position_table(T: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(Cs), np.array(Xs)
 
 
+_FULL_DRAWS = 2 ** 19  # normal draws per grid point: 16384 sequences at T = 32, fewer for longer
+
+
+@lru_cache(maxsize=32)
+def attention_full_table(T: int) -> tuple[np.ndarray, np.ndarray]:
+    """C_T(v), X_T(v) of a query over all T keys (bidirectional), arrays [len(V_GRID)] (MC).
+
+    The causal table's last position, drawn separately with more sequences: the causal statistics
+    are averaged over T positions, this one is not (from the causal table's 1024 sequences C_32(1)
+    came out 1.3% low against 4·10⁵; now within 0.1%). A sum over T keys fluctuates ∝ 1/√T, so
+    _FULL_DRAWS/T sequences give every T about the same relative noise at the same cost.
+    """
+    if T < 1:
+        raise ValueError(f"sequence length must be >= 1, got {T}")
+    Z = np.random.default_rng(20240602).standard_normal((max(_FULL_DRAWS // T, 1024), T))
+    Cs, Xs = [], []
+    for v in _V_GRID:
+        e = np.exp(math.sqrt(v) * Z)  # |√v·z| < 4·6: no overflow, no shift needed
+        e2 = e * e
+        s1 = e.sum(1)
+        p2, p3 = e2.sum(1) / s1 ** 2, (e2 * e).sum(1) / s1 ** 3
+        Cs.append(p2.mean())
+        Xs.append((p2 * (1 + p2) - 2 * p3).mean())
+    return np.array(Cs), np.array(Xs)
+
+
 @lru_cache(maxsize=32)
 def attention_table(T: int) -> dict[str, list[float]]:
     """Per-v-grid sequence averages (Cbar, D1bar, Xbar) for sequence length T (numeric, MC)."""
@@ -230,6 +313,18 @@ def attention_table(T: int) -> dict[str, list[float]]:
     return {"Cbar": [float(c.mean()) for c in Cs],
             "D1bar": [float((1 - c[1:]).sum() / pairs) for c in Cs],
             "Xbar": [float(x.mean()) for x in Xs]}
+
+
+@lru_cache(maxsize=32)
+def attention_full_values(T: int) -> dict[str, list[float]]:
+    """Per-v-grid Cfull, D1full, Xfull (bidirectional: every query over all T keys; numeric, MC).
+
+    D1full = Σ_t E[P_ts P_ts'] over the T queries, s ≠ s' = (1 - C_T)/(T - 1) (exchangeable keys).
+    """
+    Cf, Xf = attention_full_table(T)
+    return {"Cfull": [float(c) for c in Cf],
+            "D1full": [float((1 - c) / max(T - 1, 1)) for c in Cf],
+            "Xfull": [float(x) for x in Xf]}
 
 
 @lru_cache(maxsize=32)
@@ -260,21 +355,51 @@ def _interp(grid: list[float], vals: list[float], v: float) -> float:
 
 
 def attention_numeric(T: int) -> dict[str, Callable[[float], float]]:
-    """Scalar functions Cbar(v), D1bar(v), Xbar(v) for sequence length T (numeric tables)."""
-    tab = attention_table(int(T))
-    return {name: (lambda v, vals=vals: _interp(_V_GRID, vals, float(v)))
-            for name, vals in tab.items()}
+    """Scalar functions Cbar(v), D1bar(v), Xbar(v) (causal), Cfull(v), D1full(v), Xfull(v)
+    (bidirectional) for sequence length T (numeric tables)."""
+    T = int(T)
+    tab = attention_table(T)
+    fns = {name: (lambda v, vals=vals: _interp(_V_GRID, vals, float(v)))
+           for name, vals in tab.items()}
+    # drawn on first use only: a causal model never pays for the bidirectional table
+    fns.update({name: (lambda v, name=name: _interp(_V_GRID, attention_full_values(T)[name],
+                                                    float(v)))
+                for name in ("Cfull", "D1full", "Xfull")})
+    return fns
 
 
 Cbar = sympy.Function("Cbar")  # numeric: sequence-averaged E Σ_s P_ts² at logit variance v
 D1bar = sympy.Function("D1bar")  # numeric: pair-averaged Σ_t E[P_ts P_ts'] (gradient cross term)
 Xbar = sympy.Function("Xbar")  # numeric: sequence-averaged score-path factor
+Cfull = sympy.Function("Cfull")  # numeric: E Σ_s P_ts² of a query over all T keys
+D1full = sympy.Function("D1full")  # numeric: Σ_t E[P_ts P_ts'] over all T queries, s ≠ s'
+Xfull = sympy.Function("Xfull")  # numeric: score-path factor of a query over all T keys
 
 
 def attention_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *,
-                   sigma: sympy.Expr, consts: dict[str, sympy.Expr], value_gain: sympy.Expr = 1,
-                   out_gain: sympy.Expr = 1
+                   sigma: sympy.Expr, consts: dict[str, sympy.Expr] | None = None,
+                   value_gain: sympy.Expr = 1, out_gain: sympy.Expr = 1, kind: str = "causal",
+                   T: sympy.Expr | None = None
                    ) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, sympy.Expr]:
+    """(q_out, c_out, G_in, gc_in) of attention of ``kind`` (theory.shape.ATTENTION_KINDS).
+
+    causal needs ``consts`` (Mbar, Bbar, D2bar); bidirectional and uniform need the sequence
+    length ``T`` (a symbol or a number).
+    """
+    gains = {"sigma": sigma, "value_gain": value_gain, "out_gain": out_gain}
+    if kind == "causal":
+        return causal_attention_maps(q, c, G, gc, consts=consts, **gains)
+    if kind == "bidirectional":
+        return bidirectional_attention_maps(q, c, G, gc, T=T, **gains)
+    if kind == "uniform":
+        return uniform_attention_maps(q, c, G, gc, T=T, **gains)
+    raise ValueError(f"unknown attention kind '{kind}' (known: causal, bidirectional, uniform)")
+
+
+def causal_attention_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *,
+                          sigma: sympy.Expr, consts: dict[str, sympy.Expr],
+                          value_gain: sympy.Expr = 1, out_gain: sympy.Expr = 1
+                          ) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, sympy.Expr]:
     """(q_out, c_out, G_in, gc_in) of causal attention at init, averaged over positions.
 
     Forward (value averaging, Noci et al. 2022): y_t = Σ_s P_ts W_v x_s, so
@@ -292,6 +417,61 @@ def attention_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, 
     G_in = g2 * (G * Cbar(v) + gc * consts["Bbar"] + sigma ** 4 * (q - c) * (2 * q - c) * Xbar(v) * G)
     gc_in = g2 * (G * D1bar(v) + gc * consts["D2bar"])
     return q_out, c_out, G_in, gc_in
+
+
+def bidirectional_attention_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *,
+                                 sigma: sympy.Expr, T: sympy.Expr, value_gain: sympy.Expr = 1,
+                                 out_gain: sympy.Expr = 1
+                                 ) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, sympy.Expr]:
+    """(q_out, c_out, G_in, gc_in) of bidirectional (non-causal) softmax attention at init.
+
+    Every query sees the same T keys, so exchangeable tokens stay exchangeable and the
+    position-resolved map (positional.bidirectional_attention) reduces exactly to these scalars
+    (own derivation; tests check the two agree). With u = q - c, ρ = c/q, the i.i.d. logit part of
+    variance v = σ⁴·q·u, E[P_ts] = 1/T, and the statistics of a query over all T keys
+    C = C_T(v) = E Σ_s P_ts² (Cfull), X = X_T(v) (Xfull), D1 = (1 - C)/(T - 1) (D1full)
+    (attention_full_table). Distinct queries t, t' share the keys and their logits correlate by
+    ρ, so their weight fluctuations do too: linear in the standardized logits,
+    E[δP_ts δP_t's'] = ρ·w²·(δ_ss' - 1/T), w² = (T·C - 1)/(T(T - 1)). Forward:
+      q_out = g²[c + u·C],  c_out = g²[c + u·(1 + ρ(T·C - 1))/T].
+    Backward value path g'_s = Σ_t P_ts (W_o W_v)ᵀ g_t (all T queries):
+      G_in ⊃ g²[G·C + gc·(T - 1)/T·(1 + ρ(T·C - 1))],
+      gc_in = g²[G·D1 + gc·((T - 1) - ρ(T·C - 1))/T].
+    Score path (diagonal): query part σ⁴g²·G·X·u², key part σ⁴g²·(G·q·u·X + gc·c·u·(T - 1)/T)
+    (a key collects every query's gradient, coherently through their covariance); so
+      G_in ⊃ σ⁴g²[G·X·u·(2q - c) + gc·c·u·(T - 1)/T].
+    With gc = ρ = 0 this is the causal map with every query over all T keys. Not included (nor in
+    the causal maps): the key gradients of one query sum to zero over the keys, which makes the
+    key part anti-correlated across tokens (-1/(T - 1) of its power in gc_in).
+    """
+    g2 = (sigma * value_gain) ** 2 * (sigma * out_gain) ** 2
+    u, r = q - c, c / q
+    v = sigma ** 4 * q * u
+    coh = 1 + r * (T * Cfull(v) - 1)  # cross-query coherence of the weights, 1 for ρ = 0
+    q_out = g2 * (c + u * Cfull(v))
+    c_out = g2 * (c + u * coh / T)
+    G_in = g2 * (G * Cfull(v) + gc * (T - 1) / T * coh
+                 + sigma ** 4 * (G * Xfull(v) * u * (2 * q - c) + gc * c * u * (T - 1) / T))
+    gc_in = g2 * (G * D1full(v) + gc * ((T - 1) - r * (T * Cfull(v) - 1)) / T)
+    return q_out, c_out, G_in, gc_in
+
+
+def uniform_attention_maps(q: sympy.Expr, c: sympy.Expr, G: sympy.Expr, gc: sympy.Expr, *,
+                           sigma: sympy.Expr, T: sympy.Expr, value_gain: sympy.Expr = 1,
+                           out_gain: sympy.Expr = 1
+                           ) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, sympy.Expr]:
+    """(q_out, c_out, G_in, gc_in) of uniform attention: every token the mean over all T tokens.
+
+    Exact closed form (no softmax statistics): y_t = W_o W_v x̄ with x̄ = Σ_s x_s/T the same for
+    every t, so E[y_t y_t'] = g²·Σ_{s,s'} K_ss'/T² = g²(q + (T - 1)c)/T for t = t' and t ≠ t' alike
+    (output token correlation 1). Backward, every input token receives the same
+    (W_o W_v)ᵀ Σ_t g_t/T, of power g²(G + (T - 1)gc)/T, also its cross covariance. No score path:
+    there are no query or key weights.
+    """
+    g2 = (sigma * value_gain) ** 2 * (sigma * out_gain) ** 2
+    out = g2 * (q + (T - 1) * c) / T
+    back = g2 * (G + (T - 1) * gc) / T
+    return out, out, back, back
 
 
 # --- top-k MoE at init: numeric routing statistics ------------------------------------------

@@ -58,8 +58,9 @@ class _Value(SourceValue):
 class _Ctx:
     """The symbolic vocabulary (``op``) plus the straight-line program being recorded."""
 
-    def __init__(self, *, ffn: str, norm: str, experts: int, top_k: int):
+    def __init__(self, *, ffn: str, norm: str, experts: int, top_k: int, attention: str = "causal"):
         self.ffn_kind, self.norm_kind, self.experts, self.top_k = ffn, norm, experts, top_k
+        self.attention = attention
         self.assign: list[tuple[sympy.Symbol, sympy.Expr]] = []
         self.sources: list[tuple[sympy.Expr, sympy.Expr]] = [(q, q * rho)]  # (q_i, k_i)
         self.nodes: list[Node] = [Node("input", [])]
@@ -106,7 +107,8 @@ class _Ctx:
         G, Gc = sympy.Symbol(f"G_out_{tag}", real=True), sympy.Symbol(f"Gc_out_{tag}", real=True)
         g = {n: _const(x) for n, x in gains.items()}
         if kind == "attn":
-            maps = C.attention_maps(qin, kin, G, Gc, sigma=sigma, consts=ATTN_CONST, **g)
+            maps = C.attention_maps(qin, kin, G, Gc, sigma=sigma, consts=ATTN_CONST, T=T,
+                                    kind=self.attention, **g)
         elif self.experts:
             maps = C.moe_maps(qin, kin, G, Gc, sigma=sigma, kind=self.ffn_kind, **g)
         else:
@@ -127,7 +129,7 @@ class _Ctx:
         return _Value(self, {len(self.sources) - 1: sympy.Integer(1)}, len(self.nodes) - 1)
 
     def attn(self, v: _Value, *, value_gain: Any = 1, out_gain: Any = 1) -> _Value:
-        """Causal attention: a fresh source (see components.attention_maps)."""
+        """Attention of the model's kind: a fresh source (see components.attention_maps)."""
         return self._sublayer("attn", v, {"value_gain": value_gain, "out_gain": out_gain})
 
     def ffn(self, v: _Value, *, in_gain: Any = 1, out_gain: Any = 1) -> _Value:
@@ -192,9 +194,9 @@ class Recurrence:
 
 def derive_block(s: Scheme, *, l: Any = l_sym, L: Any = L_sym, ffn: str = "gelu",
                  norm: str = "layernorm", experts: int = 0, top_k: int = 2,
-                 params: dict[str, Any] | None = None) -> Recurrence:
+                 params: dict[str, Any] | None = None, attention: str = "causal") -> Recurrence:
     """Run ``s.block`` over symbolic values and return its recurrence (ValueError on bad input)."""
-    ctx = _Ctx(ffn=ffn, norm=norm, experts=experts, top_k=top_k)
+    ctx = _Ctx(ffn=ffn, norm=norm, experts=experts, top_k=top_k, attention=attention)
     resolved = s.resolve(L, **(params or {}))
     x = _Value(ctx, {0: sympy.Integer(1)}, 0)
     out = s.block(x, ctx, l=l, L=L, **resolved)
@@ -222,14 +224,14 @@ def _symbolic_ok(s: Scheme) -> bool:
 
 @lru_cache(maxsize=256)
 def _derive_cached(name: str, ffn: str, norm: str, experts: int, top_k: int,
-                   params_key: tuple, l: Any, L: Any) -> Recurrence:
+                   params_key: tuple, l: Any, L: Any, attention: str) -> Recurrence:
     return derive_block(get_scheme(name), l=l, L=L, ffn=ffn, norm=norm, experts=experts,
-                        top_k=top_k, params=dict(params_key))
+                        top_k=top_k, params=dict(params_key), attention=attention)
 
 
 def derive(name: str, *, ffn: str = "gelu", norm: str = "layernorm", experts: int = 0,
            top_k: int = 2, params: dict[str, Any] | None = None,
-           l: Any = None, L: Any = None) -> Recurrence:
+           l: Any = None, L: Any = None, attention: str = "causal") -> Recurrence:
     """The (cached) recurrence of a registered scheme's block, symbolic in l and L by default.
 
     A scheme that branches on l or L (Mix-LN) needs concrete ``l`` and ``L``.
@@ -238,7 +240,7 @@ def derive(name: str, *, ffn: str = "gelu", norm: str = "layernorm", experts: in
     l = l_sym if l is None else l
     L = L_sym if L is None else L
     try:
-        return _derive_cached(name, ffn, norm, experts, top_k, key, l, L)
+        return _derive_cached(name, ffn, norm, experts, top_k, key, l, L, attention)
     except TypeError:
         raise ValueError(f"scheme '{name}' branches on l or L: pass concrete l and L") from None
 
@@ -283,7 +285,8 @@ def _exec(src: str, name: str, label: str, T_val: int, experts: int, top_k: int)
     namespace: dict[str, Any] = {"math": math, "nan": float("nan")}
     namespace.update(_numeric_funcs(T_val, experts, top_k))
     for fn in ("sqrt", "asin", "acos", "pi", "exp", "log"):
-        namespace[f"_m_{fn}"] = getattr(math, fn)
+        # acos/asin/sqrt clamp rounding past their domain's edge (components.NUMERIC_MATH)
+        namespace[f"_m_{fn}"] = C.NUMERIC_MATH.get(fn, getattr(math, fn))
     exec(compile(src.replace("math.", "_m_"), f"<recurrence {label}>", "exec"), namespace)
     return namespace[name]
 
@@ -344,6 +347,9 @@ def _compile_split(rec: Recurrence, consts_key: tuple, T_val: int, experts: int,
         alias = {s: e for s, e in defs.items() if e.is_Symbol or e.is_Integer}
         if not alias:
             break
+        for s in alias:  # chains (a = b, b = c): every copy to its end, or b is left undefined
+            while alias[s] in alias:
+                alias[s] = alias[alias[s]]
         defs = {s: e.xreplace(alias) for s, e in defs.items() if s not in alias}
         out_map = {n: (e if e is sympy.nan else e.xreplace(alias)) for n, e in out_map.items()}
     # classify: 'const' (L and numbers only), 'bwd' (reaches rho_g), else 'fwd'

@@ -13,7 +13,9 @@ Here the same scheme function runs over values whose moments are T×T matrices:
 - forward: a value is a sum of independent sources, each with a token covariance matrix
   K_st = E[x_s·x_t]/d, scaled per token (a norm divides token s by √Q_s);
 - ``op.attn``: K_out = g²·E[P Σ Pᵀ] with E[P_si] = 1/s (exchangeable keys) and the softmax
-  fluctuation C_s(v_s) = E Σ_i P_si² on the diagonal, v_s the query's logit variance;
+  fluctuation C_s(v_s) = E Σ_i P_si² on the diagonal, v_s the query's logit variance (causal;
+  bidirectional attention the same with every query over all T keys, uniform attention the
+  exact mean over all T tokens: see bidirectional_attention, uniform_attention);
 - ``op.ffn``: the kernel maps of components.py applied entry by entry;
 - backward: the same tape rules as the scalar interpreter (amplitudes per token along
   deterministic paths, fresh gradient sources from sublayers, a norm's projection once per
@@ -36,7 +38,7 @@ import sympy
 
 from theory import components as C
 from theory.schemes import Scheme, get_scheme
-from theory.solve import TheoryConfig
+from theory.solve import TheoryConfig, check_correlations
 from theory.tape import Node, SourceValue, walk_backward
 
 _EPS = float(C.EPS)
@@ -52,8 +54,9 @@ def _kernel_fns(kind: str) -> tuple[Callable, Callable]:
         return _silu_table(C._num_silu_kernel), _silu_table(C._num_silu_dkernel)
     qs, cs = sympy.symbols("q c", positive=True)
     K, dK = C.KERNELS[kind]
-    return (sympy.lambdify((qs, cs), K(qs, cs), "numpy"),
-            sympy.lambdify((qs, cs), dK(qs, cs), "numpy"))
+    # acos/asin/sqrt clamp rounding past their domain's edge (components.NUMPY_MATH)
+    mods = [C.NUMPY_MATH, "numpy"]
+    return (sympy.lambdify((qs, cs), K(qs, cs), mods), sympy.lambdify((qs, cs), dK(qs, cs), mods))
 
 
 def _silu_table(fn: Callable[[float, float], float]) -> Callable:
@@ -100,6 +103,7 @@ class Setting:
     norm: str = "layernorm"
     experts: int = 0
     top_k: int = 2
+    attention: str = "causal"  # theory.shape.ATTENTION_KINDS
 
 
 class _Ctx:
@@ -143,10 +147,11 @@ class _Ctx:
         return _Value(self, {len(self.sources) - 1: np.ones(self.T)}, len(self.nodes) - 1)
 
     def attn(self, v: _Value, *, value_gain: Any = 1, out_gain: Any = 1) -> _Value:
-        """Causal attention over the token covariance (see module docstring)."""
+        """Attention of the setting's kind over the token covariance (see module docstring)."""
         S = self.cov(v)
-        K, backward = attention(S, sigma=self.st.sigma, value_gain=float(value_gain),
-                                out_gain=float(out_gain))
+        K, backward = ATTENTION[self.st.attention](S, sigma=self.st.sigma,
+                                                   value_gain=float(value_gain),
+                                                   out_gain=float(out_gain))
         return self._emit("attn", v, K, backward)
 
     def ffn(self, v: _Value, *, in_gain: Any = 1, out_gain: Any = 1) -> _Value:
@@ -257,6 +262,63 @@ def attention(S: np.ndarray, *, sigma: float, value_gain: float = 1.0, out_gain:
     return K, backward
 
 
+def bidirectional_attention(S: np.ndarray, *, sigma: float, value_gain: float = 1.0,
+                            out_gain: float = 1.0
+                            ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Output covariance and backward map of bidirectional softmax attention at init.
+
+    attention()'s derivation with every query s over all T keys, so the prefix sums become full
+    sums: P̄ = 11ᵀ/T; the keys' variance about their mean u = (tr S - 1ᵀS1/T)/(T - 1) is shared;
+    v_s = σ⁴·S_ss·u, C_s = C_T(v_s) and X_s = X_T(v_s) (components.attention_full_table);
+    δP_si = w_s(ζ_si − ζ̄_s) with w_s² = (T·C_s − 1)/(T(T − 1)), whose key bracket is
+    Σ_ij S_ij(δ_ij − 1/T) = (T − 1)·u for every pair of queries. Then
+      K = g²·(1ᵀS1/T²·11ᵀ + (T − 1)u·(wwᵀ∘R)),
+      Γ_in = g²·(1ᵀΓ1/T²·11ᵀ + Σ_st Γ_st w_s w_t R_st·(I − 11ᵀ/T)) + score path (diagonal):
+    query part σ⁴g²Γ_ss X_s u², key part (the same for every key) σ⁴g²·Σ_st cross_st with
+    cross_st = Γ_st S_st u/T² off the diagonal and Γ_ss S_ss u X_s/T on it.
+    """
+    T = S.shape[0]
+    g2 = (sigma * value_gain) ** 2 * (sigma * out_gain) ** 2
+    diag, total = np.diag(S), float(S.sum())
+    u = max((float(np.trace(S)) - total / T) / (T - 1), 0.0) if T > 1 else 0.0
+    v = sigma ** 4 * diag * u
+    grid = np.asarray(C._V_GRID)
+    Cf, Xf = C.attention_full_table(T)  # every query over all T keys
+    Cs, Xs = np.interp(v, grid, Cf), np.interp(v, grid, Xf)  # clamped to the grid's ends
+    w = np.sqrt(np.maximum((T * Cs - 1) / (T * max(T - 1, 1)), 0.0)) if T > 1 else np.zeros(T)
+    R = np.clip(S / np.sqrt(np.outer(diag, diag)), -1.0, 1.0)
+    ones = np.ones((T, T))
+    K = g2 * (total / T ** 2 * ones + (T - 1) * u * np.outer(w, w) * R)
+
+    def backward(G: np.ndarray) -> np.ndarray:
+        fluct = float((G * np.outer(w, w) * R).sum())
+        out = float(G.sum()) / T ** 2 * ones + fluct * (np.eye(T) - ones / T)
+        cross = G * S * u / T ** 2
+        np.fill_diagonal(cross, np.diag(G) * diag * u * Xs / T)
+        out[np.diag_indices(T)] += sigma ** 4 * (np.diag(G) * Xs * u ** 2 + float(cross.sum()))
+        return g2 * out
+
+    return K, backward
+
+
+def uniform_attention(S: np.ndarray, *, sigma: float, value_gain: float = 1.0,
+                      out_gain: float = 1.0
+                      ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Output covariance and backward map of uniform attention (every token the mean of all T).
+
+    Exact: y_t = W_o W_v x̄ for every t, so K = g²·(1ᵀS1/T²)·11ᵀ, and every input token gets
+    (W_o W_v)ᵀ Σ_t g_t/T: Γ_in = g²·(1ᵀΓ1/T²)·11ᵀ (components.uniform_attention_maps).
+    """
+    T = S.shape[0]
+    g2 = (sigma * value_gain) ** 2 * (sigma * out_gain) ** 2
+    ones = np.ones((T, T))
+    return g2 * float(S.sum()) / T ** 2 * ones, lambda G: g2 * float(G.sum()) / T ** 2 * ones
+
+
+ATTENTION = {"causal": attention, "bidirectional": bidirectional_attention,
+             "uniform": uniform_attention}
+
+
 def ffn(S: np.ndarray, st: Setting, in_gain: float, out_gain: float
         ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """Output covariance and backward map of the MLP / SwiGLU / MoE sublayer, entry by entry."""
@@ -364,8 +426,9 @@ def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
     s = get_scheme(scheme)
     L, T = int(depth), int(seq_len)
     params = {k: float(v) for k, v in s.resolve(L, **(scheme_params or {})).items()}
+    check_correlations(rho0, rho_g, T)
     st = Setting(int(cfg.width), T, float(cfg.sigma), cfg.ffn, cfg.norm, int(cfg.experts),
-                 int(cfg.top_k))
+                 int(cfg.top_k), cfg.attention)
     q0 = cfg.embed_std ** 2 if q0 is None else float(q0)
     cov = q0 * ((1 - rho0) * np.eye(T) + rho0 * np.ones((T, T)))
     # keep every forward covariance when they fit in ~128 MB; otherwise every stride-th (√L of

@@ -20,6 +20,8 @@ symbolic ``L`` stays exact (``(2 * L) ** Fraction(1, 4)``).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable
@@ -50,6 +52,9 @@ class Scheme:
                 f"scheme '{self.name}' has no parameter {', '.join(sorted(unknown))} "
                 f"(its parameters: {', '.join(self.params) or 'none'})"
             )
+        bad = [k for k, v in overrides.items() if isinstance(v, (int, float)) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"scheme '{self.name}' parameter {bad[0]} must be finite, got {overrides[bad[0]]}")
         rules = {**self.params, **overrides}
         return {k: (rule(L) if callable(rule) else rule) for k, rule in rules.items()}
 

@@ -53,6 +53,18 @@ class TheoryConfig(Shape):
         self.validate_shape()
 
 
+def check_correlations(rho0: float, rho_g: float, T: int) -> None:
+    """Raise ValueError unless both mean token correlations are possible for T tokens.
+
+    An exchangeable correlation matrix (1 - ρ)I + ρ11ᵀ of T tokens is positive semidefinite iff
+    -1/(T - 1) ≤ ρ ≤ 1 (ρ = -1 needs T = 2); rounding past an end is allowed, nan passes.
+    """
+    lo = -1.0 / max(int(T) - 1, 1)
+    for name, r in (("rho0", rho0), ("rho_g", rho_g)):
+        if float(r) < lo - C.DOMAIN_SLACK or float(r) > 1 + C.DOMAIN_SLACK:
+            raise ValueError(f"{name} must lie in [{lo:.6g}, 1] for {T} tokens, got {r}")
+
+
 def _numeric_params(cfg: TheoryConfig, L: int) -> dict[str, float]:
     s = get_scheme(cfg.scheme)
     return {k: float(v) for k, v in s.resolve(L, **dict(cfg.scheme_params)).items()}
@@ -69,10 +81,11 @@ def _block_fn(cfg: TheoryConfig, l: int, L: int, symbolic: bool = True, key: tup
     params = dict(cfg.scheme_params)
     if symbolic:
         rec = I.derive(cfg.scheme, ffn=cfg.ffn, norm=cfg.norm, experts=cfg.experts,
-                       top_k=cfg.top_k, params=params)
+                       top_k=cfg.top_k, params=params, attention=cfg.attention)
     else:  # a block that branches on l, L
         rec = _per_structure(cfg.scheme, cfg.ffn, cfg.norm, cfg.experts, cfg.top_k,
-                             tuple(sorted(params.items())), key or _structure_key(cfg, l, L), l, L)
+                             tuple(sorted(params.items())), key or _structure_key(cfg, l, L), l, L,
+                             cfg.attention)
     consts = {"d": cfg.width, "T": cfg.seq_len, "sigma": cfg.sigma}
     return I.compile_split(rec, consts, T_val=cfg.seq_len, experts=cfg.experts, top_k=cfg.top_k)
 
@@ -83,17 +96,17 @@ _STRUCT_CACHE: dict[tuple, Any] = {}
 def _symbolic(cfg: TheoryConfig) -> bool:
     try:
         I.derive(cfg.scheme, ffn=cfg.ffn, norm=cfg.norm, experts=cfg.experts, top_k=cfg.top_k,
-                 params=dict(cfg.scheme_params))
+                 params=dict(cfg.scheme_params), attention=cfg.attention)
         return True
     except ValueError:
         return False
 
 
-def _per_structure(name, ffn, norm, experts, top_k, params_key, key, l, L):
-    k = (name, ffn, norm, experts, top_k, params_key, key, L)
+def _per_structure(name, ffn, norm, experts, top_k, params_key, key, l, L, attention="causal"):
+    k = (name, ffn, norm, experts, top_k, params_key, key, L, attention)
     if k not in _STRUCT_CACHE:
         _STRUCT_CACHE[k] = I.derive(name, ffn=ffn, norm=norm, experts=experts, top_k=top_k,
-                                    params=dict(params_key), l=l, L=L)
+                                    params=dict(params_key), l=l, L=L, attention=attention)
     return _STRUCT_CACHE[k]
 
 
@@ -134,6 +147,7 @@ def iterate(cfg: TheoryConfig, q0: float, rho0: float, rho_g: float = 0.0
     needs (interpreter.compile_split); the backward pass then evaluates only the gradient terms.
     """
     cfg.validate()
+    check_correlations(rho0, rho_g, cfg.seq_len)
     L = int(cfg.depth)
     # plain Python floats in the loop: numpy scalars would triple the cost per block
     outs: list = [None] * (L + 1)
@@ -179,8 +193,9 @@ def predict_profile(scheme: str, *, depth: int, seq_len: int = 128,
     second moment, averaged over the sequence); g: E[(∂loss/∂x_l)²] relative to g at l = depth;
     rg: gradient token correlation; cos: cos(x_{l-1}, x_l) (nan at l = 0). q0 defaults to
     embed_std² (token + position embedding); rho0 and rho_g (top gradient's token correlation)
-    are inputs because they depend on the text. ``shape``: any field of theory.shape.Shape
-    (width, heads, ffn, norm, sigma, embed_std, experts, top_k), with its defaults.
+    are inputs because they depend on the text; both lie in [-1/(T-1), 1] (ends included).
+    ``shape``: any field of theory.shape.Shape (width, heads, ffn, norm, sigma, embed_std, experts,
+    top_k, attention = "causal" | "bidirectional" | "uniform"), with its defaults.
     """
     cfg = TheoryConfig(scheme=scheme, depth=depth, seq_len=seq_len,
                        scheme_params=tuple(sorted((scheme_params or {}).items())), **shape)
@@ -301,10 +316,11 @@ def _linear_roots(poly_expr: sympy.Expr) -> list[sympy.Expr] | None:
 
 
 @lru_cache(maxsize=64)
-def closed_forms(name: str, ffn: str = "gelu", norm: str = "layernorm") -> ClosedForm:
+def closed_forms(name: str, ffn: str = "gelu", norm: str = "layernorm",
+                 attention: str = "causal") -> ClosedForm:
     """Closed forms in L of the scheme's reduced recurrence (kind 'none' if none found)."""
     try:
-        rec = I.derive(name, ffn=ffn, norm=norm)
+        rec = I.derive(name, ffn=ffn, norm=norm, attention=attention)
     except ValueError:
         return ClosedForm(name, "none", notes=["block depends on l through control flow "
                                                "(per-block derivation): numeric iteration only"])

@@ -3,53 +3,94 @@
 ``diagnose(path, …)`` loads the checkpoint (``analysis.diagnose.loading``: never runs code from it),
 cuts the text into N windows of T tokens, runs every window forward through the probed model
 (``probes.Probe``) and the first ``grad_sequences`` of them backward with the model's own loss,
-and turns the per-layer statistics into findings, each with its threshold (``THRESHOLDS``).
+measures what each block adds (``analysis.diagnose.contribution``: relative contribution of its
+branches, and the skip test on ``skip_sequences`` windows), and turns the per-layer statistics
+into findings, each with its threshold (``THRESHOLDS``).
 
 Loss for the backward pass: sigprop testbeds and Hugging Face causal LMs use their next-token
 cross-entropy; masked LMs (BERT, RoBERTa) their masked-LM loss on a fixed 15 % of positions
-(replaced by the mask token); a model without a head (``AutoModel``) uses a **surrogate**,
-mean(h_L²) of the last hidden state, which probes how gradients travel back through the blocks
-but not what a real task loss would send. Parameters are frozen during the diagnosis: gradients
+(replaced by the mask token); a model without a head (``AutoModel``) uses a **surrogate**, a
+random linear readout mean(⟨h_L, z⟩) of the last hidden state with z ~ N(0, 1) fixed by a seed:
+its top gradient is white noise, as the init theory assumes, and it probes how gradients travel
+back through the blocks but not what a real task loss would send. (mean(h_L²) would not do: a
+final LayerNorm without affine makes it constant, so no gradient would flow.) Parameters are frozen during the diagnosis: gradients
 are taken with respect to the stream only (cheaper; the gradient profile is the same).
 
-Theory: where the placement is pre or post (or the checkpoint is a sigprop testbed, whose exact
-scheme is known), ``theory.solve.predict_profile`` gives what an untrained model of that shape
-would show **at initialization**, fed with the measured embedding statistics. A trained model is
-expected to differ from it; the comparison is context, not a pass/fail test.
+What training changed: the same architecture, **re-initialized** by its own initializer (the
+sigprop testbed's, or the Hugging Face family's ``_init_weights``), is measured on the first
+``init_sequences`` windows beside the trained one (``init_*`` columns). The init theory
+(``theory.solve.predict_profile``) is compared with that re-initialized model, where its
+assumptions (Gaussian weights at init, a known placement) hold, never with the trained one.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
-from analysis.diagnose.loading import Loaded, load
 from analysis.device import resolve_device
+from analysis.diagnose.contribution import ContributionMeter, branch_outputs, skip_test
+from analysis.diagnose.loading import Loaded, load
 from probes import Probe, confirm_placement, locate
 
-# Every threshold a finding uses, with what it means (also written to diagnosis.json).
+# Every threshold a finding uses, with what it means (also written to diagnosis.json). The
+# redundancy thresholds were calibrated on trained models (README "Diagnose: calibration").
 THRESHOLDS: dict[str, tuple[float, str]] = {
     "collapse_cosine": (0.99, "mean cosine between distinct tokens of a sequence at or above which "
                               "the tokens are treated as (nearly) one vector: rank collapse"),
     "aligned_cosine": (0.9, "token cosine at or above which tokens are strongly aligned: partial "
                             "collapse, or a shared offset direction (anisotropy) common in trained models"),
-    "redundant_angle_deg": (2.0, "a block that turns each token's stream vector by less than this many "
-                                 "degrees barely changes it: likely redundant (Gromov et al. 2024)"),
+    "redundant_contribution": (0.02, "relative contribution (median token's ‖branch outputs‖/‖block "
+                                     "input‖) below which a block's branches add next to nothing"),
+    "redundant_skip": (0.01, "relative change of the head input when the block is skipped below "
+                             "which removing the block changes the model's output little (Gromov "
+                             "et al. 2024)"),
     "stream_growth": (1e4, "growth of the stream's second moment from the embedding to the last block "
                            "above which activations are treated as exploding"),
     "grad_vanish": (1e-3, "g_0/g_L (gradient second moment at the embedding over the last block) "
                           "below which gradients vanish on the way back"),
     "grad_explode": (1e3, "g_0/g_L above which gradients explode on the way back"),
 }
+SPREAD_METRICS = ("second_moment", "token_cosine", "effective_rank")
 METRICS = ("second_moment", "variance", "max_abs", "token_cosine", "dong_residual", "effective_rank",
            "layer_cosine", "angular_distance", "grad_second_moment", "grad_token_cosine")
+# What every column of the per-layer table means (report glossary, diagnosis.json).
+GLOSSARY: dict[str, str] = {
+    "layer": "−1 the embedding (input of block 0), i the output of block i, L the head input after a final norm",
+    "point": "the probe point's stable name (embed, blocks.{i}.resid_post, final)",
+    "module": "the module whose output the row measures",
+    "variance": "per-token variance over coordinates, averaged (E[x²] minus the squared token mean)",
+    "pre_norm_second_moment": "E[x²] of the sum entering a block's output norm (post-norm blocks only)",
+    "second_moment": "E[x²] of the stream over tokens and coordinates",
+    "growth": "second_moment over the previous row's: how much this block scales the stream",
+    "q_rel": "second_moment over the embedding's",
+    "token_cosine": "mean cosine between distinct tokens of a sequence (1: all tokens one vector)",
+    "dong_residual": "‖X − mean token‖/‖X‖ per sequence (Dong et al. 2021); 0 at rank collapse",
+    "effective_rank": "exp(entropy of the normalised singular values) of a sequence's [T, d] "
+                      "matrix (Roy & Vetterli 2007); at most min(T, d) of the sampled tokens",
+    "angle_deg": "mean angle between a token's stream vector before and after the block",
+    "branch_rel": "relative contribution: ‖attention out‖⊕‖FFN out‖ over ‖block input‖ per token "
+                  "(before any output norm, ⊕ the root of the sum of squares), mean over tokens",
+    "branch_rel_median": "the same for the median token (one outlier token cannot move it)",
+    "skip_out_change": "‖h' − h‖/‖h‖ of the head input h when this block is replaced by the identity",
+    "skip_loss_delta": "loss change in nats when this block is skipped (NaN with the surrogate loss)",
+    "grad_rel": "gradient second moment over the last block's (g_l/g_L)",
+    "grad_second_moment": "E[(∂loss/∂x)²] at this point (scales with the loss's reduction: compare ratios)",
+    "grad_token_cosine": "token cosine of the gradient ∂loss/∂x",
+    "max_abs": "largest |x| at this point",
+    "init_*": "the same quantity in the same architecture re-initialized (what training changed)",
+    "theory_*": "the init theory for the re-initialized model (theory.solve.predict_profile)",
+    "*_se": "standard error of the column before it (over batches, or over sequences for skip_*)",
+}
 
 
 @dataclass
@@ -81,6 +122,30 @@ def _text_bytes(text: str | None, need: int) -> tuple[bytes, str]:
         raise ValueError(f"--text {p} is not readable ({e.strerror})") from None
 
 
+ROUND_TRIP_LOSS = 0.02  # share of characters a tokenizer may change before the text counts as foreign
+
+
+def tokenizer_mismatch(loaded: Loaded, sample: str) -> str | None:
+    """Why ``sample`` (Python source) is foreign to the tokenizer, or None: what the round trip loses."""
+    if loaded.encode is None or loaded.decode is None:
+        return None
+    sample = sample[:4000]
+    back = loaded.decode(loaded.encode(sample))
+    import difflib
+    changed = 1.0 - difflib.SequenceMatcher(None, sample, back, autojunk=False).ratio()
+    lost = []
+    if "\n" in sample and "\n" not in back:
+        lost.append("line breaks")
+    if sample != sample.lower() and back == back.lower():
+        lost.append("upper case")
+    if changed <= ROUND_TRIP_LOSS and not lost:
+        return None
+    return (f"the default text is Python source, and this tokenizer does not keep it: a round trip "
+            f"changes {changed:.0%} of the characters{' (loses ' + ', '.join(lost) + ')' if lost else ''}; "
+            "it was made for natural language, so the model sees text unlike what it was trained on: "
+            "pass --text FILE with text of the model's own domain")
+
+
 def token_windows(loaded: Loaded, text: str | None, n: int, seq_len: int) -> tuple[torch.Tensor, str]:
     """``n`` windows of ``seq_len + 1`` token ids, evenly spaced over the text (deterministic)."""
     per = seq_len + 1
@@ -103,6 +168,15 @@ def token_windows(loaded: Loaded, text: str | None, n: int, seq_len: int) -> tup
 
 # --- running the model ------------------------------------------------------------------------
 
+def _masked(loaded: Loaded, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input with 15 % of positions masked, labels −100 elsewhere); at least one per sequence."""
+    pick = torch.rand(x.shape, generator=gen).to(x.device) < 0.15
+    pick[:, 0] |= ~pick.any(1)
+    labels = torch.where(pick, x, torch.full_like(x, -100))
+    mask_id = loaded.mask_token_id if loaded.mask_token_id is not None else 0
+    return torch.where(pick, torch.full_like(x, mask_id), x), labels
+
+
 def _loss(loaded: Loaded, model, w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x, y = w[:, :-1], w[:, 1:]
     if loaded.scheme is not None:  # a sigprop testbed: its own next-token loss
@@ -110,14 +184,33 @@ def _loss(loaded: Loaded, model, w: torch.Tensor, gen: torch.Generator) -> torch
     if loaded.loss_kind == "lm":
         return model(input_ids=x, labels=x).loss
     if loaded.loss_kind == "masked-lm":
-        pick = torch.rand(x.shape, generator=gen) < 0.15
-        pick[:, 0] |= ~pick.any(1)  # at least one masked position per sequence
-        labels = torch.where(pick, x, torch.full_like(x, -100))
-        mask_id = loaded.mask_token_id if loaded.mask_token_id is not None else 0
-        inp = torch.where(pick, torch.full_like(x, mask_id), x)
+        inp, labels = _masked(loaded, x, gen)
         return model(input_ids=inp, labels=labels).loss
-    out = model(input_ids=x)
-    return out.last_hidden_state.float().square().mean()  # the documented surrogate
+    h = model(input_ids=x).last_hidden_state.float()
+    return (h * _readout(h.shape[1:], h.device)).mean()  # the documented surrogate
+
+
+def _readout(shape, device) -> torch.Tensor:
+    """The surrogate's fixed random readout direction z ~ N(0, 1), one per position and coordinate."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(1234)).to(device)
+
+
+def sequence_losses(loaded: Loaded, model, w: torch.Tensor) -> torch.Tensor:
+    """Per-sequence loss of windows ``w`` (next-token or masked-LM cross-entropy; NaN for the surrogate)."""
+    x, y = w[:, :-1], w[:, 1:]
+    if loaded.scheme is not None:
+        logits = model(x)[0]
+    elif loaded.loss_kind == "lm":
+        logits = model(input_ids=x).logits
+    elif loaded.loss_kind == "masked-lm":  # masks drawn from the windows' own seed: equal across calls
+        gen = torch.Generator().manual_seed(int(w.sum()) % (2 ** 31))
+        inp, y = _masked(loaded, x, gen)
+        logits = model(input_ids=inp).logits
+    else:
+        model(input_ids=x)
+        return torch.full((len(w),), math.nan)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none", ignore_index=-100)
+    return ce.sum(1) / (y != -100).sum(1).clamp_min(1)
 
 
 def _forward_only(loaded: Loaded, model, w: torch.Tensor) -> None:
@@ -155,15 +248,59 @@ def non_finite_weights(model: torch.nn.Module) -> list[tuple[str, int]]:
     return bad
 
 
-def _probe_run(loaded: Loaded, layout, windows: torch.Tensor, grad_n: int, batch: int,
-               metrics: tuple[str, ...], device: torch.device) -> tuple[pd.DataFrame, list[float]]:
-    model = loaded.model
+def find_layout(loaded: Loaded, model, windows: torch.Tensor, blocks: str | None, device: torch.device):
+    """The blocks and their placement, checked with one forward pass."""
+    try:
+        layout = locate(model, blocks=blocks)
+    except ValueError as e:
+        raise ValueError(f"{e} (command line: --blocks PATH)") from None
+    check = windows[:2, :-1].to(device)
+    try:
+        return confirm_placement(model, layout, check) if loaded.scheme else \
+            confirm_placement(model, layout, input_ids=check)
+    except ValueError as e:
+        raise ValueError(f"the blocks found do not look like residual blocks: {e}. Families tried: "
+                         "sigprop testbed, BERT/RoBERTa/ELECTRA, DistilBERT, GPT-2, GPT-NeoX, "
+                         "LLaMA/Mistral/Qwen2, then the longest uniform ModuleList; point at the "
+                         "blocks with --blocks PATH (a ModuleList as named in model.named_modules())") from None
+
+
+# Sampling stops early once every point's statistics are this precise: standard error over
+# batches at most TOLERANCE of the value, or, for the bounded ones near 0 (cosine, angle / π),
+# at most TOLERANCE / 5 absolute. Per-batch values vary with the text windows, so the error falls
+# slowly: on all-MiniLM-L6-v2 and English text it is 2–4 % after 24 sequences and still 2–3 %
+# after 64; the thresholds the findings use are far coarser than 5 %.
+CONVERGED_METRICS = ("second_moment", "token_cosine", "effective_rank", "angular_distance")
+BOUNDED = ("token_cosine", "angular_distance")
+TOLERANCE, MIN_BATCHES = 0.05, 3
+
+
+def converged(frame: pd.DataFrame, tolerance: float) -> bool:
+    """Whether every converge-checked statistic's standard error is within ``tolerance`` (see above)."""
+    f = frame[frame["metric"].isin(CONVERGED_METRICS)]
+    if not len(f) or f["count"].min() < MIN_BATCHES:
+        return False
+    ok = (f["spread"] <= tolerance * f["mean"].abs()) | (
+        f["metric"].isin(BOUNDED) & (f["spread"] <= tolerance / 5))
+    return bool(ok.all())
+
+
+def measure(loaded: Loaded, model, layout, branches: list[list[str]], windows: torch.Tensor,
+            grad_n: int, batch: int, device: torch.device, tolerance: float = 0.0
+            ) -> tuple[pd.DataFrame, pd.DataFrame, list[float], int]:
+    """(probe frame, contribution frame, losses, windows used): the first ``grad_n`` windows forward
+    and backward, then forward only until every statistic has converged (``tolerance`` > 0) or the
+    windows run out."""
+    for p in model.parameters():
+        p.requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
     losses: list[float] = []
-    first = model.get_submodule(layout.blocks[0])
-    handle = _grad_on_stream(first)
+    metrics = [m for m in METRICS if grad_n or not m.startswith("grad_")]
+    handle = _grad_on_stream(model.get_submodule(layout.blocks[0]))
+    used = 0
     try:
-        with Probe(model, metrics=list(metrics), layout=layout) as probe:
+        with Probe(model, metrics=metrics, layout=layout) as probe, \
+                ContributionMeter(model, layout, branches) as meter:
             for s in range(0, len(windows), batch):
                 w = windows[s:s + batch].to(device)
                 if s < grad_n:
@@ -174,56 +311,34 @@ def _probe_run(loaded: Loaded, layout, windows: torch.Tensor, grad_n: int, batch
                 else:
                     with torch.no_grad():
                         _forward_only(loaded, model, w)
-        return probe.frame(), losses
+                used = s + len(w)
+                if tolerance > 0 and used >= grad_n and used < len(windows) and converged(probe.frame(), tolerance):
+                    break
+        return probe.frame(), meter.frame(), losses, used
     finally:
         handle.remove()
 
 
-def run_probes(loaded: Loaded, windows: torch.Tensor, grad_n: int, batch: int, device: torch.device,
-               blocks: str | None, skip_svd: bool, notes: list[str]):
-    """(probe frame, layout, losses); locates the blocks and checks the placement with one forward."""
-    model = loaded.model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        layout = locate(model, blocks=blocks)
-    except ValueError as e:
-        raise ValueError(f"{e} (command line: --blocks PATH)") from None
-    check = windows[:2, :-1].to(device)
-    try:
-        layout = confirm_placement(model, layout, check) if loaded.scheme else \
-            confirm_placement(model, layout, input_ids=check)
-    except ValueError as e:
-        raise ValueError(f"the blocks found do not look like residual blocks: {e}. Families tried: "
-                         "sigprop testbed, BERT/RoBERTa/ELECTRA, DistilBERT, GPT-2, GPT-NeoX, "
-                         "LLaMA/Mistral/Qwen2, then the longest uniform ModuleList; point at the "
-                         "blocks with --blocks PATH (a ModuleList as named in model.named_modules())") from None
-    metrics = tuple(m for m in METRICS if not (skip_svd and m == "effective_rank"))
-    try:
-        frame, losses = _probe_run(loaded, layout, windows, grad_n, batch, metrics, device)
-    except RuntimeError as e:  # an SVD on non-finite activations does not converge
-        if "effective_rank" not in metrics:
-            raise
-        notes.append(f"effective rank skipped: {str(e).splitlines()[0][:120]}")
-        frame, losses = _probe_run(loaded, layout, windows, grad_n, batch,
-                                   tuple(m for m in metrics if m != "effective_rank"), device)
-    return frame, layout, losses
-
-
 # --- per-layer table --------------------------------------------------------------------------
 
-def layer_table(frame: pd.DataFrame, layout) -> pd.DataFrame:
-    """One row per stream point (embed, each block's output, final): the diagnosis metrics."""
+def layer_table(frame: pd.DataFrame, layout, contrib: pd.DataFrame | None = None,
+                skip: pd.DataFrame | None = None, model=None) -> pd.DataFrame:
+    """One row per stream point (embed, each block's output, the final norm if any): the diagnosis metrics."""
     wide = frame.pivot_table(index="point", columns="metric", values="mean", aggfunc="first")
+    se = frame.pivot_table(index="point", columns="metric", values="spread", aggfunc="first")
     L = len(layout.blocks)
+    final_is_norm = layout.final is not None and not (
+        model is not None and isinstance(model.get_submodule(layout.final), torch.nn.Identity))
     rows = []
     for layer, point, module in ([(-1, "embed", "embedding")] +
                                  [(i, f"blocks.{i}.resid_post", layout.blocks[i]) for i in range(L)] +
-                                 [(L, "final", layout.final or "(last block output)")]):
+                                 ([(L, "final", layout.final)] if final_is_norm else [])):
         r = wide.loc[point] if point in wide.index else pd.Series(dtype=float)
         row = {"layer": layer, "point": point, "module": module}
         for m in METRICS:
             row[m] = float(r.get(m, math.nan))
+        for m in SPREAD_METRICS:  # standard error over batches, to compare against
+            row[f"{m}_se"] = float(se.loc[point].get(m, math.nan)) if point in se.index else math.nan
         pre = f"blocks.{layer}.pre_norm_sum"
         row["pre_norm_second_moment"] = float(wide.loc[pre, "second_moment"]) if pre in wide.index else math.nan
         rows.append(row)
@@ -237,14 +352,22 @@ def layer_table(frame: pd.DataFrame, layout) -> pd.DataFrame:
     g = t["grad_second_moment"].to_numpy()
     g_last = g[L] if L >= 1 and g[L] else math.nan  # the last block's output (theory's l = L)
     t["grad_rel"] = g / g_last
-    return t.drop(columns=["angular_distance", "layer_cosine"])
+    t = t.drop(columns=["angular_distance", "layer_cosine"])
+    for extra in (contrib, skip):
+        if extra is not None and len(extra):
+            t = t.merge(extra, on="layer", how="left")
+    return t
+
+
+INIT_COLUMNS = ("q_rel", "token_cosine", "token_cosine_se", "effective_rank", "angle_deg", "grad_rel",
+                "branch_rel_median", "grad_token_cosine", "second_moment")
 
 
 def weight_scale(model: torch.nn.Module, block_paths: tuple[str, ...]) -> float:
     """σ such that the blocks' weight matrices look like N(0, σ²/fan_in): median of std·√fan_in.
 
-    Used to put a foreign model on the theory's scale (GPT-2 and BERT initialize with std 0.02,
-    not 1/√fan_in). Linear weights are [out, in]; GPT-2's Conv1D stores [in, out].
+    Used to put a re-initialized foreign model on the theory's scale (GPT-2 and BERT initialize
+    with std 0.02, not 1/√fan_in). Linear weights are [out, in]; GPT-2's Conv1D stores [in, out].
     """
     vals = []
     for path in block_paths:
@@ -258,31 +381,46 @@ def weight_scale(model: torch.nn.Module, block_paths: tuple[str, ...]) -> float:
     return float(np.median(vals)) if vals else 1.0
 
 
-def add_theory(t: pd.DataFrame, loaded: Loaded, layout, seq_len: int, notes: list[str]) -> str | None:
-    """Add theory_* columns (at initialization) where the placement is known; returns the scheme used."""
+def add_theory(t: pd.DataFrame, loaded: Loaded, layout, init_model, seq_len: int,
+               notes: list[str]) -> str | None:
+    """theory_* columns: the init theory for the re-initialized model, fed its measured embedding."""
     scheme = loaded.scheme or (layout.placement if layout.placement in ("pre", "post") else None)
     for c in ("theory_q_rel", "theory_token_cosine", "theory_angle_deg", "theory_grad_rel"):
         t[c] = math.nan
+    if init_model is None:
+        notes.append("no theory comparison: it needs the re-initialized model (--init-sequences > 0)")
+        return None
     if scheme is None:
         notes.append(f"no theory comparison: placement '{layout.placement}' has no single scheme")
         return None
     shape = dict(loaded.theory_shape)
-    if loaded.scheme is None:  # a foreign model: put the theory on its weights' scale
-        shape["sigma"] = weight_scale(loaded.model, layout.blocks)
-        notes.append(f"theory for a foreign model uses σ = {shape['sigma']:.3g}, the median "
-                     "std·√fan_in of its block weights (the theory's weights are N(0, σ²/fan_in))")
+    if loaded.scheme is None:  # a foreign family's initializer: put the theory on its scale
+        shape["sigma"] = weight_scale(init_model, layout.blocks)
+        notes.append(f"theory for the re-initialized foreign model uses σ = {shape['sigma']:.3g}, the "
+                     "median std·√fan_in of its block weights (the theory's weights are N(0, σ²/fan_in); "
+                     "the family's initializer may give each matrix its own σ, and biases and "
+                     "embedding norms are outside the theory)")
     L = len(layout.blocks)
-    emb, top = t.iloc[0], t.iloc[L]
-    if not all(np.isfinite([emb.second_moment, emb.token_cosine])) or not shape.get("width") or not shape.get("heads"):
+    q0, rho0 = t.iloc[0].init_second_moment, t.iloc[0].init_token_cosine
+    if not all(np.isfinite([q0, rho0])) or not shape.get("width") or not shape.get("heads"):
         notes.append("no theory comparison: the embedding statistics or the width/heads are unknown")
         return None
-    rho_g = float(top.grad_token_cosine) if np.isfinite(top.grad_token_cosine) else 0.0
+    rho_g = t.iloc[L].init_grad_token_cosine
+    if not np.isfinite(rho_g):
+        notes.append("the theory's gradient profile assumes ρ_g = 0 at the top: no backward pass "
+                     "measured the gradient's token cosine (--grad-sequences 0)")
+    rho_g = float(rho_g) if np.isfinite(rho_g) else 0.0
     try:
+        import dataclasses
+
+        from theory.shape import Shape
         from theory.solve import predict_profile
-        keep = {k: shape[k] for k in ("width", "heads", "ffn", "norm", "sigma", "embed_std", "experts",
-                                      "top_k", "scheme_params") if k in shape}
-        pred = predict_profile(scheme, depth=L, seq_len=seq_len, q0=float(emb.second_moment),
-                               rho0=float(np.clip(emb.token_cosine, 0.0, 0.999)), rho_g=rho_g, **keep)
+        known = {f.name for f in dataclasses.fields(Shape)} | {"scheme_params"}
+        if "attention" in shape and "attention" not in known:
+            notes.append("theory uses causal attention: this theory has no bidirectional attention")
+        keep = {k: v for k, v in shape.items() if k in known}
+        pred = predict_profile(scheme, depth=L, seq_len=seq_len, q0=float(q0),
+                               rho0=float(np.clip(rho0, 0.0, 1.0)), rho_g=rho_g, **keep)
     except Exception as e:  # theory is context: never let it stop a diagnosis
         notes.append(f"no theory comparison: {type(e).__name__}: {str(e)[:120]}")
         return None
@@ -311,6 +449,10 @@ def _span(layers: list[int]) -> str:
     return ("block " if len(layers) == 1 else "blocks ") + ", ".join(parts)
 
 
+def _fmt(v: float, spec: str = ".3g") -> str:
+    return format(v, spec) if np.isfinite(v) else "n/a"
+
+
 def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[float],
              layout, loaded: Loaded, theory_scheme: str | None) -> list[dict[str, Any]]:
     """Findings with severity (critical / warning / info), threshold and a plain-words message."""
@@ -322,6 +464,7 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
 
     L = len(layout.blocks)
     blocks = t[(t.layer >= 0) & (t.layer < L)]
+    has_init = "init_q_rel" in t and t["init_q_rel"].notna().any()
     if bad_weights:
         total = sum(n for _, n in bad_weights)
         add("non_finite_weights", "critical",
@@ -343,27 +486,36 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
     if last is not None and np.isfinite(last.token_cosine):
         rho = float(last.token_cosine)
         er = f"; effective rank {last.effective_rank:.1f}" if np.isfinite(last.effective_rank) else ""
+        at_init = (f"; the re-initialized model gives {last.init_token_cosine:.3f}"
+                   if has_init and np.isfinite(last.init_token_cosine) else "")
         if rho >= thr_c:
             first = int(blocks.loc[blocks.token_cosine >= thr_c, "layer"].min())
             add("rank_collapse", "critical",
-                f"token cosine {rho:.3f} at the last block (≥ {thr_c}){er}: rank collapse — the tokens "
-                f"of a sequence have become (nearly) the same vector, from block {first} on",
+                f"token cosine {rho:.3f} at the last block (≥ {thr_c}){er}{at_init}: rank collapse — "
+                f"the tokens of a sequence have become (nearly) the same vector, from block {first} on",
                 layers=f"{first}-{L - 1}", value=rho, threshold=thr_c)
         elif rho >= thr_a:
             dong = f", Dong residual {last.dong_residual:.2f}" if np.isfinite(last.dong_residual) else ""
             add("tokens_aligned", "warning",
-                f"token cosine {rho:.3f} at the last block (≥ {thr_a}){er}{dong}: tokens strongly "
-                "aligned — partial rank collapse, or a shared direction (anisotropy) that trained "
-                "models often have; not full collapse", value=rho, threshold=thr_a)
-    thr_r = THRESHOLDS["redundant_angle_deg"][0]
-    ang = blocks[np.isfinite(blocks.angle_deg)]
-    red = sorted(int(v) for v in ang.loc[ang.angle_deg < thr_r, "layer"])
+                f"token cosine {rho:.3f} at the last block (≥ {thr_a}){er}{dong}{at_init}: tokens "
+                "strongly aligned — partial rank collapse, or a shared direction (anisotropy) that "
+                "trained models often have; not full collapse", value=rho, threshold=thr_a)
+    red = _redundant(blocks)
     if red:
-        worst = float(ang.angle_deg.min())
+        thr_b, thr_s = THRESHOLDS["redundant_contribution"][0], THRESHOLDS["redundant_skip"][0]
+        worst = blocks.set_index("layer").loc[red]
+        parts = []
+        for i, r in worst.iterrows():
+            parts.append(f"block {i}: contribution {_fmt(r.get('branch_rel_median', math.nan))}, "
+                         f"skip changes the head input by {_fmt(r.get('skip_out_change', math.nan))}"
+                         + (f" and the loss by {_fmt(r.skip_loss_delta, '+.3g')} nats"
+                            if np.isfinite(r.get("skip_loss_delta", math.nan)) else ""))
         add("redundant_blocks", "warning",
-            f"{_span(red)} turn the stream by less than {thr_r:g}° (smallest {worst:.2f}°): likely "
-            f"redundant — removing them would change the stream little ({len(red)} of {L} blocks)",
-            layers=",".join(map(str, red)), value=worst, threshold=thr_r)
+            f"{_span(red)} add next to nothing ({len(red)} of {L} blocks; contribution < {thr_b:g} or "
+            f"skip change < {thr_s:g}): likely redundant — " + "; ".join(parts[:4]) +
+            ("; …" if len(parts) > 4 else ""),
+            layers=",".join(map(str, red)),
+            value=float(np.nanmin(worst.get("branch_rel_median", pd.Series([math.nan])))), threshold=thr_b)
     thr_g = THRESHOLDS["stream_growth"][0]
     if len(blocks) and np.isfinite(q[0]) and q[0] > 0 and np.isfinite(last.second_moment):
         growth = float(last.second_moment / q[0])
@@ -371,42 +523,84 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
             big = int(blocks.loc[blocks.growth.idxmax(), "layer"]) if blocks.growth.notna().any() else L - 1
             add("stream_explodes", "warning",
                 f"the stream's second moment grows ×{growth:.3g} from the embedding to the last block "
-                f"(> ×{thr_g:g}); the largest single step is at block {big}",
+                f"(> ×{thr_g:g}); the largest single step is at block {big}"
+                + (f"; ×{last.init_q_rel:.3g} in the re-initialized model" if has_init else ""),
                 layers=str(big), value=growth, threshold=thr_g)
     g0, gL = t.iloc[0].grad_second_moment, t.iloc[L].grad_second_moment if L else math.nan
     if np.isfinite(g0) and np.isfinite(gL) and gL > 0:
         ratio = float(g0 / gL)
         lo, hi = THRESHOLDS["grad_vanish"][0], THRESHOLDS["grad_explode"][0]
+        init = (f"; {t.iloc[0].init_grad_rel:.3g} in the re-initialized model"
+                if has_init and np.isfinite(t.iloc[0].init_grad_rel) else "")
         if ratio < lo:
             add("gradients_vanish", "warning",
-                f"g_0/g_L = {ratio:.3g} (< {lo:g}): gradients shrink on the way back to the "
+                f"g_0/g_L = {ratio:.3g} (< {lo:g}){init}: gradients shrink on the way back to the "
                 "embedding; early blocks learn slowly" if ratio > 0 else
                 f"g_0/g_L = 0 (< {lo:g}): no gradient reaches the embedding at all — some block "
                 "cuts the backward path", value=ratio, threshold=lo)
         elif ratio > hi:
             add("gradients_explode", "warning",
-                f"g_0/g_L = {ratio:.3g} (> {hi:g}): gradients grow on the way back to the embedding",
+                f"g_0/g_L = {ratio:.3g} (> {hi:g}){init}: gradients grow on the way back to the embedding",
                 value=ratio, threshold=hi)
     add("placement", "info", f"norm placement: {layout.placement} ({layout.describe()})")
-    if theory_scheme is not None and last is not None:
-        top = t.iloc[L]
-        parts = []
-        if np.isfinite(top.theory_token_cosine):
-            parts.append(f"token cosine at the last block {top.theory_token_cosine:.3f} "
-                         f"(measured {last.token_cosine:.3f})")
-        if np.isfinite(top.theory_q_rel):
-            parts.append(f"stream growth q_L/q_0 ×{top.theory_q_rel:.3g} (measured ×{last.q_rel:.3g})")
-        g_theory = t.iloc[0].theory_grad_rel
-        if np.isfinite(g_theory):
-            parts.append(f"g_0/g_L {g_theory:.3g} (measured {t.iloc[0].grad_rel:.3g})")
-        what = (f"the sigprop scheme '{theory_scheme}'" if loaded.scheme else
-                f"an idealised {theory_scheme}-norm stack of the same depth, width and heads")
-        add("theory_at_init", "info",
-            f"theory at initialization for {what}: " + "; ".join(parts) +
-            ". A trained model is expected to differ from its initialization: a gap is context, "
-            "not a failure" + (" (post-norm at init itself drives tokens towards collapse with "
-                               "depth)" if theory_scheme == "post" else ""))
+    if has_init and last is not None:
+        add("training_changed", "info", "what training changed (trained vs re-initialized, same text): "
+            + _changes(t, blocks, L))
+    if theory_scheme is not None and has_init:
+        add("theory_at_init", "info", _theory_message(t, L, theory_scheme, loaded))
     return out
+
+
+def _redundant(blocks: pd.DataFrame) -> list[int]:
+    """Blocks whose branches add next to nothing, or whose removal changes the output little."""
+    thr_b, thr_s = THRESHOLDS["redundant_contribution"][0], THRESHOLDS["redundant_skip"][0]
+    small = pd.Series(False, index=blocks.index)
+    if "branch_rel_median" in blocks:
+        small |= blocks["branch_rel_median"] < thr_b
+    if "skip_out_change" in blocks:
+        small |= blocks["skip_out_change"] < thr_s
+    return sorted(int(v) for v in blocks.loc[small, "layer"])
+
+
+def _thirds(blocks: pd.DataFrame, col: str) -> tuple[float, float]:
+    v = blocks[col].to_numpy(dtype=float)
+    k = max(1, len(v) // 3)
+    mean = lambda a: float(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else math.nan  # noqa: E731
+    return mean(v[:k]), mean(v[-k:])
+
+
+def _changes(t: pd.DataFrame, blocks: pd.DataFrame, L: int) -> str:
+    last = blocks.iloc[-1]
+    parts = [f"token cosine at the last block {_fmt(last.token_cosine)} vs {_fmt(last.init_token_cosine)}",
+             f"effective rank {_fmt(last.effective_rank)} vs {_fmt(last.init_effective_rank)}",
+             f"stream growth q_L/q_0 ×{_fmt(last.q_rel)} vs ×{_fmt(last.init_q_rel)}",
+             f"g_0/g_L {_fmt(t.iloc[0].grad_rel)} vs {_fmt(t.iloc[0].init_grad_rel)}"]
+    if "branch_rel_median" in blocks and blocks["branch_rel_median"].notna().any():
+        a, b = _thirds(blocks, "branch_rel_median")
+        ia, ib = _thirds(blocks, "init_branch_rel_median")
+        parts.append(f"relative contribution, first vs last third of the blocks, {_fmt(a)} → "
+                     f"{_fmt(b)} (re-initialized {_fmt(ia)} → {_fmt(ib)})")
+    return "; ".join(parts)
+
+
+def _theory_message(t: pd.DataFrame, L: int, scheme: str, loaded: Loaded) -> str:
+    top = t.iloc[L]
+    what = (f"the sigprop scheme '{scheme}'" if loaded.scheme else
+            f"an idealised {scheme}-norm stack of the same depth, width and heads")
+    attn = loaded.theory_shape.get("attention", "causal")
+    gap, se = top.theory_token_cosine - top.init_token_cosine, top.init_token_cosine_se
+    within = (f"{abs(gap) / se:.1f} standard errors: " + ("within" if abs(gap) <= 2 * se else "outside")
+              + " the spread" if np.isfinite(gap) and np.isfinite(se) and se > 0 else "no spread measured")
+    parts = [f"token cosine at the last block {_fmt(top.theory_token_cosine)} (measured "
+             f"{_fmt(top.init_token_cosine)} ± {_fmt(se, '.2g')}, over batches of one initialization; "
+             f"off by {_fmt(gap, '+.3g')}, {within})",
+             f"q_L/q_0 ×{_fmt(top.theory_q_rel)} (measured ×{_fmt(top.init_q_rel)})",
+             f"g_0/g_L {_fmt(t.iloc[0].theory_grad_rel)} (measured {_fmt(t.iloc[0].init_grad_rel)})"]
+    return (f"init theory for {what} ({attn} attention) against the same architecture re-initialized, "
+            "where its assumptions hold: " + "; ".join(parts))
+
+
+SEVERITY_ORDER = {"unusable": 3, "collapsed": 2, "warnings": 1, "healthy": 0}
 
 
 def verdict(found: list[dict[str, Any]]) -> str:
@@ -422,45 +616,113 @@ def verdict(found: list[dict[str, Any]]) -> str:
     return "HEALTHY: no collapse, redundancy, explosion or vanishing gradient found"
 
 
+def verdict_level(v: str) -> str:
+    """'unusable', 'collapsed', 'warnings' or 'healthy' from a verdict line."""
+    return v.split(":", 1)[0].lower()
+
+
 # --- the whole diagnosis ----------------------------------------------------------------------
 
 def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len: int = 256,
              grad_sequences: int = 16, batch: int = 8, blocks: str | None = None,
-             config: str | None = None, device: str = "cpu") -> Diagnosis:
+             config: str | None = None, tokenizer: str | None = None, skip_sequences: int = 4,
+             init_sequences: int = 8, tolerance: float = TOLERANCE, device: str = "cpu",
+             log: Callable[[str], None] | None = None) -> Diagnosis:
     """Load ``path`` and diagnose it (see the module docstring); ValueError on unusable input."""
-    if sequences < 1 or seq_len < 2 or batch < 1 or grad_sequences < 0:
+    if not (0 <= tolerance < 1) or not math.isfinite(tolerance):
+        raise ValueError(f"--tolerance must be in [0, 1), got {tolerance}")
+    if sequences < 1 or seq_len < 2 or batch < 1 or min(grad_sequences, skip_sequences, init_sequences) < 0:
         raise ValueError(f"--sequences ({sequences}) and --batch ({batch}) must be >= 1, --seq-len "
-                         f"({seq_len}) >= 2 and --grad-sequences ({grad_sequences}) >= 0")
-    dev = resolve_device(device)
+                         f"({seq_len}) >= 2, --grad-sequences ({grad_sequences}), --skip-sequences "
+                         f"({skip_sequences}) and --init-sequences ({init_sequences}) >= 0")
     t0 = time.perf_counter()
-    loaded = load(path, config)
+    say = (lambda m: log(f"[{time.perf_counter() - t0:5.1f} s] {m}")) if log else (lambda m: None)
+    dev = resolve_device(device)
+    say(f"loading {path}")
+    loaded = load(path, config, tokenizer)
     notes = list(loaded.notes)
     t_load = time.perf_counter() - t0
     if loaded.max_len is not None and seq_len > loaded.max_len:
         notes.append(f"--seq-len {seq_len} cut to the model's maximum {loaded.max_len}")
         seq_len = loaded.max_len
     windows, text_how = token_windows(loaded, text, sequences, seq_len)
+    if text is None:
+        from analysis.testbed.corpus import load_corpus
+        mismatch = tokenizer_mismatch(loaded, bytes(load_corpus().split("val")[:4000]).decode(
+            "utf-8", errors="replace"))
+        if mismatch:
+            notes.append(mismatch)
     bad_weights = non_finite_weights(loaded.model)
+    model = loaded.model.to(dev)
+    grad_n = min(grad_sequences, sequences)
+    failures = (RuntimeError, IndexError, TypeError, KeyError, AttributeError, MemoryError)
     try:
-        frame, layout, losses = run_probes(loaded, windows, min(grad_sequences, sequences), batch, dev,
-                                           blocks, bool(bad_weights), notes)
-    except (RuntimeError, IndexError, TypeError, KeyError, AttributeError, MemoryError) as e:
+        layout = find_layout(loaded, model, windows, blocks, dev)
+        branches, branch_how = branch_outputs(model, layout, loaded.theory_shape.get("width"))
+        say(f"probing {len(layout.blocks)} blocks: {sequences} × {seq_len} tokens forward, {grad_n} backward")
+        frame, contrib, losses, used = measure(loaded, model, layout, branches, windows, grad_n, batch,
+                                               dev, tolerance)
+        if used < len(windows):
+            notes.append(f"sampling stopped after {used} of {len(windows)} sequences: every point's second "
+                         f"moment, token cosine, effective rank and turn angle had a standard error within "
+                         f"{tolerance:.0%} of its value (cosine and angle/π: or {tolerance / 5:.3g} "
+                         "absolute); --tolerance 0 runs them all")
+        skip = None
+        if skip_sequences:
+            skip = skip_test(model, layout, windows[:skip_sequences].to(dev),
+                             lambda w: sequence_losses(loaded, model, w), batch, say)
+        init_model, init_frame, init_contrib = None, None, None
+        if init_sequences and loaded.rebuild is not None:
+            say(f"re-initialized model: {min(init_sequences, sequences)} sequences")
+            init_model = loaded.rebuild().to(dev)
+            init_batch = max(1, min(batch, init_sequences // 4))  # ≥ 4 batches: a standard error
+            init_frame, init_contrib, _, _ = measure(loaded, init_model, layout, branches,
+                                                     windows[:init_sequences],
+                                                     min(grad_n, max(1, init_sequences // 2)), init_batch, dev)
+    except failures as e:
         first = (str(e).splitlines() or [""])[0][:300]
         raise ValueError(f"the model did not run on the text ({type(e).__name__}: {first})") from None
-    t = layer_table(frame, layout)
-    scheme = add_theory(t, loaded, layout, seq_len, notes)
+    say("findings")
+    t = layer_table(frame, layout, contrib, skip, model)
+    if init_frame is not None:
+        ti = layer_table(init_frame, layout, init_contrib, None, init_model)
+        for c in INIT_COLUMNS:
+            if c in ti:
+                t[f"init_{c}"] = ti[c].to_numpy()
+    elif loaded.rebuild is None:
+        notes.append("no re-initialized comparison: this checkpoint kind cannot be rebuilt")
+    scheme = add_theory(t, loaded, layout, init_model, seq_len, notes)
     found = findings(t, bad_weights, losses, layout, loaded, scheme)
     meta = dict(path=str(path), kind=loaded.kind, model=loaded.description, loss=loaded.loss_kind,
                 loss_value=float(np.mean(losses)) if losses else None,
-                text=text_how, sequences=sequences, seq_len=seq_len,
-                grad_sequences=min(grad_sequences, sequences), device=str(dev),
+                text=text_how, sequences=sequences, sequences_used=used, tolerance=tolerance,
+                seq_len=seq_len, grad_sequences=grad_n,
+                skip_sequences=min(skip_sequences, sequences),
+                init_sequences=min(init_sequences, sequences) if init_model is not None else 0,
+                device=str(dev), encoder=loaded.encoder,
                 blocks=len(layout.blocks), block_paths=[layout.blocks[0], layout.blocks[-1]],
-                placement=layout.placement, layout=layout.describe(), theory_scheme=scheme,
-                parameters=sum(p.numel() for p in loaded.model.parameters()),
+                branches=branch_how, placement=layout.placement, layout=layout.describe(),
+                theory_scheme=scheme, parameters=sum(p.numel() for p in loaded.model.parameters()),
+                max_effective_rank=_max_rank(seq_len, loaded.theory_shape.get("width")),
                 thresholds={k: {"value": v, "meaning": m} for k, (v, m) in THRESHOLDS.items()},
+                glossary=GLOSSARY,
                 seconds_load=round(t_load, 2), seconds_total=round(time.perf_counter() - t0, 2))
     fdf = pd.DataFrame(found, columns=["id", "severity", "layers", "value", "threshold", "message"])
     return Diagnosis(table=t, findings=fdf, meta=meta, verdict=verdict(found), notes=notes)
+
+
+def glossary_for(column: str) -> str | None:
+    """The glossary entry explaining ``column`` (exact name, else an init_/theory_/_se pattern)."""
+    import fnmatch
+    return GLOSSARY.get(column) or next((v for k, v in GLOSSARY.items() if fnmatch.fnmatch(column, k)), None)
+
+
+def _max_rank(seq_len: int, width: int | None) -> int:
+    """The largest effective rank the probe can report: min(sampled tokens, width)."""
+    from probes.probe import Probe  # the probe's token-sample bound is its max_tokens default
+    import inspect
+    max_tokens = inspect.signature(Probe.__init__).parameters["max_tokens"].default
+    return min(seq_len, max_tokens, width or seq_len)
 
 
 def save(d: Diagnosis, out: Path) -> list[Path]:
@@ -480,18 +742,26 @@ def save(d: Diagnosis, out: Path) -> list[Path]:
 
 
 TABLE_COLUMNS = ["layer", "second_moment", "growth", "token_cosine", "effective_rank", "angle_deg",
-                 "grad_rel", "theory_q_rel", "q_rel", "theory_token_cosine"]
+                 "branch_rel_median", "skip_out_change", "skip_loss_delta", "grad_rel",
+                 "init_token_cosine", "init_branch_rel_median"]
+SHORT = {"branch_rel_median": "contrib", "skip_out_change": "skip_out", "skip_loss_delta": "skip_loss",
+         "init_token_cosine": "init_cos", "init_branch_rel_median": "init_contrib",
+         "token_cosine": "tok_cos", "effective_rank": "eff_rank", "second_moment": "E[x²]"}
 
 
 def text_report(d: Diagnosis) -> str:
     """The stdout summary: model, layout, the per-layer table, findings, verdict."""
-    cols = [c for c in TABLE_COLUMNS if c in d.table]
-    tab = d.table[cols].copy()
+    cols = [c for c in TABLE_COLUMNS if c in d.table and d.table[c].notna().any()]
+    tab = d.table[cols].rename(columns=SHORT)
     tab.insert(1, "where", d.table["point"].str.replace(".resid_post", "", regex=False))
     lines = [f"model: {d.meta['model']}", f"blocks: {d.meta['layout']}",
-             f"text: {d.meta['text']}; {d.meta['sequences']} × {d.meta['seq_len']} tokens forward, "
-             f"{d.meta['grad_sequences']} backward ({d.meta['loss']} loss)", "",
-             tab.to_string(index=False, float_format=lambda v: f"{v:.4g}"), "", "findings:"]
+             f"text: {d.meta['text']}; {d.meta['sequences_used']} × {d.meta['seq_len']} tokens forward, "
+             f"{d.meta['grad_sequences']} backward ({d.meta['loss']} loss), skip test on "
+             f"{d.meta['skip_sequences']}, re-initialized model on {d.meta['init_sequences']}", "",
+             tab.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+             f"(eff_rank at most {d.meta['max_effective_rank']}; contrib: median token's relative "
+             "contribution; init_*: the re-initialized model; every column: diagnosis.json 'glossary')",
+             "", "findings:"]
     for r in d.findings.itertuples():
         lines.append(f"  [{r.severity}] {r.message}")
     lines += [f"  note: {n}" for n in d.notes]

@@ -53,11 +53,14 @@ class Loaded:
     loss_kind: str  # 'lm', 'masked-lm', 'surrogate'
     encode: Callable[[str], list[int]] | None = None  # the folder's tokenizer; None: bytes
     tokenizer: str = "bytes"
+    decode: Callable[[list[int]], str] | None = None
     scheme: str | None = None  # sigprop scheme (exact theory) or None
     theory_shape: dict[str, Any] = field(default_factory=dict)  # width, heads, ffn, norm, …
     mask_token_id: int | None = None
     notes: list[str] = field(default_factory=list)
     nbytes: int = 0
+    encoder: bool = False  # bidirectional attention (BERT-like), not a causal decoder
+    rebuild: Callable[[], nn.Module] | None = None  # the same architecture, freshly initialized
 
 
 # --- guards -----------------------------------------------------------------------------------
@@ -126,16 +129,23 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 # --- the three kinds --------------------------------------------------------------------------
 
-def load(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Loaded:
-    """Load ``path`` (see the module docstring); raises ValueError with a reason on any bad input."""
+def load(path: str | os.PathLike, config: str | os.PathLike | None = None,
+         tokenizer: str | os.PathLike | None = None) -> Loaded:
+    """Load ``path`` (see the module docstring); raises ValueError with a reason on any bad input.
+
+    ``tokenizer``: a folder (or tokenizer.json) to tokenize the text with; by default the model
+    folder's own, or for a bare state_dict the tokenizer beside the weights or the config.
+    """
     p = Path(path)
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise ValueError(f"--tokenizer {tokenizer} does not exist")
     if not p.exists():
         raise ValueError(f"checkpoint path {p} does not exist")
     if not os.access(p, os.R_OK):
         raise ValueError(f"checkpoint path {p} is not readable (permission denied)")
     if p.is_dir():
         if (p / "config.json").is_file():
-            return load_hf_folder(p)
+            return load_hf_folder(p, tokenizer)
         if (p / "checkpoint.pt").is_file():
             return load_sigprop(p / "checkpoint.pt")
         below = sorted(p.rglob("checkpoint.pt"))[:3]
@@ -157,7 +167,7 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Lo
     if config is None:
         raise ValueError(f"{p} is a bare state_dict ({len(sd)} tensors) with no architecture: pass "
                          "--config CONFIG.json (a sigprop ModelConfig dict or a Hugging Face config.json)")
-    return load_state_dict_with_config(sd, Path(config), p)
+    return load_state_dict_with_config(sd, Path(config), p, tokenizer)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -188,13 +198,14 @@ def _sigprop_model(mc_dict: dict[str, Any], sd: dict[str, torch.Tensor], source:
         raise ValueError(f"{source}: model_config is not a sigprop ModelConfig ({e})") from None
     model = build_model(mc)
     _load_into(model, sd, source, strict=True)
-    return Loaded(model=model, kind="sigprop",
+    return Loaded(model=model, kind="sigprop", rebuild=lambda: build_model(mc, seed=0),
                   description=f"sigprop testbed: scheme {mc.scheme}, depth {mc.depth}, width {mc.width}, "
                               f"heads {mc.heads}, ffn {mc.ffn}, norm {mc.norm}",
                   vocab_size=mc.vocab, max_len=mc.max_seq_len, loss_kind="lm", scheme=mc.scheme,
                   theory_shape=dict(width=mc.width, heads=mc.heads, ffn=mc.ffn, norm=mc.norm,
                                     sigma=mc.sigma, embed_std=mc.embed_std, experts=mc.experts,
-                                    top_k=mc.top_k, scheme_params=dict(mc.scheme_params)),
+                                    top_k=mc.top_k, scheme_params=dict(mc.scheme_params),
+                                    **({"attention": mc.attention} if hasattr(mc, "attention") else {})),
                   nbytes=sum(t.numel() * t.element_size() for t in sd.values()))
 
 
@@ -251,9 +262,15 @@ def _hf_config(data: dict[str, Any], source: Path):
                          "without running its code")
     data = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
     try:
-        return t.AutoConfig.for_model(model_type, **data)
+        config = t.AutoConfig.for_model(model_type, **data)
     except Exception as e:
         raise ValueError(f"{source}: config for {model_type} is invalid ({str(e)[:200]})") from None
+    vocab = getattr(config, "vocab_size", None) if "vocab_size" in config.to_dict() else None
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"{source}: model_type={model_type!r} is not a text model (its config has no "
+                         "vocab_size: it takes images, audio or another modality, not token ids); "
+                         "diagnose runs text through a language model's blocks")
+    return config
 
 
 def _hf_head_class(config) -> tuple[Any, str]:
@@ -296,27 +313,68 @@ def _max_len(config) -> int | None:
     return None
 
 
-def _finish_hf(model: nn.Module, config, loss_kind: str, description: str, nbytes: int,
-               folder: Path | None, notes: list[str]) -> Loaded:
-    model.eval()  # no dropout: the diagnosis should be deterministic
-    encode, tok_name, mask_id = None, "bytes", getattr(config, "mask_token_id", None)
-    if folder is not None and any((folder / f).is_file() for f in
-                                  ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
-                                   "tokenizer.model")):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+# Encoder families (bidirectional attention); a config with is_decoder=True is causal whatever its family.
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "camembert",
+                 "mpnet", "deberta", "deberta-v2", "ernie", "nomic_bert", "modernbert")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _tokenizer(candidates: list[Path | None], explicit: bool, notes: list[str]):
+    """The first loadable tokenizer among ``candidates`` (folders), or None: the text is then bytes."""
+    for folder in candidates:
+        if folder is None:
+            continue
+        folder = folder.parent if folder.is_file() else folder
+        if not _has_tokenizer(folder):
+            if explicit:
+                raise ValueError(f"--tokenizer {folder} holds no tokenizer (looked for "
+                                 f"{', '.join(TOKENIZER_FILES)})")
+            continue
         try:
             tok = _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                                 trust_remote_code=False)
-            encode = lambda s, tok=tok: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-            tok_name = f"the folder's own ({type(tok).__name__})"
-            mask_id = tok.mask_token_id if tok.mask_token_id is not None else mask_id
+            return tok, folder
         except Exception as e:  # a broken tokenizer is not fatal: fall back to bytes
-            notes.append(f"the folder's tokenizer did not load ({str(e)[:120]}); using bytes")
+            if explicit:
+                raise ValueError(f"--tokenizer {folder} did not load ({str(e)[:160]})") from None
+            notes.append(f"the tokenizer in {folder} did not load ({str(e)[:120]}); using bytes")
+        explicit = False
+    return None, None
+
+
+def _finish_hf(model: nn.Module, config, cls, loss_kind: str, description: str, nbytes: int,
+               tokenizer_dirs: list[Path | None], explicit_tokenizer: bool, notes: list[str]) -> Loaded:
+    model.eval()  # no dropout: the diagnosis should be deterministic
+    encode = decode = None
+    tok_name, mask_id = "bytes", getattr(config, "mask_token_id", None)
+    tok, where = _tokenizer(tokenizer_dirs, explicit_tokenizer, notes)
+    if tok is not None:
+        encode = lambda s, tok=tok: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        decode = lambda ids, tok=tok: tok.decode(ids)  # noqa: E731
+        tok_name = f"{type(tok).__name__} from {where}"
+        mask_id = tok.mask_token_id if tok.mask_token_id is not None else mask_id
+    encoder = config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False)
+
+    def rebuild() -> nn.Module:  # the family's own initializer (e.g. N(0, initializer_range²))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            fresh = cls.from_config(config, trust_remote_code=False)
+        return fresh.float().eval()
+
+    shape = _hf_shape(config)
+    if encoder:
+        shape["attention"] = "bidirectional"
     return Loaded(model=model, kind="hf", description=description, vocab_size=int(config.vocab_size),
                   max_len=_max_len(config), loss_kind=loss_kind, encode=encode, tokenizer=tok_name,
-                  theory_shape=_hf_shape(config), mask_token_id=mask_id, notes=notes, nbytes=nbytes)
+                  decode=decode, theory_shape=shape, mask_token_id=mask_id, notes=notes,
+                  nbytes=nbytes, encoder=encoder, rebuild=rebuild)
 
 
-def load_hf_folder(folder: Path) -> Loaded:
+def load_hf_folder(folder: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
     """A local Hugging Face model folder, through transformers, offline, no remote code."""
     data = _read_json(folder / "config.json")
     config = _hf_config(data, folder / "config.json")
@@ -342,10 +400,12 @@ def load_hf_folder(folder: Path) -> Loaded:
     desc = (f"Hugging Face {type(model).__name__} ({config.model_type}), "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"weights from {'safetensors' if use_st else 'torch .bin (weights_only)'}")
-    return _finish_hf(model, config, loss_kind, desc, nbytes, folder, [])
+    return _finish_hf(model, config, cls, loss_kind, desc, nbytes,
+                      [Path(tokenizer) if tokenizer else folder], tokenizer is not None, [])
 
 
-def load_state_dict_with_config(sd: dict[str, torch.Tensor], config_path: Path, source: Path) -> Loaded:
+def load_state_dict_with_config(sd: dict[str, torch.Tensor], config_path: Path, source: Path,
+                                tokenizer: str | os.PathLike | None = None) -> Loaded:
     """A bare state_dict and a JSON config (sigprop ModelConfig dict, or a Hugging Face config.json)."""
     data = _read_json(config_path)
     if "scheme" in data and "model_type" not in data:
@@ -372,5 +432,7 @@ def load_state_dict_with_config(sd: dict[str, torch.Tensor], config_path: Path, 
     model.float()
     desc = (f"{type(model).__name__} ({config.model_type}) built from {config_path.name}, weights "
             f"from {source.name}")
-    return _finish_hf(model, config, loss_kind, desc,
-                      sum(t.numel() * t.element_size() for t in sd.values()), None, notes)
+    dirs = [Path(tokenizer)] if tokenizer else [source.parent, config_path.parent]
+    return _finish_hf(model, config, cls, loss_kind, desc,
+                      sum(t.numel() * t.element_size() for t in sd.values()), dirs,
+                      tokenizer is not None, notes)

@@ -99,9 +99,36 @@ def write_json(content: dict[str, Any], out: str | os.PathLike) -> str:
     return path
 
 
+# files that mark a folder as another command's output, whose claims.csv / theory.json the
+# theory command would overwrite with its own
+OTHER_OUTPUTS = {"init_profiles.csv": "a sweep", "config.json": "a sweep",
+                 "train_runs.csv": "a training grid", "campaign.json": "a campaign",
+                 "diagnosis.json": "a diagnosis"}
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """Refuse an output folder that another command's results live in (its claims.csv and
+    theory.json would be overwritten) or that cannot be written; ValueError naming it."""
+    for name, what in OTHER_OUTPUTS.items():
+        if os.path.exists(os.path.join(out, name)):
+            raise ValueError(f"{out} holds {what} ({name}): `theory` would overwrite its claims.csv "
+                             "and theory.json; choose another --out folder (`report` rebuilds a "
+                             "sweep's own)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output folder {out} is not writable ({e.strerror})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Print and write the theory report; 1 if a symbolically proved claim fails its check."""
     names = [args.scheme] if args.scheme else list(SCHEMES)
+    for n in names:
+        get_scheme(n)  # ValueError for an unknown scheme, before any work
+    check_out(args.out or os.path.join("runs", "theory"))  # before the minutes of deriving
     content, claims = collect(names, args.latex)
     for rep in content["schemes"]:
         _print_scheme(rep)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,8 @@ from analysis.init.compare import add_errors, aggregate, disagreements, error_su
 from analysis.testbed.corpus import load_corpus
 from analysis.init.measured_claims import check_claims
 from analysis.testbed.model import ModelConfig
-from analysis.init.sweep import check_memory, init_sweep
+from analysis.init.sweep import (check_memory, check_theory_cost, complete_points, init_sweep,
+                                 read_profiles)
 from analysis.records import read_record, refuse_other
 from analysis.device import resolve_device
 from analysis.init.derivations import collect, write_json
@@ -60,6 +61,12 @@ class AnalysisConfig(Shape):
             raise ValueError(f"depths must be increasing without repeats, got {self.depths}")
         if not self.seeds:
             raise ValueError("the seed list is empty")
+        for name in ("schemes", "seeds"):
+            values = list(getattr(self, name))
+            twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+            if twice:  # each would be measured twice and counted twice in every statistic
+                raise ValueError(f"{name} must be distinct, got {', '.join(map(str, twice))} "
+                                 f"more than once in {','.join(map(str, values))}")
         for name in ("batches", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -84,9 +91,12 @@ def check_same_settings(cfg: AnalysisConfig, out: Path) -> None:
     old = read_record(out / "config.json")
     if old is None:
         return
+    # a setting newer than the folder (e.g. attention) had its default there
+    defaults = json.loads(json.dumps(asdict(AnalysisConfig())))
     for key, value in asdict(cfg).items():
-        if key not in AnalysisConfig.RESUMABLE_ACROSS and key in old and old[key] != value:
-            raise refuse_other(out, "an analysis", key, old[key], value)
+        was = old[key] if key in old else defaults[key]
+        if key not in AnalysisConfig.RESUMABLE_ACROSS and was != value:
+            raise refuse_other(out, "an analysis", key, was, value)
 
 
 def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print, out: Path | None = None,
@@ -100,8 +110,9 @@ def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print, out: Path |
     cfg.validate()
     if out is not None:
         check_same_settings(cfg, out)
+    check_theory_cost(cfg.depths, cfg.seq_len)  # before any work
     check_memory([cfg.model_config(s, d) for s in cfg.schemes for d in cfg.depths],
-                 cfg.batch_size, cfg.device)  # before any work
+                 cfg.batch_size, cfg.device)
     corpus = load_corpus(cfg.corpus)
     t0 = time.perf_counter()
     theory, _ = collect(cfg.schemes, latex=True)
@@ -142,8 +153,11 @@ def save_tables(tables: dict[str, pd.DataFrame], cfg: AnalysisConfig, theory: di
         tables[name].to_csv(out / f"{name}.csv", index=False)
 
 
-def load_tables(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], AnalysisConfig, dict]:
-    """Read a run folder back (ValueError if it holds no results)."""
+def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print
+                ) -> tuple[dict[str, pd.DataFrame], AnalysisConfig, dict]:
+    """Read a run folder back (ValueError if it holds no results or a file is broken). Grid points
+    missing from init_profiles.csv or part-written (a cut sweep) are left out, and ``warn`` is
+    told which: the statistics then cover only the rest."""
     run_dir = Path(run_dir)
     profiles = run_dir / "init_profiles.csv"
     if not run_dir.is_dir():
@@ -152,6 +166,38 @@ def load_tables(run_dir: str | Path) -> tuple[dict[str, pd.DataFrame], AnalysisC
     if not all(p.exists() for p in needed):
         raise ValueError(f"{run_dir} holds no results (init_profiles.csv, config.json and "
                          f"theory.json are written by `run_analysis.py` or `sweep`)")
-    cfg = AnalysisConfig(**json.loads((run_dir / "config.json").read_text()))
-    theory = json.loads((run_dir / "theory.json").read_text())
-    return compare_tables(pd.read_csv(profiles), theory["claims"]), cfg, theory
+    cfg = config_from_record(run_dir / "config.json")
+    theory = read_record(run_dir / "theory.json")
+    if not isinstance(theory, dict) or not isinstance(theory.get("claims"), list):
+        raise ValueError(f"{run_dir / 'theory.json'} has no list of claims: not a sweep's theory.json")
+    frame, problems = complete_points(read_profiles(profiles), cfg.seeds, keep_seeds=True)
+    grid = {(s, d) for s in cfg.schemes for d in cfg.depths}
+    absent = sorted(grid - set(zip(frame["scheme"], frame["depth"].astype(int))),
+                    key=lambda p: (cfg.schemes.index(p[0]), p[1]))
+    problems += [f"{s} L={d}: not measured" for s, d in absent
+                 if not any(p.startswith(f"{s} L={d}:") for p in problems)]
+    if not len(frame):
+        raise ValueError(f"{profiles} has no complete grid point ({'; '.join(problems[:5])})")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        warn(f"warning: {profiles} lacks parts of {len(problems)} of {len(grid)} grid points, "
+             f"left out of every statistic: {shown} (a cut sweep: the same sweep command with "
+             "this --out resumes it)")
+    return compare_tables(frame.reset_index(drop=True), theory["claims"]), cfg, theory
+
+
+def config_from_record(path: Path) -> AnalysisConfig:
+    """The AnalysisConfig a sweep saved at ``path``, or ValueError naming what is wrong."""
+    record = read_record(path)
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a JSON object of sweep settings")
+    known = {f.name for f in fields(AnalysisConfig)}
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise ValueError(f"{path} has unknown setting(s) {', '.join(unknown)}: not a sweep's "
+                         "config.json")
+    try:
+        cfg = AnalysisConfig(**record)  # not validate(): the device may be absent here
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    return cfg

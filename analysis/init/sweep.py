@@ -22,6 +22,7 @@ i (``blocks.{i}``, the block l = i + 1 of the theory). Metrics:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 from analysis.budget import Cut, past
 from analysis.device import available_memory, resolve_device
 from analysis.testbed.corpus import Corpus
-from analysis.testbed.memory import check_all_fit
+from analysis.testbed.memory import check_all_fit, size
 from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe
 from theory.positional import predict_positional
@@ -102,10 +103,106 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
     return pd.concat(frames, axis=1).reset_index()
 
 
+def read_profiles(path: Path, need_rows: bool = True) -> pd.DataFrame:
+    """init_profiles.csv, or ValueError naming what is wrong with it: empty, a column missing or
+    renamed. A last line cut short (no newline at the end) is dropped: a cut mid-write."""
+    path = Path(path)
+    text_end = b""
+    if path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            text_end = f.read(1)
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: it has no header and no rows") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path} is not a readable CSV ({str(e).strip()})") from None
+    lacking = [c for c in COLUMNS if c not in frame.columns]
+    if lacking:
+        raise ValueError(f"{path} lacks the column(s) {', '.join(lacking)} (it has "
+                         f"{', '.join(map(str, frame.columns))}): not a sweep's init_profiles.csv, "
+                         "or a column was renamed")
+    if text_end not in (b"\n", b"") and len(frame):
+        rows = frame[frame[["scheme", "depth"]].notna().all(axis=1)]
+        cut = rows.iloc[-1] if len(rows) else None
+        frame = frame.iloc[:-1].copy()  # the last line was cut short: its point is part-written
+        if cut is not None:
+            frame.attrs["cut_point"] = (cut["scheme"], int(cut["depth"]))
+    if need_rows and not len(frame):
+        raise ValueError(f"{path} has no rows")
+    return frame
+
+
 def check_memory(configs: list[ModelConfig], batch_size: int, device: str) -> None:
     """Refuse, before any work, grid points whose estimated memory exceeds what ``device`` has."""
     dev = resolve_device(device)
     check_all_fit(configs, batch_size, available_memory(dev), str(dev))
+
+
+# the position-resolved theory costs O(L·T³) time and O(√L·T²) memory on the host: measured
+# 1.4 s for post at L = 256, T = 128 (README, Benchmarks); forward, recomputed forward and backward
+POSITIONAL_SECONDS_PER_UNIT = 1.4 / (256 * 128 ** 3)
+THEORY_SECONDS_LIMIT = 3600.0  # per grid point and seed: beyond, a sweep is refused up front
+
+
+def theory_cost(depth: int, seq_len: int) -> tuple[float, float]:
+    """Estimated (seconds, bytes) of one position-resolved prediction at ``depth``, ``seq_len``:
+    T×T float64 matrices, the checkpointed layers' and about 16 a block works with."""
+    L, T = depth, seq_len
+    held = L + 1 if (L + 1) * T * T <= 2 ** 24 else 2 * math.isqrt(L) + 2  # see predict_positional
+    return POSITIONAL_SECONDS_PER_UNIT * L * T ** 3, 8.0 * T * T * (held + 16)
+
+
+def check_theory_cost(depths: list[int], seq_len: int, available: float | None = None,
+                      limit: float = THEORY_SECONDS_LIMIT) -> None:
+    """Refuse, before any work, a grid whose position-resolved theory would not fit in the
+    host's memory or would take longer than ``limit`` seconds per grid point and seed."""
+    seconds, nbytes = theory_cost(max(depths), seq_len)
+    available = available_memory("cpu") if available is None else available
+    where = f"the position-resolved theory at depth {max(depths)}, seq-len {seq_len}"
+    if nbytes > 0.9 * available:
+        raise ValueError(f"{where} needs ≈ {size(nbytes)} of host memory (T×T matrices) but the "
+                         f"host has {size(available)} free: lower --seq-len")
+    if seconds > limit:
+        raise ValueError(f"{where} would take ≈ {seconds / 3600:.3g} h per scheme and seed "
+                         f"(O(L·T³)), over the limit of {limit / 3600:g} h: lower --seq-len or "
+                         "the deepest depth")
+
+
+def complete_points(profiles: pd.DataFrame, seeds: list[int],
+                    keep_seeds: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of the (scheme, depth) points measured for every seed in full, and what the rest
+    lacks ('pre L=64: seed 2 missing'): a sweep cut while it wrote leaves a point part-written.
+    A seed with fewer rows than another seed of its point, or with a row lacking a key, is partial.
+    ``keep_seeds``: keep the whole seeds of an incomplete point too (a report of what there is)."""
+    keys = ["scheme", "depth", "seed", "layer", "point", "metric"]
+    broken = profiles[keys].isna().any(axis=1)
+    whole = profiles[~broken]
+    problems = []
+    keep = []
+    cut_point = profiles.attrs.get("cut_point")
+    for (scheme, depth), point in whole.groupby(["scheme", "depth"], sort=False):
+        counts = point.groupby("seed").size()
+        full = counts.max()
+        missing = [s for s in seeds if s not in counts.index]
+        partial = [int(s) for s, n in counts.items() if n < full]
+        if (scheme, int(depth)) == cut_point and not partial:
+            partial = [int(counts.index[-1])]  # the seed its cut last line belonged to
+        label = f"{scheme} L={int(depth)}"
+        if keep_seeds and len(partial) < len(counts):
+            keep.append(point[~point["seed"].isin(partial)])
+        if missing or partial:
+            problems.append(label + ": " + "; ".join(
+                part for part in (missing and f"seed {','.join(map(str, missing))} missing",
+                                  partial and f"seed {','.join(map(str, partial))} part-written")
+                if part))
+        elif not keep_seeds:
+            keep.append(point)
+    if broken.any():
+        problems.append(f"{int(broken.sum())} truncated row(s)")
+    kept = pd.concat(keep) if keep else profiles.iloc[:0]
+    return kept, problems
 
 
 def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: ModelConfig,
@@ -127,7 +224,10 @@ def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: Mo
     path = None if out_dir is None else Path(out_dir) / "init_profiles.csv"
     parts = []
     if path is not None and path.exists() and path.stat().st_size:
-        kept = pd.read_csv(path)
+        kept, problems = complete_points(read_profiles(path, need_rows=False), seeds)
+        if problems:  # a cut mid-write: measure those points again, keep the file whole
+            log(f"  measuring again what a cut left part-written in {path}: {', '.join(problems)}")
+            kept.to_csv(path, index=False)
         done = set(zip(kept["scheme"], kept["depth"]))
         parts.append(kept)
         configs = [c for c in configs if (c.scheme, c.depth) not in done]

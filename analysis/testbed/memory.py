@@ -79,6 +79,25 @@ def estimate(cfg: ModelConfig, batch: int, seq_len: int, training: bool = False)
     """Memory of a forward/backward of ``cfg`` at [batch, seq_len]; ``training`` adds AdamW's two
     float32 moments per parameter. Blocks of one structure are measured once, so a depth-1024
     estimate takes as long as a shallow one."""
+    return _estimate(cfg, batch, seq_len, training, _blocks_by_structure(cfg))
+
+
+QUICK_DEPTH = 2048  # deeper: a sampled estimate first (finding the structures of 10⁵ blocks takes s)
+
+
+def quick_estimate(cfg: ModelConfig, batch: int, seq_len: int,
+                   training: bool = False) -> MemoryEstimate:
+    """``estimate`` with the blocks at a few sampled indices l standing for all L blocks:
+    milliseconds at any depth, and close to the exact figure where blocks differ little (every
+    built-in scheme). It refuses a very deep model at once; one that may fit is estimated exactly."""
+    L = cfg.depth
+    sample = sorted({1, 2, L // 4, L // 2, 3 * L // 4, L - 1, L} - {0})
+    return _estimate(cfg, batch, seq_len, training, [(l, L / len(sample)) for l in sample])
+
+
+def _estimate(cfg: ModelConfig, batch: int, seq_len: int, training: bool,
+              blocks: list[tuple[int, float]]) -> MemoryEstimate:
+    """The estimate with block l counted ``count`` times, for each (l, count) of ``blocks``."""
     act_cfg = replace(cfg, experts=0, ffn_hidden=cfg.hidden * cfg.top_k) if cfg.experts else cfg
     dtype = DTYPES[cfg.dtype]
     n_params = activations = 0
@@ -90,11 +109,12 @@ def estimate(cfg: ModelConfig, batch: int, seq_len: int, training: bool = False)
         n_params += sum(p.numel() for p in shallow.parameters())
         n_params -= sum(p.numel() for p in shallow.blocks[0].parameters())
         s = get_scheme(cfg.scheme)
-        for l, count in _blocks_by_structure(cfg):
+        for l, count in blocks:
             block = Block(s, l, cfg)
             n_params += count * sum(p.numel() for p in block.parameters())
             act_block = block if act_cfg is cfg else Block(s, l, act_cfg)
             activations += count * _saved_bytes(act_block.to(dtype), x)
+    n_params, activations = round(n_params), round(activations)
     width = torch.empty((), dtype=dtype).element_size()
     return MemoryEstimate(params=n_params * width, grads=n_params * width,
                           optimizer=8 * n_params if training else 0, activations=activations)
@@ -128,7 +148,12 @@ def check_fits(cfg: ModelConfig, batch: int, seq_len: int, available: int, where
                training: bool = False, fraction: float = 0.9) -> MemoryEstimate:
     """The estimate, or ValueError naming it and the memory ``where`` has (``fraction`` of
     ``available`` is usable: allocator fragmentation and the framework's own buffers)."""
-    est = estimate(cfg, batch, seq_len, training)
+    est = None
+    if cfg.depth > QUICK_DEPTH:  # refuse a far too deep model in milliseconds
+        est = quick_estimate(cfg, batch, seq_len, training)
+        if est.total <= 2 * fraction * available:
+            est = None  # not clearly too big: the exact figure decides
+    est = est or estimate(cfg, batch, seq_len, training)
     if est.total > fraction * available:
         raise ValueError(f"{cfg.scheme} at depth {cfg.depth}, width {cfg.width}, batch {batch} × "
                          f"{seq_len} needs {est.describe()} but {where} has "

@@ -1,4 +1,5 @@
-"""The testbed: a decoder-only Transformer whose blocks are schemes executed with torch modules.
+"""The testbed: a Transformer whose blocks are schemes executed with torch modules (decoder-only by
+default; ``attention="bidirectional"`` or ``"uniform"`` make it an encoder, see Attention).
 
 Module names are stable: ``tok_embed``, ``pos_embed``, ``blocks.{i}`` (i = l - 1, zero-based)
 with ``blocks.{i}.norms.{k}``, ``blocks.{i}.attns.{k}``, ``blocks.{i}.ffns.{k}`` in the order the
@@ -30,7 +31,8 @@ _BUILD_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.Context
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(Shape):
     """Everything that fixes a testbed model (and the theory evaluated against it): the shared
-    Shape (width, heads, ffn, norm, sigma, embed_std, experts, top_k) and what is the model's own."""
+    Shape (width, heads, ffn, norm, sigma, embed_std, experts, top_k, attention) and what is the
+    model's own."""
 
     scheme: str = "pre"
     depth: int = 12
@@ -87,22 +89,36 @@ def _linear(d_in: int, d_out: int, sigma: float, gain: float = 1.0) -> nn.Linear
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention; ``value_gain``/``out_gain`` scale the V and O init."""
+    """Multi-head attention of kind ``cfg.attention``; ``value_gain``/``out_gain`` scale the V and
+    O init.
+
+    causal: softmax over keys s ≤ t; bidirectional: over all T keys (an encoder). uniform: every
+    token gets the plain mean of the values over all T tokens, computed directly, so the weights
+    stay exactly uniform through training (zero q/k weights would not: they train); the module has
+    no q, k projections then, and no attention-weight dropout (only the output dropout).
+    Both non-causal kinds see the token the LM head predicts: meant for init analyses (and
+    encoders), not for next-token training.
+    """
 
     def __init__(self, cfg: ModelConfig, value_gain: float = 1.0, out_gain: float = 1.0):
         super().__init__()
         d, s = cfg.width, cfg.sigma
-        self.heads, self.dropout = cfg.heads, cfg.dropout
-        self.q, self.k = _linear(d, d, s), _linear(d, d, s)
+        self.heads, self.dropout, self.kind = cfg.heads, cfg.dropout, cfg.attention
+        if self.kind != "uniform":
+            self.q, self.k = _linear(d, d, s), _linear(d, d, s)
         self.v, self.o = _linear(d, d, s, value_gain), _linear(d, d, s, out_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = (m(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
-                   for m in (self.q, self.k, self.v))
         p = self.dropout if self.training else 0.0
-        y = self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-                   .transpose(1, 2).reshape(B, T, D))
+        if self.kind == "uniform":  # W_o W_v x̄, the same for every token (linear: mean first)
+            y = self.o(self.v(x).mean(1, keepdim=True)).expand(B, T, D).contiguous()
+        else:
+            q, k, v = (m(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+                       for m in (self.q, self.k, self.v))
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=self.kind == "causal",
+                                                 dropout_p=p)
+            y = self.o(att.transpose(1, 2).reshape(B, T, D))
         return F.dropout(y, p, True) if p else y
 
 

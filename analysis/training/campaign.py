@@ -191,6 +191,10 @@ def load_state(cfg: CampaignConfig, out: Path) -> dict:
     state = read_record(out / "campaign.json")
     if state is None:
         return {"settings": cfg.identity(), "stages": {}, "seconds": {}}
+    lacking = [k for k in ("settings", "stages", "seconds") if not isinstance(state.get(k), dict)]
+    if lacking:
+        raise ValueError(f"{out / 'campaign.json'} lacks {', '.join(lacking)} (an object each): "
+                         "not a campaign's state; choose another --out folder")
     old, new = state.get("settings", {}), cfg.identity()
     for key in new:
         if old.get(key) != new[key]:

@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.budget import Cut, past
+from analysis.budget import Cut, Interrupted, past
 from analysis.device import available_memory, resolve_device
+from analysis.records import read_record
 from analysis.testbed.memory import check_all_fit
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed
@@ -88,8 +89,14 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     out_dir = Path(out_dir)
     seeds = [tc.seed] if seeds is None else list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and not empty, got {seeds}")
+    if not seeds or not schemes or not depths:
+        raise ValueError("the " + ("seed" if not seeds else "scheme" if not schemes else "depth")
+                         + " list is empty")
+    for name, values in (("schemes", list(schemes)), ("depths", list(depths)), ("seeds", seeds)):
+        twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        if twice:  # the same run twice: one folder, and rows counted twice in every statistic
+            raise ValueError(f"{name} must be distinct, got {', '.join(map(str, twice))} more "
+                             f"than once in {','.join(map(str, values))}")
     configs = [(replace(base, scheme=s, depth=d), replace(tc, seed=seed))
                for s in schemes for d in depths for seed in seeds]
     for mc, _ in configs:
@@ -130,7 +137,14 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
                 unfinished += [j[3].name for j in jobs[k - 1:]]
                 break
             log(f"[{k}/{len(jobs)}] {job[3].name}: training {tc.tokens:,} tokens on {tc.device}")
-            r = _train_one(job, log)
+            try:
+                r = _train_one(job, log)
+            except Interrupted as e:  # Ctrl-C: the run stopped at a checkpoint; keep the tables
+                runs, profiles = collect(out_dir)
+                runs.to_csv(out_dir / "train_runs.csv", index=False)
+                profiles.to_csv(out_dir / "train_profiles.csv", index=False)
+                raise Interrupted(f"{len(configs) - len(jobs) + k - 1} of {len(configs)} runs "
+                                  f"finished; {e}") from None
             log(f"    {_outcome(r)}")
             if r is None:
                 unfinished += [j[3].name for j in jobs[k - 1:]]
@@ -175,7 +189,12 @@ def _outcome(r: dict | None) -> str:
 def _finished(out_dir: str | Path) -> Iterator[tuple[Path, dict, str]]:
     """(run folder, result.json content, dense/MoE label) of every finished run, in name order."""
     for result in sorted(Path(out_dir).glob("runs/*/result.json")):
-        r = json.loads(result.read_text())
+        r = read_record(result)
+        lacking = [k for k in ("scheme", "depth", "width", "experts", "top_k", "train_loss",
+                               "val_loss") if k not in r]
+        if lacking:
+            raise ValueError(f"{result} lacks {', '.join(lacking)}: not a finished run's result "
+                             "(remove that run's folder to train it again)")
         yield result.parent, r, moe_label(r["experts"], r["top_k"])
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from analysis.budget import Cut, past
+from analysis.budget import Cut, Interrupted, deferred_interrupt, past
 from analysis.device import resolve_device
 from analysis.records import read_record, refuse_other
 from analysis.testbed.corpus import Corpus
@@ -64,8 +64,15 @@ class TrainConfig:
         for name in ("batch_size", "evals", "eval_batches", "checkpoints", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        numbers = {k: getattr(self, k) for k in ("lr", "min_lr_ratio", "warmup_frac", "weight_decay",
+                                                  "beta1", "beta2", "grad_clip", "spike_factor")}
+        for name, value in numbers.items():
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if not (self.lr > 0 and self.spike_factor > 1):
             raise ValueError("lr must be > 0 and spike_factor > 1")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 or None: no clipping), got {self.grad_clip}")
         if self.compile_scope not in ("blocks", "model"):
             raise ValueError(f"compile_scope must be 'blocks' or 'model', got '{self.compile_scope}'")
         if self.timing_warmup < 0:
@@ -231,8 +238,28 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
     batch_fn)`` is called at ``tc.profile_fractions`` of training to measure the model;
     ``on_step(step, loss)`` for every optimizer step, when its loss is read (progress, tests).
     At ``deadline`` (a time.time() value) the run checkpoints at its next host sync and raises
-    analysis.budget.Cut; called again, it resumes there.
+    analysis.budget.Cut; called again, it resumes there. Ctrl-C (in the main thread) checkpoints
+    at the end of the step and raises analysis.budget.Interrupted saying so; a second Ctrl-C stops
+    at once, keeping the last checkpoint. Either way, called again, it resumes.
     """
+    saved: dict[str, int] = {}  # the step of the last checkpoint on disk, once there is one
+    with deferred_interrupt(log) as stop:
+        try:
+            return _train_run(mc, tc, corpus, run_dir, profiler, log, on_step, deadline, stop, saved)
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            kept = (f"its last checkpoint, at step {saved['step']}/{saved['steps']}, is kept"
+                    if "step" in saved else "it had no checkpoint yet and starts again")
+            raise Interrupted(f"{Path(run_dir).name} stopped at once; {kept}") from None
+
+
+def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
+               profiler: Profiler | None, log: Callable[[str], None],
+               on_step: Callable[[int, float], None] | None, deadline: float | None,
+               stop: dict, saved: dict) -> dict[str, Any]:
+    """train_run's body; ``stop["set"]`` asks it to checkpoint and stop (Ctrl-C), ``saved`` gets
+    the step of each checkpoint it writes or resumes from."""
     tc.validate(mc.max_seq_len)
     seq_len = mc.max_seq_len
     for split in ("train", "val"):
@@ -262,6 +289,7 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
         data_gen.set_state(ckpt["data_gen"])
         known = {f.name for f in fields(RunState)}  # checkpoints of older versions carry more
         state = RunState(**{k: v for k, v in ckpt["state"].items() if k in known})
+        saved.update(step=state.step, steps=steps)
         log(f"  resumed at step {state.step}/{steps}")
 
     use_autocast = tc.autocast if tc.autocast is not None else device.type == "cuda"
@@ -295,6 +323,7 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
         save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "data_gen": data_gen.get_state(), "state": asdict(state),
                      "model_config": mc.to_dict()}, ckpt_path)
+        saved.update(step=state.step, steps=steps)
 
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) since the last sync
     timed_from = state.step + tc.timing_warmup  # steps before it include compiling
@@ -379,6 +408,15 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
                 checkpoint()
             if cut:
                 raise Cut(f"cut at step {state.step}/{steps}; checkpoint saved")
+            if stop["set"] and state.step < steps:  # Ctrl-C: read the losses, checkpoint, stop
+                reason = read_losses()
+                if reason:
+                    divergence_step = state.train_loss[-1][0]
+                    log(f"  diverged: {reason}")
+                    break
+                checkpoint()
+                raise Interrupted(f"{run_dir.name} stopped at step {state.step}/{steps}, where "
+                                  "its checkpoint is kept")
     diverged = divergence_step is not None
     if not diverged and steps in profile_at:
         profile("end")
@@ -400,4 +438,6 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
     }
     checkpoint()
     (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
+    if stop["set"]:  # Ctrl-C came as the run finished (or diverged): it is kept whole
+        raise Interrupted(f"{run_dir.name} finished ({state.step}/{steps} steps)")
     return result

@@ -1,0 +1,99 @@
+"""Calibrate diagnose's thresholds: its per-block measures on many trained checkpoints at once.
+
+    python -m analysis.diagnose.calibration --out results/diagnose-calibration CHECKPOINT ...
+
+Runs ``diagnose`` on each checkpoint (sigprop runs, Hugging Face folders) with the same settings
+and writes ``blocks.csv`` (one row per block: relative contribution, turn angle, skip test, each
+with its spread, trained and re-initialized), ``checkpoints.csv`` (one row per checkpoint: verdict,
+findings) and ``summary.csv`` (per placement: quantiles of each measure). The redundancy
+thresholds in ``THRESHOLDS`` were chosen from these files (README, "Diagnose: calibration").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.diagnose.diagnosis import THRESHOLDS, diagnose
+
+BLOCK_COLUMNS = ("branch_rel", "branch_rel_median", "branch_rel_median_se", "angle_deg", "skip_out_change",
+                 "skip_out_change_se", "skip_loss_delta", "skip_loss_delta_se", "init_branch_rel_median",
+                 "init_angle_deg")
+
+
+def checkpoint_name(path: str) -> str:
+    """A readable name: the folder's, or its parent's where the folder is generic ('model')."""
+    p = Path(path)
+    p = p.parent if p.name in ("model", "checkpoint.pt", "model.safetensors") else p
+    return p.name
+
+
+def calibrate(paths: list[str], *, text: str | None, sequences: int, seq_len: int,
+              skip_sequences: int, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(blocks, checkpoints) tables over ``paths``, each diagnosed with the same settings."""
+    blocks, checkpoints = [], []
+    for i, path in enumerate(paths, 1):
+        log(f"[{i}/{len(paths)}] {path}")
+        d = diagnose(path, text=text, sequences=sequences, seq_len=seq_len, grad_sequences=0,
+                     skip_sequences=skip_sequences, init_sequences=min(sequences, 16), tolerance=0.0)
+        L = d.meta["blocks"]
+        t = d.table[(d.table.layer >= 0) & (d.table.layer < L)]
+        rows = t[["layer", *[c for c in BLOCK_COLUMNS if c in t]]].copy()
+        rows.insert(0, "checkpoint", checkpoint_name(path))
+        rows.insert(1, "placement", d.meta["placement"])
+        rows.insert(2, "depth", L)
+        rows.insert(3, "verdict", d.verdict.split(":")[0])
+        rows["relative_depth"] = (rows["layer"] + 1) / L
+        blocks.append(rows)
+        checkpoints.append(dict(checkpoint=checkpoint_name(path), model=d.meta["model"], placement=d.meta["placement"],
+                                depth=L, verdict=d.verdict, findings=";".join(d.findings["id"]),
+                                loss=d.meta["loss_value"], seconds=d.meta["seconds_total"]))
+    return pd.concat(blocks, ignore_index=True), pd.DataFrame(checkpoints)
+
+
+def summary(blocks: pd.DataFrame) -> pd.DataFrame:
+    """Per placement and verdict: minimum, 1st, 5th and 50th percentile of each redundancy measure."""
+    cols = ["branch_rel_median", "skip_out_change", "angle_deg", "init_branch_rel_median"]
+    keys = ["placement", "verdict"]
+    q = blocks.groupby(keys)[cols].quantile([0.0, 0.01, 0.05, 0.5]).unstack()
+    q.columns = [f"{c}_q{int(p * 100):02d}" for c, p in q.columns]
+    q["checkpoints"] = blocks.groupby(keys)["checkpoint"].nunique()
+    q["blocks"] = blocks.groupby(keys).size()
+    q["below_contribution_threshold"] = blocks.assign(
+        b=blocks.branch_rel_median < THRESHOLDS["redundant_contribution"][0]).groupby(keys)["b"].sum()
+    q["below_skip_threshold"] = blocks.assign(
+        b=blocks.skip_out_change < THRESHOLDS["redundant_skip"][0]).groupby(keys)["b"].sum()
+    return q.reset_index()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: diagnose every checkpoint and write the three tables."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="checkpoints (sigprop runs, Hugging Face folders)")
+    p.add_argument("--out", required=True, help="folder for blocks.csv, checkpoints.csv, summary.csv")
+    p.add_argument("--text", help="text file (default: the corpus's validation split)")
+    p.add_argument("--sequences", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--skip-sequences", type=int, default=8)
+    args = p.parse_args(argv)
+    try:
+        blocks, ckpts = calibrate(args.paths, text=args.text, sequences=args.sequences, seq_len=args.seq_len,
+                                  skip_sequences=args.skip_sequences, log=lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks.to_csv(out / "blocks.csv", index=False, float_format="%.6g")
+    ckpts.to_csv(out / "checkpoints.csv", index=False)
+    summary(blocks).to_csv(out / "summary.csv", index=False, float_format="%.4g")
+    print(summary(blocks).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"wrote {out}/blocks.csv, checkpoints.csv, summary.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
