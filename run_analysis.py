@@ -79,6 +79,39 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_atlas(args: argparse.Namespace) -> int:
+    import time
+
+    from analysis.diagnose.atlas import atlas_claims, collect, summary
+    from figures.diagnose import atlas_blocks, atlas_figure
+    from figures.report import write_report
+    _check_format(args.format)
+    out = _writable_dir(args.out or f"runs/atlas-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        layers, checkpoints = collect(
+            args.paths, log=lambda m: print(m, file=sys.stderr, flush=True), text=args.text,
+            sequences=args.sequences, seq_len=args.seq_len, grad_sequences=args.grad_sequences,
+            skip_sequences=args.skip_sequences, init_sequences=args.init_sequences,
+            tolerance=args.tolerance, device=args.device)
+    except BaseException:
+        if not any(out.iterdir()):
+            out.rmdir()
+        raise
+    claims, table = atlas_claims(layers), summary(layers)
+    layers.to_csv(out / "atlas_layers.csv", index=False, float_format="%.6g")
+    checkpoints.to_csv(out / "atlas_checkpoints.csv", index=False)
+    claims.to_csv(out / "claims.csv", index=False)
+    fig = atlas_figure(layers, out / "figures" / "atlas", args.format)
+    files = write_report(atlas_blocks(checkpoints, claims, str(fig.relative_to(out)), table), out, "sigprop atlas")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    status = claims["status"].value_counts()
+    print(f"claims: {status.get('holds', 0)} hold, {status.get('fails', 0)} fail, "
+          f"{status.get('untested', 0)} untested")
+    print(f"wrote {out}/atlas_layers.csv, atlas_checkpoints.csv, claims.csv, {fig}, "
+          + ", ".join(str(f) for f in files))
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -472,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2,
                    help="runs at once in the --train grid comparison (default: 2)")
     p.add_argument("--diagnose", action="store_true",
-                   help="time `diagnose` on a 6-layer width-384 BERT and a GPT-2-small-shaped "
-                        "checkpoint (124M) over 64 × 256 tokens, against the plain forward/backward")
+                   help="time `diagnose` on a 6-layer width-384 BERT, the GPT-2-small (124M) and "
+                        "the SmolLM2-135M shapes over 64 × 256 tokens, against the plain "
+                        "forward/backward")
     p.add_argument("--components", action="store_true",
                    help="relative error of every component moment map (linear, norms, MLPs, "
                         "attention, MoE) against Monte Carlo with the testbed's modules at width "
@@ -518,6 +552,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/diagnose-<timestamp>)")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
     p.set_defaults(func=_cmd_diagnose)
+
+    p = sub.add_parser("atlas", help="several checkpoints diagnosed alike, drawn against relative "
+                                     "depth, with claims about trained models")
+    p.add_argument("paths", nargs="+", help="checkpoints: sigprop runs, Hugging Face folders, state_dicts")
+    p.add_argument("--text", help="text file (default: the corpus's validation split)")
+    p.add_argument("--sequences", type=int, default=64, help="at most this many sequences forward (default: 64)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="stop sampling at this relative standard error (default: 0.05; 0: all)")
+    p.add_argument("--grad-sequences", type=int, default=16, help="sequences run backward (default: 16)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per sequence, cut to each model's maximum (default: 256)")
+    p.add_argument("--skip-sequences", type=int, default=4, help="sequences for the skip test (default: 4)")
+    p.add_argument("--init-sequences", type=int, default=8,
+                   help="sequences through each re-initialized twin (default: 8)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--out", help="output folder (default: runs/atlas-<timestamp>)")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    p.set_defaults(func=_cmd_atlas)
     return parser
 
 

@@ -21,12 +21,16 @@ def _below(ax) -> None:
                   ncol=2, frameon=False)
 
 
-def _lines(ax, x, t: pd.DataFrame, col: str, log: bool = False) -> None:
-    """The trained column, its re-initialized twin and the theory for the re-initialized model."""
+def _lines(ax, x, t: pd.DataFrame, col: str, log: bool = False, theory: str | None = None,
+           raw: tuple[str, str] | None = None) -> None:
+    """The trained column, its re-initialized twin, the theory for the re-initialized model, and
+    (``raw``: column, label) the non-robust trained statistic, thin, for comparison."""
     plot = ax.semilogy if log else ax.plot
-    for name, style, colour, label in ((col, "o-", TRAINED, "trained"),
-                                       (f"init_{col}", "s-", INIT, "re-initialized"),
-                                       (f"theory_{col}", "--", THEORY, "theory (re-initialized)")):
+    series = [(col, "o-", TRAINED, "trained"), (f"init_{col}", "s-", INIT, "re-initialized"),
+              (theory or f"theory_{col}", "--", THEORY, "theory (re-initialized)")]
+    if raw:
+        series.append((raw[0], ":", TRAINED, raw[1]))
+    for name, style, colour, label in series:
         if name in t and t[name].notna().any():
             v = t[name].where(t[name] > 0) if log else t[name]
             plot(x, v, style, color=colour, ms=3, lw=1.2 if name == col else 1.0, label=label)
@@ -40,8 +44,10 @@ def diagnosis_figure(table: pd.DataFrame, thresholds: dict[str, float], path: st
     fig, axes = new_figure(5, width=3.3, height=3.6)
 
     ax = axes[0]
-    _lines(ax, x, t, "q_rel", log=True)
-    ax.set(xlabel="layer (−1 = embedding)", ylabel="E[x²] / E[x²] at the embedding",
+    robust = "q_rel_median" in t and t["q_rel_median"].notna().any()
+    _lines(ax, x, t, "q_rel_median" if robust else "q_rel", log=True, theory="theory_q_rel",
+           raw=("q_rel", "trained, mean over tokens") if robust else None)
+    ax.set(xlabel="layer (−1 = embedding)", ylabel="median token's ‖x‖² / the embedding's",
            title="stream second moment")
     _below(ax)
 
@@ -53,10 +59,12 @@ def diagnosis_figure(table: pd.DataFrame, thresholds: dict[str, float], path: st
     _below(ax)
 
     ax = axes[2]
-    _lines(ax, x, t, "effective_rank")
+    robust = "effective_rank_normalized" in t and t["effective_rank_normalized"].notna().any()
+    _lines(ax, x, t, "effective_rank_normalized" if robust else "effective_rank",
+           raw=("effective_rank", "trained, raw tokens") if robust else None)
     if max_rank:
         ax.axhline(max_rank, color="k", lw=0.8, ls=":", label=f"largest possible ({max_rank})")
-    ax.set(xlabel="layer", ylabel="effective rank", title="effective rank of a sequence")
+    ax.set(xlabel="layer", ylabel="effective rank (unit-norm tokens)", title="effective rank of a sequence")
     ax.set_ylim(bottom=0)
     _below(ax)
 
@@ -79,8 +87,11 @@ def diagnosis_figure(table: pd.DataFrame, thresholds: dict[str, float], path: st
     _below(ax)
 
     ax = axes[4]
-    _lines(ax, x, t, "grad_rel", log=True)
-    ax.set(xlabel="layer", ylabel="g_l / g_L", title="gradient profile")
+    robust = "grad_scale_free" in t and t["grad_scale_free"].notna().any()
+    _lines(ax, x, t, "grad_scale_free" if robust else "grad_rel", log=True, theory="theory_grad_rel",
+           raw=("grad_rel", "trained, g_l/g_L") if robust else None)
+    ax.set(xlabel="layer", ylabel="‖∂L/∂x_l‖·‖x_l‖, over the last block's" if robust else "g_l / g_L",
+           title="gradient profile (scale-free)" if robust else "gradient profile")
     _below(ax)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -92,11 +103,12 @@ def diagnosis_blocks(meta: dict, verdict: str, findings: pd.DataFrame, table: pd
     """The report's diagnosis section."""
     th = pd.DataFrame([{"threshold": k, "value": v["value"], "meaning": v["meaning"]}
                        for k, v in meta["thresholds"].items()])
-    cols = ["layer", "point", "second_moment", "growth", "q_rel", "token_cosine", "effective_rank",
-            "dong_residual", "angle_deg", "branch_rel", "branch_rel_median", "skip_out_change",
-            "skip_loss_delta", "grad_rel", "init_q_rel", "init_token_cosine", "init_effective_rank",
-            "init_branch_rel_median", "init_grad_rel", "theory_q_rel", "theory_token_cosine",
-            "theory_grad_rel"]
+    cols = ["layer", "point", "second_moment", "growth", "q_rel", "q_rel_median", "first_token_second_moment",
+            "massive_ratio", "peak_token", "peak_coordinate", "token_cosine", "effective_rank",
+            "effective_rank_normalized", "dong_residual", "angle_deg", "branch_rel", "branch_rel_median",
+            "skip_out_change", "skip_loss_delta", "grad_rel", "grad_scale_free", "init_q_rel",
+            "init_token_cosine", "init_effective_rank_normalized", "init_branch_rel_median", "init_grad_rel",
+            "theory_q_rel", "theory_token_cosine", "theory_grad_rel"]
     glossary = pd.DataFrame([{"column": k, "meaning": v} for k, v in meta.get("glossary", {}).items()])
     blocks: list[Block] = [
         ("h1", "Diagnosis"),
@@ -122,4 +134,57 @@ def diagnosis_blocks(meta: dict, verdict: str, findings: pd.DataFrame, table: pd
     blocks += [("h2", "Thresholds"), ("table", th)]
     if notes:
         blocks += [("h2", "Notes"), ("md", "\n".join(f"- {n}" for n in notes))]
+    return blocks
+
+
+ATLAS_PANELS = (  # column, y label, log scale, has an init twin
+    ("q_rel_median", "median token's ‖x‖² / the embedding's", True, True),
+    ("branch_rel_median", "relative contribution (median token)", True, True),
+    ("angle_deg", "turn of the stream per block (degrees)", False, True),
+    ("effective_rank_normalized", "effective rank (unit-norm tokens)", False, True),
+    ("grad_scale_free", "‖∂L/∂x_l‖·‖x_l‖ over the last block's", True, True),
+    ("skip_loss_delta", "loss change when the block is skipped (nats)", False, False),
+)
+
+
+def atlas_figure(layers: pd.DataFrame, path: str | Path, fmt: str = "png") -> Path:
+    """Six panels against relative depth, one colour per checkpoint; dashed: the same re-initialized."""
+    from figures.style import PALETTE
+    fig, axes = new_figure(len(ATLAS_PANELS), width=3.3, height=3.6)
+    names = list(dict.fromkeys(layers["checkpoint"]))
+    for ax, (col, label, log, twin) in zip(axes, ATLAS_PANELS):
+        for k, name in enumerate(names):
+            t = layers[(layers["checkpoint"] == name) & (layers["point"] != "final")]
+            colour = PALETTE[k % len(PALETTE)]
+            if col in t and t[col].notna().any():
+                v = t[col].where(t[col] > 0) if log else t[col]
+                ax.plot(t["relative_depth"], v, "o-", ms=2, lw=1.2, color=colour, label=name)
+            if twin and f"init_{col}" in t and t[f"init_{col}"].notna().any():
+                v = t[f"init_{col}"].where(t[f"init_{col}"] > 0) if log else t[f"init_{col}"]
+                ax.plot(t["relative_depth"], v, "--", lw=0.8, color=colour)
+        if log:
+            ax.set_yscale("log")
+        if col == "skip_loss_delta":
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set(xlabel="relative depth (l + 1) / L", ylabel=label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+    handles.append(Line2D([], [], color="k", ls="--", lw=0.8))
+    labels.append("dashed: re-initialized")
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, -0.08))
+    return save(fig, path, fmt)
+
+
+def atlas_blocks(checkpoints: pd.DataFrame, claims: pd.DataFrame, figure: str | None,
+                 summary: pd.DataFrame) -> list[Block]:
+    """The atlas report: checkpoints, figure, claims, per-checkpoint summary."""
+    blocks: list[Block] = [
+        ("h1", "Atlas"),
+        ("table", checkpoints[["checkpoint", "model", "placement", "depth", "verdict", "seconds"]]),
+    ]
+    if figure:
+        blocks.append(("img", figure))
+    blocks += [("h2", "Claims on the trained checkpoints"), ("table", claims),
+               ("h2", "Per checkpoint"), ("table", summary)]
     return blocks

@@ -66,6 +66,25 @@ def max_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(as_sequences(x), ord=math.inf)
 
 
+def median_token_second_moment(x: torch.Tensor) -> torch.Tensor:
+    """The median over tokens of ‖x_t‖²/d: the stream's size that one massive token cannot move."""
+    x = as_sequences(x)
+    return x.square().mean(-1).flatten().median()
+
+
+def first_token_second_moment(x: torch.Tensor) -> torch.Tensor:
+    """‖x_0‖²/d of each sequence's first token, averaged: the attention-sink position, kept apart."""
+    return as_sequences(x)[:, 0].square().mean()
+
+
+def massive_ratio(x: torch.Tensor) -> torch.Tensor:
+    """max |x_ti| over the median token's RMS: ~1 to 10 for Gaussian streams, ≥ 100 for the massive
+    activations of trained LLMs (Sun et al. 2024, arXiv 2402.17762)."""
+    x = as_sequences(x)
+    rms = x.square().mean(-1).flatten().median().sqrt()
+    return torch.linalg.vector_norm(x, ord=math.inf) / rms.clamp_min(_TINY)
+
+
 def token_cosine(x: torch.Tensor) -> torch.Tensor:
     """ρ: mean cosine between distinct tokens i ≠ j of a sequence, averaged over sequences.
 
@@ -139,6 +158,14 @@ def _finite_mean(v: torch.Tensor) -> torch.Tensor:
     """Mean of the finite entries (NaN if none): one damaged sequence must not hide the others."""
     ok = torch.isfinite(v)
     return torch.where(ok, v, torch.zeros_like(v)).sum() / ok.sum()
+
+
+def effective_rank_normalized(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
+    """``effective_rank`` of the tokens scaled to unit norm: each token one direction of equal weight,
+    so one massive token counts as one token, not as the whole spectrum."""
+    x = token_sample(x, max_seqs, max_tokens)
+    u = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(_TINY)
+    return effective_rank(u, max_seqs, max_tokens)
 
 
 def stable_rank(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
@@ -238,6 +265,15 @@ def summarize(x: torch.Tensor, names: tuple[str, ...], x_in: torch.Tensor | None
             total = sq.sum(-1)
             centred = (total - T * sums[:, 1].square().sum(-1)).clamp_min(0)
             out["dong_residual"] = (centred.sqrt() / total.sqrt().clamp_min(_TINY)).mean()
+    if want & {"median_token_second_moment", "massive_ratio"}:
+        med = (sq / d).flatten().median()
+        out["median_token_second_moment"] = med
+        if "massive_ratio" in want:
+            out["massive_ratio"] = torch.linalg.vector_norm(x, ord=math.inf) / med.sqrt().clamp_min(_TINY)
+    if "first_token_second_moment" in want:
+        out["first_token_second_moment"] = sq[:, 0].mean() / d
+    if "effective_rank_normalized" in want:
+        out["effective_rank_normalized"] = effective_rank_normalized(x, max_seqs, max_tokens)
     if want & {"effective_rank", "stable_rank"}:
         sv = singular_values(token_sample(x, max_seqs, max_tokens))
         p = sv / sv.sum(-1, keepdim=True).clamp_min(_TINY)
@@ -271,7 +307,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("max_abs", "forward", max_abs),
     Metric("token_cosine", "forward", token_cosine),
     Metric("dong_residual", "forward", dong_residual),
+    Metric("median_token_second_moment", "forward", median_token_second_moment),
+    Metric("first_token_second_moment", "forward", first_token_second_moment),
+    Metric("massive_ratio", "forward", massive_ratio),
     Metric("effective_rank", "forward", effective_rank, sampled=True),
+    Metric("effective_rank_normalized", "forward", effective_rank_normalized, sampled=True),
     Metric("stable_rank", "forward", stable_rank, sampled=True),
     Metric("layer_cosine", "pair", layer_cosine),
     Metric("angular_distance", "pair", angular_distance),

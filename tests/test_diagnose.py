@@ -393,3 +393,68 @@ def test_calibration_tables_over_several_checkpoints(tmp_path, text, capsys):
     assert summary.loc["pre", "blocks"] == 2 and summary.loc["post", "below_contribution_threshold"] == 0
     assert calibration.main([str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_massive_activations_are_a_finding_and_robust_statistics_ignore_them(tmp_path, text):
+    mc = ModelConfig(scheme="pre", depth=3, width=32, heads=4, max_seq_len=64)
+    model = build_model(mc)
+    with torch.no_grad():
+        model.pos_embed.weight[0, 5] = 500.0  # the first position carries one huge coordinate
+    d = diagnose(str(_save_testbed(tmp_path / "sink", mc, model)), text=str(text), **FAST)
+    found = d.findings.set_index("id")
+    assert "massive_activations" in found.index, found
+    msg = found.loc["massive_activations", "message"]
+    assert "token 0, coordinate 5" in msg and "from block 0" in msg
+    t = d.table.set_index("layer")
+    assert t.loc[0, "massive_ratio"] > 100 and t.loc[0, "first_token_second_moment"] > 100 * t.loc[0, "median_token_second_moment"]
+    assert t.loc[2, "q_rel_median"] < 10 < t.loc[2, "second_moment"] / t.loc[2, "median_token_second_moment"]
+    assert t.loc[2, "effective_rank_normalized"] > 2 * t.loc[2, "effective_rank"]  # raw: one token's spectrum
+    assert "stream_explodes" not in found.index
+
+
+def test_atlas_draws_several_checkpoints_and_checks_claims(tmp_path, text, capsys):
+    paths = []
+    for scheme in ("pre", "post"):
+        mc = ModelConfig(scheme=scheme, depth=6, width=32, heads=4, max_seq_len=64)
+        paths.append(str(_save_testbed(tmp_path / scheme, mc)))
+    out = tmp_path / "atlas"
+    assert main(["atlas", *paths, "--text", str(text), "--sequences", "8", "--seq-len", "32",
+                 "--grad-sequences", "4", "--skip-sequences", "2", "--init-sequences", "4",
+                 "--out", str(out)]) == 0
+    layers = pd.read_csv(out / "atlas_layers.csv")
+    assert set(layers["checkpoint"]) == {"pre", "post"} and layers["relative_depth"].max() < 1.2
+    claims = pd.read_csv(out / "claims.csv").set_index("claim")
+    assert claims.loc["deep_blocks_contribute_less:pre", "status"] in ("holds", "fails")
+    assert claims.loc["post_contributions_flat:post", "status"] in ("holds", "fails")
+    assert claims.loc["deep_blocks_cheap_to_skip:pre", "evidence"].startswith("median loss change")
+    assert "deep_blocks_contribute_less:post" not in claims.index  # placement decides what applies
+    assert (out / "figures" / "atlas.png").stat().st_size > 1000 and "# Atlas" in (out / "report.md").read_text()
+    assert "claims:" in capsys.readouterr().out
+    err = _err(capsys, ["atlas", paths[0], paths[0], "--out", str(tmp_path / "o"), "--text", str(text)])
+    assert "share the name" in err
+
+
+def test_exploding_stream_is_measured_from_block_0_and_gradients_need_the_scale_free_ratio(tmp_path, text):
+    mc = ModelConfig(scheme="pre", depth=4, width=32, heads=4, max_seq_len=64)
+    model = build_model(mc)
+    with torch.no_grad():
+        for block in model.blocks[1:]:  # later blocks write 300× larger branches: the stream explodes
+            block.attns[0].o.weight.mul_(300.0)
+            block.ffns[0].down.weight.mul_(300.0)
+    d = diagnose(str(_save_testbed(tmp_path / "boom", mc, model)), text=str(text), **FAST)
+    found = d.findings.set_index("id")
+    assert "stream_explodes" in found.index and "from block 0's output" in found.loc["stream_explodes", "message"]
+
+    from types import SimpleNamespace
+    from analysis.diagnose.diagnosis import findings
+    layout = SimpleNamespace(blocks=("b0", "b1"), placement="pre", describe=lambda: "2 blocks")
+    loaded = SimpleNamespace(scheme=None, theory_shape={})
+    base = dict(second_moment=[1.0, 1e2, 1e4, 1e4], q_rel=[1, 1e2, 1e4, 1e4], q_rel_median=[1, 1e2, 1e4, 1e4],
+                token_cosine=[0.1] * 4, effective_rank=[10.0] * 4, effective_rank_normalized=[10.0] * 4,
+                dong_residual=[0.9] * 4, angle_deg=[float("nan"), 30, 30, float("nan")],
+                layer=[-1, 0, 1, 2], point=["embed", "b0", "b1", "final"])
+    for g, free, expect in [([1e5, 1e3, 1.0, 1.0], [0.5, 0.6, 1.0, 1.0], "gradient_scale"),
+                            ([1e5, 1e3, 1.0, 1.0], [1e4, 1e2, 1.0, 1.0], "gradients_explode")]:
+        t = pd.DataFrame(dict(base, grad_second_moment=g, grad_rel=g, grad_scale_free=free))
+        ids = {f["id"] for f in findings(t, [], [1.0], layout, loaded, None)}
+        assert expect in ids and ({"gradient_scale", "gradients_explode"} - {expect}).isdisjoint(ids), ids

@@ -170,3 +170,16 @@ def test_singular_values_match_svd_and_skip_non_finite_sequences(T, d):
     # one damaged sequence leaves the others' effective rank defined: the mean of the finite ones
     er = [float(M.effective_rank(x[i:i + 1])) for i in (0, 2)]
     assert float(M.effective_rank(x)) == pytest.approx(sum(er) / 2, rel=1e-5)
+
+
+def test_one_massive_token_does_not_decide_the_robust_statistics():
+    x = torch.randn(4, 64, 128, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[:, 0, 7] = 3e4  # a massive activation on the first token (attention sink), as in trained LLMs
+    assert float(M.second_moment(y)) > 50 * float(M.second_moment(x))  # the raw mean is decided by it
+    assert float(M.median_token_second_moment(y)) == pytest.approx(float(M.median_token_second_moment(x)), rel=0.02)
+    assert float(M.first_token_second_moment(y)) > 1e6
+    assert float(M.massive_ratio(y)) > 1e4 and float(M.massive_ratio(x)) < 10
+    assert float(M.effective_rank(y)) < 2 < 40 < float(M.effective_rank(x))  # one token's spectrum
+    assert float(M.effective_rank_normalized(y)) == pytest.approx(float(M.effective_rank_normalized(x)), rel=0.05)
+    assert abs(float(M.token_cosine(y)) - float(M.token_cosine(x))) < 0.01  # unit vectors: robust already

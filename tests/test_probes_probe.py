@@ -58,6 +58,15 @@ def _direct(x, metric, x_in=None):
         return ((g.sum((1, 2)) - np.trace(g, axis1=1, axis2=2)) / (T * (T - 1))).mean()
     if metric == "dong_residual":
         return np.mean([np.linalg.norm(s - s.mean(0)) / np.linalg.norm(s) for s in a])
+    if metric in ("median_token_second_moment", "massive_ratio"):
+        per_token = np.sort((a ** 2).mean(-1).ravel())
+        med = per_token[(len(per_token) - 1) // 2]  # torch.median: the lower middle value
+        return med if metric == "median_token_second_moment" else np.abs(a).max() / math.sqrt(med)
+    if metric == "first_token_second_moment":
+        return (a[:, 0] ** 2).mean()
+    if metric == "effective_rank_normalized":
+        a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+        return _direct(torch.from_numpy(a), "effective_rank")
     if metric == "first_token":
         power = (a ** 2).sum(-1).mean(0)
         return power[0] / power.mean()
@@ -78,7 +87,9 @@ def _direct(x, metric, x_in=None):
 
 def _scale(metric, sm, gsm):
     return {"mean": math.sqrt(sm), "max_abs": math.sqrt(sm), "second_moment": sm, "variance": sm,
-            "grad_second_moment": gsm}.get(metric, 1.0)
+            "median_token_second_moment": sm, "first_token_second_moment": sm,
+            "grad_second_moment": gsm, "grad_median_token_second_moment": gsm,
+            "grad_first_token_second_moment": gsm}.get(metric, 1.0)
 
 
 @pytest.mark.parametrize("scheme,dtype,rtol", [("post", "float64", 1e-5), ("pre", "float64", 1e-5),

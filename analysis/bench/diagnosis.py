@@ -1,8 +1,9 @@
 """Speed of ``diagnose`` on two checkpoint shapes, against the floor of the same tokens.
 
 Shapes (built from configs, random init, no download; saved as Hugging Face folders with
-safetensors in a temporary folder): a 6-layer width-384 BERT encoder (the all-MiniLM-L6-v2 shape)
-and the 124M GPT-2-small shape, each over at most 64 × 256 tokens with the command's defaults
+safetensors in a temporary folder): a 6-layer width-384 BERT encoder (the all-MiniLM-L6-v2 shape),
+the 124M GPT-2-small shape and the SmolLM2-135M shape (a released GGUF adds its dequantization,
+timed apart in the diagnosis notes), each over at most 64 × 256 tokens with the command's defaults
 (16 backward, skip test on 4, re-initialized twin on 8, sampling stops at 5 % standard error).
 The figure is the whole ``diagnose`` call: loading, text, probes, skip test, re-initialized
 twin, theory, findings (not the figure and report). The floor is a plain forward of all 64
@@ -21,6 +22,7 @@ import torch
 SHAPES = {
     "bert-6x384": ("all-MiniLM-L6-v2 shape: BERT encoder, 6 blocks, width 384", 15.0),
     "gpt2-small": ("GPT-2-small shape: 12 blocks, width 768, 124M parameters", 30.0),
+    "smollm2-135m": ("SmolLM2-135M shape: LLaMA, 30 blocks, width 576", 30.0),
 }
 
 
@@ -29,6 +31,10 @@ def _model(name: str, transformers):
     if name == "bert-6x384":
         return transformers.BertModel(transformers.BertConfig(
             hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536))
+    if name == "smollm2-135m":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+            intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True))
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12,
                                                                 n_positions=1024))
 

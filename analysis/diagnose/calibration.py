@@ -17,41 +17,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.diagnose.diagnosis import THRESHOLDS, diagnose
+from analysis.diagnose.atlas import collect
+from analysis.diagnose.diagnosis import THRESHOLDS
 
 BLOCK_COLUMNS = ("branch_rel", "branch_rel_median", "branch_rel_median_se", "angle_deg", "skip_out_change",
                  "skip_out_change_se", "skip_loss_delta", "skip_loss_delta_se", "init_branch_rel_median",
                  "init_angle_deg")
 
 
-def checkpoint_name(path: str) -> str:
-    """A readable name: the folder's, or its parent's where the folder is generic ('model')."""
-    p = Path(path)
-    p = p.parent if p.name in ("model", "checkpoint.pt", "model.safetensors") else p
-    return p.name
-
-
 def calibrate(paths: list[str], *, text: str | None, sequences: int, seq_len: int,
               skip_sequences: int, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(blocks, checkpoints) tables over ``paths``, each diagnosed with the same settings."""
-    blocks, checkpoints = [], []
-    for i, path in enumerate(paths, 1):
-        log(f"[{i}/{len(paths)}] {path}")
-        d = diagnose(path, text=text, sequences=sequences, seq_len=seq_len, grad_sequences=0,
-                     skip_sequences=skip_sequences, init_sequences=min(sequences, 16), tolerance=0.0)
-        L = d.meta["blocks"]
-        t = d.table[(d.table.layer >= 0) & (d.table.layer < L)]
-        rows = t[["layer", *[c for c in BLOCK_COLUMNS if c in t]]].copy()
-        rows.insert(0, "checkpoint", checkpoint_name(path))
-        rows.insert(1, "placement", d.meta["placement"])
-        rows.insert(2, "depth", L)
-        rows.insert(3, "verdict", d.verdict.split(":")[0])
-        rows["relative_depth"] = (rows["layer"] + 1) / L
-        blocks.append(rows)
-        checkpoints.append(dict(checkpoint=checkpoint_name(path), model=d.meta["model"], placement=d.meta["placement"],
-                                depth=L, verdict=d.verdict, findings=";".join(d.findings["id"]),
-                                loss=d.meta["loss_value"], seconds=d.meta["seconds_total"]))
-    return pd.concat(blocks, ignore_index=True), pd.DataFrame(checkpoints)
+    layers, checkpoints = collect(paths, log=log, text=text, sequences=sequences, seq_len=seq_len,
+                                  grad_sequences=0, skip_sequences=skip_sequences,
+                                  init_sequences=min(sequences, 16), tolerance=0.0)
+    blocks = layers[(layers.layer >= 0) & (layers.layer < layers.depth)]
+    keep = ["checkpoint", "placement", "depth", "verdict", "layer", *[c for c in BLOCK_COLUMNS if c in blocks],
+            "relative_depth"]
+    return blocks[keep].reset_index(drop=True), checkpoints
 
 
 def summary(blocks: pd.DataFrame) -> pd.DataFrame:

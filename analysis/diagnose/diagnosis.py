@@ -26,7 +26,6 @@ assumptions (Gaussian weights at init, a known placement) hold, never with the t
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from analysis.device import resolve_device
 from analysis.diagnose.contribution import ContributionMeter, branch_outputs, skip_test
 from analysis.diagnose.loading import Loaded, load
+from analysis.diagnose.outliers import PeakMeter
 from probes import Probe, confirm_placement, locate
 
 # Every threshold a finding uses, with what it means (also written to diagnosis.json). The
@@ -54,14 +54,18 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "redundant_skip": (0.01, "relative change of the head input when the block is skipped below "
                              "which removing the block changes the model's output little (Gromov "
                              "et al. 2024)"),
-    "stream_growth": (1e4, "growth of the stream's second moment from the embedding to the last block "
-                           "above which activations are treated as exploding"),
+    "stream_growth": (1e4, "growth of the median token's second moment from block 0's output to the "
+                           "last block's above which activations are treated as exploding"),
+    "massive_ratio": (100.0, "largest |activation| over the median token's RMS at or above which a block "
+                             "output carries massive activations (Sun et al. 2024: ~10³ in trained LLMs)"),
     "grad_vanish": (1e-3, "g_0/g_L (gradient second moment at the embedding over the last block) "
-                          "below which gradients vanish on the way back"),
-    "grad_explode": (1e3, "g_0/g_L above which gradients explode on the way back"),
+                          "below which gradients vanish on the way back, if the scale-free ratio agrees"),
+    "grad_explode": (1e3, "g_0/g_L above which gradients explode on the way back, if the scale-free "
+                          "ratio (gradient RMS × stream RMS) agrees"),
 }
 SPREAD_METRICS = ("second_moment", "token_cosine", "effective_rank")
-METRICS = ("second_moment", "variance", "max_abs", "token_cosine", "dong_residual", "effective_rank",
+METRICS = ("second_moment", "median_token_second_moment", "first_token_second_moment", "variance", "max_abs",
+           "massive_ratio", "token_cosine", "dong_residual", "effective_rank", "effective_rank_normalized",
            "layer_cosine", "angular_distance", "grad_second_moment", "grad_token_cosine")
 # What every column of the per-layer table means (report glossary, diagnosis.json).
 GLOSSARY: dict[str, str] = {
@@ -73,6 +77,17 @@ GLOSSARY: dict[str, str] = {
     "second_moment": "E[x²] of the stream over tokens and coordinates",
     "growth": "second_moment over the previous row's: how much this block scales the stream",
     "q_rel": "second_moment over the embedding's",
+    "median_token_second_moment": "the median token's ‖x_t‖²/d: the stream's size robust to a few massive tokens",
+    "q_rel_median": "median_token_second_moment over the embedding's (the robust stream growth)",
+    "first_token_second_moment": "the first token's ‖x_0‖²/d (the attention-sink position), kept apart",
+    "massive_ratio": "largest |x_ti| over the median token's RMS (≥ 100: massive activations)",
+    "peak_abs": "largest |x_ti| at the block's output over the sequences",
+    "peak_ratio": "the same over the median token's RMS (largest over batches)",
+    "peak_token": "token position of the largest activation (commonest over batches)",
+    "peak_coordinate": "its coordinate (commonest over batches)",
+    "peak_share": "share of batches whose largest activation sits at that (token, coordinate)",
+    "effective_rank_normalized": "effective rank of the tokens scaled to unit norm: one massive "
+                                 "token counts as one direction, not as the whole spectrum",
     "token_cosine": "mean cosine between distinct tokens of a sequence (1: all tokens one vector)",
     "dong_residual": "‖X − mean token‖/‖X‖ per sequence (Dong et al. 2021); 0 at rank collapse",
     "effective_rank": "exp(entropy of the normalised singular values) of a sequence's [T, d] "
@@ -84,6 +99,8 @@ GLOSSARY: dict[str, str] = {
     "skip_out_change": "‖h' − h‖/‖h‖ of the head input h when this block is replaced by the identity",
     "skip_loss_delta": "loss change in nats when this block is skipped (NaN with the surrogate loss)",
     "grad_rel": "gradient second moment over the last block's (g_l/g_L)",
+    "grad_scale_free": "‖∂L/∂x_l‖·‖x_l‖ (gradient RMS × median token's RMS) over the last block's: "
+                       "the gradient profile with the stream's scale taken out",
     "grad_second_moment": "E[(∂loss/∂x)²] at this point (scales with the loss's reduction: compare ratios)",
     "grad_token_cosine": "token cosine of the gradient ∂loss/∂x",
     "max_abs": "largest |x| at this point",
@@ -300,7 +317,7 @@ def measure(loaded: Loaded, model, layout, branches: list[list[str]], windows: t
     used = 0
     try:
         with Probe(model, metrics=metrics, layout=layout) as probe, \
-                ContributionMeter(model, layout, branches) as meter:
+                ContributionMeter(model, layout, branches) as meter, PeakMeter(model, layout) as peaks:
             for s in range(0, len(windows), batch):
                 w = windows[s:s + batch].to(device)
                 if s < grad_n:
@@ -314,7 +331,10 @@ def measure(loaded: Loaded, model, layout, branches: list[list[str]], windows: t
                 used = s + len(w)
                 if tolerance > 0 and used >= grad_n and used < len(windows) and converged(probe.frame(), tolerance):
                     break
-        return probe.frame(), meter.frame(), losses, used
+        per_block = meter.frame()
+        if len(peaks.frame()):
+            per_block = per_block.merge(peaks.frame(), on="layer", how="left")
+        return probe.frame(), per_block, losses, used
     finally:
         handle.remove()
 
@@ -349,9 +369,13 @@ def layer_table(frame: pd.DataFrame, layout, contrib: pd.DataFrame | None = None
     t.loc[t.point == "final", "growth"] = math.nan
     q0 = q[0] if q[0] else math.nan
     t["q_rel"] = q / q0
+    qm = t["median_token_second_moment"].to_numpy()
+    t["q_rel_median"] = qm / (qm[0] if qm[0] else math.nan)
     g = t["grad_second_moment"].to_numpy()
     g_last = g[L] if L >= 1 and g[L] else math.nan  # the last block's output (theory's l = L)
     t["grad_rel"] = g / g_last
+    scale_free = np.sqrt(g * qm)
+    t["grad_scale_free"] = scale_free / (scale_free[L] if L >= 1 and scale_free[L] else math.nan)
     t = t.drop(columns=["angular_distance", "layer_cosine"])
     for extra in (contrib, skip):
         if extra is not None and len(extra):
@@ -359,8 +383,9 @@ def layer_table(frame: pd.DataFrame, layout, contrib: pd.DataFrame | None = None
     return t
 
 
-INIT_COLUMNS = ("q_rel", "token_cosine", "token_cosine_se", "effective_rank", "angle_deg", "grad_rel",
-                "branch_rel_median", "grad_token_cosine", "second_moment")
+INIT_COLUMNS = ("q_rel", "q_rel_median", "token_cosine", "token_cosine_se", "effective_rank",
+                "effective_rank_normalized", "angle_deg", "grad_rel", "grad_scale_free", "branch_rel_median",
+                "grad_token_cosine", "second_moment")
 
 
 def weight_scale(model: torch.nn.Module, block_paths: tuple[str, ...]) -> float:
@@ -384,7 +409,7 @@ def weight_scale(model: torch.nn.Module, block_paths: tuple[str, ...]) -> float:
 def add_theory(t: pd.DataFrame, loaded: Loaded, layout, init_model, seq_len: int,
                notes: list[str]) -> str | None:
     """theory_* columns: the init theory for the re-initialized model, fed its measured embedding."""
-    scheme = loaded.scheme or (layout.placement if layout.placement in ("pre", "post") else None)
+    scheme = loaded.scheme or (layout.placement if layout.placement in ("pre", "post", "peri") else None)
     for c in ("theory_q_rel", "theory_token_cosine", "theory_angle_deg", "theory_grad_rel"):
         t[c] = math.nan
     if init_model is None:
@@ -471,7 +496,6 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
             f"{total} weight value(s) are NaN or inf, in {len(bad_weights)} tensor(s) (first: "
             f"{bad_weights[0][0]}): the checkpoint is damaged and its outputs are meaningless",
             value=float(total), threshold=0.0)
-    q = t["second_moment"].to_numpy()
     bad = [int(r.layer) for r in t.itertuples() if not np.isfinite(r.second_moment)]
     if bad:
         where = "the embedding" if bad[0] < 0 else f"block {bad[0]}"
@@ -485,7 +509,8 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
     last = blocks.iloc[-1] if len(blocks) else None
     if last is not None and np.isfinite(last.token_cosine):
         rho = float(last.token_cosine)
-        er = f"; effective rank {last.effective_rank:.1f}" if np.isfinite(last.effective_rank) else ""
+        er = (f"; effective rank of unit-norm tokens {last.effective_rank_normalized:.1f}"
+              if np.isfinite(last.effective_rank_normalized) else "")
         at_init = (f"; the re-initialized model gives {last.init_token_cosine:.3f}"
                    if has_init and np.isfinite(last.init_token_cosine) else "")
         if rho >= thr_c:
@@ -517,31 +542,55 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
             layers=",".join(map(str, red)),
             value=float(np.nanmin(worst.get("branch_rel_median", pd.Series([math.nan])))), threshold=thr_b)
     thr_g = THRESHOLDS["stream_growth"][0]
-    if len(blocks) and np.isfinite(q[0]) and q[0] > 0 and np.isfinite(last.second_moment):
-        growth = float(last.second_moment / q[0])
-        if growth > thr_g:
-            big = int(blocks.loc[blocks.growth.idxmax(), "layer"]) if blocks.growth.notna().any() else L - 1
-            add("stream_explodes", "warning",
-                f"the stream's second moment grows ×{growth:.3g} from the embedding to the last block "
-                f"(> ×{thr_g:g}); the largest single step is at block {big}"
-                + (f"; ×{last.init_q_rel:.3g} in the re-initialized model" if has_init else ""),
-                layers=str(big), value=growth, threshold=thr_g)
+    # robust (the median token) and scale-free (from block 0's output: an embedding's own scale is
+    # arbitrary, e.g. LLaMA-family embeddings sit ~100× below the stream block 0 writes)
+    growth = float(last.q_rel_median / blocks["q_rel_median"].iloc[0]) if last is not None else math.nan
+    if np.isfinite(growth) and growth > thr_g:
+        steps = blocks["q_rel_median"].to_numpy()[1:] / blocks["q_rel_median"].to_numpy()[:-1]
+        big = int(blocks["layer"].iloc[1 + int(np.nanargmax(steps))]) if np.isfinite(steps).any() else L - 1
+        init = blocks["init_q_rel_median"] if has_init else None
+        add("stream_explodes", "warning",
+            f"the median token's second moment grows ×{growth:.3g} from block 0's output to the last "
+            f"block's (> ×{thr_g:g}; from the embedding ×{last.q_rel_median:.3g}, the mean over tokens "
+            f"×{last.q_rel:.3g}); the largest single step is at block {big}"
+            + (f"; ×{init.iloc[-1] / init.iloc[0]:.3g} in the re-initialized model" if has_init else ""),
+            layers=str(big), value=growth, threshold=thr_g)
     g0, gL = t.iloc[0].grad_second_moment, t.iloc[L].grad_second_moment if L else math.nan
     if np.isfinite(g0) and np.isfinite(gL) and gL > 0:
-        ratio = float(g0 / gL)
+        ratio, free = float(g0 / gL), float(t.iloc[0].grad_scale_free)
         lo, hi = THRESHOLDS["grad_vanish"][0], THRESHOLDS["grad_explode"][0]
         init = (f"; {t.iloc[0].init_grad_rel:.3g} in the re-initialized model"
                 if has_init and np.isfinite(t.iloc[0].init_grad_rel) else "")
-        if ratio < lo:
+        scale = f"scale-free (gradient RMS × stream RMS) {_fmt(free)}"
+        # a raw ratio alone can be the stream's scale (a growing stream has small gradients): the
+        # scale-free ratio must agree before it reads as a training failure
+        if ratio < lo and not free >= lo:
             add("gradients_vanish", "warning",
-                f"g_0/g_L = {ratio:.3g} (< {lo:g}){init}: gradients shrink on the way back to the "
-                "embedding; early blocks learn slowly" if ratio > 0 else
+                f"g_0/g_L = {ratio:.3g} (< {lo:g}), {scale}{init}: gradients shrink on the way back to "
+                "the embedding; early blocks learn slowly" if ratio > 0 else
                 f"g_0/g_L = 0 (< {lo:g}): no gradient reaches the embedding at all — some block "
                 "cuts the backward path", value=ratio, threshold=lo)
-        elif ratio > hi:
+        elif ratio > hi and not free <= hi:
             add("gradients_explode", "warning",
-                f"g_0/g_L = {ratio:.3g} (> {hi:g}){init}: gradients grow on the way back to the embedding",
-                value=ratio, threshold=hi)
+                f"g_0/g_L = {ratio:.3g} (> {hi:g}), {scale}{init}: gradients grow on the way back to "
+                "the embedding", value=ratio, threshold=hi)
+        elif not lo <= ratio <= hi:
+            add("gradient_scale", "info",
+                f"g_0/g_L = {ratio:.3g} is outside [{lo:g}, {hi:g}] but the scale-free ratio is {_fmt(free)}: "
+                "the gradient follows the stream's scale (a larger stream gets smaller gradients), "
+                "not a vanishing or exploding backward pass", value=ratio, threshold=hi if ratio > hi else lo)
+    thr_m = THRESHOLDS["massive_ratio"][0]
+    if "peak_ratio" in blocks and (blocks["peak_ratio"] >= thr_m).any():
+        hit = blocks[blocks["peak_ratio"] >= thr_m]
+        first, top = hit.iloc[0], hit.loc[hit["peak_ratio"].idxmax()]
+        add("massive_activations", "info",
+            f"massive activations from block {int(first.layer)} on ({len(hit)} of {L} blocks): up to "
+            f"|x| = {top.peak_abs:.3g}, ×{top.peak_ratio:.3g} the median token's RMS (≥ ×{thr_m:g}), "
+            f"commonest at token {int(top.peak_token)}, coordinate {int(top.peak_coordinate)} "
+            f"({top.peak_share:.0%} of batches). A known trait of trained LLMs (attention sinks; Sun et "
+            "al. 2024): the stream growth and ranks above are read through the median token and "
+            "unit-norm tokens so that these few values do not decide them",
+            layers=f"{int(first.layer)}-{int(hit.layer.iloc[-1])}", value=float(top.peak_ratio), threshold=thr_m)
     add("placement", "info", f"norm placement: {layout.placement} ({layout.describe()})")
     if has_init and last is not None:
         add("training_changed", "info", "what training changed (trained vs re-initialized, same text): "
@@ -572,9 +621,11 @@ def _thirds(blocks: pd.DataFrame, col: str) -> tuple[float, float]:
 def _changes(t: pd.DataFrame, blocks: pd.DataFrame, L: int) -> str:
     last = blocks.iloc[-1]
     parts = [f"token cosine at the last block {_fmt(last.token_cosine)} vs {_fmt(last.init_token_cosine)}",
-             f"effective rank {_fmt(last.effective_rank)} vs {_fmt(last.init_effective_rank)}",
-             f"stream growth q_L/q_0 ×{_fmt(last.q_rel)} vs ×{_fmt(last.init_q_rel)}",
-             f"g_0/g_L {_fmt(t.iloc[0].grad_rel)} vs {_fmt(t.iloc[0].init_grad_rel)}"]
+             f"effective rank of unit-norm tokens {_fmt(last.effective_rank_normalized)} vs "
+             f"{_fmt(last.init_effective_rank_normalized)}",
+             f"median token's stream growth ×{_fmt(last.q_rel_median)} vs ×{_fmt(last.init_q_rel_median)}",
+             f"g_0/g_L {_fmt(t.iloc[0].grad_rel)} vs {_fmt(t.iloc[0].init_grad_rel)} (scale-free "
+             f"{_fmt(t.iloc[0].grad_scale_free)} vs {_fmt(t.iloc[0].init_grad_scale_free)})"]
     if "branch_rel_median" in blocks and blocks["branch_rel_median"].notna().any():
         a, b = _thirds(blocks, "branch_rel_median")
         ia, ib = _thirds(blocks, "init_branch_rel_median")
@@ -741,12 +792,13 @@ def save(d: Diagnosis, out: Path) -> list[Path]:
     return [js, csv]
 
 
-TABLE_COLUMNS = ["layer", "second_moment", "growth", "token_cosine", "effective_rank", "angle_deg",
-                 "branch_rel_median", "skip_out_change", "skip_loss_delta", "grad_rel",
-                 "init_token_cosine", "init_branch_rel_median"]
+TABLE_COLUMNS = ["layer", "second_moment", "q_rel_median", "token_cosine", "effective_rank_normalized",
+                 "angle_deg", "branch_rel_median", "skip_out_change", "skip_loss_delta", "grad_rel",
+                 "grad_scale_free", "peak_ratio", "init_token_cosine", "init_branch_rel_median"]
 SHORT = {"branch_rel_median": "contrib", "skip_out_change": "skip_out", "skip_loss_delta": "skip_loss",
-         "init_token_cosine": "init_cos", "init_branch_rel_median": "init_contrib",
-         "token_cosine": "tok_cos", "effective_rank": "eff_rank", "second_moment": "E[x²]"}
+         "init_token_cosine": "init_cos", "init_branch_rel_median": "init_contrib", "q_rel_median": "q_med",
+         "token_cosine": "tok_cos", "effective_rank_normalized": "eff_rank_u", "second_moment": "E[x²]",
+         "grad_scale_free": "grad_sf", "peak_ratio": "peak"}
 
 
 def text_report(d: Diagnosis) -> str:
@@ -759,8 +811,10 @@ def text_report(d: Diagnosis) -> str:
              f"{d.meta['grad_sequences']} backward ({d.meta['loss']} loss), skip test on "
              f"{d.meta['skip_sequences']}, re-initialized model on {d.meta['init_sequences']}", "",
              tab.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
-             f"(eff_rank at most {d.meta['max_effective_rank']}; contrib: median token's relative "
-             "contribution; init_*: the re-initialized model; every column: diagnosis.json 'glossary')",
+             f"(q_med: median token's E[x²] over the embedding's; eff_rank_u: effective rank of unit-norm "
+             f"tokens, at most {d.meta['max_effective_rank']}; contrib: median token's relative contribution; "
+             "grad_sf: scale-free gradient; peak: largest |x| over the median token's RMS; init_*: the "
+             "re-initialized model; every column: diagnosis.json 'glossary')",
              "", "findings:"]
     for r in d.findings.itertuples():
         lines.append(f"  [{r.severity}] {r.message}")

@@ -9,11 +9,14 @@ Three kinds of input (nothing is downloaded):
 - a bare state_dict (``.safetensors``, ``.pt``, ``.pth``, ``.bin``) with ``config=`` pointing at a
   JSON file: a sigprop ``ModelConfig`` dict (has ``scheme``) or a Hugging Face config.json (has
   ``model_type``).
+- a ``.gguf`` file (llama.cpp / ollama), read by transformers' GGUF loader and dequantized to
+  float32; its architecture, config and tokenizer come from the file's metadata (extra ``gguf``).
 
 Safety: safetensors files are read with safetensors (no code); torch files only with
 ``torch.load(weights_only=True)``, which refuses any pickle that would import or call something
-outside torch's allow-list; such a file is refused with the global it asked for. Every failure is
-a ``ValueError`` with a one-line reason.
+outside torch's allow-list; such a file is refused with the global it asked for. A GGUF file is
+tensors and typed metadata, no code; its header is checked (magic, sizes, tensor types) before
+transformers reads it. Every failure is a ``ValueError`` with a one-line reason.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class Loaded:
     """A model ready to diagnose, and what is known about it."""
 
     model: nn.Module
-    kind: str  # 'sigprop', 'hf', 'state_dict'
+    kind: str  # 'sigprop', 'hf', 'state_dict', 'gguf'
     description: str
     vocab_size: int
     max_len: int | None
@@ -154,6 +157,9 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None,
                          f"checkpoint.pt (a sigprop run){hint}")
     if p.stat().st_size == 0:
         raise ValueError(f"{p} is empty")
+    from analysis.diagnose.gguf import is_gguf, load_gguf  # imported here: gguf.py builds on this module
+    if p.suffix.lower() == ".gguf" or is_gguf(p):
+        return load_gguf(p, tokenizer)
     if p.suffix == ".safetensors":
         sd, obj = safetensors_load(p), None
     elif p.suffix in TORCH_SUFFIXES or config is None:
@@ -163,7 +169,7 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None,
         sd = _state_dict_of(obj, p)
     else:
         raise ValueError(f"unknown checkpoint file type '{p.suffix}' (known: .safetensors, "
-                         f"{', '.join(TORCH_SUFFIXES)})")
+                         f"{', '.join(TORCH_SUFFIXES)}, .gguf)")
     if config is None:
         raise ValueError(f"{p} is a bare state_dict ({len(sd)} tensors) with no architecture: pass "
                          "--config CONFIG.json (a sigprop ModelConfig dict or a Hugging Face config.json)")
@@ -347,11 +353,14 @@ def _tokenizer(candidates: list[Path | None], explicit: bool, notes: list[str]):
 
 
 def _finish_hf(model: nn.Module, config, cls, loss_kind: str, description: str, nbytes: int,
-               tokenizer_dirs: list[Path | None], explicit_tokenizer: bool, notes: list[str]) -> Loaded:
+               tokenizer_dirs: list[Path | None], explicit_tokenizer: bool, notes: list[str],
+               built_tokenizer: tuple[Any, Path | str] | None = None) -> Loaded:
+    """``built_tokenizer``: (tokenizer, where from) already built (a GGUF file's own); else the first
+    loadable one in ``tokenizer_dirs``."""
     model.eval()  # no dropout: the diagnosis should be deterministic
     encode = decode = None
     tok_name, mask_id = "bytes", getattr(config, "mask_token_id", None)
-    tok, where = _tokenizer(tokenizer_dirs, explicit_tokenizer, notes)
+    tok, where = built_tokenizer or _tokenizer(tokenizer_dirs, explicit_tokenizer, notes)
     if tok is not None:
         encode = lambda s, tok=tok: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         decode = lambda ids, tok=tok: tok.decode(ids)  # noqa: E731
