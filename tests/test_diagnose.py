@@ -175,56 +175,47 @@ class _Evil:
         return builtins.open, (self.marker, "w")
 
 
-def _err(capsys, argv) -> str:
-    """The one error line; progress lines ("[  1.2 s] …") may come before it, nothing else."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[")]
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
-def test_bad_input_is_refused_with_one_line(tmp_path, capsys, text):
+def test_bad_input_is_refused_with_one_line(cli_error, tmp_path, capsys, text):
     out = ["--out", str(tmp_path / "o"), "--text", str(text), "--sequences", "2", "--seq-len", "16"]
-    assert "does not exist" in _err(capsys, ["diagnose", str(tmp_path / "nope.pt"), *out])
+    assert "does not exist" in cli_error(["diagnose", str(tmp_path / "nope.pt"), *out])
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 this is not a zip archive at all" * 10)
-    assert "not a readable torch file" in _err(capsys, ["diagnose", str(tmp_path / "corrupt.pt"), *out])
+    assert "not a readable torch file" in cli_error(["diagnose", str(tmp_path / "corrupt.pt"), *out])
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    assert "not a readable safetensors" in _err(capsys, ["diagnose", str(tmp_path / "corrupt.safetensors"), *out])
+    assert "not a readable safetensors" in cli_error(["diagnose", str(tmp_path / "corrupt.safetensors"), *out])
     # a good checkpoint cut in half
     mc = ModelConfig(scheme="pre", depth=2, width=32, heads=4, max_seq_len=64)
     whole = _save_testbed(tmp_path / "whole", mc) / "checkpoint.pt"
     (tmp_path / "half.pt").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    assert "not a readable torch file" in _err(capsys, ["diagnose", str(tmp_path / "half.pt"), *out])
+    assert "not a readable torch file" in cli_error(["diagnose", str(tmp_path / "half.pt"), *out])
     # a pickle that needs code: refused, and the code never ran
     marker = tmp_path / "pwned"
     torch.save({"model": {"w": torch.zeros(2)}, "x": _Evil(str(marker))}, tmp_path / "evil.pt")
-    err = _err(capsys, ["diagnose", str(tmp_path / "evil.pt"), *out])
+    err = cli_error(["diagnose", str(tmp_path / "evil.pt"), *out])
     assert "refused" in err and "run code" in err and "open" in err
     assert not marker.exists()
     (tmp_path / "empty").mkdir()
-    assert "neither config.json" in _err(capsys, ["diagnose", str(tmp_path / "empty"), *out])
+    assert "neither config.json" in cli_error(["diagnose", str(tmp_path / "empty"), *out])
 
 
-def test_hf_remote_code_and_unknown_family_refused(tmp_path, capsys, text):
+def test_hf_remote_code_and_unknown_family_refused(cli_error, tmp_path, capsys, text):
     out = ["--out", str(tmp_path / "o"), "--text", str(text)]
     folder = _hf_folder("gpt2", tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "evil.EvilModel"}}))
-    assert "custom model code" in _err(capsys, ["diagnose", str(folder), *out])
+    assert "custom model code" in cli_error(["diagnose", str(folder), *out])
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "my_private_arch"}))
-    err = _err(capsys, ["diagnose", str(folder), *out])
+    err = cli_error(["diagnose", str(folder), *out])
     assert "unsupported architecture" in err and "llama" in err
 
 
-def test_hf_folder_with_a_pickle_that_needs_code_is_refused(tmp_path, capsys, text):
+def test_hf_folder_with_a_pickle_that_needs_code_is_refused(cli_error, tmp_path, capsys, text):
     folder = _hf_folder("gpt2", tmp_path)
     from safetensors.torch import load_file
     sd = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "pwned"
     torch.save({**sd, "extra": _Evil(str(marker))}, folder / "pytorch_model.bin")
-    err = _err(capsys, ["diagnose", str(folder), "--out", str(tmp_path / "o"), "--text", str(text)])
+    err = cli_error(["diagnose", str(folder), "--out", str(tmp_path / "o"), "--text", str(text)])
     assert "refused" in err and "weights_only=True" in err
     assert not marker.exists()
     torch.save(sd, folder / "pytorch_model.bin")  # the same weights as a plain .bin: accepted
@@ -232,7 +223,7 @@ def test_hf_folder_with_a_pickle_that_needs_code_is_refused(tmp_path, capsys, te
     assert "torch .bin" in d.meta["model"] and d.meta["blocks"] == 3
 
 
-def test_tokenizer_is_found_beside_the_weights_and_foreign_text_is_flagged(tmp_path, text, capsys):
+def test_tokenizer_is_found_beside_the_weights_and_foreign_text_is_flagged(cli_error, tmp_path, text, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     folder = _hf_folder("gpt2", tmp_path)
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -253,18 +244,18 @@ def test_tokenizer_is_found_beside_the_weights_and_foreign_text_is_flagged(tmp_p
     d = diagnose(str(bare / "weights.safetensors"), config=str(folder / "config.json"), tokenizer=str(bare),
                  **FAST)  # --tokenizer; the default text (Python source) is foreign to a word tokenizer
     assert any("does not keep it" in n and "line breaks" in n and "--text" in n for n in d.notes), d.notes
-    err = _err(capsys, ["diagnose", str(bare / "weights.safetensors"), "--config", str(folder / "config.json"),
+    err = cli_error(["diagnose", str(bare / "weights.safetensors"), "--config", str(folder / "config.json"),
                         "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "holds no tokenizer" in err
 
 
-def test_unlocatable_blocks_say_how_to_point_at_them(tmp_path, capsys, text):
+def test_unlocatable_blocks_say_how_to_point_at_them(cli_error, tmp_path, capsys, text):
     folder = _hf_folder("gpt2", tmp_path)
     out = ["--out", str(tmp_path / "o"), "--text", str(text), "--sequences", "2", "--seq-len", "16"]
-    err = _err(capsys, ["diagnose", str(folder), "--blocks", "transformer.nothing", *out])
+    err = cli_error(["diagnose", str(folder), "--blocks", "transformer.nothing", *out])
     assert "--blocks" in err and "not a submodule" in err
     # a module that does not map [batch, seq, d] to itself is not a residual block: the check says so
-    err = _err(capsys, ["diagnose", str(folder), "--blocks", "transformer.h.0.attn.c_attn", *out])
+    err = cli_error(["diagnose", str(folder), "--blocks", "transformer.h.0.attn.c_attn", *out])
     assert "do not look like residual blocks" in err and "--blocks" in err and "GPT-2" in err
 
 
@@ -284,11 +275,11 @@ def test_nan_weights_are_a_finding_not_a_crash(tmp_path, text):
     assert d.table.loc[d.table.layer <= 0, "effective_rank"].notna().all()
 
 
-def test_checkpoint_larger_than_memory_is_refused_with_sizes(tmp_path, capsys, monkeypatch, text):
+def test_checkpoint_larger_than_memory_is_refused_with_sizes(cli_error, tmp_path, capsys, monkeypatch, text):
     mc = ModelConfig(scheme="pre", depth=2, width=32, heads=4, max_seq_len=64)
     folder = _save_testbed(tmp_path / "big", mc)
     monkeypatch.setattr(checkpoints, "available_memory", lambda: 1000)
-    err = _err(capsys, ["diagnose", str(folder), "--out", str(tmp_path / "o"), "--text", str(text)])
+    err = cli_error(["diagnose", str(folder), "--out", str(tmp_path / "o"), "--text", str(text)])
     assert "GB of weights" in err and "0.00 GB of memory" in err
 
 
@@ -325,7 +316,7 @@ def test_fail_on_sets_the_exit_status(tmp_path, text, capsys):
     assert doc["init_sequences"] == 0 and all(v is None for v in (r.get("theory_q_rel") for r in doc["layers"]))
 
 
-def test_encoders_get_bidirectional_attention_theory_and_vision_configs_are_refused(tmp_path, text, capsys):
+def test_encoders_get_bidirectional_attention_theory_and_vision_configs_are_refused(cli_error, tmp_path, text, capsys):
     d = diagnose(str(_hf_folder("bert", tmp_path)), text=str(text), **FAST)
     assert d.meta["encoder"] is True
     msg = d.findings.set_index("id").loc["theory_at_init", "message"]
@@ -338,7 +329,7 @@ def test_encoders_get_bidirectional_attention_theory_and_vision_configs_are_refu
                                                  intermediate_size=64, image_size=32, patch_size=8)
                           ).save_pretrained(vit)
     capsys.readouterr()  # transformers' save progress bar
-    err = _err(capsys, ["diagnose", str(vit), "--out", str(tmp_path / "o"), "--text", str(text)])
+    err = cli_error(["diagnose", str(vit), "--out", str(tmp_path / "o"), "--text", str(text)])
     assert "vit" in err and "text" in err
 
 
@@ -412,7 +403,7 @@ def test_massive_activations_are_a_finding_and_robust_statistics_ignore_them(tmp
     assert "stream_explodes" not in found.index
 
 
-def test_atlas_draws_several_checkpoints_and_checks_claims(tmp_path, text, capsys):
+def test_atlas_draws_several_checkpoints_and_checks_claims(cli_error, tmp_path, text, capsys):
     paths = []
     for scheme in ("pre", "post"):
         mc = ModelConfig(scheme=scheme, depth=6, width=32, heads=4, max_seq_len=64)
@@ -430,7 +421,7 @@ def test_atlas_draws_several_checkpoints_and_checks_claims(tmp_path, text, capsy
     assert "deep_blocks_contribute_less:post" not in claims.index  # placement decides what applies
     assert (out / "figures" / "atlas.png").stat().st_size > 1000 and "# Atlas" in (out / "report.md").read_text()
     assert "claims:" in capsys.readouterr().out
-    err = _err(capsys, ["atlas", paths[0], paths[0], "--out", str(tmp_path / "o"), "--text", str(text)])
+    err = cli_error(["atlas", paths[0], paths[0], "--out", str(tmp_path / "o"), "--text", str(text)])
     assert "share the name" in err
 
 

@@ -16,7 +16,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 from analysis.diagnose import loading  # noqa: E402
 from analysis.diagnose.diagnosis import diagnose  # noqa: E402
-from run_analysis import main  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 LAYERS, WIDTH, HEADS, FFN = 2, 32, 4, 64
@@ -150,15 +149,6 @@ def test_gguf_without_a_tokenizer_falls_back_to_bytes(files, tmp_path):
     assert any("tokenizer did not load" in n and "using bytes" in n for n in got.notes), got.notes
 
 
-def _err(capsys, argv) -> str:
-    """The one error line; progress lines ("[  1.2 s] …") may come before it, nothing else."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[")]
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 def _one_line(path, **kw) -> str:
     with pytest.raises(ValueError) as e:
         loading.load(path, **kw)
@@ -167,19 +157,19 @@ def _one_line(path, **kw) -> str:
     return msg
 
 
-def test_bad_gguf_is_refused_with_one_line(files, tmp_path, text, capsys, monkeypatch):
+def test_bad_gguf_is_refused_with_one_line(cli_error, files, tmp_path, text, capsys, monkeypatch):
     ref, paths = files
     out = ["--out", str(tmp_path / "o"), "--text", str(text), "--sequences", "2", "--seq-len", "16"]
     # an architecture the loader does not know: named, with the ones it does
     odd = _write(tmp_path / "odd.gguf", ref, Q.F16, arch="tinyllama-x")
     msg = _one_line(odd)
     assert "'tinyllama-x' is not supported" in msg and "llama" in msg and "qwen2" in msg
-    assert "not supported" in _err(capsys, ["diagnose", str(odd), *out])
+    assert "not supported" in cli_error(["diagnose", str(odd), *out])
     # truncated: the header is fine, the tensor data is cut
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(paths[Q.F16].read_bytes()[:-1000])
     assert "truncated" in _one_line(cut)
-    assert "truncated" in _err(capsys, ["diagnose", str(cut), *out])
+    assert "truncated" in cli_error(["diagnose", str(cut), *out])
     # cut inside the header, and not a GGUF at all
     head = tmp_path / "head.gguf"
     head.write_bytes(paths[Q.F16].read_bytes()[:300])
@@ -215,4 +205,4 @@ def test_bad_gguf_is_refused_with_one_line(files, tmp_path, text, capsys, monkey
 
     monkeypatch.setattr(builtins, "__import__", no_gguf)
     assert "pip install -e .[gguf]" in _one_line(paths[Q.F16])
-    assert "pip install -e .[gguf]" in _err(capsys, ["diagnose", str(paths[Q.F16]), *out])
+    assert "pip install -e .[gguf]" in cli_error(["diagnose", str(paths[Q.F16]), *out])
