@@ -169,6 +169,7 @@ def skip_test(model: nn.Module, layout: Layout, windows: torch.Tensor,
         losses = []
         for b, w in enumerate(batches):
             handles = ([blk.register_forward_hook(keep(b)) for blk in blocks] if skipped is None else [])
+            own = [blocks[j].__dict__.get("forward") for j in range(skipped or 0)]  # e.g. accelerate's
             for j in range(skipped or 0):  # replay the prefix: the module returns its cached output
                 blocks[j].forward = (lambda *a, _out=cached[b][j], **k: _out)
             try:
@@ -177,8 +178,11 @@ def skip_test(model: nn.Module, layout: Layout, windows: torch.Tensor,
             finally:
                 for h in handles:
                     h.remove()
-                for j in range(skipped or 0):
-                    del blocks[j].forward
+                for j, f in enumerate(own):
+                    if f is None:
+                        del blocks[j].forward
+                    else:
+                        blocks[j].forward = f
         return torch.cat(seen), torch.cat(losses)
 
     try:
