@@ -153,71 +153,13 @@ def _branch_classes(norms: list[str], inputs: dict[str, Combo | None], final: Co
     return tuple(pre), tuple(post)
 
 
-class _Sym:
-    """A traced value of a testbed block: a linear combination of nodes."""
-
-    __slots__ = ("ops", "terms")
-
-    def __init__(self, ops: "_SymOps", terms: Combo):
-        self.ops, self.terms = ops, terms
-
-    def __add__(self, other: "_Sym") -> "_Sym":
-        terms = dict(self.terms)
-        for k, v in other.terms.items():
-            terms[k] = terms.get(k, 0.0) + v
-        return _Sym(self.ops, terms)
-
-    def __mul__(self, c: Any) -> "_Sym":
-        return _Sym(self.ops, {k: v * float(c) for k, v in self.terms.items()})
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, c: Any) -> "_Sym":
-        return self * (1 / c)
-
-
-class _SymOps:
-    """The scheme vocabulary over _Sym values: records each norm's input combination."""
-
-    def __init__(self, prefix: str):
-        self.prefix, self.count = prefix, {"norm": 0, "attn": 0, "ffn": 0}
-        self.norms: list[str] = []
-        self.inputs: dict[str, Combo | None] = {}
-
-    def _node(self, kind: str, v: _Sym) -> _Sym:
-        name = f"{self.prefix}.{kind}s.{self.count[kind]}"
-        self.count[kind] += 1
-        if kind == "norm":
-            self.norms.append(name)
-            self.inputs[name] = {k: c for k, c in v.terms.items() if c}
-        return _Sym(self, {name: 1.0})
-
-    def norm(self, v):
-        return self._node("norm", v)
-
-    def attn(self, v, **gains):
-        return self._node("attn", v)
-
-    def ffn(self, v, **gains):
-        return self._node("ffn", v)
-
-
 def _testbed_branch_norms(block: nn.Module, prefix: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """A testbed block's branch norms, from its scheme run over symbolic values (None if not one)."""
-    scheme = getattr(block, "scheme", None)
-    if not callable(getattr(scheme, "block", None)) or not hasattr(block, "norms"):
+    """A testbed block's branch norms, read from the structure it was built from (None if not one)."""
+    structure = getattr(block, "structure", None)
+    pre, post = (getattr(structure, f"{k}_branch_norms", None) for k in ("pre", "post"))
+    if pre is None or post is None or not hasattr(block, "norms"):
         return None
-    ops = _SymOps(prefix)
-    try:
-        out = scheme.block(_Sym(ops, {"": 1.0}), ops, l=block.l, L=block.L, **block.params)
-    except Exception:  # noqa: BLE001 - not a scheme this tracer understands: leave it to the forward check
-        return None
-    if not isinstance(out, _Sym):
-        return None
-    terms = {k: c for k, c in out.terms.items() if c}
-    (only, coef), = terms.items() if len(terms) == 1 else ((None, 0.0),)
-    output_norm = only if only in ops.inputs and coef == 1.0 else None
-    return _branch_classes(ops.norms, ops.inputs, None if output_norm else terms, output_norm)
+    return tuple(f"{prefix}.norms.{k}" for k in pre), tuple(f"{prefix}.norms.{k}" for k in post)
 
 
 def _named_branch_norms(blocks: list[nn.Module], prefix: list[str]

@@ -5,43 +5,25 @@ import torch
 
 from analysis.testbed.model import ModelConfig, build_model
 from probes import PLACEMENTS, confirm_placement, locate
-from theory.schemes import SCHEMES, block_structure, get_scheme, structure_signature
+from theory.schemes import SCHEMES, block_structure, get_scheme
 
 # scheme: expected placement (depth 4, so Mix-LN has one post block and three pre blocks)
 TESTBED = {"pre": "pre", "post": "post", "peri": "peri", "span": "post", "deepnorm": "post",
            "b2t": "post", "mixln": "other", "lns": "pre"}
 
 
-def _expected_branch_norms(scheme, l, L, params):
-    """From the theory's trace: norm k is pre-branch when its input involves the stream (the block
-    input or a norm that is added on) and its output is not added to anything; post-branch when
-    its input comes from branches only and its output is added."""
-    steps, out = structure_signature(scheme, l, L, params)
-    norm_index = {i: k for k, i in enumerate(i for i, s in enumerate(steps) if s[0] == "norm")}
+# From the schemes' formulas (README, Schemes), norms numbered in call order: (pre-branch, post-branch)
+# of an inner block. pre: N0 feeds A, N1 feeds F; peri: N0 → A → N1 added, N2 → F → N3 added; span:
+# N0, N1 feed A, F and N2 is the output norm; post/deepnorm/b2t: every norm is on the stream.
+BY_FORMULA = {"pre": ((0, 1), ()), "lns": ((0, 1), ()), "peri": ((0, 2), (1, 3)), "span": ((0, 1), ()),
+              "post": ((), ()), "deepnorm": ((), ()), "b2t": ((), ())}
 
-    def leaves(i):  # the call steps (or 0, the input) a value is a sum / scaling of
-        kind = steps[i][0]
-        if kind == "add":
-            return leaves(steps[i][1]) | leaves(steps[i][2])
-        if kind == "scale":
-            return leaves(steps[i][1])
-        return {i}
 
-    adds = [leaves(s[1]) for s in steps if s[0] == "norm"] + [leaves(out)]
-    used = set().union(*adds)
-    out_norm = block_structure(scheme, l, L, params).output_norm
-    stream, pre, post = {0}, [], []
-    for i, k in norm_index.items():
-        if k == out_norm:
-            continue
-        on_stream = bool(leaves(steps[i][1]) & stream)
-        if on_stream and i in used:
-            stream.add(i)
-        elif on_stream:
-            pre.append(k)
-        elif i in used:
-            post.append(k)
-    return pre, post
+def test_block_structure_branch_norms_follow_the_formulas():
+    for name, (pre, post) in BY_FORMULA.items():
+        s = get_scheme(name)
+        b = block_structure(s, 2, 4, {k: float(v) for k, v in s.resolve(4).items()})
+        assert (b.pre_branch_norms, b.post_branch_norms) == (pre, post), name
 
 
 @pytest.mark.parametrize("name", list(TESTBED))
@@ -58,7 +40,8 @@ def test_testbed_placement_matches_structure(name):
     s = get_scheme(name)
     params = {k: float(v) for k, v in s.resolve(L).items()}
     for i, p in enumerate(layout.blocks):
-        pre, post = _expected_branch_norms(s, i + 1, L, params)
+        b = block_structure(s, i + 1, L, params)
+        pre, post = b.pre_branch_norms, b.post_branch_norms
         assert layout.pre_branch_norms[i] == tuple(f"{p}.norms.{k}" for k in pre)
         assert layout.post_branch_norms[i] == tuple(f"{p}.norms.{k}" for k in post)
     assert PLACEMENTS[checked.placement] in checked.describe()

@@ -251,10 +251,13 @@ def _trace(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple[list[tupl
 
 @dataclass(frozen=True)
 class BlockStructure:
-    """The calls a block makes, in order, and which norm (if any) produces its output."""
+    """The calls a block makes, in order, which norm (if any) produces its output, and which norms
+    sit on a branch's input (pre-branch) or on its output before the residual add (post-branch)."""
 
     calls: tuple[Call, ...]
     output_norm: int | None
+    pre_branch_norms: tuple[int, ...] = ()
+    post_branch_norms: tuple[int, ...] = ()
 
     def count(self, kind: str) -> int:
         """How many calls of ``kind`` the block makes."""
@@ -271,8 +274,37 @@ def block_structure(s: Scheme, l: int, L: int, params: dict[str, Any]) -> BlockS
             calls[i] = Call(kind, counts[kind], dict(rest[1]))
             counts[kind] += 1
     made_by = calls.get(out)
-    return BlockStructure(tuple(calls.values()),
-                          made_by.index if made_by and made_by.kind == "norm" else None)
+    output_norm = made_by.index if made_by and made_by.kind == "norm" else None
+    pre, post = _branch_norms(steps, out, {i: c.index for i, c in calls.items() if c.kind == "norm"},
+                              output_norm)
+    return BlockStructure(tuple(calls.values()), output_norm, pre, post)
+
+
+def _branch_norms(steps: list[tuple], out: int, norms: dict[int, int], output_norm: int | None
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(pre-branch, post-branch) norm indices. Every value is a sum of scaled call outputs (or the
+    input): a norm whose input involves the stream (the input, or a norm that is added on, as
+    post-norm's inner one) and whose output is added to nothing feeds a branch: pre-branch; a
+    norm whose input comes from branches only and whose output is added on is post-branch."""
+    def leaves(i: int) -> set[int]:
+        kind = steps[i][0]
+        if kind == "add":
+            return leaves(steps[i][1]) | leaves(steps[i][2])
+        return leaves(steps[i][1]) if kind == "scale" else {i}
+
+    used = set().union(leaves(out), *(leaves(steps[i][1]) for i in norms))  # added on somewhere
+    stream, pre, post = {0}, [], []
+    for i, k in norms.items():
+        if k == output_norm:
+            continue
+        on_stream = bool(leaves(steps[i][1]) & stream)
+        if on_stream and i in used:
+            stream.add(i)
+        elif on_stream:
+            pre.append(k)
+        elif i in used:
+            post.append(k)
+    return tuple(pre), tuple(post)
 
 
 def structure_signature(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple:
