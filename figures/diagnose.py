@@ -88,7 +88,8 @@ def diagnosis_figure(table: pd.DataFrame, thresholds: dict[str, float], path: st
 
     ax = axes[4]
     robust = "grad_scale_free" in t and t["grad_scale_free"].notna().any()
-    _lines(ax, x, t, "grad_scale_free" if robust else "grad_rel", log=True, theory="theory_grad_rel",
+    _lines(ax, x, t, "grad_scale_free" if robust else "grad_rel", log=True,
+           theory="theory_grad_scale_free" if robust else "theory_grad_rel",
            raw=("grad_rel", "trained, g_l/g_L") if robust else None)
     ax.set(xlabel="layer", ylabel="‖∂L/∂x_l‖·‖x_l‖, over the last block's" if robust else "g_l / g_L",
            title="gradient profile (scale-free)" if robust else "gradient profile")
@@ -108,7 +109,7 @@ def diagnosis_blocks(meta: dict, verdict: str, findings: pd.DataFrame, table: pd
             "effective_rank_normalized", "dong_residual", "angle_deg", "branch_rel", "branch_rel_median",
             "skip_out_change", "skip_loss_delta", "grad_rel", "grad_scale_free", "init_q_rel",
             "init_token_cosine", "init_effective_rank_normalized", "init_branch_rel_median", "init_grad_rel",
-            "theory_q_rel", "theory_token_cosine", "theory_grad_rel"]
+            "theory_q_rel", "theory_token_cosine", "theory_grad_rel", "theory_grad_scale_free"]
     glossary = pd.DataFrame([{"column": k, "meaning": v} for k, v in meta.get("glossary", {}).items()])
     blocks: list[Block] = [
         ("h1", "Diagnosis"),

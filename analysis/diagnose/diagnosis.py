@@ -410,7 +410,8 @@ def add_theory(t: pd.DataFrame, loaded: Loaded, layout, init_model, seq_len: int
                notes: list[str]) -> str | None:
     """theory_* columns: the init theory for the re-initialized model, fed its measured embedding."""
     scheme = loaded.scheme or (layout.placement if layout.placement in ("pre", "post", "peri") else None)
-    for c in ("theory_q_rel", "theory_token_cosine", "theory_angle_deg", "theory_grad_rel"):
+    for c in ("theory_q_rel", "theory_token_cosine", "theory_angle_deg", "theory_grad_rel",
+              "theory_grad_scale_free"):
         t[c] = math.nan
     if init_model is None:
         notes.append("no theory comparison: it needs the re-initialized model (--init-sequences > 0)")
@@ -454,6 +455,8 @@ def add_theory(t: pd.DataFrame, loaded: Loaded, layout, init_model, seq_len: int
     t.loc[idx, "theory_token_cosine"] = pred["rho"]
     t.loc[idx, "theory_angle_deg"] = np.degrees(np.arccos(np.clip(pred["cos"], -1, 1)))
     t.loc[idx, "theory_grad_rel"] = pred["g"]
+    free = np.sqrt(np.asarray(pred["g"]) * np.asarray(pred["q"]))  # the scale-free form, as measured
+    t.loc[idx, "theory_grad_scale_free"] = free / free[L]
     return scheme
 
 
