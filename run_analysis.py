@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shlex
 import sys
@@ -53,16 +54,9 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     from figures.report import write_report
     _check_format(args.format)
     out = _writable_dir(args.out or f"runs/diagnose-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        d = diagnose(args.path, text=args.text, sequences=args.sequences, seq_len=args.seq_len,
-                     grad_sequences=args.grad_sequences, batch=args.batch, blocks=args.blocks,
-                     config=args.config, tokenizer=args.tokenizer, skip_sequences=args.skip_sequences,
-                     init_sequences=args.init_sequences, tolerance=args.tolerance, device=args.device,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
-    except BaseException:
-        if not any(out.iterdir()):  # leave no empty output folder behind
-            out.rmdir()
-        raise
+    with _removed_if_empty(out):
+        d = diagnose(args.path, blocks=args.blocks, config=args.config, tokenizer=args.tokenizer,
+                     log=lambda m: print(m, file=sys.stderr, flush=True), **_measurement_settings(args))
     files = save(d, out)
     fig = diagnosis_figure(d.table, {k: v for k, (v, _) in THRESHOLDS.items()},
                            out / "figures" / "diagnosis", args.format, d.verdict,
@@ -87,16 +81,9 @@ def _cmd_atlas(args: argparse.Namespace) -> int:
     from figures.report import write_report
     _check_format(args.format)
     out = _writable_dir(args.out or f"runs/atlas-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        layers, checkpoints = collect(
-            args.paths, log=lambda m: print(m, file=sys.stderr, flush=True), text=args.text,
-            sequences=args.sequences, seq_len=args.seq_len, grad_sequences=args.grad_sequences,
-            skip_sequences=args.skip_sequences, init_sequences=args.init_sequences,
-            tolerance=args.tolerance, device=args.device)
-    except BaseException:
-        if not any(out.iterdir()):
-            out.rmdir()
-        raise
+    with _removed_if_empty(out):
+        layers, checkpoints = collect(args.paths, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                      **_measurement_settings(args))
     claims, table = atlas_claims(layers), summary(layers)
     layers.to_csv(out / "atlas_layers.csv", index=False, float_format="%.6g")
     checkpoints.to_csv(out / "atlas_checkpoints.csv", index=False)
@@ -304,6 +291,17 @@ def _parse_ints(text: str, flag: str) -> list[int]:
     return values
 
 
+@contextlib.contextmanager
+def _removed_if_empty(out):
+    """On any failure inside, remove ``out`` if nothing was written there (no empty folder left)."""
+    try:
+        yield
+    except BaseException:
+        if not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
 def _writable_dir(path: str | None):
     import time
     from pathlib import Path
@@ -389,6 +387,39 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 def _add_compile_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=what)
+
+
+def _add_measurement_args(p: argparse.ArgumentParser, command: str) -> None:
+    """How `diagnose` and `atlas` measure a checkpoint: text, sample sizes, device, output."""
+    p.add_argument("--text", help="text file to run through the model (default: the corpus's "
+                                  "validation split)")
+    p.add_argument("--sequences", type=int, default=64,
+                   help="at most this many sequences run forward (default: 64; see --tolerance)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="stop sampling once every block's statistics have a standard error within "
+                        "this fraction of their value (default: 0.05; 0: run every sequence)")
+    p.add_argument("--grad-sequences", type=int, default=16,
+                   help="of those, how many also run backward for the gradient profile (default: 16)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="tokens per sequence, cut to the model's maximum (default: 256)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--skip-sequences", type=int, default=4,
+                   help="sequences for the skip test, each block replaced by the identity in turn "
+                        "(default: 4; 0: off)")
+    p.add_argument("--init-sequences", type=int, default=8,
+                   help="sequences run through the same architecture re-initialized, to show what "
+                        "training changed and to compare the init theory (default: 8; 0: off)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--out", help=f"output folder (default: runs/{command}-<timestamp>)")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+
+
+def _measurement_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments of analysis.diagnose.diagnosis.diagnose that _add_measurement_args set."""
+    return dict(text=args.text, sequences=args.sequences, tolerance=args.tolerance,
+                grad_sequences=args.grad_sequences, seq_len=args.seq_len, batch=args.batch,
+                skip_sequences=args.skip_sequences, init_sequences=args.init_sequences,
+                device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -526,49 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="folder holding the tokenizer to use (default: the model "
                                        "folder's own; for a bare state_dict, the one beside the "
                                        "weights or the config; else bytes)")
-    p.add_argument("--text", help="text file to run through the model (default: the corpus's "
-                                  "validation split)")
-    p.add_argument("--sequences", type=int, default=64,
-                   help="at most this many sequences run forward (default: 64; see --tolerance)")
-    p.add_argument("--tolerance", type=float, default=0.05,
-                   help="stop sampling once every block's statistics have a standard error within "
-                        "this fraction of their value (default: 0.05; 0: run every sequence)")
-    p.add_argument("--grad-sequences", type=int, default=16,
-                   help="of those, how many also run backward for the gradient profile (default: 16)")
-    p.add_argument("--seq-len", type=int, default=256,
-                   help="tokens per sequence, cut to the model's maximum (default: 256)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default: 8)")
-    p.add_argument("--skip-sequences", type=int, default=4,
-                   help="sequences for the skip test, each block replaced by the identity in turn "
-                        "(default: 4; 0: off)")
-    p.add_argument("--init-sequences", type=int, default=8,
-                   help="sequences run through the same architecture re-initialized, to show what "
-                        "training changed and to compare the init theory (default: 8; 0: off)")
+    _add_measurement_args(p, "diagnose")
     p.add_argument("--fail-on", choices=("warnings", "collapsed", "unusable"),
                    help="exit with status 1 when the verdict is this bad or worse (for automation)")
     p.add_argument("--blocks", help="module path of the residual blocks' ModuleList, when they are "
                                     "not found (as named in model.named_modules())")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--out", help="output folder (default: runs/diagnose-<timestamp>)")
-    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
     p.set_defaults(func=_cmd_diagnose)
 
     p = sub.add_parser("atlas", help="several checkpoints diagnosed alike, drawn against relative "
                                      "depth, with claims about trained models")
-    p.add_argument("paths", nargs="+", help="checkpoints: sigprop runs, Hugging Face folders, state_dicts")
-    p.add_argument("--text", help="text file (default: the corpus's validation split)")
-    p.add_argument("--sequences", type=int, default=64, help="at most this many sequences forward (default: 64)")
-    p.add_argument("--tolerance", type=float, default=0.05,
-                   help="stop sampling at this relative standard error (default: 0.05; 0: all)")
-    p.add_argument("--grad-sequences", type=int, default=16, help="sequences run backward (default: 16)")
-    p.add_argument("--seq-len", type=int, default=256,
-                   help="tokens per sequence, cut to each model's maximum (default: 256)")
-    p.add_argument("--skip-sequences", type=int, default=4, help="sequences for the skip test (default: 4)")
-    p.add_argument("--init-sequences", type=int, default=8,
-                   help="sequences through each re-initialized twin (default: 8)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--out", help="output folder (default: runs/atlas-<timestamp>)")
-    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    p.add_argument("paths", nargs="+", help="checkpoints: sigprop runs, Hugging Face folders, GGUF files")
+    _add_measurement_args(p, "atlas")
     p.set_defaults(func=_cmd_atlas)
     return parser
 

@@ -295,7 +295,7 @@ def _is_norm(module: nn.Module) -> bool:
 _SAMPLE = 8192
 
 
-def _branch_children(block: nn.Module) -> list[str]:
+def branch_children(block: nn.Module) -> list[str]:
     """Direct children of a block (ModuleList items count) that may be branches: not norms, dropouts."""
     kids = []
     for n, m in block.named_children():
@@ -426,7 +426,7 @@ def confirm_placement(model: nn.Module, layout: Layout, *args: Any, **kwargs: An
 
     norm_paths = {p: [f"{p}.{n}" for n, m in modules[p].named_modules() if n and _is_norm(m)]
                   for p in layout.blocks}
-    kid_paths = {p: [f"{p}.{n}" for n in _branch_children(modules[p])] for p in layout.blocks}
+    kid_paths = {p: [f"{p}.{n}" for n in branch_children(modules[p])] for p in layout.blocks}
     for p in layout.blocks:
         for name in [p, *norm_paths[p], *kid_paths[p]]:
             norm = name in norm_paths[p]

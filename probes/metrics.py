@@ -15,6 +15,9 @@ from typing import Callable
 
 import torch
 
+# The bounded sample the SVD metrics take by default (first sequences, evenly spaced tokens): an
+# effective rank is at most min(SAMPLE_TOKENS, T, d).
+SAMPLE_SEQS, SAMPLE_TOKENS = 4, 256
 _TINY = 1e-30  # guards divisions by a zero norm; a zero token then counts as cosine 0
 
 
@@ -116,7 +119,8 @@ def dong_residual(x: torch.Tensor) -> torch.Tensor:
     return (centred.sqrt() / total.sqrt().clamp_min(_TINY)).mean()
 
 
-def token_sample(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
+def token_sample(x: torch.Tensor, max_seqs: int = SAMPLE_SEQS,
+                 max_tokens: int = SAMPLE_TOKENS) -> torch.Tensor:
     """The bounded sample the SVD metrics use: the first ``max_seqs`` sequences, ≤ ``max_tokens`` evenly spaced tokens."""
     x = as_sequences(x)[:max_seqs]
     T = x.shape[1]
@@ -143,7 +147,8 @@ def singular_values(x: torch.Tensor) -> torch.Tensor:
     return torch.where(finite[..., None], ev, torch.full_like(ev, math.nan))
 
 
-def effective_rank(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
+def effective_rank(x: torch.Tensor, max_seqs: int = SAMPLE_SEQS,
+                   max_tokens: int = SAMPLE_TOKENS) -> torch.Tensor:
     """exp of the Shannon entropy of the singular values normalised to sum 1 (Roy & Vetterli 2007, EUSIPCO).
 
     1 for a rank-1 matrix, n for n equal singular values: at most min(T, d) of ``token_sample``.
@@ -160,7 +165,8 @@ def _finite_mean(v: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, v, torch.zeros_like(v)).sum() / ok.sum()
 
 
-def effective_rank_normalized(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
+def effective_rank_normalized(x: torch.Tensor, max_seqs: int = SAMPLE_SEQS,
+                              max_tokens: int = SAMPLE_TOKENS) -> torch.Tensor:
     """``effective_rank`` of the tokens scaled to unit norm: each token one direction of equal weight,
     so one massive token counts as one token, not as the whole spectrum."""
     x = token_sample(x, max_seqs, max_tokens)
@@ -168,7 +174,8 @@ def effective_rank_normalized(x: torch.Tensor, max_seqs: int = 4, max_tokens: in
     return effective_rank(u, max_seqs, max_tokens)
 
 
-def stable_rank(x: torch.Tensor, max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
+def stable_rank(x: torch.Tensor, max_seqs: int = SAMPLE_SEQS,
+                max_tokens: int = SAMPLE_TOKENS) -> torch.Tensor:
     """‖X‖_F² / ‖X‖_2² (Rudelson & Vershynin 2007), per sequence on ``token_sample``, averaged."""
     s = singular_values(token_sample(x, max_seqs, max_tokens))
     return _finite_mean(s.square().sum(-1) / s[..., 0].square().clamp_min(_TINY)).to(x.dtype)
@@ -229,7 +236,7 @@ def grad_first_token(g: torch.Tensor) -> torch.Tensor:
 
 
 def summarize(x: torch.Tensor, names: tuple[str, ...], x_in: torch.Tensor | None = None,
-              max_seqs: int = 4, max_tokens: int = 256) -> torch.Tensor:
+              max_seqs: int = SAMPLE_SEQS, max_tokens: int = SAMPLE_TOKENS) -> torch.Tensor:
     """The forward/pair metrics ``names`` of ``x`` as one 1-d tensor, sharing passes over ``x``.
 
     Equal to calling each metric's function (tests check it); it reads ``x`` about five times

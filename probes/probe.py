@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from probes.locate import Layout, first_tensor, locate, unwrap
-from probes.metrics import METRICS, resolve_metrics, summarize
+from probes.metrics import METRICS, SAMPLE_SEQS, SAMPLE_TOKENS, resolve_metrics, summarize
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Probe:
     def __init__(self, model: nn.Module, metrics: str | Iterable[str] | None = None, *,
                  points: str | Iterable[str] | None = None, blocks: str | list[str] | None = None,
                  final: str | None = None, output_norm: str | None = None, layout: Layout | None = None,
-                 max_seqs: int = 4, max_tokens: int = 256, recompile: bool = False):
+                 max_seqs: int = SAMPLE_SEQS, max_tokens: int = SAMPLE_TOKENS, recompile: bool = False):
         """Probe ``model``; ``points`` are fnmatch patterns over point names (default: all)."""
         self.model = model
         self.root = unwrap(model)

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis.diagnose.diagnosis import diagnose
+from analysis.diagnose.diagnosis import diagnose, thirds
 from analysis.training.claims import COLUMNS
 
 METHOD = "measured on the checkpoint"
@@ -72,11 +72,6 @@ def _blocks(t: pd.DataFrame) -> pd.DataFrame:
     return t[(t["layer"] >= 0) & (t["layer"] < t["depth"])].sort_values("layer")
 
 
-def _thirds(b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    k = max(1, len(b) // 3)
-    return b.iloc[:k], b.iloc[-k:]
-
-
 def _mean_se(b: pd.DataFrame, col: str) -> tuple[float, float]:
     """Mean over blocks and its standard error from the per-block standard errors."""
     v = b[col].to_numpy(dtype=float)
@@ -86,7 +81,7 @@ def _mean_se(b: pd.DataFrame, col: str) -> tuple[float, float]:
 
 def deep_blocks_contribute_less(b: pd.DataFrame) -> tuple[str, str]:
     """Last third's mean relative contribution below the first third's by > 2 combined SE."""
-    first, last = _thirds(b)
+    first, last = thirds(b)
     (m1, s1), (m3, s3) = _mean_se(first, "branch_rel_median"), _mean_se(last, "branch_rel_median")
     if not (np.isfinite(m1) and np.isfinite(m3)):
         return "untested", "no relative contribution measured"
@@ -101,7 +96,7 @@ def deep_blocks_cheap_to_skip(b: pd.DataFrame) -> tuple[str, str]:
     """Median skip loss change over the last third < SKIP_CHEAP nats and below the first third's."""
     if "skip_loss_delta" not in b or not b["skip_loss_delta"].notna().any():
         return "untested", "no loss change measured (the surrogate loss, or the skip test was off)"
-    first, last = _thirds(b)
+    first, last = thirds(b)
     d1, d3 = float(first["skip_loss_delta"].median()), float(last["skip_loss_delta"].median())
     status = "holds" if d3 < SKIP_CHEAP and d3 < d1 else "fails"
     return status, (f"median loss change when one block is skipped: last third {d3:+.3g} nats, first "
@@ -146,7 +141,7 @@ def summary(layers: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name, t in layers.groupby("checkpoint", sort=False):
         b = _blocks(t)
-        first, last = _thirds(b)
+        first, last = thirds(b)
         rows.append(dict(checkpoint=name, depth=int(t["depth"].iloc[0]),
                          q_growth_median=float(b["q_rel_median"].iloc[-1]),
                          contribution_first_third=float(first["branch_rel_median"].mean()),

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from probes.locate import Layout, first_tensor
+from probes.locate import Layout, branch_children, first_tensor
 
 # Per family, branch outputs relative to a block (all must exist): modules whose output is a branch
 # before the residual add. BERT-like blocks add and normalise inside their sublayer modules, so
@@ -41,11 +41,7 @@ BRANCH_OUTPUTS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
-
-
-def branch_outputs(model: nn.Module, layout: Layout, width: int | None) -> tuple[list[list[str]], str]:
+def branch_outputs(model: nn.Module, layout: Layout) -> tuple[list[list[str]], str]:
     """Per block, the full paths of its branch-output modules, and how they were found."""
     first = model.get_submodule(layout.blocks[0])
     names = dict(first.named_modules())
@@ -56,10 +52,7 @@ def branch_outputs(model: nn.Module, layout: Layout, width: int | None) -> tuple
         rel = next((list(c) for c in BRANCH_OUTPUTS if all(n in names for n in c)), [])
         how = f"known family ({', '.join(rel)})" if rel else ""
         if not rel:  # direct children (ModuleList items included) that are not norms
-            kids = []
-            for n, m in first.named_children():
-                kids += [(f"{n}.{k}", c) for k, c in m.named_children()] if isinstance(m, nn.ModuleList) else [(n, m)]
-            rel = [n for n, m in kids if not _is_norm(m) and not isinstance(m, (nn.Dropout, nn.Identity))]
+            rel = branch_children(first)
             how = f"generic: the block's non-norm submodules ({', '.join(rel)}), kept where they output the stream's shape"
     return [[f"{b}.{r}" for r in rel] for b in layout.blocks], how
 

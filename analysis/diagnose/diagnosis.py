@@ -123,7 +123,8 @@ class Diagnosis:
 
 # --- text -------------------------------------------------------------------------------------
 
-def _text_bytes(text: str | None, need: int) -> tuple[bytes, str]:
+def text_bytes(text: str | None, need: int) -> tuple[bytes, str]:
+    """The first ``need`` bytes of ``--text`` (or the default corpus's validation split) and where from."""
     if text is None:
         from analysis.testbed.corpus import load_corpus
         corpus = load_corpus()
@@ -163,10 +164,9 @@ def tokenizer_mismatch(loaded: Loaded, sample: str) -> str | None:
             "pass --text FILE with text of the model's own domain")
 
 
-def token_windows(loaded: Loaded, text: str | None, n: int, seq_len: int) -> tuple[torch.Tensor, str]:
-    """``n`` windows of ``seq_len + 1`` token ids, evenly spaced over the text (deterministic)."""
+def token_windows(loaded: Loaded, raw: bytes, source: str, n: int, seq_len: int) -> tuple[torch.Tensor, str]:
+    """``n`` windows of ``seq_len + 1`` token ids, evenly spaced over the text ``raw`` (deterministic)."""
     per = seq_len + 1
-    raw, source = _text_bytes(text, max(n * per * 8, 1 << 16))
     if loaded.encode is not None:
         ids = loaded.encode(raw.decode("utf-8", errors="replace"))
         how = f"{source}, tokenized by {loaded.tokenizer}"
@@ -331,9 +331,9 @@ def measure(loaded: Loaded, model, layout, branches: list[list[str]], windows: t
                 used = s + len(w)
                 if tolerance > 0 and used >= grad_n and used < len(windows) and converged(probe.frame(), tolerance):
                     break
-        per_block = meter.frame()
-        if len(peaks.frame()):
-            per_block = per_block.merge(peaks.frame(), on="layer", how="left")
+        per_block, peak = meter.frame(), peaks.frame()
+        if len(peak):
+            per_block = per_block.merge(peak, on="layer", how="left")
         return probe.frame(), per_block, losses, used
     finally:
         handle.remove()
@@ -614,11 +614,17 @@ def _redundant(blocks: pd.DataFrame) -> list[int]:
     return sorted(int(v) for v in blocks.loc[small, "layer"])
 
 
-def _thirds(blocks: pd.DataFrame, col: str) -> tuple[float, float]:
-    v = blocks[col].to_numpy(dtype=float)
-    k = max(1, len(v) // 3)
-    mean = lambda a: float(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else math.nan  # noqa: E731
-    return mean(v[:k]), mean(v[-k:])
+def thirds(blocks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The first and the last third of the blocks (at least one block each)."""
+    k = max(1, len(blocks) // 3)
+    return blocks.iloc[:k], blocks.iloc[-k:]
+
+
+def _thirds_means(blocks: pd.DataFrame, col: str) -> tuple[float, float]:
+    """Mean of ``col`` over the first and the last third of the blocks (NaN where none is finite)."""
+    finite = blocks[col].where(np.isfinite(blocks[col]))  # NaN and ±inf left out; pandas skips NaN
+    first, last = thirds(finite)
+    return float(first.mean()), float(last.mean())
 
 
 def _changes(t: pd.DataFrame, blocks: pd.DataFrame, L: int) -> str:
@@ -630,8 +636,8 @@ def _changes(t: pd.DataFrame, blocks: pd.DataFrame, L: int) -> str:
              f"g_0/g_L {_fmt(t.iloc[0].grad_rel)} vs {_fmt(t.iloc[0].init_grad_rel)} (scale-free "
              f"{_fmt(t.iloc[0].grad_scale_free)} vs {_fmt(t.iloc[0].init_grad_scale_free)})"]
     if "branch_rel_median" in blocks and blocks["branch_rel_median"].notna().any():
-        a, b = _thirds(blocks, "branch_rel_median")
-        ia, ib = _thirds(blocks, "init_branch_rel_median")
+        a, b = _thirds_means(blocks, "branch_rel_median")
+        ia, ib = _thirds_means(blocks, "init_branch_rel_median")
         parts.append(f"relative contribution, first vs last third of the blocks, {_fmt(a)} → "
                      f"{_fmt(b)} (re-initialized {_fmt(ia)} → {_fmt(ib)})")
     return "; ".join(parts)
@@ -699,11 +705,10 @@ def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len
     if loaded.max_len is not None and seq_len > loaded.max_len:
         notes.append(f"--seq-len {seq_len} cut to the model's maximum {loaded.max_len}")
         seq_len = loaded.max_len
-    windows, text_how = token_windows(loaded, text, sequences, seq_len)
+    raw, source = text_bytes(text, max(sequences * (seq_len + 1) * 8, 1 << 16))  # read once
+    windows, text_how = token_windows(loaded, raw, source, sequences, seq_len)
     if text is None:
-        from analysis.testbed.corpus import load_corpus
-        mismatch = tokenizer_mismatch(loaded, bytes(load_corpus().split("val")[:4000]).decode(
-            "utf-8", errors="replace"))
+        mismatch = tokenizer_mismatch(loaded, raw[:4000].decode("utf-8", errors="replace"))
         if mismatch:
             notes.append(mismatch)
     bad_weights = non_finite_weights(loaded.model)
@@ -712,7 +717,7 @@ def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len
     failures = (RuntimeError, IndexError, TypeError, KeyError, AttributeError, MemoryError)
     try:
         layout = find_layout(loaded, model, windows, blocks, dev)
-        branches, branch_how = branch_outputs(model, layout, loaded.theory_shape.get("width"))
+        branches, branch_how = branch_outputs(model, layout)
         say(f"probing {len(layout.blocks)} blocks: {sequences} × {seq_len} tokens forward, {grad_n} backward")
         frame, contrib, losses, used = measure(loaded, model, layout, branches, windows, grad_n, batch,
                                                dev, tolerance)
@@ -773,10 +778,8 @@ def glossary_for(column: str) -> str | None:
 
 def _max_rank(seq_len: int, width: int | None) -> int:
     """The largest effective rank the probe can report: min(sampled tokens, width)."""
-    from probes.probe import Probe  # the probe's token-sample bound is its max_tokens default
-    import inspect
-    max_tokens = inspect.signature(Probe.__init__).parameters["max_tokens"].default
-    return min(seq_len, max_tokens, width or seq_len)
+    from probes.metrics import SAMPLE_TOKENS  # the token sample the probe's rank metrics take
+    return min(seq_len, SAMPLE_TOKENS, width or seq_len)
 
 
 def save(d: Diagnosis, out: Path) -> list[Path]:
