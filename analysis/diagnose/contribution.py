@@ -65,8 +65,8 @@ class ContributionMeter:
         L = len(layout.blocks)
         self._x2: list[torch.Tensor | None] = [None] * L
         self._b2: list[torch.Tensor | None] = [None] * L
-        self.samples: list[list[tuple[float, float]]] = [[] for _ in range(L)]  # per batch: mean, median
-        self.unused: set[str] = set()  # branch modules whose output was not stream-shaped
+        # per batch: [mean, median] over tokens, kept on the device (one host copy, in frame())
+        self.samples: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self._handles: list[Any] = []
 
     def __enter__(self) -> "ContributionMeter":
@@ -75,7 +75,7 @@ class ContributionMeter:
             self._handles.append(block.register_forward_pre_hook(self._block_in(i), with_kwargs=True))
             self._handles.append(block.register_forward_hook(self._block_out(i)))
             for b in self.branches[i]:
-                self._handles.append(self.model.get_submodule(b).register_forward_hook(self._branch(i, b)))
+                self._handles.append(self.model.get_submodule(b).register_forward_hook(self._branch(i)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -91,14 +91,12 @@ class ContributionMeter:
                 self._b2[i] = torch.zeros_like(self._x2[i])
         return hook
 
-    def _branch(self, i: int, name: str) -> Callable:
+    def _branch(self, i: int) -> Callable:
         def hook(module, args, output):
             y = first_tensor(output)
             x2 = self._x2[i]
-            if x2 is None or not isinstance(y, torch.Tensor) or y.shape[:-1] != x2.shape:
-                self.unused.add(name)
-                return
-            self._b2[i] += y.detach().float().square().sum(-1)
+            if x2 is not None and isinstance(y, torch.Tensor) and y.shape[:-1] == x2.shape:
+                self._b2[i] += y.detach().float().square().sum(-1)  # others are not branch outputs
         return hook
 
     def _block_out(self, i: int) -> Callable:
@@ -107,7 +105,7 @@ class ContributionMeter:
             if x2 is None:
                 return
             r = (b2 / x2.clamp_min(1e-30)).sqrt().flatten()
-            self.samples[i].append((float(r.mean()), float(r.median())))
+            self.samples[i].append(torch.stack([r.mean(), r.median()]))
             self._x2[i] = self._b2[i] = None
         return hook
 
@@ -115,7 +113,7 @@ class ContributionMeter:
         """layer, branch_rel (mean over tokens), branch_rel_median, each with its standard error over batches."""
         rows = []
         for i, s in enumerate(self.samples):
-            a = np.array(s, dtype=float).reshape(-1, 2)
+            a = torch.stack(s).cpu().double().numpy() if s else np.zeros((0, 2))
             n = len(a)
             se = a.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(2, math.nan)
             mean = a.mean(0) if n else np.full(2, math.nan)
