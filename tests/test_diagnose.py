@@ -449,3 +449,27 @@ def test_exploding_stream_is_measured_from_block_0_and_gradients_need_the_scale_
         t = pd.DataFrame(dict(base, grad_second_moment=g, grad_rel=g, grad_scale_free=free))
         ids = {f["id"] for f in findings(t, [], [1.0], layout, loaded, None)}
         assert expect in ids and ({"gradient_scale", "gradients_explode"} - {expect}).isdisjoint(ids), ids
+
+
+def test_contribution_is_unknown_not_zero_when_no_branch_output_is_seen():
+    """A branch module whose output is not stream-shaped cannot be measured: NaN, never a redundant 0."""
+    from torch import nn
+
+    from analysis.diagnose.contribution import ContributionMeter
+    from probes import locate
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide = nn.Linear(8, 16)
+
+        def forward(self, x):
+            return x + self.wide(x)[..., :8]
+
+    model = nn.Sequential()
+    model.layers = nn.ModuleList([Block(), Block()])
+    model.forward = lambda x: model.layers[1](model.layers[0](x))
+    layout = locate(model, blocks="layers")
+    with ContributionMeter(model, layout, [["layers.0.wide"], ["layers.1.wide"]]) as meter:
+        model(torch.randn(2, 5, 8))
+    assert meter.frame()["branch_rel"].isna().all()

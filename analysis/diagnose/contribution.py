@@ -65,6 +65,8 @@ class ContributionMeter:
         L = len(layout.blocks)
         self._x2: list[torch.Tensor | None] = [None] * L
         self._b2: list[torch.Tensor | None] = [None] * L
+        self._seen = [False] * L  # a stream-shaped branch output was added this forward
+        self._shape: list[torch.Size | None] = [None] * L  # the stream's shape at the block input
         # per batch: [mean, median] over tokens, kept on the device (one host copy, in frame())
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self._handles: list[Any] = []
@@ -89,14 +91,16 @@ class ContributionMeter:
             if isinstance(x, torch.Tensor):
                 self._x2[i] = x.detach().float().square().sum(-1)
                 self._b2[i] = torch.zeros_like(self._x2[i])
+                self._seen[i], self._shape[i] = False, x.shape
         return hook
 
     def _branch(self, i: int) -> Callable:
         def hook(module, args, output):
             y = first_tensor(output)
             x2 = self._x2[i]
-            if x2 is not None and isinstance(y, torch.Tensor) and y.shape[:-1] == x2.shape:
+            if x2 is not None and isinstance(y, torch.Tensor) and y.shape == self._shape[i]:
                 self._b2[i] += y.detach().float().square().sum(-1)  # others are not branch outputs
+                self._seen[i] = True
         return hook
 
     def _block_out(self, i: int) -> Callable:
@@ -104,7 +108,9 @@ class ContributionMeter:
             x2, b2 = self._x2[i], self._b2[i]
             if x2 is None:
                 return
-            r = (b2 / x2.clamp_min(1e-30)).sqrt().flatten()
+            # no branch output seen: unknown, not zero (zero would read as a redundant block)
+            r = (b2 / x2.clamp_min(1e-30)).sqrt().flatten() if self._seen[i] else torch.full_like(
+                x2.flatten(), math.nan)
             self.samples[i].append(torch.stack([r.mean(), r.median()]))
             self._x2[i] = self._b2[i] = None
         return hook
