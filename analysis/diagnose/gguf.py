@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from analysis.diagnose.loading import Loaded, _finish_hf, _hf_head_class, _transformers, check_fits
+from analysis.diagnose.loading import Loaded, _finish_hf, _hf_head_class, _transformers, check_fits, first_line
 
 GGUF_EXTRA = "pip install -e .[gguf]"
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -239,7 +239,7 @@ def load_gguf(path: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
         config = t.AutoConfig.from_pretrained(folder, gguf_file=fname, local_files_only=True,
                                               trust_remote_code=False)
     except Exception as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ValueError(f"{path}: transformers could not read the GGUF metadata of architecture "
                          f"{arch!r} ({type(e).__name__}: {first})") from None
     cls, loss_kind = _hf_head_class(config)
@@ -256,7 +256,7 @@ def load_gguf(path: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
         with _quiet_gguf_progress():
             model = cls.from_pretrained(folder, **kwargs)
     except Exception as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e, 300)
         raise ValueError(f"{path}: transformers could not load the GGUF weights ({type(e).__name__}: "
                          f"{first})") from None
     seconds = time.perf_counter() - t0
@@ -271,7 +271,7 @@ def load_gguf(path: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
                                                   trust_remote_code=False)
             built = (tok, path)
         except Exception as e:  # no or an unconvertible tokenizer in the metadata: bytes
-            first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            first = first_line(e, 120)
             notes.append(f"the GGUF file's tokenizer did not load ({first}); using bytes")
             built = (None, None)
     desc = (f"GGUF {arch} ({fname}) as Hugging Face {type(model).__name__}, "

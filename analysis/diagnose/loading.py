@@ -68,6 +68,11 @@ class Loaded:
 
 # --- guards -----------------------------------------------------------------------------------
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first message line (its type's name if it has none), cut to ``limit`` characters."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:limit]
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -102,7 +107,7 @@ def torch_load(path: Path) -> Any:
         raise ValueError(f"{path} is not a readable torch file (corrupt pickle: {str(e).splitlines()[0]})") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, TypeError,
             AttributeError, IndexError, KeyError, UnicodeDecodeError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ValueError(f"{path} is not a readable torch file ({type(e).__name__}: {first})") from None
 
 
@@ -115,7 +120,7 @@ def safetensors_load(path: Path) -> dict[str, torch.Tensor]:
     except ImportError:
         raise ValueError("reading .safetensors needs the safetensors package (pip install -e .[hf])") from None
     except Exception as e:  # SafetensorError and friends: corrupt header or truncated data
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ValueError(f"{path} is not a readable safetensors file ({first})") from None
 
 
@@ -403,8 +408,8 @@ def load_hf_folder(folder: Path, tokenizer: str | os.PathLike | None = None) -> 
         text = str(e)
         if "Weights only load failed" in text or "GLOBAL" in text:
             raise _refuse_pickle(folder, e) from None
-        first = (text.splitlines() or [type(e).__name__])[0][:300]
-        raise ValueError(f"{folder}: transformers could not load the weights ({type(e).__name__}: {first})") from None
+        raise ValueError(f"{folder}: transformers could not load the weights ({type(e).__name__}: "
+                         f"{first_line(e, 300)})") from None
     model.float()
     desc = (f"Hugging Face {type(model).__name__} ({config.model_type}), "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
