@@ -303,16 +303,8 @@ def _removed_if_empty(out):
 
 
 def _writable_dir(path: str | None):
-    import time
-    from pathlib import Path
-    out = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").touch()
-        (out / ".write_test").unlink()
-    except OSError as e:
-        raise ValueError(f"output folder {out} is not writable ({e.strerror})") from None
-    return out
+    from analysis.folders import writable_dir
+    return writable_dir(path)
 
 
 def _parse_moe(text: str | None) -> tuple[int, int]:

@@ -135,6 +135,9 @@ def make_sweep_folder(folder: Path, seeds=(0, 1), depths=(2, 4), cut_last=False)
 def test_bad_input_classes_one_line_exit_2(tmp_path):
     sweep = tmp_path / "sweep"
     make_sweep_folder(sweep)
+    atlas = tmp_path / "atlas"  # an atlas folder: its claims.csv is the atlas's own
+    atlas.mkdir()
+    (atlas / "atlas_layers.csv").write_text("checkpoint,layer\n")
     renamed = tmp_path / "renamed"
     make_sweep_folder(renamed)
     csv = renamed / "init_profiles.csv"
@@ -195,6 +198,7 @@ def test_bad_input_classes_one_line_exit_2(tmp_path):
         (train + ["--grad-clip", "-1", "--out", str(tmp_path / "o14")], ["grad_clip", ">= 0"]),
         (["bench", "--parallel", "0"], ["--parallel", ">= 1"]),
         (["theory", "--scheme", "pre", "--out", str(sweep)], ["holds a sweep", "overwrite"]),
+        (["theory", "--scheme", "pre", "--out", str(atlas)], ["holds an atlas", "overwrite"]),
         # unclear messages
         (["report", str(broken)], ["config.json", "not valid JSON"]),
         (train + ["--out", str(grid)], ["settings.json", "not valid JSON"]),

@@ -10,6 +10,7 @@ from typing import Any
 
 import sympy
 
+from analysis.folders import writable_dir
 from theory import claims as CL
 from theory import interpreter as I
 from theory import solve as S
@@ -103,7 +104,7 @@ def write_json(content: dict[str, Any], out: str | os.PathLike) -> str:
 # theory command would overwrite with its own
 OTHER_OUTPUTS = {"init_profiles.csv": "a sweep", "config.json": "a sweep",
                  "train_runs.csv": "a training grid", "campaign.json": "a campaign",
-                 "diagnosis.json": "a diagnosis"}
+                 "diagnosis.json": "a diagnosis", "atlas_layers.csv": "an atlas"}
 
 
 def check_out(out: str | os.PathLike) -> None:
@@ -114,13 +115,7 @@ def check_out(out: str | os.PathLike) -> None:
             raise ValueError(f"{out} holds {what} ({name}): `theory` would overwrite its claims.csv "
                              "and theory.json; choose another --out folder (`report` rebuilds a "
                              "sweep's own)")
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"output folder {out} is not writable ({e.strerror})") from None
+    writable_dir(out)
 
 
 def run(args: argparse.Namespace) -> int:
