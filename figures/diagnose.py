@@ -150,7 +150,6 @@ ATLAS_PANELS = (  # column, y label, log scale, has an init twin
 
 def atlas_figure(layers: pd.DataFrame, path: str | Path, fmt: str = "png") -> Path:
     """Six panels against relative depth, one colour per checkpoint; dashed: the same re-initialized."""
-    from figures.style import PALETTE
     fig, axes = new_figure(len(ATLAS_PANELS), width=3.3, height=3.6)
     names = list(dict.fromkeys(layers["checkpoint"]))
     for ax, (col, label, log, twin) in zip(axes, ATLAS_PANELS):
