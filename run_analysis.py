@@ -7,6 +7,7 @@ import contextlib
 import math
 import shlex
 import sys
+from pathlib import Path
 
 
 def _cmd_schemes(args: argparse.Namespace) -> int:
@@ -127,7 +128,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.init.pipeline import load_tables, save_tables
     _check_format(args.format)
-    tables, cfg, theory = load_tables(args.run_dir, warn=lambda s: print(s, file=sys.stderr))
+    if args.theory and Path(args.run_dir).is_dir():
+        _writable_dir(args.run_dir)  # before minutes of theory: an unwritable folder fails now
+    tables, cfg, theory = load_tables(args.run_dir, warn=lambda s: print(s, file=sys.stderr),
+                                      theory_again=args.theory)
     out = _writable_dir(args.run_dir)
     save_tables(tables, cfg, theory, out)
     _write_report(tables, theory, out, args.format)
@@ -455,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild the report of a run folder from its CSVs")
     p.add_argument("run_dir", help="a folder written by the analysis or `sweep`")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    p.add_argument("--theory", action="store_true",
+                   help="recompute both theories' predictions and the derived claims with this "
+                        "code from the stored measurements (their inputs q0, rho0, rho_g are in "
+                        "init_profiles.csv), then compare; init_profiles.csv is rewritten")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("train", help="train a grid of schemes × depths with probes; write CSVs, "

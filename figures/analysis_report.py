@@ -62,12 +62,17 @@ def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[P
         ("h2", "Targets"),
         ("p", "Median and 99th-percentile error over every compared layer and depth, against the "
               "targets (forward second moment: median ≤ 2 %, p99 ≤ 5 %; gradient: median ≤ 5 %), "
-              "for both predictions."),
+              "for both predictions. noise_floor: the same statistic of the error that an exactly "
+              "right theory would show, given the measured spread (Student's t with seeds − 1 "
+              "degrees of freedom); resolvable is false where it exceeds the target: there more "
+              "seeds, not a better theory, would decide."),
         ("table", targets),
         ("h2", "Errors per scheme and metric"),
         ("p", "Relative error for second moments and gradient ratios, absolute error for cosines. "
               "within_spread: the share of rows whose theory lies within 2 standard errors of the "
-              "measured mean. prediction: resolved = the position-resolved theory (token-by-token "
+              "measured mean; within_expected: that share for an exactly right theory (0.82 with "
+              "3 seeds, not 0.95); noise_floor(_p99): the median (99th-percentile) error of an "
+              "exactly right theory at the typical spread. prediction: resolved = the position-resolved theory (token-by-token "
               "covariances; solid lines in the figures), averaged = the sequence-averaged symbolic "
               "recurrence (dotted lines), which cannot see that causal attention sends the "
               "gradient of every later token to the first ones."),

@@ -133,6 +133,58 @@ def test_default_pipeline_end_to_end_tiny(tmp_path):
                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r2.returncode == 0, r2.stderr
     assert (out / "report.md").read_text() == md
+    # `report --theory` predicts again from the stored inputs: this code, the same numbers
+    r3 = subprocess.run([sys.executable, str(ROOT / "run_analysis.py"), "report", str(out),
+                         "--theory"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r3.returncode == 0, r3.stderr
+    assert "theory recomputed for 18/18" in r3.stdout
+    again = pd.read_csv(out / "init_profiles.csv")
+    pd.testing.assert_frame_equal(again, profiles)
+
+
+def test_report_theory_compares_a_revised_theory_without_measuring(monkeypatch):
+    """repredict replaces both theory columns from each seed's measured inputs, nothing else."""
+    frame = synthetic(1.0, seeds=(0, 1), depths=(2,))
+    embed = [("pre", 2, s, -1, "embed", m, v, 0.0, np.nan) for s in (0, 1)
+             for m, v in (("second_moment", 1.0), ("token_cosine", 0.1))]
+    top = [("pre", 2, s, 1, "blocks.1.resid_post", "grad_token_cosine", 0.2, 0.0, np.nan)
+           for s in (0, 1)]
+    cols = list(frame.columns)
+    frame = pd.concat([frame, pd.DataFrame(embed + top, columns=cols)], ignore_index=True)
+    frame["theory_averaged"] = np.nan
+    seen = []
+
+    def fake(scheme, **kw):
+        seen.append((kw["q0"], kw["rho0"], kw["rho_g"]))
+        n = kw["depth"] + 1
+        return {k: np.full(n, 7.0) for k in ("q", "q_agg", "rho", "g", "rg", "cos", "g_first")}
+
+    monkeypatch.setattr(sweep_mod, "PREDICTIONS", {"theory": fake, "theory_averaged": fake})
+    from analysis.testbed.model import ModelConfig
+    out = sweep_mod.repredict(frame, ModelConfig(width=32, heads=2, max_seq_len=16), log=lambda s: None)
+    assert seen == [(1.0, 0.1, 0.2)] * 4  # two seeds × two predictions, each its own inputs
+    q = out[(out["metric"] == "second_moment") & (out["point"] != "embed")]
+    assert (q["theory"] == 7.0).all() and (q["theory_averaged"] == 7.0).all()
+    pd.testing.assert_series_equal(out.sort_values(["seed", "point", "metric"])["measured"].reset_index(drop=True),
+                                   frame[out.columns].sort_values(["seed", "point", "metric"])["measured"].reset_index(drop=True))
+
+
+def test_noise_floor_is_the_median_error_of_an_exact_theory():
+    """With n seeds, an exact theory's error is |t_{n−1}|·SE: its median t_{n−1}(0.75)·SE, and
+    its share within 2 SE P(|t_{n−1}| ≤ 2) — 0.82 for 3 seeds, the bar within_spread is read by."""
+    from scipy import stats
+    errs = add_errors(aggregate(synthetic(1.0)))
+    row = errs[(errs["metric"] == "second_moment")].iloc[0]
+    se = np.std([-0.001, 0, 0.001], ddof=1) / np.sqrt(3)
+    assert row["noise_floor"] == pytest.approx(stats.t.ppf(0.75, 2) * se / row["measured"])
+    assert row["within_expected"] == pytest.approx(0.8165, abs=1e-4)
+    # a target below the floor is flagged unresolvable, one above it resolvable
+    summary = error_summary(aggregate(synthetic(1.0)))
+    loud = summary.assign(noise_floor=0.03)
+    t = target_check(loud).set_index(["metric", "statistic"])
+    assert not t.loc[("second_moment", "median"), "resolvable"]
+    assert target_check(summary.assign(noise_floor=0.001)).set_index(
+        ["metric", "statistic"]).loc[("second_moment", "median"), "resolvable"]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -278,6 +278,28 @@ def attention_position_table(T: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(Cs), np.array(Xs)
 
 
+@lru_cache(maxsize=32)
+def attention_alignment_table(T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position M1_t(v) = E Σ_s P_ts Z_s and M2_t(v) = E (Σ_s P_ts Z_s)², arrays
+    [len(V_GRID), T] (numeric, MC; the draws of attention_position_table), Z_s the standardized
+    logits: how far the softmax tilts its weighted mean of the keys along the query's direction
+    (√v for large t). They give attention's finite-width value–weight alignment term
+    (theory.positional.attention).
+    """
+    if T < 1:
+        raise ValueError(f"sequence length must be >= 1, got {T}")
+    rng = np.random.default_rng(20240601)
+    Z = rng.standard_normal((_MC_SAMPLES, T))
+    M1, M2 = [], []
+    for v in _V_GRID:
+        z = math.sqrt(v) * Z
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        m = np.cumsum(e * Z, 1) / np.cumsum(e, 1)
+        M1.append(m.mean(0))
+        M2.append((m * m).mean(0))
+    return np.array(M1), np.array(M2)
+
+
 _FULL_DRAWS = 2 ** 19  # normal draws per grid point: 16384 sequences at T = 32, fewer for longer
 
 

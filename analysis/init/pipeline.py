@@ -20,7 +20,7 @@ from analysis.testbed.corpus import load_corpus
 from analysis.init.measured_claims import check_claims
 from analysis.testbed.model import ModelConfig
 from analysis.init.sweep import (check_memory, check_theory_cost, complete_points, init_sweep,
-                                 read_profiles)
+                                 read_profiles, repredict)
 from analysis.records import read_record, refuse_other
 from analysis.device import resolve_device
 from analysis.init.derivations import collect, write_json
@@ -153,11 +153,14 @@ def save_tables(tables: dict[str, pd.DataFrame], cfg: AnalysisConfig, theory: di
         tables[name].to_csv(out / f"{name}.csv", index=False)
 
 
-def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print
+def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print, theory_again: bool = False,
+                log: Callable[[str], None] = print
                 ) -> tuple[dict[str, pd.DataFrame], AnalysisConfig, dict]:
     """Read a run folder back (ValueError if it holds no results or a file is broken). Grid points
     missing from init_profiles.csv or part-written (a cut sweep) are left out, and ``warn`` is
-    told which: the statistics then cover only the rest."""
+    told which: the statistics then cover only the rest. ``theory_again``: both theories'
+    predictions and the derived claims are computed afresh by this code from the stored
+    measurements (sweep.repredict), so a revised theory is compared without measuring again."""
     run_dir = Path(run_dir)
     profiles = run_dir / "init_profiles.csv"
     if not run_dir.is_dir():
@@ -178,6 +181,9 @@ def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print
                  if not any(p.startswith(f"{s} L={d}:") for p in problems)]
     if not len(frame):
         raise ValueError(f"{profiles} has no complete grid point ({'; '.join(problems[:5])})")
+    if theory_again:
+        frame = repredict(frame, cfg.model_config(cfg.schemes[0], cfg.depths[0]), log=log)
+        theory, _ = collect(cfg.schemes, latex=True)
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         warn(f"warning: {profiles} lacks parts of {len(problems)} of {len(grid)} grid points, "

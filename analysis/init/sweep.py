@@ -103,6 +103,32 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
     return pd.concat(frames, axis=1).reset_index()
 
 
+def theory_inputs(rows: pd.DataFrame, depth: int) -> dict[str, float]:
+    """The measured inputs theory takes for one seed: q_0 and ρ_0 at the embedding, ρ_g at the top."""
+    embed = rows[rows["point"] == "embed"].set_index("metric")["measured"]
+    top = rows[rows["point"] == f"blocks.{depth - 1}.resid_post"].set_index("metric")["measured"]
+    return {"q0": float(embed["second_moment"]), "rho0": float(embed["token_cosine"]),
+            "rho_g": float(top["grad_token_cosine"])}
+
+
+def repredict(profiles: pd.DataFrame, base: ModelConfig,
+              log: Callable[[str], None] = print) -> pd.DataFrame:
+    """The profiles with both theory columns computed afresh by this code, from each seed's
+    measured inputs: an improved theory is compared with measurements already made."""
+    parts = []
+    groups = profiles.groupby(["scheme", "depth", "seed"], sort=False)
+    t0 = time.perf_counter()
+    for k, ((scheme, depth, seed), rows) in enumerate(groups, 1):
+        cfg = replace(base, scheme=scheme, depth=int(depth))
+        theory = theory_rows(cfg, **theory_inputs(rows, int(depth)))
+        rows = rows.drop(columns=list(PREDICTIONS)).merge(theory, on=["point", "metric"], how="left")
+        parts.append(rows[COLUMNS])
+        if k % 10 == 0 or k == groups.ngroups:
+            log(f"  theory recomputed for {k}/{groups.ngroups} (scheme, depth, seed) "
+                f"({time.perf_counter() - t0:.0f} s)")
+    return pd.concat(parts, ignore_index=True)
+
+
 def read_profiles(path: Path, need_rows: bool = True) -> pd.DataFrame:
     """init_profiles.csv, or ValueError naming what is wrong with it: empty, a column missing or
     renamed. A last line cut short (no newline at the end) is dropped: a cut mid-write."""
@@ -241,10 +267,7 @@ def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: Mo
         point = []
         for seed in seeds:
             rows = to_rows(measure(cfg, seed, corpus, batches, batch_size, device, compile), cfg.depth)
-            embed = rows[rows["point"] == "embed"].set_index("metric")["measured"]
-            top = rows[rows["point"] == f"blocks.{cfg.depth - 1}.resid_post"].set_index("metric")
-            theory = theory_rows(cfg, q0=embed["second_moment"], rho0=embed["token_cosine"],
-                                 rho_g=top.loc["grad_token_cosine", "measured"])
+            theory = theory_rows(cfg, **theory_inputs(rows, cfg.depth))
             rows = rows.merge(theory, on=["point", "metric"], how="left")
             point.append(rows.assign(scheme=cfg.scheme, depth=cfg.depth, seed=seed)[COLUMNS])
         parts += point
