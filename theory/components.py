@@ -255,6 +255,18 @@ _V_GRID = [_V_MAX * (i / 64) ** 2 for i in range(65)]
 _MC_SAMPLES = 1024
 
 
+def _causal_draws(T: int):
+    """For each v of the grid: the standard draws Z [samples, T] and exp(√v·Z) shifted per row
+    (softmax is shift invariant; the shift avoids overflow). The same fixed-seed draws for every
+    table, so the tables are smooth in v and consistent with each other."""
+    if T < 1:
+        raise ValueError(f"sequence length must be >= 1, got {T}")
+    Z = np.random.default_rng(20240601).standard_normal((_MC_SAMPLES, T))
+    for v in _V_GRID:
+        z = math.sqrt(v) * Z
+        yield Z, np.exp(z - z.max(axis=1, keepdims=True))
+
+
 @lru_cache(maxsize=32)
 def attention_position_table(T: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-position statistics C_t(v), X_t(v), arrays [len(V_GRID), T] (numeric, MC).
@@ -262,15 +274,8 @@ def attention_position_table(T: int) -> tuple[np.ndarray, np.ndarray]:
     Query t (1-based) attends over keys 1..t; the draws are shared across the v grid and
     positions, so the tables are smooth in v.
     """
-    if T < 1:
-        raise ValueError(f"sequence length must be >= 1, got {T}")
-    rng = np.random.default_rng(20240601)
-    Z = rng.standard_normal((_MC_SAMPLES, T))
     Cs, Xs = [], []
-    for v in _V_GRID:
-        z = math.sqrt(v) * Z
-        z = z - z.max(axis=1, keepdims=True)  # softmax is shift invariant; avoids overflow
-        e = np.exp(z)
+    for _, e in _causal_draws(T):
         s1, s2, s3 = np.cumsum(e, 1), np.cumsum(e * e, 1), np.cumsum(e ** 3, 1)
         p2, p3 = s2 / s1 ** 2, s3 / s1 ** 3
         Cs.append(p2.mean(0))
@@ -286,14 +291,8 @@ def attention_alignment_table(T: int) -> tuple[np.ndarray, np.ndarray]:
     (√v for large t). They give attention's finite-width value–weight alignment term
     (theory.positional.attention).
     """
-    if T < 1:
-        raise ValueError(f"sequence length must be >= 1, got {T}")
-    rng = np.random.default_rng(20240601)
-    Z = rng.standard_normal((_MC_SAMPLES, T))
     M1, M2 = [], []
-    for v in _V_GRID:
-        z = math.sqrt(v) * Z
-        e = np.exp(z - z.max(axis=1, keepdims=True))
+    for Z, e in _causal_draws(T):
         m = np.cumsum(e * Z, 1) / np.cumsum(e, 1)
         M1.append(m.mean(0))
         M2.append((m * m).mean(0))
