@@ -54,10 +54,12 @@ def random_corpus(n_bytes: int = 1 << 21, seed: int = 0) -> Corpus:
 
 
 def seed_study(cfg: ModelConfig, seeds: list[int], corpus: Corpus, batches: int = 2,
-               batch_size: int = 4) -> pd.DataFrame:
+               batch_size: int = 4, log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Per layer and metric: measured mean ± SE over ``seeds``, theory, z."""
     measured, theory = [], []
-    for seed in seeds:
+    for k, seed in enumerate(seeds, 1):
+        if log:
+            log(f"    seed study: seed {k}/{len(seeds)}")
         rows = to_rows(measure(cfg, seed, corpus, batches, batch_size), cfg.depth)
         th = theory_rows(cfg, **theory_inputs(rows, cfg.depth))
         rows = rows[rows["metric"].isin(list(METRICS))]
@@ -116,7 +118,8 @@ def _record(model: torch.nn.Module, seen: dict) -> list:
 
 
 def sublayer_audit(cfg: ModelConfig, seeds: list[int], corpus: Corpus, batches: int = 2,
-                   batch_size: int = 4) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   batch_size: int = 4, log: Callable[[str], None] | None = None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(audit, cosine statistic): every sublayer's measured output Gram (forward) and input
     gradient Gram (backward) against theory's maps of its measured input Gram and output
     gradient Gram; every block output's probe cosine against the cosine of its mean Gram."""
@@ -124,7 +127,9 @@ def sublayer_audit(cfg: ModelConfig, seeds: list[int], corpus: Corpus, batches: 
     off = ~np.eye(cfg.max_seq_len, dtype=bool)
     stats_of = {"q": lambda A: float(np.mean(np.diag(A))), "offdiag": lambda A: float(A[off].mean())}
     rows, cos_rows = [], []
-    for seed in seeds:
+    for k, seed in enumerate(seeds, 1):
+        if log:
+            log(f"    audit: seed {k}/{len(seeds)}")
         model = build_model(cfg, seed=seed).double()
         seen: dict[tuple, dict] = {}
         hooks = _record(model, seen)
@@ -264,12 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     for scheme in schemes:
         cfg = replace(base, scheme=scheme)
         for name, corpus in corpora.items():
-            studies.append(seed_study(cfg, seeds, corpus).assign(corpus=name))
-            audit, cos = sublayer_audit(cfg, seeds, corpus)
+            def log(line: str) -> None:  # one line rewritten in place on a terminal
+                print(f"  {scheme} on {name}:{line[3:]}", end="\r", flush=True)
+            live = log if sys.stdout.isatty() else None
+            studies.append(seed_study(cfg, seeds, corpus, log=live).assign(corpus=name))
+            audit, cos = sublayer_audit(cfg, seeds, corpus, log=live)
             audits.append(audit.assign(corpus=name))
             cosines.append(cos.assign(corpus=name))
-            print(f"  {scheme} on {name}: {len(seeds)} seeds ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            print(f"  {scheme} on {name}: {len(seeds)} seeds done ({time.perf_counter() - t0:.0f} s)"
+                  + " " * 10, flush=True)
     study, audit, cos = (pd.concat(x, ignore_index=True) for x in (studies, audits, cosines))
     summary = summarize(study, audit)
     for name, frame in (("seed_study", study), ("audit", audit), ("cosine_statistic", cos),
