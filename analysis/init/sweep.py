@@ -120,7 +120,12 @@ def repredict(profiles: pd.DataFrame, base: ModelConfig,
     t0 = time.perf_counter()
     for k, ((scheme, depth, seed), rows) in enumerate(groups, 1):
         cfg = replace(base, scheme=scheme, depth=int(depth))
-        theory = theory_rows(cfg, **theory_inputs(rows, int(depth)))
+        try:
+            inputs = theory_inputs(rows, int(depth))
+        except KeyError as e:  # a row theory takes as input is missing
+            raise ValueError(f"{scheme} L={int(depth)} seed {seed}: no measured {e} to predict "
+                             "from (init_profiles.csv lacks the row)") from None
+        theory = theory_rows(cfg, **inputs)
         rows = rows.drop(columns=list(PREDICTIONS)).merge(theory, on=["point", "metric"], how="left")
         parts.append(rows[COLUMNS])
         if k % 10 == 0 or k == groups.ngroups:
