@@ -41,5 +41,7 @@ def test_fidelity_bad_input_is_one_line(capsys):
     assert main(["--seeds", "1"]) == 2
     assert main(["--schemes", "nope", "--seeds", "2"]) == 2
     assert main(["--grid", "/nonexistent/run"]) == 2
+    assert main(["--corpora", "text,books"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert "unknown corpus books" in err[-1]

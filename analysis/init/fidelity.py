@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=256, help="model width (default: 256)")
     ap.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: 64)")
+    ap.add_argument("--corpora", default="text,random",
+                    help="comma-separated: text (the default corpus), random (i.i.d. bytes) "
+                         "(default: text,random)")
     ap.add_argument("--out", default="runs/fidelity", help="output folder (default: runs/fidelity)")
     ap.add_argument("--grid", metavar="RUN_DIR",
                     help="instead: write gradient_spread.csv (g_0/g_L per seed and its spread in "
@@ -247,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         schemes = [s for s in args.schemes.split(",") if s]
+        names = [c for c in args.corpora.split(",") if c]
+        unknown = [c for c in names if c not in ("text", "random")] or ([] if names else ["(none)"])
+        if unknown:
+            raise ValueError(f"unknown corpus {unknown[0]} (known: text, random)")
         if args.seeds < 2:
             raise ValueError(f"--seeds must be >= 2 for a standard error, got {args.seeds}")
         base = ModelConfig(scheme=schemes[0], depth=args.depth, width=args.width, heads=args.heads,
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    corpora = {"text": load_corpus(None), "random": random_corpus()}
+    make = {"text": lambda: load_corpus(None), "random": random_corpus}
+    corpora = {name: make[name]() for name in names}
     seeds = list(range(args.seeds))
     studies, audits, cosines = [], [], []
     t0 = time.perf_counter()
