@@ -221,8 +221,9 @@ def attention(S: np.ndarray, *, sigma: float, value_gain: float = 1.0, out_gain:
 
     Query s (1-based) averages keys i ≤ s with softmax weights P_si of logits whose i.i.d. part
     has variance v_s = σ⁴·S_ss·u_s, u_s the keys' variance about their mean (the shared part
-    cancels in the softmax). ``width`` > 0 adds the finite-width alignment term below. Exchangeability gives E P_si = 1/s and, exactly,
-    E P_si² = C_s/s, E P_si P_sj = (1 - C_s)/(s(s-1)) with C_s(v_s) = E Σ_i P_si² (numeric table).
+    cancels in the softmax); ``width`` > 0 adds the finite-width alignment term below.
+    Exchangeability gives E P_si = 1/s and, exactly, E P_si² = C_s/s,
+    E P_si P_sj = (1 - C_s)/(s(s-1)) with C_s(v_s) = E Σ_i P_si² (numeric table).
     Distinct queries s, t see the same keys through logits correlated by R_st (the queries'
     cosine); their weight fluctuations are taken linear in the standardized logits ζ,
     δP_si = κ_s/s·(ζ_si − ζ̄_s), with the gain κ_s² = s(sC_s − 1)/(s − 1) that makes the
