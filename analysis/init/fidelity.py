@@ -146,8 +146,8 @@ def sublayer_audit(cfg: ModelConfig, seeds: list[int], corpus: Corpus, batches: 
                                  "gram": positional.mean_cosine(_grams(Y, cfg.width).mean(0))})
                 continue
             S_in, K_out = _grams(torch.cat(e["x"]), cfg.width), _grams(Y, cfg.width)
-            # backward hooks fire in reverse order of the forward calls
-            G_out, G_in = _grams(torch.cat(e["gy"][::-1]), cfg.width), _grams(torch.cat(e["gx"][::-1]), cfg.width)
+            # each batch's backward follows its forward: gradients are in batch order too
+            G_out, G_in = _grams(torch.cat(e["gy"]), cfg.width), _grams(torch.cat(e["gx"]), cfg.width)
             fn, g = maps[kind], dict(gains)
             per_seq = [fn(S, g) for S in S_in]
             forward = np.mean([k for k, _ in per_seq], 0)
