@@ -38,7 +38,8 @@ def _cmd_model(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
     parts = {"theory": "recurrences", "probes": "probe_overhead", "train": "training",
-             "diagnose": "diagnosis", "components": "components"}  # flag → analysis/bench/ module
+             "diagnose": "diagnosis", "components": "components",
+             "width": "width"}  # flag → analysis/bench/ module
     if args.parallel < 1:  # checked before any part runs, whichever parts are asked for
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
     for flag in [f for f in parts if getattr(args, f)] or parts:  # no flag: every benchmark
@@ -179,7 +180,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     base = ModelConfig(scheme=schemes[0] if schemes else "", depth=depths[0], width=opt["width"],
                        heads=opt["heads"], max_seq_len=opt["seq_len"], ffn=args.ffn, norm=args.norm,
                        experts=experts, top_k=top_k, tie_embeddings=args.tie_embeddings,
-                       dropout=args.dropout)
+                       dropout=args.dropout, parametrization=args.parametrization,
+                       base_width=args.base_width)
     seeds = _parse_ints(args.seeds, "--seeds")
     tc = TrainConfig(tokens=opt["tokens"], batch_size=opt["batch"], lr=opt["lr"],
                      grad_clip=args.grad_clip, device=args.device, seed=seeds[0],
@@ -270,6 +272,120 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     else:
         print("campaign complete")
     return 0
+
+
+def _cmd_coordcheck(args: argparse.Namespace) -> int:
+    from analysis.testbed.corpus import load_corpus
+    import sympy
+
+    from analysis.width.coordcheck import PRESETS, claims, run, slopes, with_changes
+    from theory.step import update_law
+    from figures.report import write_report
+    from figures.width import coordcheck_figure
+    cfg = with_changes(
+        PRESETS[args.preset], schemes=_parse_names(args.schemes),
+        parametrizations=_parse_names(args.parametrizations), optimizer=args.optimizer,
+        lr=args.lr, widths=args.widths and tuple(_parse_ints(args.widths, "--widths")),
+        base_width=args.base_width, depth=args.depth, heads=args.heads, seq_len=args.seq_len,
+        batch_size=args.batch, steps=args.steps,
+        seeds=args.seeds and tuple(_parse_ints(args.seeds, "--seeds")), device=args.device,
+        corpus=args.corpus)
+    cfg.validate()
+    _check_format(args.format)
+    out = _writable_dir(args.out or "runs/coordcheck")
+    corpus = load_corpus(cfg.corpus)
+    print(f"sigprop coordcheck → {out} ({len(cfg.schemes)} schemes × {len(cfg.parametrizations)} "
+          f"parametrizations × {len(cfg.widths)} widths × {len(cfg.seeds)} seeds, "
+          f"{cfg.optimizer} lr {cfg.step_config.lr:g}, {cfg.steps} steps)")
+    raw = run(cfg, corpus, log=lambda m: print(m, flush=True))
+    sl = slopes(raw)
+    cl = claims(sl)
+    raw.to_csv(out / "coordcheck.csv", index=False)
+    sl.to_csv(out / "slopes.csv", index=False)
+    cl.to_csv(out / "claims.csv", index=False)
+    figs = [coordcheck_figure(raw, s, m, out / "figures" / f"coordcheck_{s}_{m}", args.format)
+            for s in cfg.schemes for m in ("change_rms", "update")]
+    laws = [(p, sympy.latex(update_law(cfg.optimizer, p))) for p in cfg.parametrizations]
+    blocks = [("h1", "sigprop coordinate check"),
+              ("p", f"{cfg.optimizer}, lr {cfg.step_config.lr:g}, widths "
+                    f"{', '.join(map(str, cfg.widths))}, depth {cfg.depth}, {cfg.steps} steps, "
+                    f"seeds {', '.join(map(str, cfg.seeds))}. One-step theory (theory/step.py): "
+                    "a block's relative update r grows with width d as"),
+              *[("math", rf"\text{{{p}: }} r = {law}") for p, law in laws],
+              ("h2", "Claims"), ("table", cl[["claim", "status", "evidence"]]),
+              ("h2", "Figures"), *[("img", str(f.relative_to(out))) for f in figs]]
+    write_report(blocks, out, "sigprop coordinate check")
+    for r in cl.itertuples():
+        print(f"  {r.status:5}  {r.claim}: {r.evidence}")
+    print(f"wrote {out / 'coordcheck.csv'}, slopes.csv, claims.csv, report.md and {len(figs)} figures")
+    return 0
+
+
+def _cmd_lrsweep(args: argparse.Namespace) -> int:
+    from analysis.testbed.corpus import load_corpus
+    from analysis.width.lrsweep import PRESETS, claims, curves_table, optima, run, with_changes
+    from figures.report import write_report
+    from figures.width import lrsweep_figure
+    cfg = with_changes(
+        PRESETS[args.preset], schemes=_parse_names(args.schemes),
+        parametrizations=_parse_names(args.parametrizations), optimizer=args.optimizer,
+        lrs=args.lrs and tuple(_parse_floats(args.lrs, "--lrs")),
+        widths=args.widths and tuple(_parse_ints(args.widths, "--widths")),
+        depths=args.depths and tuple(_parse_ints(args.depths, "--depths")), heads=args.heads,
+        seq_len=args.seq_len, batch_size=args.batch, steps=args.steps,
+        seeds=args.seeds and tuple(_parse_ints(args.seeds, "--seeds")), device=args.device,
+        corpus=args.corpus)
+    cfg.validate()
+    _check_format(args.format)
+    out = _writable_dir(args.out or "runs/lrsweep")
+    args.out = str(out)  # what an interruption names, with the command that resumes
+    corpus = load_corpus(cfg.corpus)
+    print(f"sigprop lrsweep → {out} ({len(cfg.runs())} curves × {len(cfg.lrs)} lrs × "
+          f"{len(cfg.seeds)} seeds, {cfg.optimizer}, {cfg.steps} steps each)")
+    raw = run(cfg, corpus, log=lambda m: print(m, flush=True), out=out)
+    # a curve whose best loss sits on the byte-frequency plateau stalled (as `train` calls it)
+    plateau = 0.95 * corpus.unigram_bits() * math.log(2)
+    table, best = curves_table(raw), optima(raw, plateau)
+    cl = claims(best, cfg)
+    best.to_csv(out / "optima.csv", index=False)
+    cl.to_csv(out / "claims.csv", index=False)
+    p0, w0, d0 = cfg.parametrizations[0], cfg.widths[0], cfg.depths[0]
+    figs = [lrsweep_figure(table[(table["parametrization"] == p0) & (table["width"] == w0)],
+                           "depth", out / "figures" / "lr_vs_depth", args.format),
+            lrsweep_figure(table[table["depth"] == d0], "width", out / "figures" / "lr_vs_width",
+                           args.format)]
+    blocks = [("h1", "sigprop learning-rate sweep"),
+              ("p", f"{cfg.optimizer}, {cfg.steps} steps (warmup {cfg.warmup_frac:g}, cosine), "
+                    f"batch {cfg.batch_size} × {cfg.seq_len}, seeds {', '.join(map(str, cfg.seeds))}"),
+              ("h2", "Claims"), ("table", cl[["claim", "status", "evidence"]]),
+              ("h2", "Optimal learning rates"), ("table", best),
+              ("h2", "Figures"), *[("img", str(f.relative_to(out))) for f in figs]]
+    write_report(blocks, out, "sigprop learning-rate sweep")
+    for r in cl.itertuples():
+        print(f"  {r.status:8}  {r.claim}: {r.evidence}")
+    print(f"training {raw['train_s'].sum():.0f} s, validation {raw['eval_s'].sum():.0f} s")
+    print(f"wrote {out / 'lrsweep.csv'}, optima.csv, claims.csv, report.md and {len(figs)} figures")
+    return 0
+
+
+def _parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers, got '{text}'") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{flag} takes finite numbers > 0, got '{text}'")
+    return values
+
+
+def _parse_names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of names (None stays None: the preset's)."""
+    if text is None:
+        return None
+    names = tuple(n for n in text.split(",") if n)
+    if not names:
+        raise ValueError(f"an empty list: '{text}'")
+    return names
 
 
 def _bundle(out):
@@ -488,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the LM head reuses the token embedding, as nanoGPT (default: separate)")
     p.add_argument("--dropout", type=_finite, default=0.0,
                    help="dropout on attention, sublayer outputs and the embedding (default: 0)")
+    p.add_argument("--parametrization", default="standard", choices=["standard", "mup"],
+                   help="standard, or mup: µP's width scaling of init, multipliers and per-layer "
+                        "Adam learning rates (README, Beyond initialization) (default: standard)")
+    p.add_argument("--base-width", type=int, default=64,
+                   help="with --parametrization mup, the width at which it equals standard "
+                        "(default: 64)")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs trained at once in worker processes, sharing the device (default: 1)")
     p.add_argument("--out", help="output folder; an existing grid there resumes "
@@ -543,10 +665,70 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative error of every component moment map (linear, norms, MLPs, "
                         "attention, MoE) against Monte Carlo with the testbed's modules at width "
                         "1024: forward second moment, output rho, gradient power (CPU, < 1 min)")
+    p.add_argument("--width", action="store_true",
+                   help="time the default `coordcheck` (target ≤ 3 min) and `lrsweep` (≤ 10 min) "
+                        "against their floors, the plain steps of the same models (CPU, ~13 min)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_compile_arg(p, "--probes: also time compiled copies (default: on); --train: train "
                         "compiled (default: on cuda only)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("coordcheck", help="coordinate check (as microsoft/mup's): coordinate sizes "
+                                          "over the first steps against width, per scheme and "
+                                          "parametrization, with the one-step theory's slopes")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu: pre,span × standard,mup, widths 64…1024, depth 4, 3 steps, 2 seeds "
+                        "(about 2 min on 2 cores); gpu: pre,post,span, widths 128…4096, depth 8, "
+                        "5 steps, 3 seeds on cuda")
+    p.add_argument("--schemes", help="comma-separated schemes (default: the preset's)")
+    p.add_argument("--parametrizations", help="comma-separated: standard, mup, mup-nomult (µP "
+                                              "without the readout multiplier, deliberately broken)"
+                                              " (default: standard,mup)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam")
+    p.add_argument("--lr", type=_finite, help="base learning rate (default: adam 1e-3, sgd 0.05); "
+                                              "µP's multipliers apply on top")
+    p.add_argument("--widths", help="comma-separated widths (default: the preset's)")
+    p.add_argument("--base-width", type=int, help="the width at which µP equals standard "
+                                                   "(default: the smallest width of the preset)")
+    p.add_argument("--depth", type=int, help="blocks (default: the preset's)")
+    p.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
+    p.add_argument("--steps", type=int, help="optimizer steps measured (default: the preset's)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
+    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    p.add_argument("--out", help="output folder (default: runs/coordcheck)")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    p.set_defaults(func=_cmd_coordcheck)
+
+    p = sub.add_parser("lrsweep", help="learning-rate sweeps: loss after N steps over an lr grid "
+                                       "at several depths and widths per scheme, the optimal lr "
+                                       "of each, and transfer claims")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu: pre,span; depths 4…32 at width 64; widths 64…256 at depth 4 under "
+                        "standard and mup; 6 lrs, 60 steps, 2 seeds (about 8 min on 2 cores); gpu: "
+                        "pre,post,span, widths 128…1024, depths 6…96, 300 steps on cuda")
+    p.add_argument("--schemes", help="comma-separated schemes (default: the preset's)")
+    p.add_argument("--parametrizations", help="comma-separated, for the width sweep; the depth sweep "
+                                              "uses the first (default: standard,mup)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam")
+    p.add_argument("--lrs", help="comma-separated increasing learning rates, log-spaced "
+                                 "(default: 5e-4 … 1.6e-2, factor 2)")
+    p.add_argument("--widths", help="comma-separated widths; the first is the depth sweep's and "
+                                    "µP's base width (default: 64,128,256)")
+    p.add_argument("--depths", help="comma-separated depths; the first is the width sweep's "
+                                    "(default: 4,8,16,32)")
+    p.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: 0,1)")
+    p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
+    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    p.add_argument("--out", help="output folder (default: runs/lrsweep)")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+    p.set_defaults(func=_cmd_lrsweep)
 
     p = sub.add_parser("diagnose", help="collapse diagnosis of a checkpoint: sigprop run, local "
                                         "Hugging Face folder, or state_dict + --config")
@@ -607,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-RESUMABLE = ("sweep", "train", "campaign")  # commands that keep what finished and resume
+RESUMABLE = ("sweep", "train", "campaign", "lrsweep")  # commands that keep what finished and resume
 
 
 def _interrupted(args: argparse.Namespace, argv: list[str], e: KeyboardInterrupt) -> str:

@@ -22,6 +22,11 @@ from torch import nn
 from theory.schemes import Scheme, block_structure, get_scheme
 from theory.shape import Shape
 
+# standard: every weight N(0, σ²/fan_in), one learning rate; mup: µP (analysis.testbed
+# .parametrization); mup-nomult: µP without the readout's 1/width_mult output multiplier, a
+# deliberately broken µP (its logits grow with width), which `coordcheck` must flag
+PARAMETRIZATIONS = ("standard", "mup", "mup-nomult")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # where modules are created: None (torch's default) or, while build_model builds, meta
 _BUILD_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar(
@@ -45,6 +50,10 @@ class ModelConfig(Shape):
     # the usual nanoGPT options, off by default (the theory is at init, without them)
     tie_embeddings: bool = False  # the LM head reuses the token embedding (drawn as the embedding)
     dropout: float = 0.0  # on attention weights, sublayer outputs and the embedding, in training
+    # "standard" (today's) or "mup" (analysis.testbed.parametrization); base_width: the width at
+    # which mup equals standard (its width multiplier is width / base_width)
+    parametrization: str = "standard"
+    base_width: int = 64
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,10 +68,28 @@ class ModelConfig(Shape):
             (self.dtype in DTYPES, f"unknown dtype '{self.dtype}' (known: {', '.join(DTYPES)})"),
             (self.max_seq_len >= 1 and self.vocab >= 1, "max_seq_len and vocab must be >= 1"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.parametrization in PARAMETRIZATIONS, f"unknown parametrization "
+             f"'{self.parametrization}' (known: {', '.join(PARAMETRIZATIONS)})"),
+            (self.base_width >= 1, f"base_width must be >= 1, got {self.base_width}"),
+            (self.parametrization == "standard" or not (self.experts or self.tie_embeddings),
+             f"parametrization {self.parametrization} covers dense models with an untied head "
+             "(no MoE router rule, no tied embeddings)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def width_mult(self) -> float:
+        """µP's width multiplier width / base_width (1 under the standard parametrization)."""
+        return self.width / self.base_width if self.parametrization != "standard" else 1.0
+
+    @property
+    def attn_scale(self) -> float | None:
+        """The attention logits' scale: None (1/√d_head) or, under mup, √(base d_head)/d_head."""
+        if self.parametrization == "standard":
+            return None
+        return math.sqrt(self.base_width / self.heads) / (self.width / self.heads)
 
     @property
     def hidden(self) -> int:
@@ -104,6 +131,7 @@ class Attention(nn.Module):
         super().__init__()
         d, s = cfg.width, cfg.sigma
         self.heads, self.dropout, self.kind = cfg.heads, cfg.dropout, cfg.attention
+        self.scale = cfg.attn_scale
         if self.kind != "uniform":
             self.q, self.k = _linear(d, d, s), _linear(d, d, s)
         self.v, self.o = _linear(d, d, s, value_gain), _linear(d, d, s, out_gain)
@@ -117,7 +145,7 @@ class Attention(nn.Module):
             q, k, v = (m(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
                        for m in (self.q, self.k, self.v))
             att = F.scaled_dot_product_attention(q, k, v, is_causal=self.kind == "causal",
-                                                 dropout_p=p)
+                                                 dropout_p=p, scale=self.scale)
             y = self.o(att.transpose(1, 2).reshape(B, T, D))
         return F.dropout(y, p, True) if p else y
 
@@ -304,7 +332,10 @@ class Testbed(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, d, device=_BUILD_DEVICE.get())
         self.blocks = nn.ModuleList(Block(self.scheme, l, cfg) for l in range(1, cfg.depth + 1))
         self.final_norm = make_norm(cfg) if self.scheme.final_norm else nn.Identity()
-        self.head = _linear(d, cfg.vocab, cfg.sigma)
+        # µP's readout (MuReadout): weights of variance σ²/base_width, output times 1/width_mult,
+        # so the effective readout variance falls as 1/width² (Yang & Hu 2022, arXiv 2203.03466)
+        self.head = _linear(d, cfg.vocab, cfg.sigma, math.sqrt(cfg.width_mult))
+        self.output_mult = 1.0 if cfg.parametrization == "mup-nomult" else 1.0 / cfg.width_mult
         if cfg.tie_embeddings:
             self.head.weight = self.tok_embed.weight
         self.to(DTYPES[cfg.dtype])
@@ -353,6 +384,8 @@ class Testbed(nn.Module):
         for block in self.blocks if blocks is None else blocks:
             x = block(x)
         logits = self.head(self.final_norm(x))
+        if self.output_mult != 1.0:
+            logits = logits * self.output_mult
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -24,6 +24,7 @@ from analysis.device import resolve_device
 from analysis.records import read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_blocks
+from analysis.testbed.parametrization import param_groups, set_lr
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
@@ -150,12 +151,10 @@ def peak_flops(device: torch.device) -> float:
 
 
 def make_optimizer(model: Testbed, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms, not embeddings' rows of positions)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=tc.on_cuda)
+    """AdamW; weight decay on matrices only (not norms); each group's lr × its parametrization's
+    multiplier (all 1 under the standard parametrization)."""
+    return torch.optim.AdamW(param_groups(model, "adam", tc.weight_decay), lr=tc.lr,
+                             betas=(tc.beta1, tc.beta2), fused=tc.on_cuda)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -374,8 +373,7 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
                 snapshot = snapshot_blocks(model, next_fixed_batch())
             if window_t0 is None:
                 window_t0 = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, tc)
+            set_lr(opt, lr_at(step, steps, tc))
             x, y = next_batch()
             with ctx():
                 _, loss = fwd(x, y)

@@ -1,0 +1,242 @@
+"""One optimizer step against the one-step theory: linearity, the weights' shares, width transfer.
+
+``python -m analysis.width.onestep [--schemes pre,post,span] [--optimizers adam,sgd]
+[--base-width 64] [--width 512] [--depth 4] [--seeds 0,1,2] [--depths 4,8,16,32]
+[--depth-schemes pre,post,span,deepnorm] [--depth-width 256] [--out DIR]``
+
+For each scheme, optimizer and seed, one step from init (Adam's first step, or plain SGD, at a lr
+small enough for the linear regime), each block's change on a fixed batch with its own input held:
+- ``linearity``: the change with every weight group stepped, against the sum of the changes with
+  each group (q·k, v, o, up/gate, down, norm gains) stepped alone; their root-sum-square shows how
+  aligned the groups' changes are;
+- ``transfer``: the update size at ``--width`` against theory.step's law r ∝ η·d^e applied to the
+  same block's update at ``--base-width`` (e from the optimizer and parametrization): the width
+  dependence is theory's, the O(1) constant is measured at the base width. Compared as means
+  over seeds (one seed's update at a small width scatters by 10–20 %), with the standard error;
+- ``depth``: the median block's update at each of ``--depths`` (width ``--depth-width``), its
+  log–log slope against theory.step's depth exponent (span, post: 0; deepnorm: −1/2 Adam, −1 SGD;
+  pre: −1/2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.folders import writable_dir
+from analysis.testbed.corpus import Corpus, load_corpus
+from analysis.testbed.model import ModelConfig, build_model
+from analysis.testbed.parametrization import lr_multipliers
+from analysis.training.train import snapshot_blocks
+from theory.step import block_exponent, depth_exponent
+
+GROUPS = {"qk": (".q.", ".k."), "v": (".v.",), "o": (".o.",), "up": (".up.", ".gate."),
+          "down": (".down.",), "norm": (".norms.",)}
+LINEAR_LR = {"adam": 1e-4, "sgd": 1e-2}  # relative updates of a few %: first order holds
+DEPTH_TOL = 0.1  # |measured − theory| of a depth exponent
+
+
+def _group(name: str) -> str | None:
+    return next((g for g, keys in GROUPS.items() if any(k in name for k in keys)), None)
+
+
+def block_changes(mc: ModelConfig, optimizer: str, lr: float, seed: int, corpus: Corpus,
+                  batch_size: int = 8, only: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each block's output change on the fixed batch after one step of the block weights in group
+    ``only`` (all groups: None), and the block outputs before it."""
+    model = build_model(mc, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = corpus.batch("train", batch_size, mc.max_seq_len, generator=gen)
+    fixed = corpus.batch("val", batch_size, mc.max_seq_len,
+                         generator=torch.Generator().manual_seed(20_000 + seed))[0]
+    snap = snapshot_blocks(model, fixed)
+    model(x, y)[1].backward()
+    mult = lr_multipliers(model, optimizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("blocks.") or (only is not None and _group(name) != only):
+                continue
+            g = p.grad  # Adam's first step is lr·m̂/(√v̂ + eps) = lr·g/(|g| + eps)
+            p -= lr * mult[name] * (g if optimizer == "sgd" else g / (g.abs() + 1e-8))
+        changes = [(b(xi) - yo).float() for b, (xi, yo) in zip(model.blocks, snap)]
+    return changes, [yo.float() for _, yo in snap]
+
+
+def linearity(mc: ModelConfig, optimizer: str, seed: int, corpus: Corpus) -> pd.DataFrame:
+    """Per block: the update with every group stepped, the sum of the per-group changes, their
+    root-sum-square, and each group's own share (all relative to the block output's norm)."""
+    lr = LINEAR_LR[optimizer]
+    full, outs = block_changes(mc, optimizer, lr, seed, corpus)
+    parts = {g: block_changes(mc, optimizer, lr, seed, corpus, only=g)[0] for g in GROUPS}
+    rows = []
+    for i, out in enumerate(outs):
+        norm = out.norm()
+        each = {g: float(parts[g][i].norm() / norm) for g in GROUPS}
+        rows.append({"block": i, "update": float(full[i].norm() / norm),
+                     "sum_of_groups": float(sum(parts[g][i] for g in GROUPS).norm() / norm),
+                     "root_sum_square": float(np.sqrt(sum(v ** 2 for v in each.values()))),
+                     **{f"share_{g}": v for g, v in each.items()}})
+    return pd.DataFrame(rows)
+
+
+def transfer(mc: ModelConfig, base_width: int, optimizer: str, seed: int,
+             corpus: Corpus) -> pd.DataFrame:
+    """Per block: the update at mc.width against theory's law from the same block at base_width."""
+    lr = LINEAR_LR[optimizer]
+    e = float(block_exponent(optimizer, mc.parametrization))
+    sizes = {}
+    for w in (base_width, mc.width):
+        cfg = ModelConfig(**{**mc.to_dict(), "width": w})
+        changes, outs = block_changes(cfg, optimizer, lr, seed, corpus)
+        sizes[w] = [float(c.norm() / o.norm()) for c, o in zip(changes, outs)]
+    return pd.DataFrame({"block": range(mc.depth), "base": sizes[base_width],
+                         "measured": sizes[mc.width],
+                         "theory": [r * (mc.width / base_width) ** e for r in sizes[base_width]],
+                         "exponent": e})
+
+
+def depth_study(scheme: str, depths: list[int], width: int, optimizer: str, seed: int,
+                corpus: Corpus, heads: int = 4, seq_len: int = 64) -> pd.DataFrame:
+    """Every block's one-step update at each depth (the linear-regime lr of the optimizer)."""
+    rows = []
+    for L in depths:
+        mc = ModelConfig(scheme=scheme, depth=L, width=width, heads=heads, max_seq_len=seq_len)
+        changes, outs = block_changes(mc, optimizer, LINEAR_LR[optimizer], seed, corpus)
+        rows += [{"depth": L, "block": i, "update": float(c.norm() / o.norm())}
+                 for i, (c, o) in enumerate(zip(changes, outs))]
+    return pd.DataFrame(rows)
+
+
+def depth_claims(study: pd.DataFrame) -> pd.DataFrame:
+    """Per scheme and optimizer: the log–log slope of the median block's update against depth
+    (per seed, then mean ± standard error) against theory.step's depth exponent (within 0.1)."""
+    rows = []
+    for (scheme, opt), g in study.groupby(["scheme", "optimizer"], sort=False):
+        med = g.groupby(["seed", "depth"])["update"].median().reset_index()
+        per_seed = [np.polyfit(np.log(s["depth"]), np.log(s["update"]), 1)[0]
+                    for _, s in med.groupby("seed")]
+        slope = float(np.mean(per_seed))
+        se = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else np.nan
+        k = depth_exponent(scheme, opt)
+        by_depth = med.groupby("depth")["update"].mean()
+        rows.append({"claim": f"{scheme}_{opt}_update_depth_exponent", "scheme": scheme,
+                     "optimizer": opt, "slope": slope, "slope_se": se,
+                     "theory": np.nan if k is None else float(k),
+                     "status": "untested" if k is None else
+                               "holds" if abs(slope - float(k)) <= DEPTH_TOL else "fails",
+                     "evidence": "median block update " + ", ".join(
+                         f"L={L}: {v:.4f}" for L, v in by_depth.items())})
+    return pd.DataFrame(rows)
+
+
+def transfer_errors(tr: pd.DataFrame) -> pd.DataFrame:
+    """Per scheme, optimizer and block: theory and measured means over seeds, the relative error
+    of the means and its standard error (both sides' seed spreads)."""
+    g = tr.groupby(["scheme", "optimizer", "block"], sort=False)
+    out = g.agg(theory=("theory", "mean"), measured=("measured", "mean"),
+                theory_sd=("theory", "std"), measured_sd=("measured", "std"),
+                seeds=("seed", "count")).reset_index()
+    out["error"] = out["theory"] / out["measured"] - 1
+    rel = np.hypot(out["theory_sd"] / out["theory"], out["measured_sd"] / out["measured"])
+    out["error_se"] = (1 + out["error"]) * rel / np.sqrt(out["seeds"])
+    return out.drop(columns=["theory_sd", "measured_sd"])
+
+
+def summarize(lin: pd.DataFrame, tr: pd.DataFrame) -> pd.DataFrame:
+    """Per scheme and optimizer: linearity error, alignment of the groups' changes, and the width
+    transfer's largest per-block error of the seed means with the largest standard error."""
+    errors = transfer_errors(tr)
+    rows = []
+    for (scheme, opt), g in lin.groupby(["scheme", "optimizer"], sort=False):
+        e = errors[(errors["scheme"] == scheme) & (errors["optimizer"] == opt)]
+        rows.append({"scheme": scheme, "optimizer": opt,
+                     "linearity_max_error": float((g["sum_of_groups"] / g["update"] - 1).abs().max()),
+                     "sum_over_rss": float((g["sum_of_groups"] / g["root_sum_square"]).median()),
+                     "transfer_max_abs_error": float(e["error"].abs().max()),
+                     "transfer_max_se": float(e["error_se"].max()),
+                     "within_10pct": bool((e["error"].abs() <= 0.10).all())})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (module docstring); one line and exit 2 on bad input."""
+    p = argparse.ArgumentParser(prog="python -m analysis.width.onestep", description=__doc__.split("\n")[0])
+    p.add_argument("--schemes", default="pre,post,span")
+    p.add_argument("--optimizers", default="adam,sgd")
+    p.add_argument("--parametrization", default="standard")
+    p.add_argument("--base-width", type=int, default=64)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--depths", default="4,8,16,32", help="the depth study's depths")
+    p.add_argument("--depth-schemes", default="pre,post,span,deepnorm")
+    p.add_argument("--depth-width", type=int, default=256)
+    p.add_argument("--out", default="runs/onestep")
+    args = p.parse_args(argv)
+    try:
+        schemes = [s for s in args.schemes.split(",") if s]
+        optimizers = [o for o in args.optimizers.split(",") if o]
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        depths = [int(d) for d in args.depths.split(",") if d]
+        depth_schemes = [s for s in args.depth_schemes.split(",") if s]
+        for s in depth_schemes:
+            ModelConfig(scheme=s, depth=1, width=args.depth_width, heads=args.heads)
+        bad = [o for o in optimizers if o not in LINEAR_LR]
+        if bad:
+            raise ValueError(f"unknown optimizer '{bad[0]}' (known: {', '.join(LINEAR_LR)})")
+        configs = {s: ModelConfig(scheme=s, depth=args.depth, width=args.width, heads=args.heads,
+                                  max_seq_len=args.seq_len, parametrization=args.parametrization,
+                                  base_width=args.base_width) for s in schemes}
+        for o in optimizers:
+            block_exponent(o, args.parametrization)
+        if not seeds or args.base_width >= args.width:
+            raise ValueError("needs at least one seed and --base-width below --width")
+        out = writable_dir(args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    corpus, lin, tr, t0 = load_corpus(), [], [], time.perf_counter()
+    for s, mc in configs.items():
+        for o in optimizers:
+            for seed in seeds:
+                meta = {"scheme": s, "optimizer": o, "seed": seed, "lr": LINEAR_LR[o]}
+                lin.append(linearity(mc, o, seed, corpus).assign(**meta))
+                tr.append(transfer(mc, args.base_width, o, seed, corpus).assign(**meta))
+            print(f"  {s} {o}: {len(seeds)} seeds [{time.perf_counter() - t0:.0f} s]", flush=True)
+    study = []
+    for s in depth_schemes:
+        for o in optimizers:
+            for seed in seeds:
+                study.append(depth_study(s, depths, args.depth_width, o, seed, corpus, args.heads,
+                                         args.seq_len).assign(scheme=s, optimizer=o, seed=seed))
+            print(f"  depth study {s} {o}: depths {args.depths} [{time.perf_counter() - t0:.0f} s]",
+                  flush=True)
+    study = pd.concat(study, ignore_index=True) if study else pd.DataFrame()
+    claims = depth_claims(study) if len(study) else pd.DataFrame()
+    study.to_csv(Path(out) / "depth.csv", index=False)
+    claims.to_csv(Path(out) / "depth_claims.csv", index=False)
+    lin, tr = pd.concat(lin, ignore_index=True), pd.concat(tr, ignore_index=True)
+    summary = summarize(lin, tr)
+    lin.to_csv(Path(out) / "linearity.csv", index=False)
+    tr.to_csv(Path(out) / "transfer.csv", index=False)
+    transfer_errors(tr).to_csv(Path(out) / "transfer_errors.csv", index=False)
+    summary.to_csv(Path(out) / "summary.csv", index=False)
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if len(claims):
+        print(claims[["claim", "slope", "slope_se", "theory", "status"]].to_string(
+            index=False, float_format=lambda v: f"{v:+.2f}"))
+    print(f"wrote {out}/linearity.csv, transfer.csv, transfer_errors.csv, summary.csv, depth.csv, "
+          "depth_claims.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
