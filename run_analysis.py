@@ -497,6 +497,23 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
                         "(default: off; a fresh compile per model)")
 
 
+def _add_width_args(p: argparse.ArgumentParser, command: str, parametrizations: str) -> None:
+    """What `coordcheck` and `lrsweep` share: schemes, parametrizations, optimizer, shape, seeds,
+    corpus, device and output."""
+    p.add_argument("--schemes", help="comma-separated schemes (default: the preset's)")
+    p.add_argument("--parametrizations", help=f"comma-separated: standard, mup, mup-nomult; "
+                                              f"{parametrizations}")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam")
+    p.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
+    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    p.add_argument("--out", help=f"output folder (default: runs/{command})")
+    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+
+
 def _add_compile_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=what)
 
@@ -678,56 +695,35 @@ def build_parser() -> argparse.ArgumentParser:
                                           "parametrization, with the one-step theory's slopes")
     p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                    help="cpu: pre,span × standard,mup, widths 64…1024, depth 4, 3 steps, 2 seeds "
-                        "(about 2 min on 2 cores); gpu: pre,post,span, widths 128…4096, depth 8, "
+                        "(about 1½ min on 2 cores); gpu: pre,post,span, widths 128…4096, depth 8, "
                         "5 steps, 3 seeds on cuda")
-    p.add_argument("--schemes", help="comma-separated schemes (default: the preset's)")
-    p.add_argument("--parametrizations", help="comma-separated: standard, mup, mup-nomult (µP "
-                                              "without the readout multiplier, deliberately broken)"
-                                              " (default: standard,mup)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam")
+    _add_width_args(p, "coordcheck", "the width sweep's (default: standard,mup; mup-nomult is µP "
+                                     "without the readout multiplier, deliberately broken)")
     p.add_argument("--lr", type=_finite, help="base learning rate (default: adam 1e-3, sgd 0.05); "
                                               "µP's multipliers apply on top")
     p.add_argument("--widths", help="comma-separated widths (default: the preset's)")
     p.add_argument("--base-width", type=int, help="the width at which µP equals standard "
                                                    "(default: the smallest width of the preset)")
     p.add_argument("--depth", type=int, help="blocks (default: the preset's)")
-    p.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps measured (default: the preset's)")
-    p.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
-    p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
-    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
-    p.add_argument("--out", help="output folder (default: runs/coordcheck)")
-    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
     p.set_defaults(func=_cmd_coordcheck)
 
     p = sub.add_parser("lrsweep", help="learning-rate sweeps: loss after N steps over an lr grid "
                                        "at several depths and widths per scheme, the optimal lr "
-                                       "of each, and transfer claims")
+                                       "of each, and transfer claims; resumes in its --out")
     p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                    help="cpu: pre,span; depths 4…32 at width 64; widths 64…256 at depth 4 under "
-                        "standard and mup; 6 lrs, 60 steps, 2 seeds (about 8 min on 2 cores); gpu: "
+                        "standard and mup; 7 lrs, 50 steps, 2 seeds (about 9 min on 2 cores); gpu: "
                         "pre,post,span, widths 128…1024, depths 6…96, 300 steps on cuda")
-    p.add_argument("--schemes", help="comma-separated schemes (default: the preset's)")
-    p.add_argument("--parametrizations", help="comma-separated, for the width sweep; the depth sweep "
-                                              "uses the first (default: standard,mup)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam")
+    _add_width_args(p, "lrsweep", "for the width sweep; the depth sweep uses the first "
+                                  "(default: standard,mup)")
     p.add_argument("--lrs", help="comma-separated increasing learning rates, log-spaced "
-                                 "(default: 5e-4 … 1.6e-2, factor 2)")
+                                 "(default: 5e-4 … 3.2e-2, factor 2)")
     p.add_argument("--widths", help="comma-separated widths; the first is the depth sweep's and "
                                     "µP's base width (default: 64,128,256)")
     p.add_argument("--depths", help="comma-separated depths; the first is the width sweep's "
                                     "(default: 4,8,16,32)")
-    p.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
-    p.add_argument("--seeds", help="comma-separated seeds (default: 0,1)")
-    p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
-    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
-    p.add_argument("--out", help="output folder (default: runs/lrsweep)")
-    p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
     p.set_defaults(func=_cmd_lrsweep)
 
     p = sub.add_parser("diagnose", help="collapse diagnosis of a checkpoint: sigprop run, local "
