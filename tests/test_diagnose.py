@@ -473,3 +473,18 @@ def test_contribution_is_unknown_not_zero_when_no_branch_output_is_seen():
     with ContributionMeter(model, layout, [["layers.0.wide"], ["layers.1.wide"]]) as meter:
         model(torch.randn(2, 5, 8))
     assert meter.frame()["branch_rel"].isna().all()
+
+
+def test_mup_checkpoint_is_diagnosed_without_the_standard_init_theory(tmp_path, text):
+    """A µP testbed loads with its multipliers (same logits as built) and its diagnosis says why
+    the init theory, written for the standard parametrization, is not compared."""
+    mc = ModelConfig(scheme="pre", depth=2, width=64, heads=4, max_seq_len=32,
+                     parametrization="mup", base_width=32)
+    model = build_model(mc)
+    folder = _save_testbed(tmp_path / "mup", mc, model)
+    loaded = checkpoints.load(folder)
+    idx = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.model(idx)[0], model(idx)[0])
+    d = diagnose(folder, text=str(text), sequences=4, seq_len=32, grad_sequences=2,
+                 skip_sequences=0, init_sequences=4, log=lambda s: None)
+    assert any("standard parametrization" in n for n in d.notes)

@@ -431,6 +431,10 @@ def add_theory(t: pd.DataFrame, loaded: Loaded, layout, init_model, seq_len: int
     if not all(np.isfinite([q0, rho0])) or not shape.get("width") or not shape.get("heads"):
         notes.append("no theory comparison: the embedding statistics or the width/heads are unknown")
         return None
+    if shape.get("parametrization", "standard") != "standard":  # µP scales the logits otherwise
+        notes.append(f"no theory comparison: the init theory covers the standard parametrization, "
+                     f"this model is {shape['parametrization']} (attention logits × 1/d_head)")
+        return None
     rho_g = t.iloc[L].init_grad_token_cosine
     if not np.isfinite(rho_g):
         notes.append("the theory's gradient profile assumes ρ_g = 0 at the top: no backward pass "

@@ -216,7 +216,9 @@ def _sigprop_model(mc_dict: dict[str, Any], sd: dict[str, torch.Tensor], source:
                   theory_shape=dict(width=mc.width, heads=mc.heads, ffn=mc.ffn, norm=mc.norm,
                                     sigma=mc.sigma, embed_std=mc.embed_std, experts=mc.experts,
                                     top_k=mc.top_k, scheme_params=dict(mc.scheme_params),
-                                    **({"attention": mc.attention} if hasattr(mc, "attention") else {})),
+                                    **({"attention": mc.attention} if hasattr(mc, "attention") else {}),
+                                    **({"parametrization": mc.parametrization}
+                                       if mc.parametrization != "standard" else {})),
                   nbytes=sum(t.numel() * t.element_size() for t in sd.values()))
 
 
