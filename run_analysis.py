@@ -292,8 +292,8 @@ def _cmd_coordcheck(args: argparse.Namespace) -> int:
         corpus=args.corpus)
     cfg.validate()
     _check_format(args.format)
+    corpus = load_corpus(cfg.corpus)  # a bad corpus is refused before any folder is made
     out = _writable_dir(args.out or "runs/coordcheck")
-    corpus = load_corpus(cfg.corpus)
     print(f"sigprop coordcheck → {out} ({len(cfg.schemes)} schemes × {len(cfg.parametrizations)} "
           f"parametrizations × {len(cfg.widths)} widths × {len(cfg.seeds)} seeds, "
           f"{cfg.optimizer} lr {cfg.step_config.lr:g}, {cfg.steps} steps)")
@@ -337,9 +337,9 @@ def _cmd_lrsweep(args: argparse.Namespace) -> int:
         corpus=args.corpus)
     cfg.validate()
     _check_format(args.format)
+    corpus = load_corpus(cfg.corpus)  # a bad corpus is refused before any folder is made
     out = _writable_dir(args.out or "runs/lrsweep")
     args.out = str(out)  # what an interruption names, with the command that resumes
-    corpus = load_corpus(cfg.corpus)
     print(f"sigprop lrsweep → {out} ({len(cfg.runs())} curves × {len(cfg.lrs)} lrs × "
           f"{len(cfg.seeds)} seeds, {cfg.optimizer}, {cfg.steps} steps each)")
     raw = run(cfg, corpus, log=lambda m: print(m, flush=True), out=out)

@@ -124,6 +124,9 @@ def test_lrsweep_claims_read_the_optima():
     (["lrsweep", "--lrs", "1e-3,1e-2"], "needs >= 3 increasing learning rates"),
     (["lrsweep", "--lrs", "1e-3,x"], "--lrs takes comma-separated numbers"),
     (["lrsweep", "--schemes", "nope"], "unknown scheme 'nope'"),
+    (["coordcheck", "--widths", "60,64"], "span at least a factor 2"),
+    (["coordcheck", "--corpus", "/nonexistent/corpus"], "does not exist"),
+    (["lrsweep", "--corpus", "/nonexistent/corpus"], "does not exist"),
 ])
 def test_width_commands_refuse_bad_input_in_one_line(argv, message, capsys, tmp_path):
     from run_analysis import main

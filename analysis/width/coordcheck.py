@@ -70,6 +70,9 @@ class CoordCheckConfig:
                 raise ValueError(f"unknown parametrization '{p}' (known: {', '.join(PARAMETRIZATIONS)})")
         if len(set(self.widths)) < 2:
             raise ValueError(f"a slope against width needs >= 2 distinct widths, got {list(self.widths)}")
+        if max(self.widths) < 2 * min(self.widths):  # a slope over less is mostly noise
+            raise ValueError(f"the widths must span at least a factor 2 for a slope, got "
+                             f"{min(self.widths)}…{max(self.widths)}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         for w in self.widths:
