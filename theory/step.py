@@ -1,4 +1,4 @@
-"""Theory of the first optimizer step: how much a block's output moves, against width and lr.
+"""Theory of the first optimizer step: how much a block's output moves, against width, depth, lr.
 
 Setting (mean field, as for the init recurrences): width d → ∞ with depth, vocabulary, tokens
 and the base learning rate fixed; one step from initialization; hidden coordinates are Θ(1).
@@ -50,9 +50,10 @@ r² = η²·(a·d + b), so a slope measured over small widths lies a little belo
 So, with branch statistics that do not move with depth, the median block's update scales as L^k:
 - span (α = 1, β only on output projections): k = 0 under Adam and SGD;
 - post: no depth constant, k = 0;
-- deepnorm (α = (2L)^(1/4); V, O, and FFN in/out × β = (8L)^(-1/4)): every path through a
-  branch carries one β (Adam: Δ ∝ η·d·β) or β² (SGD, the gradient enters through the branch),
-  over α: k = −1/2 under Adam, −1 under SGD;
+- deepnorm (α = (2L)^(1/4); V, O, and FFN in/out × β = (8L)^(-1/4)): under Adam every path
+  through a branch carries one β (Δ ∝ η·d·β), and the output norm divides by α: β/α, k = −1/2;
+  under SGD a path carries β² (a β-scaled input or path, and a gradient that comes back through
+  the β-scaled branch) and the gradient also passes the norm (1/α): β²/α², k = −1;
 - pre: the branch's change is L-independent but the stream grows (q_l ≈ q_0 + c·l), so at the
   median block r ∝ 1/√q ∝ L^(-1/2) once L ≫ q_0/c; this ignores that pre's token correlation,
   and with it the coherence of the step, grows with depth.
