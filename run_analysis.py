@@ -102,19 +102,14 @@ def _cmd_atlas(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from analysis.init.pipeline import PRESETS, analyse, save_tables
 
-    preset = PRESETS[args.preset]
-    changes = {k: v for k, v in dict(
-        schemes=args.schemes and [s for s in args.schemes.split(",") if s],
+    cfg = _preset_with(
+        PRESETS[args.preset], schemes=args.schemes and [s for s in args.schemes.split(",") if s],
         depths=args.depths and _parse_ints(args.depths, "--depths"),
         seeds=args.seeds and _parse_ints(args.seeds, "--seeds"),
         width=args.width, heads=args.heads, seq_len=args.seq_len, batch_size=args.batch,
-        batches=args.batches, device=args.device, corpus=args.corpus,
-        compile=args.compile).items() if v is not None}
-    cfg = replace(preset, **changes)
+        batches=args.batches, device=args.device, corpus=args.corpus, compile=args.compile)
     cfg.validate()
     _check_format(args.format)
     out = _writable_dir(args.out)
@@ -278,11 +273,11 @@ def _cmd_coordcheck(args: argparse.Namespace) -> int:
     from analysis.testbed.corpus import load_corpus
     import sympy
 
-    from analysis.width.coordcheck import PRESETS, claims, run, slopes, with_changes
+    from analysis.width.coordcheck import PRESETS, claims, run, slopes
     from theory.step import update_law
     from figures.report import write_report
     from figures.width import coordcheck_figure
-    cfg = with_changes(
+    cfg = _preset_with(
         PRESETS[args.preset], schemes=_parse_names(args.schemes),
         parametrizations=_parse_names(args.parametrizations), optimizer=args.optimizer,
         lr=args.lr, widths=args.widths and tuple(_parse_ints(args.widths, "--widths")),
@@ -323,10 +318,10 @@ def _cmd_coordcheck(args: argparse.Namespace) -> int:
 
 def _cmd_lrsweep(args: argparse.Namespace) -> int:
     from analysis.testbed.corpus import load_corpus
-    from analysis.width.lrsweep import PRESETS, claims, curves_table, optima, run, with_changes
+    from analysis.width.lrsweep import PRESETS, claims, curves_table, optima, run
     from figures.report import write_report
     from figures.width import lrsweep_figure
-    cfg = with_changes(
+    cfg = _preset_with(
         PRESETS[args.preset], schemes=_parse_names(args.schemes),
         parametrizations=_parse_names(args.parametrizations), optimizer=args.optimizer,
         lrs=args.lrs and tuple(_parse_floats(args.lrs, "--lrs")),
@@ -376,6 +371,12 @@ def _parse_floats(text: str, flag: str) -> list[float]:
     if not values or not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"{flag} takes finite numbers > 0, got '{text}'")
     return values
+
+
+def _preset_with(preset, **changes):
+    """The preset dataclass with every option the user gave (not None) in place of its value."""
+    from dataclasses import replace
+    return replace(preset, **{k: v for k, v in changes.items() if v is not None})
 
 
 def _parse_names(text: str | None) -> tuple[str, ...] | None:

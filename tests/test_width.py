@@ -1,6 +1,7 @@
 """Beyond init: µP in the testbed, the coordinate check and learning-rate sweeps."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -188,7 +189,7 @@ def test_lrsweep_resumes_and_refuses_other_settings(corpus, tmp_path, monkeypatc
     again = lrsweep.run(cfg, corpus, log=lambda m: None, out=tmp_path)
     assert again["loss"].tolist() == first["loss"].tolist()
     with pytest.raises(ValueError, match="steps = 2, not 3"):
-        lrsweep.run(lrsweep.with_changes(cfg, steps=3), corpus, log=lambda m: None, out=tmp_path)
+        lrsweep.run(replace(cfg, steps=3), corpus, log=lambda m: None, out=tmp_path)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])

@@ -184,17 +184,23 @@ class RunState:
 
 
 @torch.no_grad()
-def snapshot_blocks(model: Testbed, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each block's (input, output) on batch ``x``, for measuring the next update's size."""
+def trace_blocks(model: Testbed, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                           torch.Tensor]:
+    """Each block's (input, output) on batch ``x``, and the logits."""
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     hooks = [b.register_forward_hook(lambda m, args, out: pairs.append((args[0], out)))
              for b in model.blocks]
     try:
-        model(x)
+        logits, _ = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return pairs
+    return pairs, logits
+
+
+def snapshot_blocks(model: Testbed, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each block's (input, output) on batch ``x``, for measuring the next update's size."""
+    return trace_blocks(model, x)[0]
 
 
 @torch.no_grad()

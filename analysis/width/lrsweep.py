@@ -10,10 +10,11 @@ run from the same seed's init on the same batches (analysis.width.steps' optimiz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,11 +24,10 @@ import torch
 
 from analysis.records import read_record, refuse_other
 from analysis.testbed.corpus import Corpus
-from analysis.testbed.model import PARAMETRIZATIONS, ModelConfig, build_model
+from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import set_lr
-from analysis.training.train import TrainConfig, lr_at
+from analysis.training.train import TrainConfig, evaluate, lr_at
 from analysis.width.steps import StepConfig, make_step_optimizer
-from theory.schemes import get_scheme
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,9 @@ class LRSweepConfig:
                    steps=self.steps, batch_size=self.batch_size).validate()
         if len(self.lrs) < 3 or list(self.lrs) != sorted(set(self.lrs)):
             raise ValueError(f"--lrs needs >= 3 increasing learning rates, got {list(self.lrs)}")
-        for s in self.schemes:
-            get_scheme(s)
-        for p in self.parametrizations:
-            if p not in PARAMETRIZATIONS:
-                raise ValueError(f"unknown parametrization '{p}' (known: {', '.join(PARAMETRIZATIONS)})")
         if not self.seeds or not self.widths or not self.depths:
             raise ValueError("widths, depths and seeds must each name at least one value")
-        for s, p, w, d in self.runs():
+        for s, p, w, d in self.runs():  # each model's own checks: scheme, parametrization, shape
             self.model_config(s, p, w, d)
 
     def model_config(self, scheme: str, parametrization: str, width: int, depth: int) -> ModelConfig:
@@ -92,16 +87,6 @@ PRESETS = {
 }
 
 
-@torch.no_grad()
-def _val_loss(model, corpus: Corpus, cfg: LRSweepConfig) -> float:
-    gen = torch.Generator().manual_seed(10_000)  # the same validation batches for every run
-    total = 0.0
-    for _ in range(cfg.eval_batches):
-        x, y = corpus.batch("val", cfg.batch_size, cfg.seq_len, generator=gen, device=cfg.device)
-        total += float(model(x, y)[1])
-    return total / cfg.eval_batches
-
-
 def train_short(mc: ModelConfig, cfg: LRSweepConfig, lr: float, seed: int, corpus: Corpus,
                 timing: dict | None = None) -> float:
     """Validation loss (nats) after ``cfg.steps`` steps at peak ``lr``; inf once the loss is not
@@ -111,10 +96,12 @@ def train_short(mc: ModelConfig, cfg: LRSweepConfig, lr: float, seed: int, corpu
     model = build_model(mc, seed=seed, device=cfg.device)
     opt = make_step_optimizer(model, StepConfig(optimizer=cfg.optimizer, lr=lr, steps=cfg.steps,
                                                 batch_size=cfg.batch_size))
-    schedule = TrainConfig(lr=lr, warmup_frac=cfg.warmup_frac)
+    # the schedule and the validation of `train`, at this sweep's batch
+    tc = TrainConfig(lr=lr, warmup_frac=cfg.warmup_frac, batch_size=cfg.batch_size,
+                     eval_batches=cfg.eval_batches, device=cfg.device)
     data = torch.Generator().manual_seed(seed)
     for step in range(cfg.steps):
-        set_lr(opt, lr_at(step, cfg.steps, schedule))
+        set_lr(opt, lr_at(step, cfg.steps, tc))
         x, y = corpus.batch("train", cfg.batch_size, cfg.seq_len, generator=data, device=cfg.device)
         _, loss = model(x, y)
         if not torch.isfinite(loss):
@@ -125,8 +112,7 @@ def train_short(mc: ModelConfig, cfg: LRSweepConfig, lr: float, seed: int, corpu
     t1 = time.perf_counter()
     value = math.inf
     if torch.isfinite(loss):
-        model.eval()
-        value = _val_loss(model, corpus, cfg)
+        value = evaluate(model, corpus, tc, cfg.seq_len, contextlib.nullcontext)
     if timing is not None:
         timing.update(train_s=t1 - t0, eval_s=time.perf_counter() - t1)
     return value if math.isfinite(value) else math.inf
@@ -214,8 +200,10 @@ def optima(raw: pd.DataFrame, plateau: float = math.inf) -> pd.DataFrame:
         mean = g.groupby("lr")["loss"].mean()
         lrs, losses = mean.index.to_numpy(float), mean.to_numpy(float)
         best = _argmin_log_lr(lrs, losses)
-        per_seed = [_argmin_log_lr(*(lambda s: (s.index.to_numpy(float), s.to_numpy(float)))(
-            s.set_index("lr")["loss"].sort_index())) for _, s in g.groupby("seed")]
+        per_seed = []
+        for _, s in g.groupby("seed"):
+            curve = s.set_index("lr")["loss"].sort_index()
+            per_seed.append(_argmin_log_lr(curve.index.to_numpy(float), curve.to_numpy(float)))
         se = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else np.nan
         i = int(np.argmin(losses))
         # resolved: every lr whose loss is within 2 standard errors (of the difference) of the
@@ -228,8 +216,7 @@ def optima(raw: pd.DataFrame, plateau: float = math.inf) -> pd.DataFrame:
         rows.append({**dict(zip(["scheme", "parametrization", "width", "depth"], key)),
                      "best_lr": 2 ** best, "log2_best_lr": best, "log2_se": se,
                      "inside_grid": 0 < i < len(lrs) - 1,
-                     "resolved": bool(np.min(margin) > 0 and not near[0] and not near[-1]
-                                      and losses[i] < plateau),
+                     "resolved": bool(np.min(margin) > 0 and losses[i] < plateau),
                      "stalled": bool(losses[i] >= plateau),
                      "near_best": ",".join(f"{v:g}" for v in lrs[near]),
                      "best_loss": float(losses[i]),
@@ -291,8 +278,3 @@ def claims(opt: pd.DataFrame, cfg: LRSweepConfig) -> pd.DataFrame:
                     f"(widths {min(cfg.widths)}…{max(cfg.widths)}, depth {d0})",
                     rows.sort_values("width"), "width", s, p)
     return pd.DataFrame(out)
-
-
-def with_changes(cfg: LRSweepConfig, **changes) -> LRSweepConfig:
-    """``cfg`` with the given (non-None) settings replaced."""
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

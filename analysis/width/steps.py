@@ -20,7 +20,7 @@ import torch
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model
 from analysis.testbed.parametrization import OPTIMIZERS, param_groups, set_lr
-from analysis.training.train import update_sizes
+from analysis.training.train import trace_blocks, update_sizes
 
 
 @dataclass(frozen=True)
@@ -54,20 +54,6 @@ def make_step_optimizer(model: Testbed, sc: StepConfig) -> torch.optim.Optimizer
     return opt
 
 
-@torch.no_grad()
-def trace(model: Testbed, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Each block's (input, output) on ``x``, and the logits."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = [b.register_forward_hook(lambda m, args, out: pairs.append((args[0], out)))
-             for b in model.blocks]
-    try:
-        logits, _ = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return pairs, logits
-
-
 def _rms(t: torch.Tensor) -> float:
     return float(t.float().pow(2).mean().sqrt())
 
@@ -81,7 +67,7 @@ def measure_steps(mc: ModelConfig, sc: StepConfig, corpus: Corpus, seed: int = 0
     data = torch.Generator().manual_seed(seed)
     fixed = corpus.batch("val", sc.batch_size, mc.max_seq_len,
                          generator=torch.Generator().manual_seed(20_000 + seed), device=device)[0]
-    pairs, logits = trace(model, fixed)
+    pairs, logits = trace_blocks(model, fixed)
     init = [y for _, y in pairs] + [logits]
     sites = [f"blocks.{i}" for i in range(mc.depth)] + ["head"]
     rows = []
@@ -92,7 +78,7 @@ def measure_steps(mc: ModelConfig, sc: StepConfig, corpus: Corpus, seed: int = 0
         loss.backward()
         opt.step()
         updates = update_sizes(model, pairs) + [float("nan")]
-        pairs, logits = trace(model, fixed)
+        pairs, logits = trace_blocks(model, fixed)
         now = [y for _, y in pairs] + [logits]
         for site, a, b, u in zip(sites, now, init, updates):
             rows.append({"step": t, "site": site, "act_rms": _rms(a), "change_rms": _rms(a - b),
