@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from analysis import progress
+
 
 def _cmd_schemes(args: argparse.Namespace) -> int:
     from analysis.testbed.inspect import schemes_text
@@ -58,7 +60,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     out = _writable_dir(args.out or f"runs/diagnose-{time.strftime('%Y%m%d-%H%M%S')}")
     with _removed_if_empty(out):
         d = diagnose(args.path, blocks=args.blocks, config=args.config, tokenizer=args.tokenizer,
-                     log=lambda m: print(m, file=sys.stderr, flush=True), **_measurement_settings(args))
+                     log=progress.say_err, **_measurement_settings(args))
     files = save(d, out)
     fig = diagnosis_figure(d.table, {k: v for k, (v, _) in THRESHOLDS.items()},
                            out / "figures" / "diagnosis", args.format, d.verdict,
@@ -75,6 +77,14 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from analysis.sampling import sample_text
+    print(sample_text(args.path, args.prompt, tokens=args.tokens, temperature=args.temperature,
+                      top_k=args.top_k, seed=args.seed, device=args.device, config=args.config,
+                      tokenizer=args.tokenizer))
+    return 0
+
+
 def _cmd_atlas(args: argparse.Namespace) -> int:
     import time
 
@@ -84,7 +94,7 @@ def _cmd_atlas(args: argparse.Namespace) -> int:
     _check_format(args.format)
     out = _writable_dir(args.out or f"runs/atlas-{time.strftime('%Y%m%d-%H%M%S')}")
     with _removed_if_empty(out):
-        layers, checkpoints = collect(args.paths, log=lambda m: print(m, file=sys.stderr, flush=True),
+        layers, checkpoints = collect(args.paths, log=progress.say_err,
                                       **_measurement_settings(args))
     claims, table = atlas_claims(layers), summary(layers)
     layers.to_csv(out / "atlas_layers.csv", index=False, float_format="%.6g")
@@ -180,8 +190,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     seeds = _parse_ints(args.seeds, "--seeds")
     tc = TrainConfig(tokens=opt["tokens"], batch_size=opt["batch"], lr=opt["lr"],
                      grad_clip=args.grad_clip, device=args.device, seed=seeds[0],
-                     compile=args.compile)
+                     compile=args.compile, beta1=args.beta1, beta2=args.beta2,
+                     weight_decay=args.weight_decay, decay_embeddings=args.decay_embeddings,
+                     warmup_frac=args.warmup, min_lr_ratio=args.min_lr_ratio,
+                     log_every=args.log_every, tensorboard=args.tensorboard,
+                     stall_fraction=args.stall_fraction, stall_share=args.stall_share)
     tc.validate(base.max_seq_len)  # before any folder is made
+    if tc.tensorboard:
+        from analysis.training.runlog import summary_writer_class
+        summary_writer_class()  # a missing tensorboard package is refused before any training
     out = _writable_dir(args.out)
     args.out = str(out)  # what an interruption names, with the command that resumes
     corpus = load_corpus(args.corpus)
@@ -199,10 +216,16 @@ def _grid_report(out, runs, profiles, fmt: str, unigram_bpb: float) -> list:
     from analysis.training.claims import check_training_claims
     from analysis.training.grid import curves
     from figures.report import to_markdown
-    from figures.train import (loss_curves, loss_vs_depth, profiles_init_vs_end, training_blocks,
-                               update_sizes)
+    from figures.train import (loss_curves, loss_vs_depth, profiles_init_vs_end, run_loss_figure,
+                               training_blocks, update_sizes)
+    every = curves(out)
+    for run, curve in every.groupby("run"):  # each run's own figure, redrawn when it changed
+        folder = out / "runs" / run
+        figure = (folder / "loss").with_suffix(f".{fmt}")
+        if not figure.exists() or figure.stat().st_mtime < (folder / "result.json").stat().st_mtime:
+            run_loss_figure(curve, figure, fmt)
     figs = [loss_vs_depth(runs, out / "figures" / "train_loss_vs_depth", fmt),
-            loss_curves(curves(out), out / "figures" / "train_loss_curves", fmt)]
+            loss_curves(every, out / "figures" / "train_loss_curves", fmt)]
     if len(profiles):
         kinds = profiles["moe"].unique()
         kind = "dense" if "dense" in kinds else kinds[0]
@@ -250,7 +273,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     from figures.campaign import write_campaign_report
     tables = {n: pd.read_csv(out / f"{n}.csv") for n in ("probe_overhead", "throughput")
               if (out / f"{n}.csv").exists()}
-    run_columns = ["scheme", "depth", "moe", "tokens", "final_val_bpb", "diverged", "divergence_step",
+    run_columns = ["scheme", "depth", "moe", "status", "tokens", "final_val_bpb", "divergence_step",
                    "tokens_per_s", "mfu"]
     for name in ("dense", "moe"):
         if (out / name / "train_runs.csv").exists():
@@ -292,7 +315,7 @@ def _cmd_coordcheck(args: argparse.Namespace) -> int:
     print(f"sigprop coordcheck → {out} ({len(cfg.schemes)} schemes × {len(cfg.parametrizations)} "
           f"parametrizations × {len(cfg.widths)} widths × {len(cfg.seeds)} seeds, "
           f"{cfg.optimizer} lr {cfg.step_config.lr:g}, {cfg.steps} steps)")
-    raw = run(cfg, corpus, log=lambda m: print(m, flush=True))
+    raw = run(cfg, corpus)
     sl = slopes(raw)
     cl = claims(sl)
     raw.to_csv(out / "coordcheck.csv", index=False)
@@ -337,7 +360,7 @@ def _cmd_lrsweep(args: argparse.Namespace) -> int:
     args.out = str(out)  # what an interruption names, with the command that resumes
     print(f"sigprop lrsweep → {out} ({len(cfg.runs())} curves × {len(cfg.lrs)} lrs × "
           f"{len(cfg.seeds)} seeds, {cfg.optimizer}, {cfg.steps} steps each)")
-    raw = run(cfg, corpus, log=lambda m: print(m, flush=True), out=out)
+    raw = run(cfg, corpus, out=out)
     # a curve whose best loss sits on the byte-frequency plateau stalled (as `train` calls it)
     plateau = 0.95 * corpus.unigram_bits() * math.log(2)
     table, best = curves_table(raw), optima(raw, plateau)
@@ -515,6 +538,11 @@ def _add_width_args(p: argparse.ArgumentParser, command: str, parametrizations: 
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
 
 
+def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or progress lines; results and errors still print")
+
+
 def _add_compile_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=what)
 
@@ -588,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="init sweep: measure schemes × depths × seeds, compare with "
                                      "theory, write CSVs, figures and the report")
     _add_sweep_args(p)
+    _add_quiet_arg(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="rebuild the report of a run folder from its CSVs")
@@ -628,12 +657,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=64,
                    help="with --parametrization mup, the width at which it equals standard "
                         "(default: 64)")
+    p.add_argument("--beta1", type=_finite, default=0.9, help="Adam β1 (default: 0.9)")
+    p.add_argument("--beta2", type=_finite, default=0.95, help="Adam β2 (default: 0.95)")
+    p.add_argument("--weight-decay", type=_finite, default=0.1,
+                   help="AdamW weight decay, on tensors of dim >= 2 only (default: 0.1)")
+    p.add_argument("--decay-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="also decay the token and position embeddings; --no-decay-embeddings "
+                        "decays the block matrices and an untied head only (default: decay them)")
+    p.add_argument("--warmup", type=_finite, default=0.05,
+                   help="linear warmup, as a fraction of the steps (default: 0.05)")
+    p.add_argument("--min-lr-ratio", type=_finite, default=0.1,
+                   help="the cosine decays to lr × this (default: 0.1)")
+    p.add_argument("--stall-fraction", type=_finite, default=0.95,
+                   help="a run is 'stalled' if its training loss stays above this × the corpus's "
+                        "unigram entropy after --stall-share of its steps (default: 0.95)")
+    p.add_argument("--stall-share", type=_finite, default=0.5,
+                   help="the share of the steps after which a stall is judged (default: 0.5)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="a train_log.csv row (smoothed training loss) per this many steps (default: 10)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files in each run folder (needs the "
+                        "'tensorboard' extra: pip install -e '.[tensorboard]')")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs trained at once in worker processes, sharing the device (default: 1)")
     p.add_argument("--out", help="output folder; an existing grid there resumes "
                                  "(default: runs/<timestamp>)")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
     _add_compile_arg(p, "train under torch.compile, block by block (default: on cuda only)")
+    _add_quiet_arg(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("campaign", help="the GPU campaign: dense grid, probe overhead, throughput, "
@@ -654,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="text file or folder (default: the Python standard library)")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
     _add_compile_arg(p, "train and benchmark under torch.compile (default: on)")
+    _add_quiet_arg(p)
     p.set_defaults(func=_cmd_campaign)
 
     p = sub.add_parser("theory", help="derive every scheme's moment recurrences, closed forms, "
@@ -707,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: the smallest width of the preset)")
     p.add_argument("--depth", type=int, help="blocks (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps measured (default: the preset's)")
+    _add_quiet_arg(p)
     p.set_defaults(func=_cmd_coordcheck)
 
     p = sub.add_parser("lrsweep", help="learning-rate sweeps: loss after N steps over an lr grid "
@@ -725,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", help="comma-separated depths; the first is the width sweep's "
                                     "(default: 4,8,16,32)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
+    _add_quiet_arg(p)
     p.set_defaults(func=_cmd_lrsweep)
 
     p = sub.add_parser("diagnose", help="collapse diagnosis of a checkpoint: sigprop run, local "
@@ -741,12 +795,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 1 when the verdict is this bad or worse (for automation)")
     p.add_argument("--blocks", help="module path of the residual blocks' ModuleList, when they are "
                                     "not found (as named in model.named_modules())")
+    _add_quiet_arg(p)
     p.set_defaults(func=_cmd_diagnose)
+
+    p = sub.add_parser("sample", help="text generated from a checkpoint (as nanoGPT's sample.py): "
+                                      "sigprop run, Hugging Face folder, state_dict + --config, GGUF")
+    p.add_argument("path", help="checkpoint.pt / run folder, a Hugging Face model folder, a .gguf "
+                                "file, or a state_dict file with --config")
+    p.add_argument("--prompt", default="def ",
+                   help="text to continue (default: 'def ', for the default Python-source corpus; "
+                        "'' starts from a newline byte or the model's beginning-of-sequence token)")
+    p.add_argument("--tokens", type=int, default=200, help="new tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=_finite, default=0.8,
+                   help="divides the logits; 0: greedy, the most likely token (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=40,
+                   help="draw only among the k most likely tokens (default: 40; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--config", help="JSON config for a bare state_dict: a sigprop ModelConfig dict "
+                                    "or a Hugging Face config.json")
+    p.add_argument("--tokenizer", help="folder holding the tokenizer to use (default: the model "
+                                       "folder's own; else bytes)")
+    p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("atlas", help="several checkpoints diagnosed alike, drawn against relative "
                                      "depth, with claims about trained models")
     p.add_argument("paths", nargs="+", help="checkpoints: sigprop runs, Hugging Face folders, GGUF files")
     _add_measurement_args(p, "atlas")
+    _add_quiet_arg(p)
     p.set_defaults(func=_cmd_atlas)
     return parser
 
@@ -762,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["sweep", *argv]  # the main job: `run_analysis.py [sweep options]`
     args = parser.parse_args(argv)
+    progress.configure(quiet=getattr(args, "quiet", False))
     try:
         if args.command != "diagnose" and getattr(args, "device", None):
             from analysis.device import resolve_device

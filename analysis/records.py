@@ -28,3 +28,33 @@ def refuse_other(folder: Path, what: str, key: str, was: Any, now: Any) -> Value
     """The error for a folder whose record has ``key = was`` where this run has ``now``."""
     return ValueError(f"{folder} holds {what} with {key} = {was}, not {now}: choose another --out "
                       "folder or the same settings")
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where a result was made: the code's git commit (None outside a repository; ``+dirty`` with
+    uncommitted changes), torch and Python versions, the device's name, the host."""
+    import platform
+    import subprocess
+    import sys
+
+    import torch
+
+    from analysis.device import resolve_device
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    dev = resolve_device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    return {"git_commit": commit, "torch_version": torch.__version__,
+            "python_version": sys.version.split()[0], "device": str(dev), "device_name": name,
+            "host": platform.node()}

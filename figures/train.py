@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from figures.style import color, new_figure, save
@@ -13,6 +14,8 @@ from figures.style import color, new_figure, save
 def loss_vs_depth(runs: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
     """Final validation bits/byte against depth per scheme: the mean over seeds with ± 2 standard
     errors; one panel per dense/MoE; × marks a depth where a seed diverged."""
+    if "status" in runs:  # a cut run has no final loss yet
+        runs = runs[runs["status"] != "cut"]
     kinds = sorted(runs["moe"].unique(), key=lambda k: (k != "dense", k))
     fig, axes = new_figure(len(kinds))
     for ax, kind in zip(axes, kinds):
@@ -35,26 +38,67 @@ def loss_vs_depth(runs: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
     return save(fig, path, fmt)
 
 
+STATUS_STYLE = {"ok": "-", "stalled": "--", "diverged": "-", "cut": ":"}
+
+
+def _tokens_axis(ax, curves: pd.DataFrame) -> None:
+    """A top axis in tokens, where every run of the panel has the same tokens per step."""
+    per_step = (curves["tokens"] / curves["step"]).dropna().round().unique()
+    if len(per_step) == 1 and per_step[0] > 0:
+        k = float(per_step[0])
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * k, lambda t: t / k))
+        top.set_xlabel("tokens")
+
+
+def _draw_run(ax, g: pd.DataFrame, colour: str, alpha: float, label: str | None) -> None:
+    """One run: its smoothed training loss as a line (dashed if stalled, dotted if cut), its
+    validation points as dots, × where it diverged."""
+    status = g["status"].iloc[0]
+    train, val = g[g["split"] == "train"], g[g["split"] == "val"]
+    finite = train[np.isfinite(train["loss"])]
+    ax.plot(finite["step"], finite["loss"] / math.log(2), STATUS_STYLE.get(status, "-"),
+            color=colour, alpha=alpha, lw=1.2,
+            label=None if label is None else label + ("" if status == "ok" else f" ({status})"))
+    ax.plot(val["step"], val["loss"] / math.log(2), "o", ms=3, color=colour, alpha=alpha)
+    if status == "diverged" and len(finite):
+        ax.plot(finite["step"].iloc[-1], finite["loss"].iloc[-1] / math.log(2), "x", ms=9,
+                mew=2, color=colour)
+
+
 def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
-    """Validation loss against step, one line per run (every seed), colour by scheme, shade by
-    depth."""
-    val = curves[curves["split"] == "val"]
-    kinds = sorted(val["moe"].unique(), key=lambda k: (k != "dense", k)) or ["dense"]
+    """Loss against optimizer step (tokens on top), a line per run: smoothed training loss, dots
+    at validation; colour by scheme, shade by depth; stalled runs dashed, diverged ones end in ×,
+    cut ones dotted; one panel per dense/MoE."""
+    kinds = sorted(curves["moe"].unique(), key=lambda k: (k != "dense", k)) or ["dense"]
     fig, axes = new_figure(len(kinds))
-    depths = sorted(val["depth"].unique())
-    if "seed" not in val:
-        val = val.assign(seed=0)
+    depths = sorted(curves["depth"].unique())
     for ax, kind in zip(axes, kinds):
-        groups = val[val["moe"] == kind].groupby(["scheme", "depth", "seed"], sort=False)
-        for (scheme, depth, seed), g in groups:  # a line per run; one legend entry per seed group
+        sub = curves[curves["moe"] == kind]
+        labelled = set()
+        for (scheme, depth, _), g in sub.groupby(["scheme", "depth", "run"], sort=False):
             shade = 0.35 + 0.65 * (depths.index(depth) + 1) / len(depths)
-            first = seed == val[(val["scheme"] == scheme) & (val["depth"] == depth)]["seed"].min()
-            ax.plot(g["step"] + 1, g["loss"] / math.log(2), color=color(scheme), alpha=shade,
-                    label=f"{scheme} L={depth}" if first else None)
+            name = f"{scheme} L={depth}"
+            _draw_run(ax, g, color(scheme), shade, None if name in labelled else name)
+            labelled.add(name)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation loss (bits/byte)")
-        ax.set_title(f"loss curves ({kind})")
+        ax.set_ylabel("loss (bits/byte)")
+        ax.set_title(f"loss curves ({kind}): lines train, dots validation", fontsize=8)
         ax.legend(fontsize=6, ncol=2)
+        _tokens_axis(ax, sub)
+    return save(fig, path, fmt)
+
+
+def run_loss_figure(curve: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+    """One run's loss against optimizer step and tokens: smoothed training loss and validation."""
+    fig, (ax,) = new_figure(1)
+    scheme, status = curve["scheme"].iloc[0], curve["status"].iloc[0]
+    _draw_run(ax, curve, color(scheme), 1.0, "train (smoothed)")
+    ax.plot([], [], "o", ms=3, color=color(scheme), label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (bits/byte)")
+    ax.set_title(f"{curve['run'].iloc[0]}: {status}", fontsize=9)
+    ax.legend(fontsize=7)
+    _tokens_axis(ax, curve)
     return save(fig, path, fmt)
 
 
@@ -118,14 +162,23 @@ def update_sizes(profiles: pd.DataFrame, path: Path, depth: int, fmt: str = "png
 
 def training_blocks(runs: pd.DataFrame, figures: list[Path], base: Path,
                     claims: pd.DataFrame | None = None) -> list:
-    """Report blocks: the runs table, which runs diverged, the training claims, and the figures
-    (relative to ``base``)."""
-    table = runs[[c for c in ("scheme", "depth", "moe", "seed", "tokens", "final_val_bpb",
-                              "diverged", "divergence_step", "tokens_per_s", "mfu") if c in runs]]
-    diverged = runs[runs["diverged"].astype(bool)]
-    summary = f"{len(diverged)} of {len(runs)} runs diverged" + (
-        ": " + ", ".join(f"{r.scheme} L={r.depth} ({r.moe}) at step {r.divergence_step}"
-                         for r in diverged.itertuples()) if len(diverged) else "") + "."
+    """Report blocks: the runs table, each run's status (diverged, stalled, cut), the training
+    claims, and the figures (relative to ``base``)."""
+    table = runs[[c for c in ("scheme", "depth", "moe", "seed", "status", "tokens", "final_val_bpb",
+                              "final_train_loss", "divergence_step", "tokens_per_s", "mfu",
+                              "wall_s") if c in runs]]
+    status = runs["status"] if "status" in runs else runs["diverged"].map(
+        {True: "diverged", False: "ok"})
+    counts = status.value_counts()
+    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "diverged", "stalled", "cut")
+                        if counts.get(s, 0) or s in ("ok", "diverged")) + f" of {len(runs)} runs."
+    for s in ("diverged", "stalled", "cut"):
+        bad = runs[status == s]
+        if len(bad):
+            summary += f" {s.capitalize()}: " + ", ".join(
+                f"{r.scheme} L={r.depth} ({r.moe})" + (f" at step {r.divergence_step}"
+                                                       if s == "diverged" else "")
+                for r in bad.itertuples()) + "."
     blocks = [("h2", "Training"), ("table", table), ("p", summary)]
     if claims is not None and len(claims):
         counts = claims["status"].value_counts()

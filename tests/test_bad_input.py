@@ -304,5 +304,5 @@ def test_ctrl_c_in_train_keeps_a_checkpoint_and_names_the_resume_command(tmp_pat
     line = err.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in err, err
     assert line.startswith("error: interrupted; kept in") and "checkpoint is kept" in line, line
-    assert f"resume with: python run_analysis.py train" in line and str(out) in line
+    assert "resume with: python run_analysis.py train" in line and str(out) in line
     assert (out / "runs" / "pre-L2-d32-dense-s0" / "checkpoint.pt").exists()

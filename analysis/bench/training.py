@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import os
 import statistics
 import tempfile
 import time
 
 import torch
+
+import analysis.training.train as train_module
+from analysis import progress
+from analysis.training.runlog import RunLog
 
 from analysis.bench.probe_overhead import SHAPES
 from analysis.device import resolve_device
@@ -54,6 +61,56 @@ def grid_speedup(device: str, parallel: int, tokens: int = 8192) -> dict:
             "parallel_tokens_per_s": total / walls[parallel], "speedup": walls[1] / walls[parallel]}
 
 
+class _NoLog(RunLog):
+    """The floor: a run that writes no train_log.csv, no events and draws no bar."""
+
+    def __init__(self, *args, **kwargs):
+        self.spent = self.setup = 0.0
+
+    def train(self, *args) -> None:
+        pass
+
+    val = sync = close = train
+
+
+def logging_overhead(device: str, repeats: int = 5, steps: int = 400,
+                     tensorboard: bool = False) -> dict:
+    """What live progress and logging cost at the default `train` shape (cpu preset, depth 4):
+    the median over ``repeats`` interleaved pairs of runs of the wall time per step with the
+    bar drawn (to /dev/null) and train_log.csv written, against the same run logging nothing;
+    and the time spent inside the logger per step, against the median step (opening and closing
+    the files once per run is reported apart)."""
+    mc = ModelConfig(scheme="pre", depth=4, width=64, heads=4, max_seq_len=64)
+    tc = TrainConfig(tokens=steps * 8 * 64, batch_size=8, lr=2e-3, device=device, evals=1,
+                     eval_batches=1, checkpoints=1, profile_fractions=(), tensorboard=tensorboard)
+    corpus = load_corpus()
+    walls: dict[str, list[float]] = {"logged": [], "floor": []}
+    inside, setup, step_s = [], [], []
+    saved = dict(progress._settings)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            progress.configure(quiet=False, bars=True)  # the bar is drawn, into /dev/null
+            for _ in range(repeats):
+                for kind in ("logged", "floor"):
+                    train_module.RunLog = RunLog if kind == "logged" else _NoLog
+                    with tempfile.TemporaryDirectory() as tmp:
+                        r = train_run(mc, tc, corpus, tmp, log=lambda s: None)
+                    walls[kind].append(r["wall_s"] / r["steps"])
+                    if kind == "logged":
+                        inside.append(r["log_s"] / r["steps"])
+                        setup.append(r["log_setup_s"])
+                        step_s.append(statistics.median(s / n for _, n, s in r["timed_windows"]))
+    finally:
+        train_module.RunLog = RunLog
+        progress._settings.update(saved)
+    logged, floor = statistics.median(walls["logged"]), statistics.median(walls["floor"])
+    ratios = [a / b for a, b in zip(walls["logged"], walls["floor"])]
+    return {"steps": steps, "repeats": repeats, "logged_ms": 1000 * logged, "floor_ms": 1000 * floor,
+            "ratio": statistics.median(ratios), "ratio_spread": (min(ratios), max(ratios)),
+            "inside_ms": 1000 * statistics.median(inside), "setup_ms": 1000 * statistics.median(setup),
+            "inside_share": statistics.median(inside) / statistics.median(step_s)}
+
+
 def run(args: argparse.Namespace) -> None:
     """Print the training benchmark."""
     device = args.device
@@ -65,6 +122,17 @@ def run(args: argparse.Namespace) -> None:
     overrides, batch = SHAPES[shape][:2]
     print(f"  shape {shape} (L={overrides['depth']} d={overrides['width']} T={overrides['max_seq_len']} "
           f"B={batch}): median step {1000 * t['step_s']:.1f} ms, {t['tokens_per_s']:,.0f} tokens/s, MFU {mfu}")
+    for tb in (False, True):
+        if tb and importlib.util.find_spec("tensorboard") is None:
+            print("  logging with --tensorboard: not measured (tensorboard is not installed)")
+            continue
+        o = logging_overhead(device, tensorboard=tb)
+        print(f"  progress and logging{' with TensorBoard' if tb else ''} ({o['steps']} steps, "
+              f"{o['repeats']} pairs): {o['logged_ms']:.2f} ms/step against {o['floor_ms']:.2f} "
+              f"without (median ratio ×{o['ratio']:.3f}, range {o['ratio_spread'][0]:.3f}–"
+              f"{o['ratio_spread'][1]:.3f}); inside the logger {1000 * o['inside_ms']:.1f} µs/step, "
+              f"{100 * o['inside_share']:.2f} % of the median step, plus {o['setup_ms']:.0f} ms "
+              "once per run to open and close its files")
     parallel = getattr(args, "parallel", None) or 2
     g = grid_speedup(device, parallel)
     print(f"  depth grid of {g['runs']} small runs: one by one {g['sequential_tokens_per_s']:,.0f} "

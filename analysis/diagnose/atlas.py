@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from analysis import progress
 from analysis.diagnose.diagnosis import diagnose, thirds
 from analysis.training.claims import COLUMNS
 
@@ -42,16 +43,18 @@ def checkpoint_name(path: str) -> str:
     return p.stem if p.suffix in (".gguf", ".safetensors", ".pt", ".bin") else p.name
 
 
-def collect(paths: list[str], *, log: Callable[[str], None] = print, **settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect(paths: list[str], *, log: Callable[[str], None] = progress.say, **settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(layers, checkpoints): every checkpoint's per-layer table stacked, and one row per checkpoint."""
     names = [checkpoint_name(p) for p in paths]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"two checkpoints would share the name {dup[0]}: give distinct folders")
     layers, checkpoints = [], []
+    bar = progress.bar(len(paths), "atlas", unit="checkpoint", leave=False)
     for i, (path, name) in enumerate(zip(paths, names), 1):
         log(f"[{i}/{len(paths)}] {path}")
         d = diagnose(path, **settings)
+        bar.update()
         L = d.meta["blocks"]
         t = d.table.copy()
         t.insert(0, "checkpoint", name)
@@ -65,6 +68,7 @@ def collect(paths: list[str], *, log: Callable[[str], None] = print, **settings)
                                 loss_value=d.meta["loss_value"], verdict=d.verdict,
                                 findings=";".join(d.findings["id"]), seq_len=d.meta["seq_len"],
                                 sequences=d.meta["sequences_used"], seconds=d.meta["seconds_total"]))
+    bar.close()
     return pd.concat(layers, ignore_index=True), pd.DataFrame(checkpoints)
 
 

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from analysis import progress
 from analysis.device import resolve_device
 from analysis.diagnose.contribution import ContributionMeter, branch_outputs, skip_test
 from analysis.diagnose.loading import Loaded, load
@@ -318,6 +319,7 @@ def measure(loaded: Loaded, model, layout, branches: list[list[str]], windows: t
     try:
         with Probe(model, metrics=metrics, layout=layout) as probe, \
                 ContributionMeter(model, layout, branches) as meter, PeakMeter(model, layout) as peaks:
+            bar = progress.bar(len(windows), "probing", unit="seq", leave=False)
             for s in range(0, len(windows), batch):
                 w = windows[s:s + batch].to(device)
                 if s < grad_n:
@@ -329,8 +331,10 @@ def measure(loaded: Loaded, model, layout, branches: list[list[str]], windows: t
                     with torch.no_grad():
                         _forward_only(loaded, model, w)
                 used = s + len(w)
+                bar.update(len(w))
                 if tolerance > 0 and used >= grad_n and used < len(windows) and converged(probe.frame(), tolerance):
                     break
+            bar.close()
         per_block, peak = meter.frame(), peaks.frame()
         if len(peak):
             per_block = per_block.merge(peak, on="layer", how="left")

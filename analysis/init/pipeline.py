@@ -15,6 +15,7 @@ from typing import Callable
 
 import pandas as pd
 
+from analysis import progress
 from analysis.init.compare import add_errors, aggregate, disagreements, error_summary, target_check
 from analysis.testbed.corpus import load_corpus
 from analysis.init.measured_claims import check_claims
@@ -99,7 +100,7 @@ def check_same_settings(cfg: AnalysisConfig, out: Path) -> None:
             raise refuse_other(out, "an analysis", key, was, value)
 
 
-def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = print, out: Path | None = None,
+def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = progress.say, out: Path | None = None,
             deadline: float | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Run theory, the sweep and the comparison; every table of the run folder and theory.json.
 
@@ -154,7 +155,7 @@ def save_tables(tables: dict[str, pd.DataFrame], cfg: AnalysisConfig, theory: di
 
 
 def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print, theory_again: bool = False,
-                log: Callable[[str], None] = print
+                log: Callable[[str], None] = progress.say
                 ) -> tuple[dict[str, pd.DataFrame], AnalysisConfig, dict]:
     """Read a run folder back (ValueError if it holds no results or a file is broken). Grid points
     missing from init_profiles.csv or part-written (a cut sweep) are left out, and ``warn`` is

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis import progress
 from analysis.budget import Cut, past
 from analysis.device import available_memory, resolve_device
 from analysis.testbed.corpus import Corpus
@@ -112,7 +113,7 @@ def theory_inputs(rows: pd.DataFrame, depth: int) -> dict[str, float]:
 
 
 def repredict(profiles: pd.DataFrame, base: ModelConfig,
-              log: Callable[[str], None] = print) -> pd.DataFrame:
+              log: Callable[[str], None] = progress.say) -> pd.DataFrame:
     """The profiles with both theory columns computed afresh by this code, from each seed's
     measured inputs: an improved theory is compared with measurements already made."""
     parts = []
@@ -238,7 +239,7 @@ def complete_points(profiles: pd.DataFrame, seeds: list[int],
 
 def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: ModelConfig,
                corpus: Corpus, batches: int = 2, batch_size: int = 4, device: str = "cpu",
-               log: Callable[[str], None] = print, out_dir: Path | None = None,
+               log: Callable[[str], None] = progress.say, out_dir: Path | None = None,
                compile: bool = False, deadline: float | None = None) -> pd.DataFrame:
     """Measure and predict every (scheme, depth, seed); the tidy init_profiles table.
 
@@ -264,14 +265,18 @@ def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: Mo
         configs = [c for c in configs if (c.scheme, c.depth) not in done]
         log(f"  kept {len(done)} finished grid points from {path}")
     t0 = time.perf_counter()
+    bar = progress.bar(len(configs) * len(seeds), "init sweep", unit="run", leave=False)
     for k, cfg in enumerate(configs, 1):
         if past(deadline):
+            bar.close()
             raise Cut(f"{len(configs) - k + 1} of {len(configs)} grid points not measured; the same "
                       "command resumes them")
         t = time.perf_counter()
         point = []
         for seed in seeds:
+            bar.set_postfix_str(f"{cfg.scheme} L={cfg.depth} seed {seed}", refresh=False)
             rows = to_rows(measure(cfg, seed, corpus, batches, batch_size, device, compile), cfg.depth)
+            bar.update()
             theory = theory_rows(cfg, **theory_inputs(rows, cfg.depth))
             rows = rows.merge(theory, on=["point", "metric"], how="left")
             point.append(rows.assign(scheme=cfg.scheme, depth=cfg.depth, seed=seed)[COLUMNS])
@@ -281,4 +286,5 @@ def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: Mo
             pd.concat(point).to_csv(path, mode="a", header=first, index=False)
         log(f"  [{k}/{len(configs)}] {cfg.scheme} L={cfg.depth}: {len(seeds)} seeds in "
             f"{time.perf_counter() - t:.1f} s (total {time.perf_counter() - t0:.0f} s)")
+    bar.close()
     return pd.concat(parts, ignore_index=True)[COLUMNS]

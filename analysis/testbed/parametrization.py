@@ -42,17 +42,23 @@ def lr_multipliers(model: Testbed, optimizer: str = "adam") -> dict[str, float]:
     return {n: (1.0 if is_matrix_like(n) else m) for n, _ in model.named_parameters()}
 
 
-def param_groups(model: Testbed, optimizer: str = "adam",
-                 weight_decay: float = 0.0) -> list[dict]:
+EMBEDDINGS = ("tok_embed.weight", "pos_embed.weight")  # a tied head is tok_embed itself
+
+
+def param_groups(model: Testbed, optimizer: str = "adam", weight_decay: float = 0.0,
+                 decay_embeddings: bool = True) -> list[dict]:
     """Parameter groups, one per (lr multiplier, decayed or not), each with ``lr_mult``.
 
-    Weight decay applies to matrices only (dim ≥ 2), as before; a training loop sets each group's
-    ``lr`` to the schedule's value × its ``lr_mult``.
+    Weight decay applies to tensors of dim ≥ 2 (never to norm gains and biases), embeddings
+    included unless ``decay_embeddings`` is False (then the block matrices and an untied head
+    alone, as in most LM baselines); a training loop sets each group's ``lr`` to the schedule's
+    value × its ``lr_mult``.
     """
     mults = lr_multipliers(model, optimizer)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        groups.setdefault((mults[name], p.dim() >= 2), []).append(p)
+        decay = p.dim() >= 2 and (decay_embeddings or name not in EMBEDDINGS)
+        groups.setdefault((mults[name], decay), []).append(p)
     return [{"params": ps, "lr_mult": mult, "weight_decay": weight_decay if decay else 0.0}
             for (mult, decay), ps in groups.items()]
 

@@ -26,6 +26,7 @@ from typing import Callable
 
 import pandas as pd
 
+from analysis import progress
 from analysis.budget import Cut, left
 from analysis.device import available_memory, resolve_device
 from analysis.records import read_record, refuse_other
@@ -214,7 +215,7 @@ def remaining(state: dict, cfg: CampaignConfig) -> list[tuple[str, float]]:
 
 
 def run_campaign(cfg: CampaignConfig, out: Path, time_limit: float = 540.0,
-                 log: Callable[[str], None] = print, reserve: float = 30.0) -> dict:
+                 log: Callable[[str], None] = progress.say, reserve: float = 30.0) -> dict:
     """Run the selected stages not yet done, in order, until done or ``time_limit`` seconds
     (``reserve`` of them kept for figures and the bundle); the state, also in campaign.json."""
     cfg.validate()

@@ -8,8 +8,10 @@ scheme, depths or seeds were not trained is 'untested', never dropped.
 
 Claims (SpanNorm, arXiv 2601.22580, unless cited otherwise):
 - stability: a scheme trains at every depth at one shared learning rate and warmup without
-  diverging or stalling (final validation loss above STALL × the entropy of the corpus's byte
-  frequencies: the plateau of a model that learned which bytes are common and no context);
+  diverging or stalling (the run's status, analysis.training.train: its training loss stayed
+  above 0.95 × the entropy of the corpus's byte frequencies, the plateau of a model that learned
+  which bytes are common and no context; in tables older than statuses, the final validation
+  loss above STALL × that entropy). Cut runs are not results yet and are left out;
 - depth efficiency: validation loss against log2 depth (slope with its standard error); span
   gains from depth at least as much as pre, and span ≤ pre at the deepest depth (dense, MoE);
 - collapse after training: pre's last-half blocks turn the stream less than its first-half
@@ -50,9 +52,11 @@ def stability(runs: pd.DataFrame, scheme: str, kind: str, unigram_bpb: float) ->
         return "untested", f"no {kind} run of {scheme}"
     bad = []
     for row in r.itertuples():
+        stalled = (row.status == "stalled" if "status" in r
+                   else row.final_val_bpb > STALL * unigram_bpb)
         if bool(row.diverged):
             bad.append(f"L={row.depth} seed {row.seed} diverged at step {row.divergence_step}")
-        elif row.final_val_bpb > STALL * unigram_bpb:
+        elif stalled:
             bad.append(f"L={row.depth} seed {row.seed} stalled at {row.final_val_bpb:.3f} bits/byte")
     lrs = sorted(r["lr"].unique())
     head = (f"{len(r)} runs, depths {', '.join(map(str, sorted(r['depth'].unique())))}, "
@@ -284,6 +288,8 @@ def check_training_claims(runs: pd.DataFrame, profiles: pd.DataFrame, unigram_bp
                           ) -> pd.DataFrame:
     """claims.csv rows for a trained grid: every training claim with status and evidence;
     ``unigram_bpb``: the corpus's byte entropy (Corpus.unigram_bits), a stalled run's plateau."""
+    if "status" in runs:  # a cut run has not finished: no evidence either way yet
+        runs = runs[runs["status"] != "cut"]
     rows = []
     for claim, scheme, statement, check in registry(_kinds(runs) or ["dense"], unigram_bpb):
         status, evidence = check(runs, profiles)

@@ -1,45 +1,52 @@
 """A grid of training runs (schemes × depths, dense or MoE), resumable, with probes at fixed fractions.
 
-Layout of ``out_dir``: ``runs/<name>/`` per run (checkpoint, result.json, profiles.csv), and the
-grid's tables ``train_runs.csv`` and ``train_profiles.csv`` gathered from every finished run in
-the folder, so a dense and an MoE grid written to one folder share their tables. A killed grid
-resumes: finished runs are read back, an unfinished one continues from its checkpoint.
+Layout of ``out_dir``: ``runs/<name>/`` per run (settings.json, checkpoint, train_log.csv,
+result.json, profiles.csv, loss figure), and the grid's tables ``train_runs.csv`` (a row per run,
+with its status, every setting and where it ran) and ``train_profiles.csv`` gathered from every
+run in the folder, so a dense and an MoE grid written to one folder share their tables. A killed
+grid resumes: finished runs are read back, an unfinished one continues from its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import pandas as pd
 import torch
 
+from analysis import progress
 from analysis.budget import Cut, Interrupted, past
 from analysis.device import available_memory, resolve_device
 from analysis.records import read_record
 from analysis.testbed.memory import check_all_fit
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed
-from analysis.training.train import TrainConfig, check_same_run, run_settings, train_run
+from analysis.training.train import (TrainConfig, check_same_run, run_settings, train_loss_ends,
+                                     train_run)
 from probes import Probe
 
 PROFILE_METRICS = ["second_moment", "grad_second_moment", "token_cosine", "layer_cosine",
                    "effective_rank"]
 PROFILE_POINTS = ["embed", "blocks.*.pre_norm_sum", "blocks.*.resid_post"]
-RUN_COLUMNS = ["scheme", "depth", "width", "moe", "tokens", "final_val_bpb", "diverged",
+RUN_COLUMNS = ["scheme", "depth", "width", "moe", "status", "tokens", "final_val_bpb", "diverged",
                "divergence_step", "tokens_per_s", "mfu"]
-# after RUN_COLUMNS and the run's folder name: the first training loss and the mean of the last
-# 10 (nats), then every other setting that changes a result
-SETTING_COLUMNS = ["first_train_loss", "final_train_loss", "seed", "heads", "ffn", "norm", "sigma", "max_seq_len", "batch_size", "lr",
-                   "min_lr_ratio", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip",
-                   "spike_factor", "scheme_params", "corpus"]
+# after RUN_COLUMNS and the run's folder name: the rest of the run record (losses in nats; the
+# first training loss and the mean of the last 10), then where it ran
+RECORD_COLUMNS = ["steps", "planned_steps", "wall_s", "final_val_loss", "first_train_loss",
+                  "final_train_loss", "divergence_reason", "stall_reason"]
+ENVIRONMENT_COLUMNS = ["git_commit", "torch_version", "device", "device_name"]
+# then every setting that changes a result: the model's, the training's (the token budget is
+# planned_steps × batch_size × max_seq_len), the corpus
+SETTING_COLUMNS = [k for k in [f.name for f in fields(ModelConfig)] + list(TrainConfig().identity())
+                   + ["corpus"] if k not in RUN_COLUMNS]
 
 
 def run_name(mc: ModelConfig, seed: int = 0) -> str:
@@ -73,7 +80,7 @@ def probe_profiler(run_dir: Path, batches: int = 2) -> Callable:
 
 
 def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: TrainConfig,
-               corpus: Corpus, out_dir: str | Path, log: Callable[[str], None] = print,
+               corpus: Corpus, out_dir: str | Path, log: Callable[[str], None] = progress.say,
                parallel: int = 1, verbose_workers: bool = True, deadline: float | None = None,
                seeds: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every (scheme, depth, seed) of the grid into ``out_dir``; return (runs, profiles).
@@ -111,7 +118,7 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
                 raise ValueError(f"{folder} holds a run without its settings.json (an older "
                                  "sigprop): choose another --out folder")
             check_same_run(folder, run_settings(mc, tcs, corpus))
-        if (folder / "result.json").exists():
+        if finished(folder):
             log(f"[{i}/{len(configs)}] {folder.name}: finished earlier, kept")
         else:
             todo.append((mc, tcs))
@@ -122,54 +129,68 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
     jobs = [(mc, tcs, corpus, out_dir / "runs" / run_name(mc, tcs.seed), workers, verbose_workers,
              deadline) for mc, tcs in todo]
     unfinished = []
-    if workers > 1:
-        # several small models at once keep a GPU busy that one alone leaves idle
-        log(f"training {len(todo)} runs, {parallel} at a time")
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
-            for job, r in zip(jobs, pool.map(_train_one, jobs)):
-                log(f"  {job[3].name}: {_outcome(r)}")
+    overall = progress.bar(len(configs), "grid", unit="run", initial=len(configs) - len(todo),
+                           position=0)
+    try:
+        if workers > 1:
+            # several small models at once keep a GPU busy that one alone leaves idle
+            log(f"training {len(todo)} runs, {parallel} at a time")
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
+                futures = {pool.submit(_train_one, job): job for job in jobs}
+                for future in as_completed(futures):
+                    job, r = futures[future], future.result()
+                    log(f"  {job[3].name}: {_outcome(r)}")
+                    overall.update(r is not None)
+                    if r is None:
+                        unfinished.append(job[3].name)
+        else:
+            for k, job in enumerate(jobs, 1):
+                if past(deadline):
+                    unfinished += [j[3].name for j in jobs[k - 1:]]
+                    break
+                log(f"[{k}/{len(jobs)}] {job[3].name}: training {tc.tokens:,} tokens on {tc.device}")
+                try:
+                    r = _train_one(job, log, position=1)
+                except Interrupted as e:  # Ctrl-C: the run stopped at a checkpoint; keep the tables
+                    write_tables(out_dir)
+                    raise Interrupted(f"{len(configs) - len(jobs) + k - 1} of {len(configs)} runs "
+                                      f"finished; {e}") from None
+                log(f"    {_outcome(r)}")
                 if r is None:
-                    unfinished.append(job[3].name)
-    else:
-        for k, job in enumerate(jobs, 1):
-            if past(deadline):
-                unfinished += [j[3].name for j in jobs[k - 1:]]
-                break
-            log(f"[{k}/{len(jobs)}] {job[3].name}: training {tc.tokens:,} tokens on {tc.device}")
-            try:
-                r = _train_one(job, log)
-            except Interrupted as e:  # Ctrl-C: the run stopped at a checkpoint; keep the tables
-                runs, profiles = collect(out_dir)
-                runs.to_csv(out_dir / "train_runs.csv", index=False)
-                profiles.to_csv(out_dir / "train_profiles.csv", index=False)
-                raise Interrupted(f"{len(configs) - len(jobs) + k - 1} of {len(configs)} runs "
-                                  f"finished; {e}") from None
-            log(f"    {_outcome(r)}")
-            if r is None:
-                unfinished += [j[3].name for j in jobs[k - 1:]]
-                break
+                    unfinished += [j[3].name for j in jobs[k - 1:]]
+                    break
+                overall.update()
+    finally:
+        overall.close()
     log(f"grid {'cut' if unfinished else 'done'} in {time.perf_counter() - t_grid:.0f} s")
-    runs, profiles = collect(out_dir)
-    runs.to_csv(out_dir / "train_runs.csv", index=False)
-    profiles.to_csv(out_dir / "train_profiles.csv", index=False)
+    runs, profiles = write_tables(out_dir)
     if unfinished:
         raise Cut(f"{len(unfinished)} of {len(configs)} runs not finished ({', '.join(unfinished)}); "
                   "the same command resumes them")
     return runs, profiles
 
 
-def _train_one(job: tuple, log: Callable[[str], None] = print) -> dict | None:
+def write_tables(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Gather every run's record into ``train_runs.csv`` and ``train_profiles.csv``."""
+    runs, profiles = collect(out_dir)
+    runs.to_csv(out_dir / "train_runs.csv", index=False)
+    profiles.to_csv(out_dir / "train_profiles.csv", index=False)
+    return runs, profiles
+
+
+def _train_one(job: tuple, log: Callable[[str], None] = progress.say,
+               position: int | None = None) -> dict | None:
     """One run of the grid (top-level, so worker processes can call it); None if cut."""
     mc, tc, corpus, run_dir, workers, verbose, deadline = job
-    if workers > 1:  # a worker process: name the run in its lines, share the CPU cores
-        log = ((lambda s, name=run_dir.name: print(f"[{name}] {s.strip()}", flush=True)) if verbose
-               else (lambda s: None))
+    if workers > 1:  # a worker process: no bar, name the run in its lines, share the CPU cores
+        progress.configure(quiet=not verbose, bars=False)
+        log = lambda s, name=run_dir.name: progress.say(f"[{name}] {s.strip()}")  # noqa: E731
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         return train_run(mc, tc, corpus, run_dir, profiler=probe_profiler(run_dir), log=log,
-                         deadline=deadline)
+                         deadline=deadline, position=position)
     except Cut as e:
         log(f"    {e}")
         return None
@@ -183,33 +204,54 @@ def _outcome(r: dict | None) -> str:
         return "cut at the deadline (checkpoint kept)"
     if r["diverged"]:
         return f"DIVERGED at step {r['divergence_step']}: {r['divergence_reason']}"
-    return f"val {r['final_val_bpb']:.3f} bits/byte, {r['tokens_per_s']:,.0f} tokens/s"
+    head = "STALLED: " + r["stall_reason"] + "; " if r.get("status") == "stalled" else "ok: "
+    return (f"{head}val {r['final_val_bpb']:.3f} bits/byte, {r['tokens_per_s']:,.0f} tokens/s, "
+            f"{r['wall_s']:.0f} s")
 
 
-def _finished(out_dir: str | Path) -> Iterator[tuple[Path, dict, str]]:
-    """(run folder, result.json content, dense/MoE label) of every finished run, in name order."""
+def finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` ended (ok, diverged or stalled), not cut or still to train."""
+    r = read_record(run_dir / "result.json")
+    return r is not None and r.get("status") != "cut"
+
+
+def status_of(r: dict) -> str:
+    """A run record's status; records older than statuses were ok or diverged."""
+    return r.get("status") or ("diverged" if r.get("diverged") else "ok")
+
+
+def _records(out_dir: str | Path) -> Iterator[tuple[Path, dict, str]]:
+    """(run folder, result.json content, dense/MoE label) of every recorded run (cut ones
+    included), in name order."""
     for result in sorted(Path(out_dir).glob("runs/*/result.json")):
         r = read_record(result)
         lacking = [k for k in ("scheme", "depth", "width", "experts", "top_k", "train_loss",
                                "val_loss") if k not in r]
         if lacking:
-            raise ValueError(f"{result} lacks {', '.join(lacking)}: not a finished run's result "
+            raise ValueError(f"{result} lacks {', '.join(lacking)}: not a run's record "
                              "(remove that run's folder to train it again)")
         yield result.parent, r, moe_label(r["experts"], r["top_k"])
 
 
+def _cell(value):
+    """A table cell: lists and dicts as JSON text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, tuple, dict)) else value
+
+
 def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The runs and profiles tables of every finished run under ``out_dir/runs``."""
+    """The runs table (every recorded run, its status, record, environment and settings) and the
+    profiles table under ``out_dir/runs``."""
     rows, profiles = [], []
-    for folder, r, label in _finished(out_dir):
+    for folder, r, label in _records(out_dir):
         s = r.get("settings", {})
         flat = {**s.get("model", {}), **s.get("train", {}), "corpus": s.get("corpus")}
-        flat["scheme_params"] = json.dumps(flat.get("scheme_params", {}), sort_keys=True)
-        losses = [v for _, v in r.get("train_loss", [])]
-        flat["first_train_loss"] = losses[0] if losses else None
-        flat["final_train_loss"] = float(np.mean(losses[-10:])) if losses else None  # last 10 steps
-        rows.append({**{k: r.get(k) for k in RUN_COLUMNS if k != "moe"}, "moe": label,
-                     "run": folder.name, **{k: flat.get(k) for k in SETTING_COLUMNS}})
+        first, final = train_loss_ends(r.get("train_loss", []))  # older records lack them
+        record = {"first_train_loss": first, "final_train_loss": final, **r,
+                  "status": status_of(r), **r.get("environment", {})}
+        rows.append({**{k: record.get(k) for k in RUN_COLUMNS if k != "moe"}, "moe": label,
+                     "run": folder.name,
+                     **{k: record.get(k) for k in RECORD_COLUMNS + ENVIRONMENT_COLUMNS},
+                     **{k: _cell(flat.get(k)) for k in SETTING_COLUMNS}})
         prof = folder / "profiles.csv"
         meta = dict(scheme=r["scheme"], depth=r["depth"], width=r["width"], moe=label,
                     seed=flat.get("seed", 0))
@@ -220,23 +262,38 @@ def collect(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             profiles.append(upd.assign(point=[f"blocks.{i}" for i in upd["layer"]],
                                        metric="update_size", tag="step" + upd["step"].astype(str),
                                        count=1, **meta))
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS + ["run"] + SETTING_COLUMNS)
+    columns = RUN_COLUMNS + ["run"] + RECORD_COLUMNS + ENVIRONMENT_COLUMNS + SETTING_COLUMNS
+    runs = pd.DataFrame(rows, columns=columns)
     runs = runs.sort_values(["moe", "scheme", "depth", "seed"], ignore_index=True)
     prof = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
     return runs, prof
 
 
-def curves(out_dir: str | Path) -> pd.DataFrame:
-    """Loss curves of every finished run: run, scheme, depth, moe, split, seed, step, loss (nats)."""
-    frames = []
-    for folder, r, label in _finished(out_dir):
-        for split in ("train", "val"):
-            pts = r[f"{split}_loss"]
-            if pts:
-                f = pd.DataFrame(pts, columns=["step", "loss"])
-                frames.append(f.assign(run=folder.name, scheme=r["scheme"], depth=r["depth"],
-                                       moe=label, split=split,
-                                       seed=r.get("settings", {}).get("train", {}).get("seed", 0)))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["step", "loss", "run", "scheme", "depth", "moe", "split", "seed"])
+CURVE_COLUMNS = ["run", "scheme", "depth", "moe", "seed", "status", "split", "step", "tokens",
+                 "loss"]
 
+
+def run_curves(folder: Path, r: dict, label: str) -> pd.DataFrame:
+    """One run's loss curves (nats): its train_log.csv (the smoothed training loss and every
+    validation point), or for a run recorded before it, every step's loss from result.json;
+    ``step`` counts the optimizer steps done."""
+    log = folder / "train_log.csv"
+    if log.exists():
+        frame = pd.read_csv(log)[["split", "step", "tokens", "loss"]]
+    else:
+        tokens_per_step = r["tokens"] / r["steps"] if r.get("steps") else math.nan
+        frame = pd.concat([pd.DataFrame(r[f"{split}_loss"], columns=["step", "loss"]).assign(split=split)
+                           for split in ("train", "val") if r[f"{split}_loss"]] or [pd.DataFrame()])
+        if len(frame):
+            frame["step"] += 1
+            frame["tokens"] = frame["step"] * tokens_per_step
+    return frame.assign(run=folder.name, scheme=r["scheme"], depth=r["depth"], moe=label,
+                        seed=r.get("settings", {}).get("train", {}).get("seed", 0),
+                        status=status_of(r)).reindex(columns=CURVE_COLUMNS)
+
+
+def curves(out_dir: str | Path) -> pd.DataFrame:
+    """Loss curves of every recorded run (columns CURVE_COLUMNS, losses in nats)."""
+    frames = [run_curves(folder, r, label) for folder, r, label in _records(out_dir)]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CURVE_COLUMNS)

@@ -1,9 +1,20 @@
 """Training one testbed run: AdamW, warmup + cosine, divergence as an outcome, atomic checkpoints.
 
-Read top to bottom like nanoGPT's train.py. A run writes into its own folder:
-``checkpoint.pt`` (model, optimizer, data-generator state, history; written atomically and
-reloaded with ``weights_only=True``), and ``result.json`` once finished. A killed run resumes from
-its last checkpoint and ends in the same state as an uninterrupted one with the same seed.
+Read top to bottom like nanoGPT's train.py. A run writes into its own folder: ``settings.json``
+(every setting, and where it ran: git commit, torch version, device), ``checkpoint.pt`` (model,
+optimizer, data-generator state, history; written atomically and reloaded with
+``weights_only=True``), ``train_log.csv`` (analysis.training.runlog) as it goes, and
+``result.json``, the run record, when it ends. A run ends with a status:
+
+- ``ok``: it trained every step;
+- ``diverged``: a non-finite loss, or a spike (``spike_factor``);
+- ``stalled``: it trained every step, but after ``stall_share`` of them its training loss (mean
+  over ``log_every`` steps) never fell below ``stall_fraction`` × the corpus's unigram entropy,
+  the loss of a model that learned which bytes are common and nothing of context;
+- ``cut``: stopped at a time limit or by Ctrl-C, checkpointed; called again, it resumes.
+
+A killed run resumes from its last checkpoint and ends in the same state as an uninterrupted one
+with the same seed.
 """
 
 from __future__ import annotations
@@ -18,13 +29,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
+from analysis import progress
 from analysis.budget import Cut, Interrupted, deferred_interrupt, past
 from analysis.device import resolve_device
-from analysis.records import read_record, refuse_other
+from analysis.records import environment, read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_blocks
 from analysis.testbed.parametrization import param_groups, set_lr
+from analysis.training.runlog import RunLog, rate_text
+
+STATUSES = ("ok", "diverged", "stalled", "cut")
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
@@ -39,6 +55,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
     warmup_frac: float = 0.05
     weight_decay: float = 0.1
+    decay_embeddings: bool = True  # False: decay the block matrices and an untied head only
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float | None = None  # off by default: instability is a result to record
@@ -55,6 +72,10 @@ class TrainConfig:
     autocast: bool | None = None  # bf16 autocast; None: on CUDA only
     check_every: int = 16  # steps between host syncs: losses are read, divergence checked
     timing_warmup: int = 3  # steps after each (re)start left out of tokens/s (compile, allocator)
+    log_every: int = 10  # a train_log.csv row per this many steps (nanoGPT's log_interval)
+    tensorboard: bool = False  # TensorBoard event files in the run folder (extra 'tensorboard')
+    stall_fraction: float = 0.95  # stalled: training loss above this × the unigram entropy…
+    stall_share: float = 0.5  # …all through the steps after this share of the run
     seed: int = 0
 
     def validate(self, seq_len: int) -> None:
@@ -62,16 +83,25 @@ class TrainConfig:
         if self.tokens < self.batch_size * seq_len:
             raise ValueError(f"tokens {self.tokens} is less than one batch "
                              f"({self.batch_size} × {seq_len})")
-        for name in ("batch_size", "evals", "eval_batches", "checkpoints", "check_every"):
+        for name in ("batch_size", "evals", "eval_batches", "checkpoints", "check_every",
+                     "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         numbers = {k: getattr(self, k) for k in ("lr", "min_lr_ratio", "warmup_frac", "weight_decay",
-                                                  "beta1", "beta2", "grad_clip", "spike_factor")}
+                                                  "beta1", "beta2", "grad_clip", "spike_factor",
+                                                  "stall_fraction", "stall_share")}
         for name, value in numbers.items():
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
         if not (self.lr > 0 and self.spike_factor > 1):
             raise ValueError("lr must be > 0 and spike_factor > 1")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.stall_fraction > 0 and 0 <= self.stall_share < 1):
+            raise ValueError(f"stall_fraction must be > 0 and stall_share in [0, 1), got "
+                             f"{self.stall_fraction} and {self.stall_share}")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 or None: no clipping), got {self.grad_clip}")
         if self.compile_scope not in ("blocks", "model"):
@@ -85,9 +115,11 @@ class TrainConfig:
         """Whether the run trains on a CUDA device."""
         return resolve_device(self.device).type == "cuda"
 
-    # how a run executes, not what it computes: a run may resume under other values of these
+    # how a run executes, logs or is judged, not what it trains: a run may resume under other
+    # values of these
     EXECUTION_ONLY = ("device", "compile", "compile_backend", "compile_scope", "check_every",
-                      "timing_warmup", "checkpoints")
+                      "timing_warmup", "checkpoints", "log_every", "tensorboard", "stall_fraction",
+                      "stall_share")
 
     def identity(self) -> dict[str, Any]:
         """Every setting that changes a run's result."""
@@ -151,10 +183,11 @@ def peak_flops(device: torch.device) -> float:
 
 
 def make_optimizer(model: Testbed, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms); each group's lr × its parametrization's
-    multiplier (all 1 under the standard parametrization)."""
-    return torch.optim.AdamW(param_groups(model, "adam", tc.weight_decay), lr=tc.lr,
-                             betas=(tc.beta1, tc.beta2), fused=tc.on_cuda)
+    """AdamW; weight decay on tensors of dim ≥ 2 (not norms or biases; embeddings unless
+    ``tc.decay_embeddings`` is False); each group's lr × its parametrization's multiplier (all 1
+    under the standard parametrization)."""
+    return torch.optim.AdamW(param_groups(model, "adam", tc.weight_decay, tc.decay_embeddings),
+                             lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=tc.on_cuda)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -181,6 +214,7 @@ class RunState:
     updates: list[tuple[int, int, float]] = field(default_factory=list)  # (step, block, size)
     # timed windows of training steps only, between two host syncs: (first step, steps, seconds)
     windows: list[tuple[int, int, float]] = field(default_factory=list)
+    wall_s: float = 0.0  # seconds since the run began, over every (re)start, at the checkpoint
 
 
 @torch.no_grad()
@@ -233,24 +267,51 @@ def evaluate(model: Testbed, corpus: Corpus, tc: TrainConfig, seq_len: int, ctx)
     return total / tc.eval_batches
 
 
+def train_loss_ends(train_loss: list[tuple[int, float]]) -> tuple[float, float]:
+    """The first training loss and the mean of the last 10 (nats); NaN without any."""
+    values = [v for _, v in train_loss]
+    if not values:
+        return math.nan, math.nan
+    return values[0], math.fsum(values[-10:]) / len(values[-10:])
+
+
+def stall_reason(train_loss: list[tuple[int, float]], steps: int, tc: TrainConfig,
+                 plateau: float) -> str:
+    """Why a finished run stalled ('' if it did not): after ``tc.stall_share`` of its steps, its
+    training loss averaged over ``tc.log_every`` steps never fell below ``tc.stall_fraction`` ×
+    ``plateau`` (the corpus's unigram entropy, nats)."""
+    after = [v for s, v in train_loss if s >= tc.stall_share * steps]
+    k = tc.log_every
+    means = [math.fsum(after[i:i + k]) / len(after[i:i + k]) for i in range(0, len(after), k)]
+    threshold = tc.stall_fraction * plateau
+    if not means or min(means) <= threshold:
+        return ""
+    return (f"training loss stayed above {tc.stall_fraction:g} × the unigram entropy "
+            f"{plateau:.3f} = {threshold:.3f} nats after {tc.stall_share:.0%} of the steps "
+            f"(lowest {min(means):.3f})")
+
+
 def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
-              profiler: Profiler | None = None, log: Callable[[str], None] = print,
+              profiler: Profiler | None = None, log: Callable[[str], None] = progress.say,
               on_step: Callable[[int, float], None] | None = None,
-              deadline: float | None = None) -> dict[str, Any]:
+              deadline: float | None = None, position: int | None = None) -> dict[str, Any]:
     """Train one model for ``tc.tokens`` tokens, resuming from ``run_dir`` if it holds a checkpoint.
 
-    Returns the result (also written to ``run_dir/result.json``). ``profiler(model, tag, step,
-    batch_fn)`` is called at ``tc.profile_fractions`` of training to measure the model;
-    ``on_step(step, loss)`` for every optimizer step, when its loss is read (progress, tests).
-    At ``deadline`` (a time.time() value) the run checkpoints at its next host sync and raises
-    analysis.budget.Cut; called again, it resumes there. Ctrl-C (in the main thread) checkpoints
-    at the end of the step and raises analysis.budget.Interrupted saying so; a second Ctrl-C stops
-    at once, keeping the last checkpoint. Either way, called again, it resumes.
+    Returns the run record (also written to ``run_dir/result.json``; its ``status`` is ok,
+    diverged or stalled). ``profiler(model, tag, step, batch_fn)`` is called at
+    ``tc.profile_fractions`` of training to measure the model; ``on_step(step, loss)`` for every
+    optimizer step, when its loss is read (progress, tests). ``position`` places the run's bar
+    below a grid's (analysis.progress). At ``deadline`` (a time.time() value) the run
+    checkpoints at its next host sync, records status cut and raises analysis.budget.Cut; called
+    again, it resumes there. Ctrl-C (in the main thread) checkpoints at the end of the step and
+    raises analysis.budget.Interrupted saying so; a second Ctrl-C stops at once, keeping the last
+    checkpoint. Either way, called again, it resumes.
     """
     saved: dict[str, int] = {}  # the step of the last checkpoint on disk, once there is one
     with deferred_interrupt(log) as stop:
         try:
-            return _train_run(mc, tc, corpus, run_dir, profiler, log, on_step, deadline, stop, saved)
+            return _train_run(mc, tc, corpus, run_dir, profiler, log, on_step, deadline, stop, saved,
+                              position)
         except Interrupted:
             raise
         except KeyboardInterrupt:
@@ -262,7 +323,7 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
 def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
                profiler: Profiler | None, log: Callable[[str], None],
                on_step: Callable[[int, float], None] | None, deadline: float | None,
-               stop: dict, saved: dict) -> dict[str, Any]:
+               stop: dict, saved: dict, position: int | None) -> dict[str, Any]:
     """train_run's body; ``stop["set"]`` asks it to checkpoint and stop (Ctrl-C), ``saved`` gets
     the step of each checkpoint it writes or resumes from."""
     tc.validate(mc.max_seq_len)
@@ -281,7 +342,8 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
     profile_at = {min(steps, round(f * steps)) for f in tc.profile_fractions}
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
+    env = environment(tc.device)
+    (run_dir / "settings.json").write_text(json.dumps({**settings, "environment": env}, indent=1))
     model = build_model(mc, seed=tc.seed, device=device)
     opt = make_optimizer(model, tc)
     data_gen = torch.Generator().manual_seed(tc.seed)
@@ -296,6 +358,10 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
         state = RunState(**{k: v for k, v in ckpt["state"].items() if k in known})
         saved.update(step=state.step, steps=steps)
         log(f"  resumed at step {state.step}/{steps}")
+    started, wall_before = time.perf_counter(), state.wall_s
+
+    def wall() -> float:  # seconds since the run began, over every (re)start
+        return wall_before + time.perf_counter() - started
 
     use_autocast = tc.autocast if tc.autocast is not None else device.type == "cuda"
     ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast
@@ -325,11 +391,40 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
             model.zero_grad(set_to_none=True)  # a profiler's backward must not leak into training
 
     def checkpoint() -> None:
+        state.wall_s = wall()
         save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "data_gen": data_gen.get_state(), "state": asdict(state),
                      "model_config": mc.to_dict()}, ckpt_path)
         saved.update(step=state.step, steps=steps)
 
+    def tokens_per_s(windows: list[tuple[int, int, float]]) -> float:
+        seconds = sum(t for _, _, t in windows)
+        return sum(n for _, n, _ in windows) * tc.batch_size * seq_len / seconds if seconds else math.nan
+
+    def record(status: str, reason: str = "", divergence_step: int | None = None) -> dict[str, Any]:
+        """The run record (result.json), written whatever the status."""
+        first_train, final_train = train_loss_ends(state.train_loss)
+        final_val = state.val_loss[-1][1] if state.val_loss and status != "diverged" else math.nan
+        speed = tokens_per_s(state.windows)
+        result = {
+            **{k: v for k, v in mc.to_dict().items() if k in ("scheme", "depth", "width", "experts", "top_k")},
+            "status": status, "tokens": state.step * tc.batch_size * seq_len, "steps": state.step,
+            "planned_steps": steps, "final_val_bpb": final_val / math.log(2),
+            "final_val_loss": final_val, "first_train_loss": first_train,
+            "final_train_loss": final_train, "diverged": status == "diverged",
+            "divergence_step": divergence_step, "divergence_reason": reason if status == "diverged" else "",
+            "stall_reason": reason if status == "stalled" else "", "wall_s": wall(),
+            "log_s": runlog.spent, "log_setup_s": runlog.setup, "tokens_per_s": speed,
+            "mfu": speed * flops_per_token(model) / peak_flops(device),
+            "flops_per_token": flops_per_token(model),
+            "train_loss": state.train_loss, "val_loss": state.val_loss, "updates": state.updates,
+            "timed_windows": state.windows, "compiled": tc.compiled, "settings": settings,
+            "environment": env,
+        }
+        (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
+        return result
+
+    format_interval = tqdm.format_interval  # h:mm:ss, as the bar shows it
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) since the last sync
     timed_from = state.step + tc.timing_warmup  # steps before it include compiling
     window_t0 = None
@@ -345,12 +440,16 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
         pending.clear()
         for step, value in zip(steps_read, values):
             state.train_loss.append((step, value))
+            runlog.train(step, value, lr_at(step, steps, tc), wall())
             reason = divergence(step, value)
             state.loss_ema = value if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * value
             if on_step is not None:
                 on_step(step, value)
             if reason:
                 return reason
+        if values:
+            runlog.sync(state.step, values[-1], lr_at(state.step - 1, steps, tc),
+                        tokens_per_s(state.windows[-4:]))
         return ""
 
     def divergence(step: int, value: float) -> str:
@@ -364,84 +463,90 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
                     f"mean {state.loss_ema:.3f}")
         return ""
 
-    reason, divergence_step = "", None
-    # never a silent eager fallback; compiled by block, a scheme whose blocks branch on l
-    # (Mix-LN, LNS) needs a graph per block
-    limit = torch._dynamo.config.recompile_limit
-    if tc.compile_scope == "blocks":
-        limit = max(limit, mc.depth + 8)
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
-        while state.step < steps:
-            step = state.step
-            snapshot = None
-            if step in profile_at:
-                profile("init" if step == 0 else f"step{step}")
-                snapshot = snapshot_blocks(model, next_fixed_batch())
-            if window_t0 is None:
-                window_t0 = time.perf_counter()
-            set_lr(opt, lr_at(step, steps, tc))
-            x, y = next_batch()
-            with ctx():
-                _, loss = fwd(x, y)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            pending.append((step, loss.detach()))
-            state.step += 1
-            if snapshot is not None:
-                state.updates += [(step, i, u) for i, u in enumerate(update_sizes(model, snapshot))]
-                window_t0 = None  # measuring is not training: this window is not timed
-            # sync only where the host needs the losses: every check_every steps, and before
-            # anything that reads, measures or saves the state
-            if (len(pending) >= tc.check_every or state.step == steps or state.step == timed_from
-                    or snapshot is not None or step in eval_at or state.step in ckpt_at
-                    or state.step in profile_at):
-                reason = read_losses()
-                if reason:
-                    divergence_step = state.train_loss[-1][0]
-                    log(f"  diverged: {reason}")
-                    break
-            if step in eval_at:
-                state.val_loss.append((step, evaluate(model, corpus, tc, seq_len, ctx)))
-                log(f"  step {state.step}/{steps}  train {state.train_loss[-1][1]:.3f}  "
-                    f"val {state.val_loss[-1][1]:.3f} nats")
-            cut = not pending and state.step < steps and past(deadline)  # where the host looked
-            if state.step in ckpt_at or cut:
-                checkpoint()
-            if cut:
-                raise Cut(f"cut at step {state.step}/{steps}; checkpoint saved")
-            if stop["set"] and state.step < steps:  # Ctrl-C: read the losses, checkpoint, stop
-                reason = read_losses()
-                if reason:
-                    divergence_step = state.train_loss[-1][0]
-                    log(f"  diverged: {reason}")
-                    break
-                checkpoint()
-                raise Interrupted(f"{run_dir.name} stopped at step {state.step}/{steps}, where "
-                                  "its checkpoint is kept")
-    diverged = divergence_step is not None
-    if not diverged and steps in profile_at:
-        profile("end")
+    def evaluation_line() -> str:
+        done, elapsed = state.step, wall()
+        eta = elapsed / max(1, done) * (steps - done)  # the run's pace so far, evaluations included
+        recent = [v for _, v in state.train_loss[-tc.log_every:]]
+        return (f"  step {done}/{steps}  train {math.fsum(recent) / len(recent):.3f}  val "
+                f"{state.val_loss[-1][1]:.3f} nats  lr {lr_at(done - 1, steps, tc):.2e}  "
+                f"{rate_text(tokens_per_s(state.windows[-4:]))}  "
+                f"[{format_interval(elapsed)}<{format_interval(eta)}]")
 
-    timed_steps = sum(n for _, n, _ in state.windows)
-    timed_seconds = sum(s for _, _, s in state.windows)
-    tokens_per_s = timed_steps * tc.batch_size * seq_len / timed_seconds if timed_seconds else math.nan
-    final_val = state.val_loss[-1][1] if state.val_loss and not diverged else math.nan
-    result = {
-        **{k: v for k, v in mc.to_dict().items() if k in ("scheme", "depth", "width", "experts", "top_k")},
-        "tokens": state.step * tc.batch_size * seq_len, "steps": state.step,
-        "final_val_bpb": final_val / math.log(2), "diverged": diverged,
-        "divergence_step": divergence_step, "divergence_reason": reason,
-        "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * flops_per_token(model) / peak_flops(device),
-        "flops_per_token": flops_per_token(model),
-        "train_loss": state.train_loss, "val_loss": state.val_loss, "updates": state.updates,
-        "timed_windows": state.windows, "compiled": tc.compiled, "settings": settings,
-    }
-    checkpoint()
-    (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
+    runlog = RunLog(run_dir, steps, state.step, tc.batch_size * seq_len, tc.log_every,
+                    tc.tensorboard, position,
+                    [v for s, v in state.train_loss if s >= state.step - state.step % tc.log_every])
+    try:
+        reason, divergence_step = "", None
+        # never a silent eager fallback; compiled by block, a scheme whose blocks branch on l
+        # (Mix-LN, LNS) needs a graph per block
+        limit = torch._dynamo.config.recompile_limit
+        if tc.compile_scope == "blocks":
+            limit = max(limit, mc.depth + 8)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
+            while state.step < steps:
+                step = state.step
+                snapshot = None
+                if step in profile_at:
+                    profile("init" if step == 0 else f"step{step}")
+                    snapshot = snapshot_blocks(model, next_fixed_batch())
+                if window_t0 is None:
+                    window_t0 = time.perf_counter()
+                set_lr(opt, lr_at(step, steps, tc))
+                x, y = next_batch()
+                with ctx():
+                    _, loss = fwd(x, y)
+                loss.backward()
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                pending.append((step, loss.detach()))
+                state.step += 1
+                if snapshot is not None:
+                    state.updates += [(step, i, u) for i, u in enumerate(update_sizes(model, snapshot))]
+                    window_t0 = None  # measuring is not training: this window is not timed
+                # sync only where the host needs the losses: every check_every steps, and before
+                # anything that reads, measures or saves the state
+                if (len(pending) >= tc.check_every or state.step == steps or state.step == timed_from
+                        or snapshot is not None or step in eval_at or state.step in ckpt_at
+                        or state.step in profile_at):
+                    reason = read_losses()
+                    if reason:
+                        divergence_step = state.train_loss[-1][0]
+                        log(f"  diverged: {reason}")
+                        break
+                if step in eval_at:
+                    val = evaluate(model, corpus, tc, seq_len, ctx)
+                    state.val_loss.append((step, val))
+                    runlog.val(state.step, val, lr_at(step, steps, tc), wall())
+                    log(evaluation_line())
+                cut = not pending and state.step < steps and past(deadline)  # where the host looked
+                if state.step in ckpt_at or cut:
+                    checkpoint()
+                if cut:
+                    record("cut")
+                    raise Cut(f"cut at step {state.step}/{steps}; checkpoint saved")
+                if stop["set"] and state.step < steps:  # Ctrl-C: read the losses, checkpoint, stop
+                    reason = read_losses()
+                    if reason:
+                        divergence_step = state.train_loss[-1][0]
+                        log(f"  diverged: {reason}")
+                        break
+                    checkpoint()
+                    record("cut")
+                    raise Interrupted(f"{run_dir.name} stopped at step {state.step}/{steps}, where "
+                                      "its checkpoint is kept")
+        diverged = divergence_step is not None
+        if not diverged and steps in profile_at:
+            profile("end")
+        if not diverged:
+            reason = stall_reason(state.train_loss, steps, tc,
+                                  corpus.unigram_bits("train") * math.log(2))
+        checkpoint()
+    finally:
+        runlog.close(state.step, lr_at(max(0, state.step - 1), steps, tc), wall())
+    status = "diverged" if diverged else "stalled" if reason else "ok"
+    result = record(status, reason, divergence_step)
     if stop["set"]:  # Ctrl-C came as the run finished (or diverged): it is kept whole
         raise Interrupted(f"{run_dir.name} finished ({state.step}/{steps} steps)")
     return result

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from analysis import progress
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig
 from analysis.width.steps import StepConfig, measure_steps
@@ -83,18 +84,22 @@ PRESETS = {
 }
 
 
-def run(cfg: CoordCheckConfig, corpus: Corpus, log: Callable[[str], None] = print) -> pd.DataFrame:
+def run(cfg: CoordCheckConfig, corpus: Corpus, log: Callable[[str], None] = progress.say) -> pd.DataFrame:
     """Every run's rows (analysis.width.steps), with progress on ``log``."""
     cfg.validate()
     sc = cfg.step_config
     grid = [(s, p, w, seed) for s in cfg.schemes for p in cfg.parametrizations
             for w in cfg.widths for seed in cfg.seeds]
     frames, t0 = [], time.perf_counter()
+    bar = progress.bar(len(grid), "coordcheck", unit="run", leave=False)
     for i, (s, p, w, seed) in enumerate(grid, 1):
+        bar.set_postfix_str(f"{s} {p} width {w} seed {seed}", refresh=False)
         frames.append(measure_steps(cfg.model_config(s, p, w), sc, corpus, seed, cfg.device))
+        bar.update()
         if i % (len(cfg.widths) * len(cfg.seeds)) == 0:  # a scheme × parametrization done
             log(f"  {s} {p}: widths {min(cfg.widths)}…{max(cfg.widths)} done "
                 f"[{i}/{len(grid)} runs, {time.perf_counter() - t0:.0f} s]")
+    bar.close()
     return pd.concat(frames, ignore_index=True)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis import progress
 from analysis.records import read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, build_model
@@ -133,7 +134,7 @@ def check_same_sweep(folder: Path, cfg: LRSweepConfig) -> None:
     (folder / "settings.json").write_text(json.dumps(now, indent=1))
 
 
-def run(cfg: LRSweepConfig, corpus: Corpus, log: Callable[[str], None] = print,
+def run(cfg: LRSweepConfig, corpus: Corpus, log: Callable[[str], None] = progress.say,
         out: Path | None = None) -> pd.DataFrame:
     """One row per run: scheme, parametrization, width, depth, lr, seed, loss, train_s, eval_s.
 
@@ -152,10 +153,13 @@ def run(cfg: LRSweepConfig, corpus: Corpus, log: Callable[[str], None] = print,
             kept = {tuple(r[k] for k in KEY): r for r in old.to_dict("records")}
             if kept:
                 log(f"  resuming: {len(kept)} finished runs in {out / 'lrsweep.csv'}")
+    bar = progress.bar(len(curves) * len(cfg.lrs) * len(cfg.seeds), "lrsweep", unit="run",
+                       leave=False)
     for i, (s, p, w, d) in enumerate(curves, 1):
         mc = cfg.model_config(s, p, w, d)
         for lr in cfg.lrs:
             for seed in cfg.seeds:
+                bar.set_postfix_str(f"{s} {p} width {w} depth {d} lr {lr:g}", refresh=False)
                 key = (s, p if w != cfg.widths[0] else "base", w, d, lr, seed)
                 timing = {"train_s": 0.0, "eval_s": 0.0}  # a shared run is timed once
                 if (s, p, w, d, lr, seed) in kept:
@@ -166,6 +170,7 @@ def run(cfg: LRSweepConfig, corpus: Corpus, log: Callable[[str], None] = print,
                     done[key] = train_short(mc, cfg, lr, seed, corpus, timing)
                 rows.append({"scheme": s, "parametrization": p, "width": w, "depth": d, "lr": lr,
                              "seed": seed, "loss": done[key], **timing})
+                bar.update()
         curve = rows[-len(cfg.lrs) * len(cfg.seeds):]
         if out is not None:
             new_rows = [r for r in curve if tuple(r[k] for k in KEY) not in kept]
@@ -177,6 +182,7 @@ def run(cfg: LRSweepConfig, corpus: Corpus, log: Callable[[str], None] = print,
         best = min(curve, key=lambda r: r["loss"])
         log(f"  [{i}/{len(curves)}] {s} {p} width {w} depth {d}: best lr {best['lr']:g} "
             f"(loss {best['loss']:.3f}) [{time.perf_counter() - t0:.0f} s]")
+    bar.close()
     return pd.DataFrame(rows).assign(optimizer=cfg.optimizer, steps=cfg.steps)
 
 
