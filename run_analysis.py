@@ -223,9 +223,9 @@ def _grid_report(out, runs, profiles, fmt: str, unigram_bpb: float) -> list:
         folder = out / "runs" / run
         figure = (folder / "loss").with_suffix(f".{fmt}")
         if not figure.exists() or figure.stat().st_mtime < (folder / "result.json").stat().st_mtime:
-            run_loss_figure(curve, figure, fmt)
+            run_loss_figure(curve, figure, fmt, unigram_bpb)
     figs = [loss_vs_depth(runs, out / "figures" / "train_loss_vs_depth", fmt),
-            loss_curves(every, out / "figures" / "train_loss_curves", fmt)]
+            loss_curves(every, out / "figures" / "train_loss_curves", fmt, unigram_bpb)]
     if len(profiles):
         kinds = profiles["moe"].unique()
         kind = "dense" if "dense" in kinds else kinds[0]
@@ -582,6 +582,7 @@ def _measurement_settings(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
+    from analysis.training.train import TrainConfig
     parser = _Parser(
         prog="run_analysis.py",
         description="sigprop: signal propagation in deep Transformers, theory against measurement. "
@@ -657,24 +658,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=64,
                    help="with --parametrization mup, the width at which it equals standard "
                         "(default: 64)")
-    p.add_argument("--beta1", type=_finite, default=0.9, help="Adam β1 (default: 0.9)")
-    p.add_argument("--beta2", type=_finite, default=0.95, help="Adam β2 (default: 0.95)")
-    p.add_argument("--weight-decay", type=_finite, default=0.1,
-                   help="AdamW weight decay, on tensors of dim >= 2 only (default: 0.1)")
-    p.add_argument("--decay-embeddings", action=argparse.BooleanOptionalAction, default=True,
+    tc = TrainConfig()  # the defaults, stated once
+    p.add_argument("--beta1", type=_finite, default=tc.beta1, help=f"Adam β1 (default: {tc.beta1})")
+    p.add_argument("--beta2", type=_finite, default=tc.beta2, help=f"Adam β2 (default: {tc.beta2})")
+    p.add_argument("--weight-decay", type=_finite, default=tc.weight_decay,
+                   help=f"AdamW weight decay, on tensors of dim >= 2 only (default: {tc.weight_decay})")
+    p.add_argument("--decay-embeddings", action=argparse.BooleanOptionalAction,
+                   default=tc.decay_embeddings,
                    help="also decay the token and position embeddings; --no-decay-embeddings "
                         "decays the block matrices and an untied head only (default: decay them)")
-    p.add_argument("--warmup", type=_finite, default=0.05,
-                   help="linear warmup, as a fraction of the steps (default: 0.05)")
-    p.add_argument("--min-lr-ratio", type=_finite, default=0.1,
-                   help="the cosine decays to lr × this (default: 0.1)")
-    p.add_argument("--stall-fraction", type=_finite, default=0.95,
+    p.add_argument("--warmup", type=_finite, default=tc.warmup_frac,
+                   help=f"linear warmup, as a fraction of the steps (default: {tc.warmup_frac})")
+    p.add_argument("--min-lr-ratio", type=_finite, default=tc.min_lr_ratio,
+                   help=f"the cosine decays to lr × this (default: {tc.min_lr_ratio})")
+    p.add_argument("--stall-fraction", type=_finite, default=tc.stall_fraction,
                    help="a run is 'stalled' if its training loss stays above this × the corpus's "
-                        "unigram entropy after --stall-share of its steps (default: 0.95)")
-    p.add_argument("--stall-share", type=_finite, default=0.5,
-                   help="the share of the steps after which a stall is judged (default: 0.5)")
-    p.add_argument("--log-every", type=int, default=10,
-                   help="a train_log.csv row (smoothed training loss) per this many steps (default: 10)")
+                        f"unigram entropy after --stall-share of its steps (default: {tc.stall_fraction})")
+    p.add_argument("--stall-share", type=_finite, default=tc.stall_share,
+                   help=f"the share of the steps after which a stall is judged (default: {tc.stall_share})")
+    p.add_argument("--log-every", type=int, default=tc.log_every,
+                   help=f"a train_log.csv row (smoothed training loss) per this many steps "
+                        f"(default: {tc.log_every})")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files in each run folder (needs the "
                         "'tensorboard' extra: pip install -e '.[tensorboard]')")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import EngFormatter
 
 from figures.style import color, new_figure, save
 
@@ -47,6 +48,7 @@ def _tokens_axis(ax, curves: pd.DataFrame) -> None:
     if len(per_step) == 1 and per_step[0] > 0:
         k = float(per_step[0])
         top = ax.secondary_xaxis("top", functions=(lambda s: s * k, lambda t: t / k))
+        top.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.6M
         top.set_xlabel("tokens")
 
 
@@ -65,10 +67,18 @@ def _draw_run(ax, g: pd.DataFrame, colour: str, alpha: float, label: str | None)
                 mew=2, color=colour)
 
 
-def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+def _plateau(ax, plateau_bpb: float | None) -> None:
+    if plateau_bpb is not None:
+        ax.axhline(plateau_bpb, color="0.5", ls=":", lw=1,
+                   label=f"unigram entropy {plateau_bpb:.2f}")
+
+
+def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png",
+                plateau_bpb: float | None = None) -> Path:
     """Loss against optimizer step (tokens on top), a line per run: smoothed training loss, dots
     at validation; colour by scheme, shade by depth; stalled runs dashed, diverged ones end in ×,
-    cut ones dotted; one panel per dense/MoE."""
+    cut ones dotted; one panel per dense/MoE. ``plateau_bpb``: the corpus's unigram entropy, the
+    plateau a stalled run sits on, drawn dotted."""
     kinds = sorted(curves["moe"].unique(), key=lambda k: (k != "dense", k)) or ["dense"]
     fig, axes = new_figure(len(kinds))
     depths = sorted(curves["depth"].unique())
@@ -80,6 +90,7 @@ def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
             name = f"{scheme} L={depth}"
             _draw_run(ax, g, color(scheme), shade, None if name in labelled else name)
             labelled.add(name)
+        _plateau(ax, plateau_bpb)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (bits/byte)")
         ax.set_title(f"loss curves ({kind}): lines train, dots validation", fontsize=8)
@@ -88,12 +99,14 @@ def loss_curves(curves: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
     return save(fig, path, fmt)
 
 
-def run_loss_figure(curve: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+def run_loss_figure(curve: pd.DataFrame, path: Path, fmt: str = "png",
+                    plateau_bpb: float | None = None) -> Path:
     """One run's loss against optimizer step and tokens: smoothed training loss and validation."""
     fig, (ax,) = new_figure(1)
     scheme, status = curve["scheme"].iloc[0], curve["status"].iloc[0]
     _draw_run(ax, curve, color(scheme), 1.0, "train (smoothed)")
     ax.plot([], [], "o", ms=3, color=color(scheme), label="validation")
+    _plateau(ax, plateau_bpb)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (bits/byte)")
     ax.set_title(f"{curve['run'].iloc[0]}: {status}", fontsize=9)
@@ -165,8 +178,8 @@ def training_blocks(runs: pd.DataFrame, figures: list[Path], base: Path,
     """Report blocks: the runs table, each run's status (diverged, stalled, cut), the training
     claims, and the figures (relative to ``base``)."""
     table = runs[[c for c in ("scheme", "depth", "moe", "seed", "status", "tokens", "final_val_bpb",
-                              "final_train_loss", "divergence_step", "tokens_per_s", "mfu",
-                              "wall_s") if c in runs]]
+                              "final_val_loss", "final_train_loss", "divergence_step",
+                              "tokens_per_s", "mfu", "wall_s") if c in runs]]
     status = runs["status"] if "status" in runs else runs["diverged"].map(
         {True: "diverged", False: "ok"})
     counts = status.value_counts()

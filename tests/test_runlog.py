@@ -177,14 +177,15 @@ def test_progress_lines_bars_and_quiet(corpus, tmp_path, capsys):
     assert capsys.readouterr() == ("", "")
 
 
-def test_cli_train_quiet_prints_results_only_and_flags_reach_the_run(tmp_path, capsys):
+def test_cli_train_quiet_prints_results_only_and_flags_reach_the_run(tmp_path, capfd):
     out = tmp_path / "grid"
-    code = run_analysis.main(["train", "--schemes", "pre", "--depths", "1", "--tokens", "8192",
-                              "--quiet", "--beta1", "0.8", "--beta2", "0.99", "--weight-decay",
+    # two runs in two worker processes: workers are quiet too
+    code = run_analysis.main(["train", "--schemes", "pre", "--depths", "1,2", "--tokens", "8192",
+                              "--parallel", "2", "--quiet", "--beta1", "0.8", "--beta2", "0.99", "--weight-decay",
                               "0.05", "--no-decay-embeddings", "--warmup", "0.1",
                               "--min-lr-ratio", "0.2", "--log-every", "4", "--out", str(out)])
-    printed = capsys.readouterr()
-    assert code == 0 and printed.err == ""
+    printed = capfd.readouterr()  # file descriptors: the workers' output too
+    assert code == 0 and printed.err == "", printed.err
     assert printed.out.strip().splitlines() == [printed.out.strip()]  # the one "wrote …" line
     row = pd.read_csv(out / "train_runs.csv").iloc[0]
     assert (row["beta1"], row["beta2"], row["weight_decay"], row["warmup_frac"],

@@ -88,7 +88,8 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
     ``seeds`` (default: ``tc.seed`` alone) seed each run's init and data order.
 
     ``parallel`` > 1 trains that many runs at once in worker processes (one device shared), which
-    print their progress prefixed with the run's name unless ``verbose_workers`` is False. At
+    print their progress prefixed with the run's name unless ``verbose_workers`` is False or
+    progress is quiet (analysis.progress); the parent draws the grid's bar. At
     ``deadline`` (time.time()) running runs checkpoint, no new one starts, the tables of the
     finished runs are written and analysis.budget.Cut is raised; a re-run resumes.
     """
@@ -126,8 +127,9 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
     free = available_memory(resolve_device(tc.device)) / workers  # runs side by side share it
     check_all_fit([mc for mc, _ in todo], tc.batch_size, free,  # refuse before training
                   f"{tc.device} (per run, {workers} at once)", training=True)
-    jobs = [(mc, tcs, corpus, out_dir / "runs" / run_name(mc, tcs.seed), workers, verbose_workers,
-             deadline) for mc, tcs in todo]
+    verbose = verbose_workers and not progress.is_quiet()  # workers start with default settings
+    jobs = [(mc, tcs, corpus, out_dir / "runs" / run_name(mc, tcs.seed), workers, verbose, deadline)
+            for mc, tcs in todo]
     unfinished = []
     overall = progress.bar(len(configs), "grid", unit="run", initial=len(configs) - len(todo),
                            position=0)

@@ -40,8 +40,6 @@ from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_bl
 from analysis.testbed.parametrization import param_groups, set_lr
 from analysis.training.runlog import RunLog, rate_text
 
-STATUSES = ("ok", "diverged", "stalled", "cut")
-
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
 
