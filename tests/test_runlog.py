@@ -249,3 +249,14 @@ def test_grid_figure_marks_stalled_and_diverged_runs(corpus, tmp_path):
     assert any(l.get_marker() == "x" for l in ax.get_lines())  # where the run diverged
     assert path.exists()
     plt.close("all")
+
+
+def test_resume_survives_a_log_row_cut_short(corpus, tmp_path):
+    mc, tc = tiny(), fast(lr=1e-2, checkpoints=3)
+    with pytest.raises(Cut):  # cut at the first look: a checkpoint and a partial log
+        train_run(mc, tc, corpus, tmp_path, log=quiet, deadline=0.0)
+    with (tmp_path / "train_log.csv").open("a") as f:
+        f.write("tra")  # a kill in the middle of writing a row
+    r = train_run(mc, tc, corpus, tmp_path, log=quiet)
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert r["status"] == "ok" and list(log[log["split"] == "train"]["step"]) == [5, 10, 15, 20, 24]

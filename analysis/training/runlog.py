@@ -49,12 +49,16 @@ class RunLog:
         self.spent = 0.0  # seconds spent logging during training (what the bench reports per step)
         self.setup = 0.0  # seconds opening and closing the file, events and bar, once per run
         t = time.perf_counter()
+        kept = []
         if self.path.exists():  # a resumed run: keep the rows up to its checkpoint, but a
-            with self.path.open() as f:  # cut's partial window, which ``window`` carries on
-                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= done and (
-                    r["split"] == "val" or int(r["step"]) % log_every == 0)]
-        else:
-            kept = []
+            with self.path.open(newline="") as f:  # cut's partial window, which ``window`` carries on
+                for r in csv.DictReader(f):
+                    try:
+                        step = int(r["step"])
+                    except (TypeError, ValueError):  # a row cut short by a kill mid-write
+                        continue
+                    if step <= done and (r["split"] == "val" or step % log_every == 0):
+                        kept.append(r)
         self.file = self.path.open("w", newline="")
         self.rows = csv.DictWriter(self.file, COLUMNS)
         self.rows.writeheader()
