@@ -199,15 +199,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if tc.tensorboard:
         from analysis.training.runlog import summary_writer_class
         summary_writer_class()  # a missing tensorboard package is refused before any training
-    out = _writable_dir(args.out)
+    world, log = _join_ranks(args)
+    if world.size > 1:
+        from analysis.distributed import check_same, from_main
+        check_same({k: v for k, v in vars(args).items() if k != "func"}, world)
+        out = Path(from_main(str(_writable_dir(args.out)) if world.main else None, world))
+    else:
+        out = _writable_dir(args.out)
     args.out = str(out)  # what an interruption names, with the command that resumes
     corpus = load_corpus(args.corpus)
-    runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel,
-                                seeds=seeds)
+    try:
+        runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel,
+                                    seeds=seeds, world=world, ddp=args.ddp, fsdp=args.fsdp,
+                                    log=log)
+    finally:
+        from analysis.distributed import leave
+        leave()
+    if not world.main:
+        return 0
     figs = _grid_report(out, runs, profiles, args.format, corpus.unigram_bits())
     print(f"wrote {out / 'train_runs.csv'}, {out / 'train_profiles.csv'}, {out / 'claims.csv'}, "
           f"{out / 'train.md'} and {len(figs)} figures")
     return 0
+
+
+def _join_ranks(args: argparse.Namespace):
+    """(world, log) of a `train` under torchrun: --ddp trains each run on every rank, else the
+    ranks split the grid; rank 0 speaks (other ranks of a split grid print their own runs'
+    lines, marked). Outside torchrun: the world of one, and --ddp is refused."""
+    from analysis.distributed import SINGLE, join, launched_by_torchrun
+    together = args.ddp or args.fsdp  # every run on every rank
+    if args.ddp and args.fsdp:
+        raise ValueError("--ddp and --fsdp are two ways to train a run on every rank: choose one")
+    if not (together or launched_by_torchrun()):
+        return SINGLE, progress.say
+    world = join(args.device, "--fsdp" if args.fsdp else "--ddp" if args.ddp
+                 else "a grid across ranks")
+    if world.main:
+        return world, progress.say
+    progress.configure(quiet=progress.is_quiet() or together, bars=False)  # one terminal: no bars
+    return world, lambda message: progress.say(f"[rank {world.rank}] {message}")
 
 
 def _grid_report(out, runs, profiles, fmt: str, unigram_bpb: float) -> list:
@@ -684,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "'tensorboard' extra: pip install -e '.[tensorboard]')")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs trained at once in worker processes, sharing the device (default: 1)")
+    p.add_argument("--ddp", action="store_true",
+                   help="under torchrun: train each run on every rank (DistributedDataParallel); "
+                        "without it, torchrun's ranks split the grid (README, Distributed)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: as --ddp, with each run's model sharded over the ranks "
+                        "(torch's fully_shard), for models that do not fit one device")
     p.add_argument("--out", help="output folder; an existing grid there resumes "
                                  "(default: runs/<timestamp>)")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
@@ -865,6 +902,15 @@ def main(argv: list[str] | None = None) -> int:
               f"before the run was too low){kept}: lower --batch, --seq-len or the deepest "
               "depth", file=sys.stderr)
         return 2
+    except (torch.distributed.DistError, RuntimeError) as e:  # a rank failed or stopped answering
+        transport = any(w in str(e) for w in ("gloo", "NCCL", "Connection closed by peer"))
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and (isinstance(e, torch.distributed.DistError) or transport)):
+            raise  # a bug, not a lost rank: its traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"error: a collective across torchrun's ranks failed ({first}); another rank "
+              "failed or stopped answering: see its own error line", file=sys.stderr)
+        return 1
 
 
 RESUMABLE = ("sweep", "train", "campaign", "lrsweep")  # commands that keep what finished and resume

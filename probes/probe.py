@@ -26,6 +26,11 @@ call ``enable_hook_guards()``, before the first ``torch.compile`` call. Code com
 cannot see the hooks: ``frame()`` then raises instead of returning partial statistics, and
 ``Probe(..., recompile=True)`` calls ``torch.compiler.reset()`` (global: everything compiled
 recompiles) on entry and exit to recover.
+
+torch.distributed (DDP, FSDP under torchrun): each rank accumulates its own batches; ``frame()``
+all-reduces the sums (one collective per device), so every rank's frame is the frame of one
+process that ran all the ranks' batches, one after another. ``frame()`` is then a collective:
+call it on every rank. ``all_reduce=False`` keeps each rank's own statistics.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from probes.locate import Layout, first_tensor, locate, unwrap
@@ -71,14 +77,18 @@ class Probe:
     def __init__(self, model: nn.Module, metrics: str | Iterable[str] | None = None, *,
                  points: str | Iterable[str] | None = None, blocks: str | list[str] | None = None,
                  final: str | None = None, output_norm: str | None = None, layout: Layout | None = None,
-                 max_seqs: int = SAMPLE_SEQS, max_tokens: int = SAMPLE_TOKENS, recompile: bool = False):
-        """Probe ``model``; ``points`` are fnmatch patterns over point names (default: all)."""
+                 max_seqs: int = SAMPLE_SEQS, max_tokens: int = SAMPLE_TOKENS, recompile: bool = False,
+                 all_reduce: bool | None = None):
+        """Probe ``model``; ``points`` are fnmatch patterns over point names (default: all).
+        ``all_reduce`` (None: when torch.distributed runs more than one rank) sums the statistics
+        over the ranks at ``frame()``."""
         self.model = model
         self.root = unwrap(model)
         self.layout = layout or locate(model, blocks, final, output_norm)
         self.metrics = resolve_metrics(metrics)
         self._explicit_grad = metrics is not None and any(METRICS[m].kind == "grad" for m in self.metrics)
         self.max_seqs, self.max_tokens, self.recompile = max_seqs, max_tokens, recompile
+        self.all_reduce = all_reduce
         all_points = self.layout.points()
         patterns = [points] if isinstance(points, str) else list(points or ["*"])
         chosen = [n for n in all_points if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
@@ -244,7 +254,14 @@ class Probe:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for a in accs:
             by_device.setdefault(a.device, []).append(a)
-        host = {dev: torch.cat(ts).cpu() for dev, ts in by_device.items()}  # the one sync per device
+        reduce = self.all_reduce if self.all_reduce is not None else (
+            dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+        host = {}
+        for dev, ts in by_device.items():  # the one sync per device
+            sums = torch.cat(ts)  # a copy: the accumulators keep this rank's own sums
+            if reduce:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            host[dev] = sums.cpu()
         offsets = {dev: 0 for dev in host}
         rows = []
         for a in accs:

@@ -14,7 +14,7 @@ import torch
 
 import analysis.training.train as train_module
 from analysis import progress
-from analysis.training.runlog import RunLog
+from analysis.training.runlog import NullRunLog, RunLog
 
 from analysis.bench.probe_overhead import SHAPES
 from analysis.device import resolve_device
@@ -61,18 +61,6 @@ def grid_speedup(device: str, parallel: int, tokens: int = 8192) -> dict:
             "parallel_tokens_per_s": total / walls[parallel], "speedup": walls[1] / walls[parallel]}
 
 
-class _NoLog(RunLog):
-    """The floor: a run that writes no train_log.csv, no events and draws no bar."""
-
-    def __init__(self, *args, **kwargs):
-        self.spent = self.setup = 0.0
-
-    def train(self, *args) -> None:
-        pass
-
-    val = sync = close = train
-
-
 def logging_overhead(device: str, repeats: int = 5, steps: int = 400,
                      tensorboard: bool = False) -> dict:
     """What live progress and logging cost at the default `train` shape (cpu preset, depth 4):
@@ -92,7 +80,7 @@ def logging_overhead(device: str, repeats: int = 5, steps: int = 400,
             progress.configure(quiet=False, bars=True)  # the bar is drawn, into /dev/null
             for _ in range(repeats):
                 for kind in ("logged", "floor"):
-                    train_module.RunLog = RunLog if kind == "logged" else _NoLog
+                    train_module.RunLog = RunLog if kind == "logged" else NullRunLog
                     with tempfile.TemporaryDirectory() as tmp:
                         r = train_run(mc, tc, corpus, tmp, log=lambda s: None)
                     walls[kind].append(r["wall_s"] / r["steps"])

@@ -420,12 +420,14 @@ def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "c
     return model
 
 
-def compile_blocks(model: Testbed, backend: str = "inductor"):
+def compile_blocks(model: Testbed, backend: str = "inductor", call: nn.Module | None = None):
     """``model``'s forward with each block under torch.compile ("regional compilation").
 
     Blocks of one structure share one compiled graph (Dynamo treats parameters as inputs), so
     compile time does not grow with depth, as compiling the whole unrolled model's does. The
-    model itself stays uncompiled: probes and measurements run it eagerly.
+    model itself stays uncompiled: probes and measurements run it eagerly. ``call``: a wrapper
+    of ``model`` to call instead (DistributedDataParallel), which passes the blocks on.
     """
     compiled = [torch.compile(b, backend=backend) for b in model.blocks]
-    return lambda idx, targets=None: model(idx, targets, blocks=compiled)
+    run = model if call is None else call
+    return lambda idx, targets=None: run(idx, targets, blocks=compiled)

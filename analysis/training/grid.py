@@ -25,6 +25,7 @@ import torch
 from analysis import progress
 from analysis.budget import Cut, Interrupted, past
 from analysis.device import available_memory, resolve_device
+from analysis.distributed import SINGLE, World, barrier
 from analysis.records import read_record
 from analysis.testbed.memory import check_all_fit
 from analysis.testbed.corpus import Corpus
@@ -60,17 +61,22 @@ def moe_label(experts: int, top_k: int) -> str:
     return f"moe{experts}k{top_k}" if experts else "dense"
 
 
-def probe_profiler(run_dir: Path, batches: int = 2) -> Callable:
-    """A profiler for ``train_run`` that probes ``batches`` fixed batches and appends to profiles.csv."""
+def probe_profiler(run_dir: Path, batches: int = 2, world: World = SINGLE) -> Callable:
+    """A profiler for ``train_run`` that probes ``batches`` fixed batches and appends to
+    profiles.csv (under torchrun the probe sums the ranks' statistics and rank 0 writes)."""
     path = run_dir / "profiles.csv"
 
     def profile(model: Testbed, tag: str, step: int, batch_fn) -> None:
-        with Probe(model, metrics=PROFILE_METRICS, points=PROFILE_POINTS) as p:
+        # the ranks' statistics summed where they train one run together, never across runs
+        with Probe(model, metrics=PROFILE_METRICS, points=PROFILE_POINTS,
+                   all_reduce=world.size > 1) as p:
             for _ in range(batches):
                 x, y = batch_fn()
                 _, loss = model(x, y)
                 loss.backward()
         frame = p.frame().assign(tag=tag, step=step)
+        if not world.main:
+            return
         old = pd.read_csv(path) if path.exists() else None
         if old is not None:  # a resumed run measures a tag again: keep the newest
             old = old[old["tag"] != tag]
@@ -82,7 +88,8 @@ def probe_profiler(run_dir: Path, batches: int = 2) -> Callable:
 def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: TrainConfig,
                corpus: Corpus, out_dir: str | Path, log: Callable[[str], None] = progress.say,
                parallel: int = 1, verbose_workers: bool = True, deadline: float | None = None,
-               seeds: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+               seeds: list[int] | None = None, world: World = SINGLE,
+               ddp: bool = False, fsdp: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every (scheme, depth, seed) of the grid into ``out_dir``; return (runs, profiles).
 
     ``seeds`` (default: ``tc.seed`` alone) seed each run's init and data order.
@@ -92,9 +99,19 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
     progress is quiet (analysis.progress); the parent draws the grid's bar. At
     ``deadline`` (time.time()) running runs checkpoint, no new one starts, the tables of the
     finished runs are written and analysis.budget.Cut is raised; a re-run resumes.
+
+    Under torchrun (``world``, analysis.distributed): with ``ddp`` every run trains on all ranks
+    at once (DistributedDataParallel), with ``fsdp`` too, its model sharded over them
+    (``fully_shard``); without either, the ranks split the grid, rank r training every
+    ``world.size``-th unfinished run on its own device, and rank 0, when its share is done, waits
+    for the others' records and writes the tables (a rank that dies takes the job down with it;
+    the same command resumes, training no finished run again).
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
+    if world.size > 1 and parallel > 1:
+        raise ValueError("--parallel starts worker processes on one machine; under torchrun the "
+                         "ranks are the workers: use one or the other")
     out_dir = Path(out_dir)
     seeds = [tc.seed] if seeds is None else list(seeds)
     if not seeds or not schemes or not depths:
@@ -105,8 +122,15 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
         if twice:  # the same run twice: one folder, and rows counted twice in every statistic
             raise ValueError(f"{name} must be distinct, got {', '.join(map(str, twice))} more "
                              f"than once in {','.join(map(str, values))}")
-    configs = [(replace(base, scheme=s, depth=d), replace(tc, seed=seed))
+    sharded = world.size > 1 and not (ddp or fsdp)
+    device = world.device(tc.device) if sharded else tc.device  # a rank of a split grid: its GPU
+    configs = [(replace(base, scheme=s, depth=d), replace(tc, seed=seed, device=device))
                for s in schemes for d in depths for seed in seeds]
+    if sharded and world.size > len(configs):
+        raise ValueError(f"{world.size} ranks for a grid of {len(configs)} run"
+                         f"{'s' * (len(configs) > 1)}: a rank would have "
+                         f"nothing to train; start at most {len(configs)} (or train each run on "
+                         "every rank with --ddp)")
     for mc, _ in configs:
         mc.validate()
     tc.validate(base.max_seq_len)
@@ -123,13 +147,15 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
             log(f"[{i}/{len(configs)}] {folder.name}: finished earlier, kept")
         else:
             todo.append((mc, tcs))
+    barrier(world)  # every rank has read the folders before any writes to them
     workers = parallel if len(todo) > 1 else 1
-    free = available_memory(resolve_device(tc.device)) / workers  # runs side by side share it
-    check_all_fit([mc for mc, _ in todo], tc.batch_size, free,  # refuse before training
-                  f"{tc.device} (per run, {workers} at once)", training=True)
+    free = available_memory(resolve_device(world.device(tc.device))) / workers  # side by side: shared
+    mine = todo[world.rank::world.size] if sharded else todo
+    check_all_fit([mc for mc, _ in mine], tc.batch_size, free,  # refuse before training
+                  f"{device} (per run, {workers} at once)", training=True)
     verbose = verbose_workers and not progress.is_quiet()  # workers start with default settings
-    jobs = [(mc, tcs, corpus, out_dir / "runs" / run_name(mc, tcs.seed), workers, verbose, deadline)
-            for mc, tcs in todo]
+    jobs = [(mc, tcs, corpus, out_dir / "runs" / run_name(mc, tcs.seed), workers, verbose, deadline,
+             SINGLE if sharded else world, fsdp) for mc, tcs in mine]
     unfinished = []
     overall = progress.bar(len(configs), "grid", unit="run", initial=len(configs) - len(todo),
                            position=0)
@@ -155,7 +181,8 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
                 try:
                     r = _train_one(job, log, position=1)
                 except Interrupted as e:  # Ctrl-C: the run stopped at a checkpoint; keep the tables
-                    write_tables(out_dir)
+                    if world.main:
+                        write_tables(out_dir)
                     raise Interrupted(f"{len(configs) - len(jobs) + k - 1} of {len(configs)} runs "
                                       f"finished; {e}") from None
                 log(f"    {_outcome(r)}")
@@ -165,12 +192,32 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
                 overall.update()
     finally:
         overall.close()
-    log(f"grid {'cut' if unfinished else 'done'} in {time.perf_counter() - t_grid:.0f} s")
+    log(f"{'share of the grid' if sharded else 'grid'} {'cut' if unfinished else 'done'} in "
+        f"{time.perf_counter() - t_grid:.0f} s")
+    if sharded and world.main and not unfinished:
+        _wait_for_records(out_dir, configs, log)
+    if not world.main:  # rank 0 writes the tables
+        return collect(out_dir)
     runs, profiles = write_tables(out_dir)
     if unfinished:
         raise Cut(f"{len(unfinished)} of {len(configs)} runs not finished ({', '.join(unfinished)}); "
                   "the same command resumes them")
     return runs, profiles
+
+
+def _wait_for_records(out_dir: Path, configs: list, log: Callable[[str], None],
+                      poll_s: float = 2.0) -> None:
+    """Rank 0 of a split grid: wait until every run has its record (from any rank)."""
+    folders = [out_dir / "runs" / run_name(mc, tcs.seed) for mc, tcs in configs]
+    said = False
+    while True:
+        waiting = [f.name for f in folders if not (f / "result.json").exists()]
+        if not waiting:
+            return
+        if not said:
+            log(f"waiting for {len(waiting)} run{'s' * (len(waiting) > 1)} on the other ranks")
+            said = True
+        time.sleep(poll_s)
 
 
 def write_tables(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -184,15 +231,16 @@ def write_tables(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _train_one(job: tuple, log: Callable[[str], None] = progress.say,
                position: int | None = None) -> dict | None:
     """One run of the grid (top-level, so worker processes can call it); None if cut."""
-    mc, tc, corpus, run_dir, workers, verbose, deadline = job
+    mc, tc, corpus, run_dir, workers, verbose, deadline, world, fsdp = job
     if workers > 1:  # a worker process: no bar, name the run in its lines, share the CPU cores
         progress.configure(quiet=not verbose, bars=False)
         log = lambda s, name=run_dir.name: progress.say(f"[{name}] {s.strip()}")  # noqa: E731
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return train_run(mc, tc, corpus, run_dir, profiler=probe_profiler(run_dir), log=log,
-                         deadline=deadline, position=position)
+        return train_run(mc, tc, corpus, run_dir, profiler=probe_profiler(run_dir, world=world),
+                         log=log, deadline=deadline, position=position, world=world, fsdp=fsdp)
     except Cut as e:
         log(f"    {e}")
         return None

@@ -34,11 +34,12 @@ from tqdm import tqdm
 from analysis import progress
 from analysis.budget import Cut, Interrupted, deferred_interrupt, past
 from analysis.device import resolve_device
+from analysis.distributed import SINGLE, World, all_sum, barrier
 from analysis.records import environment, read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_blocks
 from analysis.testbed.parametrization import param_groups, set_lr
-from analysis.training.runlog import RunLog, rate_text
+from analysis.training.runlog import NullRunLog, RunLog, rate_text
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
@@ -188,6 +189,36 @@ def make_optimizer(model: Testbed, tc: TrainConfig) -> torch.optim.AdamW:
                              lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=tc.on_cuda)
 
 
+def weights_and_moments(model: Testbed, opt: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
+    """The checkpoint's model and optimizer state; under FSDP gathered whole (a collective: every
+    rank calls it), the optimizer keyed by parameter name."""
+    if not fsdp:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(model, options=whole),
+            "optimizer": get_optimizer_state_dict(model, opt, options=whole), "sharded": True}
+
+
+def load_weights_and_moments(model: Testbed, opt: torch.optim.Optimizer, ckpt: dict[str, Any],
+                             fsdp: bool, path: Path) -> None:
+    """Restore a checkpoint written by ``weights_and_moments`` (FSDP: into any world size)."""
+    if bool(ckpt.get("sharded")) != fsdp:
+        raise ValueError(f"{path} was written {'with' if ckpt.get('sharded') else 'without'} "
+                         f"--fsdp: resume it {'with' if ckpt.get('sharded') else 'without'} --fsdp "
+                         "(any number of ranks)")
+    if not fsdp:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, ckpt["model"], options=whole)
+    set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=whole)
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,18 +282,22 @@ Profiler = Callable[[Testbed, str, int, Callable[[], tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def evaluate(model: Testbed, corpus: Corpus, tc: TrainConfig, seq_len: int, ctx) -> float:
-    """Mean validation cross-entropy (nats) over fixed batches, the same for every run."""
+def evaluate(model: Testbed, corpus: Corpus, tc: TrainConfig, seq_len: int, ctx,
+             world: World = SINGLE) -> float:
+    """Mean validation cross-entropy (nats) over fixed batches, the same for every run; under
+    torchrun each rank takes its rows of every batch (as in training) and the means are shared."""
     gen = torch.Generator().manual_seed(10_000)  # one validation set for every run and seed
     model.eval()
-    total = 0.0
+    device = next(model.parameters()).device
+    rows = world.rows(tc.batch_size)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(tc.eval_batches):
-        x, y = corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=tc.device)
+        x, y = corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)
         with ctx():
-            logits, _ = model(x)
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+            logits, _ = model(x[rows])
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[rows].flatten())
     model.train()
-    return total / tc.eval_batches
+    return all_sum(total / world.size, world).item() / tc.eval_batches
 
 
 def train_loss_ends(train_loss: list[tuple[int, float]]) -> tuple[float, float]:
@@ -292,7 +327,8 @@ def stall_reason(train_loss: list[tuple[int, float]], steps: int, tc: TrainConfi
 def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
               profiler: Profiler | None = None, log: Callable[[str], None] = progress.say,
               on_step: Callable[[int, float], None] | None = None,
-              deadline: float | None = None, position: int | None = None) -> dict[str, Any]:
+              deadline: float | None = None, position: int | None = None,
+              world: World = SINGLE, fsdp: bool = False) -> dict[str, Any]:
     """Train one model for ``tc.tokens`` tokens, resuming from ``run_dir`` if it holds a checkpoint.
 
     Returns the run record (also written to ``run_dir/result.json``; its ``status`` is ok,
@@ -304,12 +340,19 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
     again, it resumes there. Ctrl-C (in the main thread) checkpoints at the end of the step and
     raises analysis.budget.Interrupted saying so; a second Ctrl-C stops at once, keeping the last
     checkpoint. Either way, called again, it resumes.
+
+    ``world`` (analysis.distributed, under torchrun): data-parallel training with
+    DistributedDataParallel. Every rank draws the global batch from the same generator and trains
+    on its slice, so the run equals the single-process run on the same global batch; losses,
+    the deadline and Ctrl-C are agreed at each host sync; rank 0 alone writes files and prints.
+    ``fsdp``: the same, with the model sharded over the ranks by torch's ``fully_shard`` (per
+    block, then the root) instead of replicated; checkpoints hold the gathered, unsharded state.
     """
     saved: dict[str, int] = {}  # the step of the last checkpoint on disk, once there is one
     with deferred_interrupt(log) as stop:
         try:
             return _train_run(mc, tc, corpus, run_dir, profiler, log, on_step, deadline, stop, saved,
-                              position)
+                              position, world, fsdp)
         except Interrupted:
             raise
         except KeyboardInterrupt:
@@ -321,7 +364,8 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
 def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
                profiler: Profiler | None, log: Callable[[str], None],
                on_step: Callable[[int, float], None] | None, deadline: float | None,
-               stop: dict, saved: dict, position: int | None) -> dict[str, Any]:
+               stop: dict, saved: dict, position: int | None, world: World,
+               fsdp: bool) -> dict[str, Any]:
     """train_run's body; ``stop["set"]`` asks it to checkpoint and stop (Ctrl-C), ``saved`` gets
     the step of each checkpoint it writes or resumes from."""
     tc.validate(mc.max_seq_len)
@@ -330,27 +374,41 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
         if len(corpus.split(split)) < seq_len + 1:
             raise ValueError(f"the {split} split of {corpus.source} has {len(corpus.split(split))} "
                              f"bytes, shorter than the context {seq_len} + 1")
+    if tc.batch_size % world.size:
+        raise ValueError(f"batch {tc.batch_size} does not split evenly over {world.size} ranks")
+    if fsdp and not torch.distributed.is_initialized():
+        raise ValueError("fsdp shards a model over torchrun's ranks: launch with torchrun")
+    if not world.main:
+        log = lambda message: None  # noqa: E731 (rank 0 speaks for the run)
     run_dir = Path(run_dir)
     settings = run_settings(mc, tc, corpus)
     check_same_run(run_dir, settings)
-    device = resolve_device(tc.device)
+    barrier(world)  # every rank has read the folder before rank 0 writes to it
+    device = resolve_device(world.device(tc.device))
+    local = world.rows(tc.batch_size)
     steps = tc.tokens // (tc.batch_size * seq_len)
     eval_at = {round(steps * (i + 1) / tc.evals) - 1 for i in range(tc.evals)}
     ckpt_at = {round(steps * (i + 1) / tc.checkpoints) for i in range(tc.checkpoints)}
     profile_at = {min(steps, round(f * steps)) for f in tc.profile_fractions}
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = environment(tc.device)
-    (run_dir / "settings.json").write_text(json.dumps({**settings, "environment": env}, indent=1))
+    env = {**environment(str(device)), "world_size": world.size}
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "settings.json").write_text(json.dumps({**settings, "environment": env},
+                                                          indent=1))
     model = build_model(mc, seed=tc.seed, device=device)
+    if fsdp:  # each block's weights, gradients and Adam moments split over the ranks
+        from torch.distributed.fsdp import fully_shard
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
     opt = make_optimizer(model, tc)
     data_gen = torch.Generator().manual_seed(tc.seed)
     state = RunState()
     ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        load_weights_and_moments(model, opt, ckpt, fsdp, ckpt_path)
         data_gen.set_state(ckpt["data_gen"])
         known = {f.name for f in fields(RunState)}  # checkpoints of older versions carry more
         state = RunState(**{k: v for k, v in ckpt["state"].items() if k in known})
@@ -369,30 +427,40 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
         # reach dynamo's recompile limit after 8 and silently run the rest eagerly. Each run
         # starts from empty caches instead. Compiled by block, runs share graphs: no reset.
         torch.compiler.reset()
-    fwd = model
+    wrapped: torch.nn.Module = model
+    if world.size > 1 and not fsdp:  # gradients averaged over the ranks' slices: the global
+        wrapped = torch.nn.parallel.DistributedDataParallel(  # batch's (FSDP does the same)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(mc.experts))  # an expert may get no token
+    fwd = wrapped
     if tc.compiled:
-        fwd = (compile_blocks(model, tc.compile_backend) if tc.compile_scope == "blocks"
-               else torch.compile(model, backend=tc.compile_backend))
+        fwd = (compile_blocks(model, tc.compile_backend, call=wrapped)
+               if tc.compile_scope == "blocks" else torch.compile(wrapped, backend=tc.compile_backend))
 
-    def next_batch():
-        return corpus.batch("train", tc.batch_size, seq_len, generator=data_gen, device=device)
+    def next_batch():  # the global batch, from the generator every rank shares; this rank's rows
+        x, y = corpus.batch("train", tc.batch_size, seq_len, generator=data_gen, device=device)
+        return x[local], y[local]
 
     def next_fixed_batch() -> torch.Tensor:  # the same validation batch at every measurement
         gen = torch.Generator().manual_seed(20_000 + tc.seed)
         return corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)[0]
 
     def profile(tag: str) -> None:
-        if profiler is not None:
+        if profiler is not None:  # under torchrun each rank probes its rows; the probe sums them
             gen = torch.Generator().manual_seed(30_000 + tc.seed)
-            profiler(model, tag, state.step,
-                     lambda: corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device))
+
+            def batch_fn():
+                x, y = corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)
+                return x[local], y[local]
+            profiler(model, tag, state.step, batch_fn)
             model.zero_grad(set_to_none=True)  # a profiler's backward must not leak into training
 
     def checkpoint() -> None:
         state.wall_s = wall()
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "data_gen": data_gen.get_state(), "state": asdict(state),
-                     "model_config": mc.to_dict()}, ckpt_path)
+        weights = weights_and_moments(model, opt, fsdp)  # under FSDP: gathered, every rank
+        if world.main:  # every rank holds the same state: one writes it
+            save_atomic({**weights, "data_gen": data_gen.get_state(), "state": asdict(state),
+                         "model_config": mc.to_dict()}, ckpt_path)
         saved.update(step=state.step, steps=steps)
 
     def tokens_per_s(windows: list[tuple[int, int, float]]) -> float:
@@ -419,7 +487,8 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
             "timed_windows": state.windows, "compiled": tc.compiled, "settings": settings,
             "environment": env,
         }
-        (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
+        if world.main:
+            (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
         return result
 
     format_interval = tqdm.format_interval  # h:mm:ss, as the bar shows it
@@ -427,10 +496,20 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
     timed_from = state.step + tc.timing_warmup  # steps before it include compiling
     window_t0 = None
 
+    agreed = {"cut": False, "stop": False}  # under torchrun: what the ranks agreed at the last sync
+
     def read_losses() -> str:
-        """The one host sync of a window: check each step's loss in order; a reason if diverged."""
+        """The one host sync of a window: check each step's loss in order; a reason if diverged.
+        Under torchrun every rank syncs at the same steps: the losses become the global batch's
+        (the mean of the ranks' slices) and a deadline or Ctrl-C seen by any rank stops all."""
         nonlocal window_t0
-        values = torch.stack([l for _, l in pending]).tolist() if pending else []
+        losses = torch.stack([l.float() for _, l in pending]) if pending else torch.zeros(0, device=device)
+        if world.size > 1:
+            flags = torch.tensor([float(past(deadline)), float(stop["set"])], device=device)
+            shared = all_sum(torch.cat([losses / world.size, flags]), world)
+            losses = shared[:-2]
+            agreed.update(cut=bool(shared[-2] > 0), stop=bool(shared[-1] > 0))
+        values = losses.tolist()
         if window_t0 is not None and pending and pending[0][0] >= timed_from:
             state.windows.append((pending[0][0], len(pending), time.perf_counter() - window_t0))
         window_t0 = None
@@ -470,9 +549,10 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
                 f"{rate_text(tokens_per_s(state.windows[-4:]))}  "
                 f"[{format_interval(elapsed)}<{format_interval(eta)}]")
 
-    runlog = RunLog(run_dir, steps, state.step, tc.batch_size * seq_len, tc.log_every,
-                    tc.tensorboard, position,
-                    [v for s, v in state.train_loss if s >= state.step - state.step % tc.log_every])
+    runlog = (RunLog(run_dir, steps, state.step, tc.batch_size * seq_len, tc.log_every,
+                     tc.tensorboard, position,
+                     [v for s, v in state.train_loss if s >= state.step - state.step % tc.log_every])
+              if world.main else NullRunLog())
     try:
         reason, divergence_step = "", None
         # never a silent eager fallback; compiled by block, a scheme whose blocks branch on l
@@ -514,17 +594,20 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
                         log(f"  diverged: {reason}")
                         break
                 if step in eval_at:
-                    val = evaluate(model, corpus, tc, seq_len, ctx)
+                    val = evaluate(model, corpus, tc, seq_len, ctx, world)
                     state.val_loss.append((step, val))
                     runlog.val(state.step, val, lr_at(step, steps, tc), wall())
                     log(evaluation_line())
-                cut = not pending and state.step < steps and past(deadline)  # where the host looked
+                # where the host looked (under torchrun: as the ranks agreed there)
+                cut = not pending and state.step < steps and (
+                    agreed["cut"] if world.size > 1 else past(deadline))
                 if state.step in ckpt_at or cut:
                     checkpoint()
                 if cut:
                     record("cut")
                     raise Cut(f"cut at step {state.step}/{steps}; checkpoint saved")
-                if stop["set"] and state.step < steps:  # Ctrl-C: read the losses, checkpoint, stop
+                stopping = (not pending and agreed["stop"]) if world.size > 1 else stop["set"]
+                if stopping and state.step < steps:  # Ctrl-C: read the losses, checkpoint, stop
                     reason = read_losses()
                     if reason:
                         divergence_step = state.train_loss[-1][0]
