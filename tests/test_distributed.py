@@ -52,10 +52,10 @@ def _as_rank(rank: int, size: int, port: int, timeout: float = 60) -> None:
     progress.configure(quiet=True)
 
 
-def _train_worker(rank, size, port, corpus_path, run_dir, fsdp, compiled):
+def _train_worker(rank, size, port, corpus_path, run_dir, fsdp, compiled, lr=1e-2):
     _as_rank(rank, size, port)
     world = join("cpu", "--ddp")
-    tc = fast(compile=True, compile_backend="eager") if compiled else fast()
+    tc = fast(compile=True, compile_backend="eager", lr=lr) if compiled else fast(lr=lr)
     try:
         train_run(tiny(), tc, load_corpus(corpus_path), run_dir, world=world, fsdp=fsdp,
                   profiler=probe_profiler(Path(run_dir), world=world))
@@ -108,6 +108,18 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(fsdp, compiled,
     profiles = pd.read_csv(tmp_path / "profiles.csv")  # probes ran (compiled blocks too)
     assert set(profiles["tag"]) == {"init", "step6", "end"} and (profiles["count"] == 4).all()
     assert two["compiled"] == compiled
+
+
+def test_a_divergence_stops_every_rank_and_is_recorded_once(corpus_path, tmp_path):
+    progress.configure(quiet=True)
+    one = train_run(tiny(), fast(lr=50.0), load_corpus(corpus_path), tmp_path / "one")
+    progress.configure()
+    mp.spawn(_train_worker, args=(2, free_port(), str(corpus_path), str(tmp_path / "two"), False,
+                                  False, 50.0), nprocs=2)  # both ranks return: none hangs
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert one["status"] == two["status"] == "diverged"
+    assert two["divergence_step"] == one["divergence_step"]
+    assert len(two["train_loss"]) == len(one["train_loss"])
 
 
 def _probe_worker(rank, size, port, out):
