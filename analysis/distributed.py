@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-TIMEOUT_S = float(os.environ.get("SIGPROP_DIST_TIMEOUT", 600))  # a collective waits this long
+TIMEOUT_S = 600.0  # a collective waits this long (environment: SIGPROP_DIST_TIMEOUT)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -69,7 +69,8 @@ def join(device: str, what: str) -> World:
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=TIMEOUT_S))
+        timeout = float(os.environ.get("SIGPROP_DIST_TIMEOUT", TIMEOUT_S))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
     return world
 
 

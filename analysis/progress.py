@@ -9,6 +9,8 @@ go through ``tqdm.write``, which prints them above any open bar instead of break
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -18,6 +20,17 @@ _settings = {"quiet": False, "bars": None}  # bars None: only when stderr is a t
 def configure(quiet: bool = False, bars: bool | None = None) -> None:
     """Silence every line and bar (``quiet``), or force bars on or off (None: on a terminal)."""
     _settings.update(quiet=quiet, bars=bars)
+
+
+@contextmanager
+def configured(quiet: bool = False, bars: bool | None = None) -> Iterator[None]:
+    """``configure`` inside the block only (the bench draws its bars into /dev/null)."""
+    before = dict(_settings)
+    configure(quiet, bars)
+    try:
+        yield
+    finally:
+        _settings.update(before)
 
 
 def is_quiet() -> bool:

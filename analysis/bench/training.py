@@ -74,10 +74,9 @@ def logging_overhead(device: str, repeats: int = 5, steps: int = 400,
     corpus = load_corpus()
     walls: dict[str, list[float]] = {"logged": [], "floor": []}
     inside, setup, step_s = [], [], []
-    saved = dict(progress._settings)
-    try:
-        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
-            progress.configure(quiet=False, bars=True)  # the bar is drawn, into /dev/null
+    try:  # the bar is drawn, into /dev/null
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), \
+                progress.configured(quiet=False, bars=True):
             for _ in range(repeats):
                 for kind in ("logged", "floor"):
                     train_module.RunLog = RunLog if kind == "logged" else NullRunLog
@@ -90,7 +89,6 @@ def logging_overhead(device: str, repeats: int = 5, steps: int = 400,
                         step_s.append(statistics.median(s / n for _, n, s in r["timed_windows"]))
     finally:
         train_module.RunLog = RunLog
-        progress._settings.update(saved)
     logged, floor = statistics.median(walls["logged"]), statistics.median(walls["floor"])
     ratios = [a / b for a, b in zip(walls["logged"], walls["floor"])]
     return {"steps": steps, "repeats": repeats, "logged_ms": 1000 * logged, "floor_ms": 1000 * floor,
