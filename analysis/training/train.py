@@ -471,7 +471,7 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
         """The run record (result.json), written whatever the status."""
         first_train, final_train = train_loss_ends(state.train_loss)
         final_val = state.val_loss[-1][1] if state.val_loss and status != "diverged" else math.nan
-        speed = tokens_per_s(state.windows)
+        speed, flops = tokens_per_s(state.windows), flops_per_token(model)
         result = {
             **{k: v for k, v in mc.to_dict().items() if k in ("scheme", "depth", "width", "experts", "top_k")},
             "status": status, "tokens": state.step * tc.batch_size * seq_len, "steps": state.step,
@@ -481,8 +481,7 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
             "divergence_step": divergence_step, "divergence_reason": reason if status == "diverged" else "",
             "stall_reason": reason if status == "stalled" else "", "wall_s": wall(),
             "log_s": runlog.spent, "log_setup_s": runlog.setup, "tokens_per_s": speed,
-            "mfu": speed * flops_per_token(model) / peak_flops(device),
-            "flops_per_token": flops_per_token(model),
+            "mfu": speed * flops / peak_flops(device), "flops_per_token": flops,
             "train_loss": state.train_loss, "val_loss": state.val_loss, "updates": state.updates,
             "timed_windows": state.windows, "compiled": tc.compiled, "settings": settings,
             "environment": env,
