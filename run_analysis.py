@@ -94,7 +94,7 @@ def _cmd_atlas(args: argparse.Namespace) -> int:
     _check_format(args.format)
     out = _writable_dir(args.out or f"runs/atlas-{time.strftime('%Y%m%d-%H%M%S')}")
     with _removed_if_empty(out):
-        layers, checkpoints = collect(args.paths, log=progress.say_err,
+        layers, checkpoints = collect(args.paths, log=progress.say_err, texts=_text_for(args.text_for),
                                       **_measurement_settings(args))
     claims, table = atlas_claims(layers), summary(layers)
     layers.to_csv(out / "atlas_layers.csv", index=False, float_format="%.6g")
@@ -580,6 +580,7 @@ def _add_compile_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_measurement_args(p: argparse.ArgumentParser, command: str) -> None:
     """How `diagnose` and `atlas` measure a checkpoint: text, sample sizes, device, output."""
+    from analysis.diagnose.diagnosis import SKIP_POSITIONS
     p.add_argument("--text", help="text file to run through the model (default: the corpus's "
                                   "validation split)")
     p.add_argument("--sequences", type=int, default=64,
@@ -595,20 +596,39 @@ def _add_measurement_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--skip-sequences", type=int, default=4,
                    help="sequences for the skip test, each block replaced by the identity in turn "
                         "(default: 4; 0: off)")
+    p.add_argument("--skip-positions", type=int, default=SKIP_POSITIONS,
+                   help=f"positions per sequence whose loss the skip test takes, a sample of its own per "
+                        f"sequence (default: {SKIP_POSITIONS}; 0: every position)")
     p.add_argument("--init-sequences", type=int, default=8,
                    help="sequences run through the same architecture re-initialized, to show what "
                         "training changed and to compare the init theory (default: 8; 0: off)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and activations: float32, or bfloat16 for half the memory, its "
+                        "rounding noted in the report (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--out", help=f"output folder (default: runs/{command}-<timestamp>)")
     p.add_argument("--format", default="png", help="figure format: png, svg or pdf (default: png)")
+
+
+def _text_for(pairs: list[str] | None) -> dict[str, str]:
+    """``--text-for PATH=FILE`` pairs as {path: file}; each file must exist."""
+    out = {}
+    for pair in pairs or []:
+        path, sep, text = pair.rpartition("=")
+        if not sep or not path or not text:
+            raise ValueError(f"--text-for takes PATH=FILE, got {pair!r}")
+        if not Path(text).is_file():
+            raise ValueError(f"--text-for {pair}: {text} is not a file")
+        out[path] = text
+    return out
 
 
 def _measurement_settings(args: argparse.Namespace) -> dict:
     """The keyword arguments of analysis.diagnose.diagnosis.diagnose that _add_measurement_args set."""
     return dict(text=args.text, sequences=args.sequences, tolerance=args.tolerance,
                 grad_sequences=args.grad_sequences, seq_len=args.seq_len, batch=args.batch,
-                skip_sequences=args.skip_sequences, init_sequences=args.init_sequences,
-                device=args.device)
+                skip_sequences=args.skip_sequences, skip_positions=args.skip_positions,
+                init_sequences=args.init_sequences, dtype=args.dtype, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -769,9 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2,
                    help="runs at once in the --train grid comparison (default: 2)")
     p.add_argument("--diagnose", action="store_true",
-                   help="time `diagnose` on a 6-layer width-384 BERT, the GPT-2-small (124M) and "
-                        "the SmolLM2-135M shapes over 64 × 256 tokens, against the plain "
-                        "forward/backward")
+                   help="time `diagnose` with its defaults on the all-MiniLM-L6-v2 and SmolLM2-135M "
+                        "shapes and a model whose LM head costs more than its blocks, each stage beside "
+                        "its floor, with its peak memory")
+    p.add_argument("--diagnose-path", action="append", metavar="PATH",
+                   help="with --diagnose: also a real checkpoint (e.g. a released GGUF; repeatable)")
     p.add_argument("--components", action="store_true",
                    help="relative error of every component moment map (linear, norms, MLPs, "
                         "attention, MoE) against Monte Carlo with the testbed's modules at width "
@@ -863,6 +885,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "depth, with claims about trained models")
     p.add_argument("paths", nargs="+", help="checkpoints: sigprop runs, Hugging Face folders, GGUF files")
     _add_measurement_args(p, "atlas")
+    p.add_argument("--text-for", action="append", metavar="PATH=FILE",
+                   help="this checkpoint reads FILE instead of --text (prose for English models, code "
+                        "for code models; repeatable)")
     _add_quiet_arg(p)
     p.set_defaults(func=_cmd_atlas)
     return parser

@@ -8,9 +8,12 @@ import numpy as np
 import pandas as pd
 
 from figures.report import Block
-from figures.style import PALETTE, new_figure, save
+from figures.style import PALETTE, color, new_figure, save
 
 TRAINED, INIT, THEORY = PALETTE[0], PALETTE[1], PALETTE[7]
+# released models: colours apart from the schemes' palette, each its own
+RELEASED_COLOURS = ["#8c564b", "#7f7f7f", "#bcbd22", "#000000", "#9467bd", "#843c39", "#637939"]
+BF16_STEP = 2.0 ** -8  # a block update below this share of the stream is mostly rounded away in bfloat16
 
 
 def _below(ax) -> None:
@@ -82,6 +85,8 @@ def diagnosis_figure(table: pd.DataFrame, thresholds: dict[str, float], path: st
         ax.axhline(thresholds["redundant_contribution"], color="k", lw=0.8, ls=":",
                    label="redundancy thresholds")
         ax.axhline(thresholds["redundant_skip"], color="k", lw=0.8, ls=":")
+        ax.axhline(BF16_STEP, color=PALETTE[3], lw=0.9, ls="--",
+                   label="bfloat16 rounding step (precision headroom 1)")
         ax.set_yscale("log")
     ax.set(xlabel="block", ylabel="relative size", title="what each block adds")
     _below(ax)
@@ -107,7 +112,7 @@ def diagnosis_blocks(meta: dict, verdict: str, findings: pd.DataFrame, table: pd
     cols = ["layer", "point", "second_moment", "growth", "q_rel", "q_rel_median", "first_token_second_moment",
             "massive_ratio", "peak_token", "peak_coordinate", "token_cosine", "effective_rank",
             "effective_rank_normalized", "dong_residual", "angle_deg", "branch_rel", "branch_rel_median",
-            "skip_out_change", "skip_loss_delta", "grad_rel", "grad_scale_free", "init_q_rel",
+            "skip_out_change", "skip_loss_delta", "precision_headroom", "fp16_range_headroom", "grad_rel", "grad_scale_free", "init_q_rel",
             "init_token_cosine", "init_effective_rank_normalized", "init_branch_rel_median", "init_grad_rel",
             "theory_q_rel", "theory_token_cosine", "theory_grad_rel", "theory_grad_scale_free"]
     glossary = pd.DataFrame([{"column": k, "meaning": v} for k, v in meta.get("glossary", {}).items()])
@@ -116,7 +121,7 @@ def diagnosis_blocks(meta: dict, verdict: str, findings: pd.DataFrame, table: pd
         ("p", f"Checkpoint: {meta['path']} — {meta['model']}."),
         ("p", f"Blocks: {meta['layout']}. Branch outputs: {meta.get('branches', 'n/a')}. Text: "
               f"{meta['text']}; {meta.get('sequences_used', meta['sequences'])} sequences × {meta['seq_len']} tokens forward, "
-              f"{meta['grad_sequences']} backward with the {meta['loss']} loss; skip test on "
+              f"{meta.get('grad_sequences_used', meta['grad_sequences'])} backward with the {meta['loss']} loss; skip test on "
               f"{meta.get('skip_sequences', 0)} sequences; the re-initialized model on "
               f"{meta.get('init_sequences', 0)}."),
         ("h2", f"Verdict: {verdict}"),
@@ -145,34 +150,56 @@ ATLAS_PANELS = (  # column, y label, log scale, has an init twin
     ("effective_rank_normalized", "effective rank (unit-norm tokens)", False, True),
     ("grad_scale_free", "‖∂L/∂x_l‖·‖x_l‖ over the last block's", True, True),
     ("skip_loss_delta", "loss change when the block is skipped (nats)", False, False),
+    ("precision_headroom", "precision headroom (bfloat16 rounding steps)", True, False),
 )
 
 
+def _atlas_styles(layers: pd.DataFrame) -> dict[str, tuple[str, float, str]]:
+    """Per checkpoint: (colour, line width, legend label). A toolkit scheme keeps its colour and its
+    depths go from thin to thick; each released model gets a colour of its own and a thick line."""
+    first = layers.drop_duplicates("checkpoint").set_index("checkpoint")
+    origin = first["origin"] if "origin" in first else pd.Series("released", index=first.index)
+    scheme = first["scheme"] if "scheme" in first else first["placement"]
+    styles, k = {}, 0
+    released = [n for n in first.index if origin[n] != "toolkit"]
+    for name in released:
+        styles[name] = (RELEASED_COLOURS[k % len(RELEASED_COLOURS)], 2.2, f"{name} (L={first.loc[name, 'depth']})")
+        k += 1
+    for sch, names in first[origin == "toolkit"].groupby(scheme[origin == "toolkit"], sort=False):
+        depths = sorted(names["depth"])
+        for name, row in names.iterrows():
+            width = 0.6 + 1.4 * depths.index(row["depth"]) / max(len(depths) - 1, 1)
+            styles[name] = (color(sch), width, f"toolkit {sch}, L = {', '.join(map(str, depths))} (thin → thick)")
+    return styles
+
+
 def atlas_figure(layers: pd.DataFrame, path: str | Path, fmt: str = "png") -> Path:
-    """Six panels against relative depth, one colour per checkpoint; dashed: the same re-initialized."""
-    fig, axes = new_figure(len(ATLAS_PANELS), width=3.3, height=3.6)
-    names = list(dict.fromkeys(layers["checkpoint"]))
+    """Seven panels against relative depth; dashed: the same re-initialized; the eighth holds the legend."""
+    fig, axes = new_figure(4, width=3.4, height=3.1, nrows=2)
+    styles = _atlas_styles(layers)
     for ax, (col, label, log, twin) in zip(axes, ATLAS_PANELS):
-        for k, name in enumerate(names):
+        for name, (colour, width, _) in styles.items():
             t = layers[(layers["checkpoint"] == name) & (layers["point"] != "final")]
-            colour = PALETTE[k % len(PALETTE)]
             if col in t and t[col].notna().any():
                 v = t[col].where(t[col] > 0) if log else t[col]
-                ax.plot(t["relative_depth"], v, "o-", ms=2, lw=1.2, color=colour, label=name)
+                ax.plot(t["relative_depth"], v, "-", lw=width, color=colour, alpha=0.9)
             if twin and f"init_{col}" in t and t[f"init_{col}"].notna().any():
                 v = t[f"init_{col}"].where(t[f"init_{col}"] > 0) if log else t[f"init_{col}"]
-                ax.plot(t["relative_depth"], v, "--", lw=0.8, color=colour)
+                ax.plot(t["relative_depth"], v, "--", lw=0.6, color=colour, alpha=0.6)
         if log:
             ax.set_yscale("log")
         if col == "skip_loss_delta":
             ax.set_yscale("symlog", linthresh=1e-3)
+        if col == "precision_headroom":
+            ax.axhline(1.0, color="k", lw=0.8, ls=":")
         ax.set(xlabel="relative depth (l + 1) / L", ylabel=label)
-    handles, labels = axes[0].get_legend_handles_labels()
     from matplotlib.lines import Line2D
+    seen = dict.fromkeys(label for _, _, label in styles.values())
+    handles = [Line2D([], [], color=next(c for c, w, lb in styles.values() if lb == label),
+                      lw=2.0) for label in seen]
     handles.append(Line2D([], [], color="k", ls="--", lw=0.8))
-    labels.append("dashed: re-initialized")
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=7, frameon=False,
-               bbox_to_anchor=(0.5, -0.08))
+    axes[-1].axis("off")
+    axes[-1].legend(handles, [*seen, "dashed: re-initialized twin"], loc="center", fontsize=7, frameon=False)
     return save(fig, path, fmt)
 
 

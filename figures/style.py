@@ -21,12 +21,12 @@ def color(scheme: str) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
-def new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
-    """A figure with ``ncols`` axes in one row, in the house style."""
+def new_figure(ncols: int = 1, width: float = 5.0, height: float = 3.6, nrows: int = 1):
+    """A figure with ``ncols`` × ``nrows`` axes (row by row), in the house style."""
     plt.rcParams.update({"font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
                          "axes.spines.top": False, "axes.spines.right": False})
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, list(axes[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
 
 
 def save(fig, path: str | Path, fmt: str = "png") -> Path:

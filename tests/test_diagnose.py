@@ -283,26 +283,6 @@ def test_checkpoint_larger_than_memory_is_refused_with_sizes(cli_error, tmp_path
     assert "GB of weights" in err and "0.00 GB of memory" in err
 
 
-def test_block_whose_branches_output_zero_is_redundant_in_a_post_norm_model(tmp_path, text):
-    """The old turn-angle test missed it: the block's LayerNorms still turn the stream."""
-    mc = ModelConfig(scheme="post", depth=4, width=32, heads=4, max_seq_len=64)
-    model = build_model(mc)
-    with torch.no_grad():
-        model.blocks[2].attns[0].o.weight.zero_()
-        model.blocks[2].ffns[0].down.weight.zero_()
-        for norm in model.blocks[2].norms:  # trained-looking affine norms: they alone move the stream
-            norm.weight.normal_(1.0, 0.3)
-            norm.bias.normal_(0.0, 0.3)
-    d = diagnose(str(_save_testbed(tmp_path / "zero", mc, model)), text=str(text), skip_sequences=4, **FAST)
-    row = d.table.set_index("layer")
-    assert row.loc[2, "branch_rel_median"] == 0.0 and row.loc[2, "angle_deg"] > 2.0
-    assert (row.loc[[0, 1, 3], "branch_rel_median"] > 0.1).all()
-    found = d.findings.set_index("id")
-    assert found.loc["redundant_blocks", "layers"] == "2", found
-    assert "contribution 0" in found.loc["redundant_blocks", "message"]
-    assert row.loc[2, "skip_out_change"] > 0  # skipping also drops its norms: not zero, reported as is
-
-
 def test_fail_on_sets_the_exit_status(tmp_path, text, capsys):
     folder = _collapsed(tmp_path)
     args = ["diagnose", str(folder), "--text", str(text), "--sequences", "4", "--seq-len", "16",
@@ -434,7 +414,9 @@ def test_exploding_stream_is_measured_from_block_0_and_gradients_need_the_scale_
             block.ffns[0].down.weight.mul_(300.0)
     d = diagnose(str(_save_testbed(tmp_path / "boom", mc, model)), text=str(text), **FAST)
     found = d.findings.set_index("id")
-    assert "stream_explodes" in found.index and "from block 0's output" in found.loc["stream_explodes", "message"]
+    # pre-norm: every branch and the head read the stream through a norm, so the growth is reported, not warned
+    assert "stream_grows" in found.index and "from block 0's output" in found.loc["stream_grows", "message"]
+    assert found.loc["stream_grows", "severity"] == "info" and "stream_explodes" not in found.index
 
     from types import SimpleNamespace
     from analysis.diagnose.diagnosis import findings
@@ -488,3 +470,17 @@ def test_mup_checkpoint_is_diagnosed_without_the_standard_init_theory(tmp_path, 
     d = diagnose(folder, text=str(text), sequences=4, seq_len=32, grad_sequences=2,
                  skip_sequences=0, init_sequences=4, log=lambda s: None)
     assert any("standard parametrization" in n for n in d.notes)
+
+
+def test_a_head_the_checkpoint_does_not_hold_is_not_used_for_the_loss(tmp_path):
+    """A sentence-embedding export of a masked LM (all-mpnet-base-v2): config says ForMaskedLM, no head weights."""
+    import transformers
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=100, architectures=["BertForMaskedLM"])
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "config.json").read_text())  # as the export ships it
+    (tmp_path / "export" / "config.json").write_text(json.dumps(dict(saved, architectures=["BertForMaskedLM"])))
+    loaded = checkpoints.load(tmp_path / "export")
+    assert loaded.loss_kind == "surrogate" and "no weights for the BertForMaskedLM head" in loaded.notes[0]
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "whole")
+    assert checkpoints.load(tmp_path / "whole").loss_kind == "masked-lm"

@@ -2,6 +2,7 @@
 back with the reference model's weights; quantization is reported; bad input is one line."""
 
 import builtins
+import re
 from pathlib import Path
 
 import pytest
@@ -52,10 +53,12 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write(path: Path, model, weights: Q = Q.F32, arch: str = "llama", tokenizer: bool = True) -> Path:
-    """``model`` as llama.cpp would write it: 2-D weights in ``weights``, norms in F32."""
+def _write(path: Path, model, weights: Q = Q.F32, arch: str = "llama", tokenizer: bool = True,
+           split_max_tensors: int = 0) -> Path:
+    """``model`` as llama.cpp would write it: 2-D weights in ``weights``, norms in F32; split into
+    PATH-0000i-of-0000n.gguf files of at most ``split_max_tensors`` tensors if that is > 0."""
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name("tiny-llama")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -167,8 +170,12 @@ def test_bad_gguf_is_refused_with_one_line(cli_error, files, tmp_path, text, cap
     assert "not supported" in cli_error(["diagnose", str(odd), *out])
     # truncated: the header is fine, the tensor data is cut
     cut = tmp_path / "cut.gguf"
+    whole = paths[Q.F16].stat().st_size
     cut.write_bytes(paths[Q.F16].read_bytes()[:-1000])
-    assert "truncated" in _one_line(cut)
+    m = re.search(r"truncated: its header promises (\d+) bytes, up to the end of tensor \S+, but the "
+                  r"file holds (\d+), (\d+) short", _one_line(cut))
+    assert m and whole - 32 < int(m[1]) <= whole and int(m[2]) == whole - 1000, m  # 32: alignment
+    assert int(m[3]) == int(m[1]) - int(m[2])
     assert "truncated" in cli_error(["diagnose", str(cut), *out])
     # cut inside the header, and not a GGUF at all
     head = tmp_path / "head.gguf"
@@ -206,3 +213,40 @@ def test_bad_gguf_is_refused_with_one_line(cli_error, files, tmp_path, text, cap
     monkeypatch.setattr(builtins, "__import__", no_gguf)
     assert "pip install -e .[gguf]" in _one_line(paths[Q.F16])
     assert "pip install -e .[gguf]" in cli_error(["diagnose", str(paths[Q.F16]), *out])
+
+
+def test_split_gguf_is_refused_naming_its_parts(cli_error, files, tmp_path):
+    ref, paths = files
+    split = tmp_path / "split"
+    split.mkdir()
+    _write(split / "tiny.gguf", ref, Q.F16, split_max_tensors=8)  # 21 tensors: three parts
+    parts = sorted(split.iterdir())
+    assert [p.name for p in parts] == [f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    first = parts[0]
+    for i, part in enumerate(parts, 1):
+        msg = _one_line(part)
+        assert msg.startswith(f"{part} is part {i} of 3 of a split GGUF model"), msg
+        assert "reads single-file GGUFs only" in msg
+        assert f"llama-gguf-split --merge {first} merged.gguf" in msg
+    # renamed, the metadata still tells (split.no, split.count, split.tensors.count); the later parts
+    # carry no architecture, so the split is named before the architecture is checked
+    renamed = tmp_path / "renamed.gguf"
+    renamed.write_bytes(parts[1].read_bytes())
+    msg = _one_line(renamed)
+    assert "is part 2 of 3 of a split GGUF model" in msg
+    assert "split.* metadata says; it holds 8 of 21 tensors" in msg
+    # the folder holding the parts holds one model (refused as a split), not three
+    assert "part 1 of 3" in _one_line(split)
+    assert "reads single-file GGUFs only" in cli_error(["diagnose", str(split), "--out", str(tmp_path / "o")])
+    # a one-part "split" name is a whole model
+    whole = tmp_path / "tiny-00001-of-00001.gguf"
+    whole.write_bytes(paths[Q.F16].read_bytes())
+    assert loading.load(whole).kind == "gguf"
+
+
+def test_folder_holding_one_gguf_loads_it(files, tmp_path):
+    _, paths = files
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.Q8_0.gguf").write_bytes(paths[Q.Q8_0].read_bytes())
+    got = loading.load(tmp_path / "m")
+    assert got.kind == "gguf" and "model.Q8_0.gguf" in got.description

@@ -16,6 +16,28 @@ evidence), each threshold stated in its statement:
   FLAT_RATIO of the smallest's.
 A claim whose placement does not apply to a checkpoint is not listed; one whose quantity was not
 measured (no real loss for the skip test) is 'untested'.
+
+Claims across the checkpoints (``cross_claims``), each checkpoint weighted once:
+
+- **massive activations** appear in pre-norm decoders and not in post-norm encoders (Sun et al.
+  2024): every pre-norm decoder's largest activation is ≥ MASSIVE × its median token's RMS at some
+  block, and no post-norm encoder's is;
+- **precision headroom falls with depth** in pre-norm models: the last third's mean bfloat16
+  headroom is below the first third's in every pre-norm checkpoint;
+- **deep blocks get cheaper to skip as models deepen** (Gromov et al. 2024): within one family
+  (each toolkit scheme; the released models), over its healthy checkpoints with a real loss, the
+  deepest third's median skip cost in nats falls with depth (Spearman's rank correlation below
+  zero with an exact one-sided permutation p-value ≤ SIGNIFICANCE; a falling trend with a larger
+  p-value is 'untested'; the first third's cost beside it). A ratio of the two is not used: the
+  first third's cost is near zero in several toolkit runs, which makes the ratio meaningless.
+
+Massive activations are checked per origin (released, toolkit): they come with long training at
+scale, which the toolkit's 128-step CPU runs do not have.
+
+Weighting: a mean over all blocks of a pre-norm stack would be decided by its first blocks, whose
+stream is small and whose raw statistics are largest; every claim therefore compares thirds of
+the stack (first against last, equal weight per block within a third) of scale-free quantities
+(relative contribution, headroom, skip cost in nats), never a mean of raw second moments.
 """
 
 from __future__ import annotations
@@ -34,6 +56,8 @@ from analysis.training.claims import COLUMNS
 METHOD = "measured on the checkpoint"
 SKIP_CHEAP = 0.05  # nats
 FLAT_RATIO = 3.0
+MASSIVE = 100.0  # largest |x| over the median token's RMS (diagnose's massive_ratio threshold)
+SIGNIFICANCE = 0.05  # a trend across depths holds only with a one-sided p-value at most this
 
 
 def checkpoint_name(path: str) -> str:
@@ -43,8 +67,14 @@ def checkpoint_name(path: str) -> str:
     return p.stem if p.suffix in (".gguf", ".safetensors", ".pt", ".bin") else p.name
 
 
-def collect(paths: list[str], *, log: Callable[[str], None] = progress.say, **settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(layers, checkpoints): every checkpoint's per-layer table stacked, and one row per checkpoint."""
+def collect(paths: list[str], *, log: Callable[[str], None] = progress.say, texts: dict[str, str] | None = None,
+            **settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(layers, checkpoints): every checkpoint's per-layer table stacked, and one row per checkpoint.
+    ``texts``: a text file per path, in place of ``settings['text']`` (prose for English models, code for code models)."""
+    texts = texts or {}
+    unknown = sorted(set(texts) - set(paths))
+    if unknown:
+        raise ValueError(f"--text-for names {unknown[0]}, which is not one of the checkpoints given")
     names = [checkpoint_name(p) for p in paths]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -53,7 +83,7 @@ def collect(paths: list[str], *, log: Callable[[str], None] = progress.say, **se
     bar = progress.bar(len(paths), "atlas", unit="checkpoint", leave=False)
     for i, (path, name) in enumerate(zip(paths, names), 1):
         log(f"[{i}/{len(paths)}] {path}")
-        d = diagnose(path, **settings)
+        d = diagnose(path, **{**settings, "text": texts.get(path, settings.get("text"))})
         bar.update()
         L = d.meta["blocks"]
         t = d.table.copy()
@@ -62,11 +92,15 @@ def collect(paths: list[str], *, log: Callable[[str], None] = progress.say, **se
         t.insert(2, "depth", L)
         t.insert(3, "verdict", d.verdict.split(":")[0])
         t.insert(4, "relative_depth", (t["layer"] + 1) / L)
+        t.insert(5, "encoder", bool(d.meta["encoder"]))
+        t.insert(6, "loss", d.meta["loss"])
+        t.insert(7, "origin", "toolkit" if d.meta["kind"] == "sigprop" else "released")
+        t.insert(8, "scheme", d.meta["theory_scheme"] if d.meta["kind"] == "sigprop" else "released")
         layers.append(t)
         checkpoints.append(dict(checkpoint=name, path=str(path), model=d.meta["model"],
                                 placement=d.meta["placement"], depth=L, loss=d.meta["loss"],
                                 loss_value=d.meta["loss_value"], verdict=d.verdict,
-                                findings=";".join(d.findings["id"]), seq_len=d.meta["seq_len"],
+                                findings=";".join(d.findings["id"]), text=d.meta["text"], seq_len=d.meta["seq_len"],
                                 sequences=d.meta["sequences_used"], seconds=d.meta["seconds_total"]))
     bar.close()
     return pd.concat(layers, ignore_index=True), pd.DataFrame(checkpoints)
@@ -137,6 +171,98 @@ def atlas_claims(layers: pd.DataFrame) -> pd.DataFrame:
             status, evidence = fn(b)
             rows.append(dict(claim=f"{claim}:{name}", scheme=placement, statement=f"{name}: {statement}",
                              method=METHOD, status=status, evidence=evidence))
+    per_checkpoint = pd.DataFrame(rows, columns=COLUMNS)
+    return pd.concat([per_checkpoint, cross_claims(layers)], ignore_index=True)
+
+
+def _claim(claim: str, statement: str, status: str, evidence: str) -> dict:
+    return dict(claim=claim, scheme="across", statement=statement, method=METHOD, status=status, evidence=evidence)
+
+
+def massive_in_pre_decoders_not_post_encoders(layers: pd.DataFrame, origin: str) -> dict:
+    """Every pre-norm decoder of ``origin`` reaches MASSIVE at some block; no post-norm encoder does."""
+    of = layers[layers.origin == origin] if "origin" in layers else layers
+    peak = of.groupby("checkpoint", sort=False).agg(placement=("placement", "first"), encoder=("encoder", "first"),
+                                                    peak=("peak_ratio", "max"))
+    pre = peak[(peak.placement == "pre") & ~peak.encoder]
+    post = peak[(peak.placement == "post") & peak.encoder]
+    statement = (f"{origin} checkpoints: massive activations (largest |x| ≥ ×{MASSIVE:g} the median token's RMS) "
+                 "appear in every pre-norm decoder and in no post-norm encoder")
+    claim = f"massive_in_pre_decoders:{origin}"
+    if not len(pre):
+        return _claim(claim, statement, "untested", f"no pre-norm decoder among the {origin} checkpoints")
+    ok = bool((pre.peak >= MASSIVE).all() and (post.peak < MASSIVE).all())
+    ev = "decoders: " + "; ".join(f"{n} ×{v:.3g}" for n, v in pre.peak.items())
+    if len(post):
+        ev += " | encoders: " + "; ".join(f"{n} ×{v:.3g}" for n, v in post.peak.items())
+    return _claim(claim, statement, "holds" if ok else "fails", ev)
+
+
+def headroom_falls_with_depth_in_pre(layers: pd.DataFrame) -> dict:
+    """In every pre-norm checkpoint the last third's mean precision headroom is below the first third's."""
+    statement = ("the bfloat16 precision headroom of the last third of the blocks is below the first third's "
+                 "in every pre-norm checkpoint (mean per third)")
+    rows = []
+    for name, t in layers[layers.placement == "pre"].groupby("checkpoint", sort=False):
+        first, last = thirds(_blocks(t))
+        rows.append((name, float(first.precision_headroom.mean()), float(last.precision_headroom.mean())))
+    if not rows:
+        return _claim("headroom_falls_with_depth_pre", statement, "untested", "no pre-norm checkpoint")
+    ok = all(b < a for _, a, b in rows)
+    return _claim("headroom_falls_with_depth_pre", statement, "holds" if ok else "fails",
+                  "; ".join(f"{n}: ×{a:.3g} → ×{b:.3g}" for n, a, b in rows))
+
+
+def skip_costs(t: pd.DataFrame) -> tuple[float, float]:
+    """Median skip cost (nats) of the first and of the deepest third of the blocks."""
+    first, last = thirds(_blocks(t))
+    return float(first.skip_loss_delta.median()), float(last.skip_loss_delta.median())
+
+
+def deep_skip_cheaper_with_depth(layers: pd.DataFrame, group: str) -> dict:
+    """Within one family (a toolkit scheme, or the released models): the deepest third's median skip
+    cost falls as depth grows (Spearman ρ < 0 over the healthy checkpoints with a real loss)."""
+    from scipy.stats import spearmanr
+    statement = (f"{group}: the deepest third's median skip cost (nats) falls as the depth grows, over the healthy "
+                 f"checkpoints with a real loss (Spearman ρ < 0, one-sided p ≤ {SIGNIFICANCE:g}); the first "
+                 "third's is given beside it")
+    claim = f"deep_skip_cheaper_with_depth:{group}"
+    ok = layers[(layers.scheme == group) & (layers.verdict != "COLLAPSED") & (layers.loss != "surrogate")]
+    pts = sorted((int(t.depth.iloc[0]), *skip_costs(t), name) for name, t in ok.groupby("checkpoint", sort=False)
+                 if "skip_loss_delta" in t and t.skip_loss_delta.notna().any())
+    if len({p[0] for p in pts}) < 3:
+        return _claim(claim, statement, "untested", f"needs ≥ 3 distinct depths of healthy checkpoints with a real "
+                      f"loss, has {len({p[0] for p in pts})}")
+    depths, deep = [d for d, *_ in pts], [c for _, _, c, _ in pts]
+    rho = float(spearmanr(depths, deep)[0])
+    p = _rank_p(depths, deep, rho)
+    ev = (f"Spearman ρ = {rho:+.2f} (one-sided p = {p:.2g}, exact over the {math.factorial(len(pts))} "
+          f"orderings, {len(pts)} checkpoints); deepest / first third by depth: "
+          + "; ".join(f"L={d} {c:+.3g} / {first:+.3g}" for d, first, c, _ in pts))
+    # a falling trend that so few depths cannot tell from chance decides nothing
+    status = "fails" if rho >= 0 else "holds" if p <= SIGNIFICANCE else "untested"
+    return _claim(claim, statement, status, ev if status != "untested" else ev + f"; p > {SIGNIFICANCE:g}: "
+                  "too few depths to tell the trend from chance")
+
+
+def _rank_p(x: list[float], y: list[float], rho: float) -> float:
+    """One-sided permutation p-value of a Spearman ρ this low (exact: every ordering of y; n ≤ 8)."""
+    import itertools
+
+    from scipy.stats import spearmanr
+    if len(y) > 8:
+        return float(spearmanr(x, y, alternative="less")[1])
+    perms = list(itertools.permutations(y))
+    return sum(float(spearmanr(x, p)[0]) <= rho + 1e-12 for p in perms) / len(perms)
+
+
+def cross_claims(layers: pd.DataFrame) -> pd.DataFrame:
+    """The claims across checkpoints (module docstring)."""
+    origins = list(dict.fromkeys(layers["origin"])) if "origin" in layers else ["all"]
+    groups = list(dict.fromkeys(layers["scheme"])) if "scheme" in layers else []
+    rows = [massive_in_pre_decoders_not_post_encoders(layers, o) for o in origins]
+    rows.append(headroom_falls_with_depth_in_pre(layers))
+    rows += [deep_skip_cheaper_with_depth(layers, g) for g in groups]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -154,5 +280,8 @@ def summary(layers: pd.DataFrame) -> pd.DataFrame:
                          token_cosine_last=float(b["token_cosine"].iloc[-1]),
                          effective_rank_u_last=float(b["effective_rank_normalized"].iloc[-1]),
                          peak_ratio_max=float(b["peak_ratio"].max()) if "peak_ratio" in b else math.nan,
+                         precision_headroom_min=float(b["precision_headroom"].min()) if "precision_headroom" in b else math.nan,
+                         skip_cost_first_third=skip_costs(t)[0] if "skip_loss_delta" in b else math.nan,
+                         skip_cost_last_third=skip_costs(t)[1] if "skip_loss_delta" in b else math.nan,
                          grad_scale_free_0=float(t["grad_scale_free"].iloc[0])))
     return pd.DataFrame(rows)

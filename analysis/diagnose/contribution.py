@@ -4,8 +4,10 @@ Two measures that keep their meaning in trained models of any placement (the tur
 stream does not: a trained post-norm block's LayerNorm alone turns it 10–30°):
 
 - **relative contribution** ``branch_rel`` = ‖a_t‖⊕‖f_t‖ / ‖x_t‖ per token, ⊕ the root of the
-  sum of squares, for the block's branch outputs a (attention) and f (FFN or MoE) *before* they
-  are added to the stream and before any output norm, over the block input x. 0 for a block whose
+  sum of squares, for the block's branch outputs a (attention) and f (FFN or MoE) as they are
+  added to the stream — after a norm on the branch output where the block has one (Peri-LN,
+  sandwich, OLMo 2: its gain sets the update's size), before any output norm of the block — over
+  the block input x. 0 for a block whose
   branches output nothing, whatever its norms do. Mean and median over tokens, per batch.
 - **skip test** (Gromov et al. 2024, arXiv 2403.17887): the block replaced by the identity, on a
   bounded number of sequences; the relative change of the head input ‖h' − h‖/‖h‖ and, where the
@@ -43,6 +45,9 @@ BRANCH_OUTPUTS: tuple[tuple[str, ...], ...] = (
 
 def branch_outputs(model: nn.Module, layout: Layout) -> tuple[list[list[str]], str]:
     """Per block, the full paths of its branch-output modules, and how they were found."""
+    if layout.post_branch_norms and all(layout.post_branch_norms):
+        # Peri-LN, sandwich, OLMo 2: the branch ends in a norm whose gain sets what is added
+        return [list(n) for n in layout.post_branch_norms], "the norms on the branch outputs (what is added to the stream)"
     first = model.get_submodule(layout.blocks[0])
     names = dict(first.named_modules())
     if hasattr(first, "attns") and hasattr(first, "ffns"):  # the sigprop testbed: exact

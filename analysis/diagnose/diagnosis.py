@@ -25,6 +25,7 @@ assumptions (Gaussian weights at init, a known placement) hold, never with the t
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,13 +35,14 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from analysis import progress
 from analysis.device import resolve_device
 from analysis.diagnose.contribution import ContributionMeter, branch_outputs, skip_test
 from analysis.diagnose.loading import Loaded, load
 from analysis.diagnose.outliers import PeakMeter
+from analysis.diagnose import headroom, memory
+from analysis.diagnose.passes import Passes
 from probes import Probe, confirm_placement, locate
 
 # Every threshold a finding uses, with what it means (also written to diagnosis.json). The
@@ -51,12 +53,16 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "aligned_cosine": (0.9, "token cosine at or above which tokens are strongly aligned: partial "
                             "collapse, or a shared offset direction (anisotropy) common in trained models"),
     "redundant_contribution": (0.02, "relative contribution (median token's ‖branch outputs‖/‖block "
-                                     "input‖) below which a block's branches add next to nothing"),
+                                     "input‖) below which a block's branches add little next to the stream "
+                                     "(an info finding: a grown stream makes any branch look small; only the "
+                                     "skip test calls a block redundant)"),
     "redundant_skip": (0.01, "relative change of the head input when the block is skipped below "
                              "which removing the block changes the model's output little (Gromov "
-                             "et al. 2024)"),
+                             "et al. 2024): a redundant block"),
     "stream_growth": (1e4, "growth of the median token's second moment from block 0's output to the "
-                           "last block's above which activations are treated as exploding"),
+                           "last block's above which the stream has grown a lot: a warning where a branch "
+                           "or the head reads it without a norm, or it overflows the checkpoint's float16; "
+                           "an info finding where every reader normalizes it"),
     "massive_ratio": (100.0, "largest |activation| over the median token's RMS at or above which a block "
                              "output carries massive activations (Sun et al. 2024: ~10³ in trained LLMs)"),
     "grad_vanish": (1e-3, "g_0/g_L (gradient second moment at the embedding over the last block) "
@@ -105,6 +111,11 @@ GLOSSARY: dict[str, str] = {
     "grad_second_moment": "E[(∂loss/∂x)²] at this point (scales with the loss's reduction: compare ratios)",
     "grad_token_cosine": "token cosine of the gradient ∂loss/∂x",
     "max_abs": "largest |x| at this point",
+    "precision_headroom": "relative contribution over bfloat16's rounding step 2⁻⁸: how many rounding steps of "
+                          "the stream the block's update spans (below 1: stored in bfloat16, most of it is "
+                          "rounded away)",
+    "fp16_range_headroom": "float16's largest value (65 504) over the block output's largest |x|: below 1, "
+                           "the stream overflows float16",
     "init_*": "the same quantity in the same architecture re-initialized (what training changed)",
     "theory_*": "the init theory for the re-initialized model (theory.solve.predict_profile)",
     "*_se": "standard error of the column before it (over batches, or over sequences for skip_*)",
@@ -181,63 +192,14 @@ def token_windows(loaded: Loaded, raw: bytes, source: str, n: int, seq_len: int)
         how += f"; only {len(ids)} tokens for {n} windows of {per}: windows overlap"
     starts = torch.linspace(0, len(ids) - per, n).round().long()
     windows = ids[starts[:, None] + torch.arange(per)]
+    if loaded.prefix_ids:  # trained with BOS/[CLS] first: an attention sink that behaves otherwise without it
+        k = len(loaded.prefix_ids)
+        windows[:, :k] = torch.tensor(loaded.prefix_ids)
+        how += f"; each window starts with the tokenizer's own prefix {loaded.prefix_ids} (BOS / [CLS]), as in training"
     return windows.clamp_(0, loaded.vocab_size - 1), how
 
 
 # --- running the model ------------------------------------------------------------------------
-
-def _masked(loaded: Loaded, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input with 15 % of positions masked, labels −100 elsewhere); at least one per sequence."""
-    pick = torch.rand(x.shape, generator=gen).to(x.device) < 0.15
-    pick[:, 0] |= ~pick.any(1)
-    labels = torch.where(pick, x, torch.full_like(x, -100))
-    mask_id = loaded.mask_token_id if loaded.mask_token_id is not None else 0
-    return torch.where(pick, torch.full_like(x, mask_id), x), labels
-
-
-def _loss(loaded: Loaded, model, w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    x, y = w[:, :-1], w[:, 1:]
-    if loaded.scheme is not None:  # a sigprop testbed: its own next-token loss
-        return model(x, y)[1]
-    if loaded.loss_kind == "lm":
-        return model(input_ids=x, labels=x).loss
-    if loaded.loss_kind == "masked-lm":
-        inp, labels = _masked(loaded, x, gen)
-        return model(input_ids=inp, labels=labels).loss
-    h = model(input_ids=x).last_hidden_state.float()
-    return (h * _readout(h.shape[1:], h.device)).mean()  # the documented surrogate
-
-
-def _readout(shape, device) -> torch.Tensor:
-    """The surrogate's fixed random readout direction z ~ N(0, 1), one per position and coordinate."""
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(1234)).to(device)
-
-
-def sequence_losses(loaded: Loaded, model, w: torch.Tensor) -> torch.Tensor:
-    """Per-sequence loss of windows ``w`` (next-token or masked-LM cross-entropy; NaN for the surrogate)."""
-    x, y = w[:, :-1], w[:, 1:]
-    if loaded.scheme is not None:
-        logits = model(x)[0]
-    elif loaded.loss_kind == "lm":
-        logits = model(input_ids=x).logits
-    elif loaded.loss_kind == "masked-lm":  # masks drawn from the windows' own seed: equal across calls
-        gen = torch.Generator().manual_seed(int(w.sum()) % (2 ** 31))
-        inp, y = _masked(loaded, x, gen)
-        logits = model(input_ids=inp).logits
-    else:
-        model(input_ids=x)
-        return torch.full((len(w),), math.nan)
-    ce = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none", ignore_index=-100)
-    return ce.sum(1) / (y != -100).sum(1).clamp_min(1)
-
-
-def _forward_only(loaded: Loaded, model, w: torch.Tensor) -> None:
-    x = w[:, :-1]
-    if loaded.scheme is not None:
-        model(x)
-    else:  # the stream only: skip the LM head (a third of GPT-2-small's forward cost)
-        getattr(model, "base_model", model)(input_ids=x)
-
 
 def _grad_on_stream(block: torch.nn.Module):
     """A pre-hook making block 0's input require grad, so frozen models still give stream gradients."""
@@ -289,13 +251,20 @@ def find_layout(loaded: Loaded, model, windows: torch.Tensor, blocks: str | None
 # slowly: on all-MiniLM-L6-v2 and English text it is 2–4 % after 24 sequences and still 2–3 %
 # after 64; the thresholds the findings use are far coarser than 5 %.
 CONVERGED_METRICS = ("second_moment", "token_cosine", "effective_rank", "angular_distance")
-BOUNDED = ("token_cosine", "angular_distance")
+# The backward passes stop the same way, on the gradient's second moment and token cosine at every
+# point: the --grad-sequences are a ceiling, as --sequences is for the forward ones.
+GRAD_CONVERGED_METRICS = ("grad_second_moment", "grad_token_cosine")
+BOUNDED = ("token_cosine", "angular_distance", "grad_token_cosine")
 TOLERANCE, MIN_BATCHES = 0.05, 3
+# The skip test's loss is taken on this many positions per sequence (a sample of its own per
+# sequence; the sample's spread is inside the standard error over sequences): the LM head, which
+# may cost more than all the blocks, runs on a quarter of a 256-token window.
+SKIP_POSITIONS = 64
 
 
-def converged(frame: pd.DataFrame, tolerance: float) -> bool:
+def converged(frame: pd.DataFrame, tolerance: float, metrics: tuple[str, ...] = CONVERGED_METRICS) -> bool:
     """Whether every converge-checked statistic's standard error is within ``tolerance`` (see above)."""
-    f = frame[frame["metric"].isin(CONVERGED_METRICS)]
+    f = frame[frame["metric"].isin(metrics)]
     if not len(f) or f["count"].min() < MIN_BATCHES:
         return False
     ok = (f["spread"] <= tolerance * f["mean"].abs()) | (
@@ -303,33 +272,36 @@ def converged(frame: pd.DataFrame, tolerance: float) -> bool:
     return bool(ok.all())
 
 
-def measure(loaded: Loaded, model, layout, branches: list[list[str]], windows: torch.Tensor,
-            grad_n: int, batch: int, device: torch.device, tolerance: float = 0.0
+def measure(passes: Passes, layout, branches: list[list[str]], windows: torch.Tensor,
+            grad_n: int, batch: int, device: torch.device, tolerance: float = 0.0, grad_batch: int | None = None
             ) -> tuple[pd.DataFrame, pd.DataFrame, list[float], int]:
     """(probe frame, contribution frame, losses, windows used): the first ``grad_n`` windows forward
     and backward, then forward only until every statistic has converged (``tolerance`` > 0) or the
     windows run out."""
+    model = passes.model
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(False)  # gradients with respect to the stream only
     gen = torch.Generator().manual_seed(0)
     losses: list[float] = []
     metrics = [m for m in METRICS if grad_n or not m.startswith("grad_")]
     handle = _grad_on_stream(model.get_submodule(layout.blocks[0]))
-    used = 0
+    used, grad_used, grad_done = 0, 0, False
     try:
         with Probe(model, metrics=metrics, layout=layout) as probe, \
                 ContributionMeter(model, layout, branches) as meter, PeakMeter(model, layout) as peaks:
             bar = progress.bar(len(windows), "probing", unit="seq", leave=False)
             for s in range(0, len(windows), batch):
                 w = windows[s:s + batch].to(device)
-                if s < grad_n:
-                    loss = _loss(loaded, model, w, gen)
-                    losses.append(float(loss.detach()))
-                    if loss.requires_grad:
-                        loss.backward()
-                else:
-                    with torch.no_grad():
-                        _forward_only(loaded, model, w)
+                step = grad_batch or len(w)  # micro-batches: the activations autograd keeps stay bounded
+                for m in range(0, len(w), step):
+                    part = w[m:m + step]
+                    if s + m < grad_n and not grad_done:
+                        losses.append(passes.loss_backward(part, gen))
+                        grad_used += len(part)
+                        grad_done = tolerance > 0 and converged(probe.frame(), tolerance, GRAD_CONVERGED_METRICS)
+                    else:
+                        with torch.no_grad():
+                            passes.stream(part)
                 used = s + len(w)
                 bar.update(len(w))
                 if tolerance > 0 and used >= grad_n and used < len(windows) and converged(probe.frame(), tolerance):
@@ -338,7 +310,7 @@ def measure(loaded: Loaded, model, layout, branches: list[list[str]], windows: t
         per_block, peak = meter.frame(), peaks.frame()
         if len(peak):
             per_block = per_block.merge(peak, on="layer", how="left")
-        return probe.frame(), per_block, losses, used
+        return probe.frame(), per_block, losses, used, grad_used
     finally:
         handle.remove()
 
@@ -351,12 +323,10 @@ def layer_table(frame: pd.DataFrame, layout, contrib: pd.DataFrame | None = None
     wide = frame.pivot_table(index="point", columns="metric", values="mean", aggfunc="first")
     se = frame.pivot_table(index="point", columns="metric", values="spread", aggfunc="first")
     L = len(layout.blocks)
-    final_is_norm = layout.final is not None and not (
-        model is not None and isinstance(model.get_submodule(layout.final), torch.nn.Identity))
     rows = []
     for layer, point, module in ([(-1, "embed", "embedding")] +
                                  [(i, f"blocks.{i}.resid_post", layout.blocks[i]) for i in range(L)] +
-                                 ([(L, "final", layout.final)] if final_is_norm else [])):
+                                 ([(L, "final", layout.final)] if final_is_norm(layout, model) else [])):
         r = wide.loc[point] if point in wide.index else pd.Series(dtype=float)
         row = {"layer": layer, "point": point, "module": module}
         for m in METRICS:
@@ -385,6 +355,12 @@ def layer_table(frame: pd.DataFrame, layout, contrib: pd.DataFrame | None = None
         if extra is not None and len(extra):
             t = t.merge(extra, on="layer", how="left")
     return t
+
+
+def final_is_norm(layout, model: torch.nn.Module | None) -> bool:
+    """Whether the head reads the stream through a final norm (not absent, not an Identity)."""
+    return layout.final is not None and not (
+        model is not None and isinstance(model.get_submodule(layout.final), torch.nn.Identity))
 
 
 INIT_COLUMNS = ("q_rel", "q_rel_median", "token_cosine", "token_cosine_se", "effective_rank",
@@ -490,7 +466,8 @@ def _fmt(v: float, spec: str = ".3g") -> str:
 
 
 def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[float],
-             layout, loaded: Loaded, theory_scheme: str | None) -> list[dict[str, Any]]:
+             layout, loaded: Loaded, theory_scheme: str | None, final_norm: bool = True,
+             native: str | None = None) -> list[dict[str, Any]]:
     """Findings with severity (critical / warning / info), threshold and a plain-words message."""
     out: list[dict[str, Any]] = []
 
@@ -536,36 +513,9 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
                 f"token cosine {rho:.3f} at the last block (≥ {thr_a}){er}{dong}{at_init}: tokens "
                 "strongly aligned — partial rank collapse, or a shared direction (anisotropy) that "
                 "trained models often have; not full collapse", value=rho, threshold=thr_a)
-    red = _redundant(blocks)
-    if red:
-        thr_b, thr_s = THRESHOLDS["redundant_contribution"][0], THRESHOLDS["redundant_skip"][0]
-        worst = blocks.set_index("layer").loc[red]
-        parts = []
-        for i, r in worst.iterrows():
-            parts.append(f"block {i}: contribution {_fmt(r.get('branch_rel_median', math.nan))}, "
-                         f"skip changes the head input by {_fmt(r.get('skip_out_change', math.nan))}"
-                         + (f" and the loss by {_fmt(r.skip_loss_delta, '+.3g')} nats"
-                            if np.isfinite(r.get("skip_loss_delta", math.nan)) else ""))
-        add("redundant_blocks", "warning",
-            f"{_span(red)} add next to nothing ({len(red)} of {L} blocks; contribution < {thr_b:g} or "
-            f"skip change < {thr_s:g}): likely redundant — " + "; ".join(parts[:4]) +
-            ("; …" if len(parts) > 4 else ""),
-            layers=",".join(map(str, red)),
-            value=float(np.nanmin(worst.get("branch_rel_median", pd.Series([math.nan])))), threshold=thr_b)
-    thr_g = THRESHOLDS["stream_growth"][0]
-    # robust (the median token) and scale-free (from block 0's output: an embedding's own scale is
-    # arbitrary, e.g. LLaMA-family embeddings sit ~100× below the stream block 0 writes)
-    growth = float(last.q_rel_median / blocks["q_rel_median"].iloc[0]) if last is not None else math.nan
-    if np.isfinite(growth) and growth > thr_g:
-        steps = blocks["q_rel_median"].to_numpy()[1:] / blocks["q_rel_median"].to_numpy()[:-1]
-        big = int(blocks["layer"].iloc[1 + int(np.nanargmax(steps))]) if np.isfinite(steps).any() else L - 1
-        init = blocks["init_q_rel_median"] if has_init else None
-        add("stream_explodes", "warning",
-            f"the median token's second moment grows ×{growth:.3g} from block 0's output to the last "
-            f"block's (> ×{thr_g:g}; from the embedding ×{last.q_rel_median:.3g}, the mean over tokens "
-            f"×{last.q_rel:.3g}); the largest single step is at block {big}"
-            + (f"; ×{init.iloc[-1] / init.iloc[0]:.3g} in the re-initialized model" if has_init else ""),
-            layers=str(big), value=growth, threshold=thr_g)
+    _redundancy_findings(blocks, L, add)
+    _growth_findings(blocks, L, has_init, lambda: headroom.raw_readers(layout, final_norm), native, add)
+    _precision_findings(blocks, L, native, add)
     g0, gL = t.iloc[0].grad_second_moment, t.iloc[L].grad_second_moment if L else math.nan
     if np.isfinite(g0) and np.isfinite(gL) and gL > 0:
         ratio, free = float(g0 / gL), float(t.iloc[0].grad_scale_free)
@@ -611,15 +561,126 @@ def findings(t: pd.DataFrame, bad_weights: list[tuple[str, int]], losses: list[f
     return out
 
 
-def _redundant(blocks: pd.DataFrame) -> list[int]:
-    """Blocks whose branches add next to nothing, or whose removal changes the output little."""
+def _loss_within_noise(r) -> bool:
+    """The skip's loss change is not told apart from zero: |Δ| ≤ 2 standard errors."""
+    d, se = r.get("skip_loss_delta", math.nan), r.get("skip_loss_delta_se", math.nan)
+    return bool(np.isfinite(d) and np.isfinite(se) and se > 0 and abs(d) <= 2 * se)
+
+
+def redundant_blocks(blocks: pd.DataFrame) -> list[int]:
+    """Blocks the skip test shows to matter little: the head input barely moves without them, or
+    they add little to the stream and the loss change is within its noise. No skip test, no verdict."""
+    if "skip_out_change" not in blocks:
+        return []
+    thr_s, thr_b = THRESHOLDS["redundant_skip"][0], THRESHOLDS["redundant_contribution"][0]
+    small = blocks["branch_rel_median"] < thr_b if "branch_rel_median" in blocks else blocks["layer"] < -1
+    return sorted(int(r.layer) for (_, r), little in zip(blocks.iterrows(), small)
+                  if r.skip_out_change < thr_s or (little and _loss_within_noise(r)))
+
+
+def _skip_words(r) -> str:
+    return (f"skip changes the head input by {_fmt(r.get('skip_out_change', math.nan))}"
+            + (f" and the loss by {_fmt(r.skip_loss_delta, '+.3g')} ± {_fmt(r.skip_loss_delta_se, '.2g')} nats"
+               if np.isfinite(r.get("skip_loss_delta", math.nan)) else ""))
+
+
+def _redundancy_findings(blocks: pd.DataFrame, L: int, add: Callable) -> None:
+    """redundant_blocks (warning: the skip test agrees) and small_contribution (info: it does not, or did not run)."""
     thr_b, thr_s = THRESHOLDS["redundant_contribution"][0], THRESHOLDS["redundant_skip"][0]
-    small = pd.Series(False, index=blocks.index)
-    if "branch_rel_median" in blocks:
-        small |= blocks["branch_rel_median"] < thr_b
-    if "skip_out_change" in blocks:
-        small |= blocks["skip_out_change"] < thr_s
-    return sorted(int(v) for v in blocks.loc[small, "layer"])
+    red = redundant_blocks(blocks)
+    rows = blocks.set_index("layer")
+    if red:
+        parts = [f"block {i}: contribution {_fmt(rows.loc[i].get('branch_rel_median', math.nan))}, "
+                 + _skip_words(rows.loc[i]) for i in red]
+        add("redundant_blocks", "warning",
+            f"{_span(red)} can be removed at little cost ({len(red)} of {L} blocks; skip test: the head input "
+            f"moves < {thr_s:g}, or a contribution < {thr_b:g} whose loss change is within 2 standard "
+            "errors of zero): likely redundant — "
+            + "; ".join(parts[:4]) + ("; …" if len(parts) > 4 else ""),
+            layers=",".join(map(str, red)), value=float(rows.loc[red, "skip_out_change"].min()), threshold=thr_s)
+    if "branch_rel_median" not in blocks:
+        return
+    small = [int(v) for v in blocks.loc[blocks["branch_rel_median"] < thr_b, "layer"] if int(v) not in red]
+    if not small:
+        return
+    tested = "skip_out_change" in blocks and blocks["skip_out_change"].notna().any()
+    parts = [f"block {i}: contribution {_fmt(rows.loc[i].branch_rel_median)}"
+             + (", " + _skip_words(rows.loc[i]) if tested else "") for i in small]
+    add("small_contribution", "info",
+        f"{_span(small)} add little next to the stream (relative contribution < {thr_b:g}, {len(small)} of {L} "
+        "blocks), " + ("but skipping them changes the output: they matter (a grown stream makes any "
+                       "branch look small) — " if tested else
+                       "and the skip test did not run (--skip-sequences 0), so whether they matter is "
+                       "not known — ") + "; ".join(parts[:4]) + ("; …" if len(parts) > 4 else ""),
+        layers=",".join(map(str, small)), value=float(rows.loc[small, "branch_rel_median"].min()), threshold=thr_b)
+
+
+def _growth_findings(blocks: pd.DataFrame, L: int, has_init: bool, raw_readers: Callable[[], list[str]],
+                     native: str | None, add: Callable) -> None:
+    """stream_explodes (warning) where the grown stream is read raw or overflows its format; else stream_grows (info)."""
+    if not len(blocks):
+        return
+    thr_g = THRESHOLDS["stream_growth"][0]
+    last = blocks.iloc[-1]
+    # robust (the median token) and scale-free (from block 0's output: an embedding's own scale is
+    # arbitrary, e.g. LLaMA-family embeddings sit ~100× below the stream block 0 writes)
+    growth = float(last.q_rel_median / blocks["q_rel_median"].iloc[0])
+    if not (np.isfinite(growth) and growth > thr_g):
+        return
+    steps = blocks["q_rel_median"].to_numpy()[1:] / blocks["q_rel_median"].to_numpy()[:-1]
+    big = int(blocks["layer"].iloc[1 + int(np.nanargmax(steps))]) if np.isfinite(steps).any() else L - 1
+    what = (f"the median token's second moment grows ×{growth:.3g} from block 0's output to the last "
+            f"block's (> ×{thr_g:g}; from the embedding ×{last.q_rel_median:.3g}, the mean over tokens "
+            f"×{last.q_rel:.3g}); the largest single step is at block {big}")
+    if has_init:
+        init = blocks["init_q_rel_median"]
+        what += f"; ×{init.iloc[-1] / init.iloc[0]:.3g} in the re-initialized model"
+    readers = raw_readers()
+    peak = float(blocks["peak_abs"].max()) if "peak_abs" in blocks else math.nan
+    overflow = native == "float16" and peak > headroom.FP16.largest
+    if readers == ["unknown"]:
+        add("stream_explodes", "warning", f"{what}; which modules read the stream without a norm is not "
+            "known for this placement, so the growth is treated as a threat", layers=str(big), value=growth,
+            threshold=thr_g)
+    elif readers or overflow:
+        threat = [f"it is read without a norm by {headroom.describe_readers(readers)}"] if readers else []
+        if overflow:
+            threat.append(f"its largest activation {peak:.3g} exceeds float16's range "
+                          f"({headroom.FP16.largest:g}), the checkpoint's own format")
+        add("stream_explodes", "warning", f"{what}: " + "; ".join(threat), layers=str(big), value=growth,
+            threshold=thr_g)
+    else:
+        room = (f"; its largest activation {peak:.3g} is {headroom.FP16.largest / peak:.3g}× below "
+                f"float16's largest value" if np.isfinite(peak) and peak <= headroom.FP16.largest else
+                f"; its largest activation {peak:.3g} would overflow float16 (bfloat16 and float32 hold it)"
+                if np.isfinite(peak) else "")
+        add("stream_grows", "info", f"{what}. Every reader normalizes it (each branch reads N(x), the head "
+            f"reads the final norm), so the growth is a property of the placement, not a failure; what it "
+            f"costs is precision (see precision headroom){room}", layers=str(big), value=growth, threshold=thr_g)
+
+
+def _precision_findings(blocks: pd.DataFrame, L: int, native: str | None, add: Callable) -> None:
+    """precision_headroom: the smallest block update over the stream's rounding step; a warning only
+    where it is below 1 in the checkpoint's own 16-bit format."""
+    if "precision_headroom" not in blocks or not blocks["precision_headroom"].notna().any():
+        return
+    fmt = native if native in ("bfloat16", "float16") else headroom.PRECISION_FORMAT
+    eps = headroom.FORMATS[fmt].resolution
+    room = blocks["branch_rel_median"] / eps
+    worst = int(blocks.loc[room.idxmin(), "layer"])
+    first, last = thirds(blocks.assign(room=room))
+    below = [int(v) for v in blocks.loc[room < 1, "layer"]]
+    what = (f"smallest {fmt} precision headroom ×{room.min():.3g} at block {worst} (relative contribution "
+            f"{blocks['branch_rel_median'].min():.3g} against {fmt}'s rounding step {eps:.3g}); mean "
+            f"×{first['room'].mean():.3g} over the first third of the blocks, ×{last['room'].mean():.3g} over the last")
+    if below and native == fmt:
+        add("precision_headroom", "warning", f"{what}: in its own format ({fmt}) the updates of {_span(below)} "
+            "are smaller than the rounding step of the stream they are added to, and are mostly rounded away",
+            layers=",".join(map(str, below)), value=float(room.min()), threshold=1.0)
+    else:
+        tail = (f"; stored in {fmt}, the updates of {_span(below)} would be mostly rounded away" if below else
+                f"; every block's update spans at least one {fmt} rounding step of the stream")
+        add("precision_headroom", "info", what + tail, layers=str(worst), value=float(room.min()), threshold=1.0)
 
 
 def thirds(blocks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -691,25 +752,40 @@ def verdict_level(v: str) -> str:
 
 # --- the whole diagnosis ----------------------------------------------------------------------
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len: int = 256,
              grad_sequences: int = 16, batch: int = 8, blocks: str | None = None,
              config: str | None = None, tokenizer: str | None = None, skip_sequences: int = 4,
-             init_sequences: int = 8, tolerance: float = TOLERANCE, device: str = "cpu",
+             skip_positions: int = SKIP_POSITIONS, init_sequences: int = 8, tolerance: float = TOLERANCE,
+             dtype: str = "float32", device: str = "cpu",
              log: Callable[[str], None] | None = None) -> Diagnosis:
     """Load ``path`` and diagnose it (see the module docstring); ValueError on unusable input."""
     if not (0 <= tolerance < 1) or not math.isfinite(tolerance):
         raise ValueError(f"--tolerance must be in [0, 1), got {tolerance}")
-    if sequences < 1 or seq_len < 2 or batch < 1 or min(grad_sequences, skip_sequences, init_sequences) < 0:
+    if sequences < 1 or seq_len < 2 or batch < 1 or min(grad_sequences, skip_sequences, init_sequences,
+                                                          skip_positions) < 0:
         raise ValueError(f"--sequences ({sequences}) and --batch ({batch}) must be >= 1, --seq-len "
                          f"({seq_len}) >= 2, --grad-sequences ({grad_sequences}), --skip-sequences "
-                         f"({skip_sequences}) and --init-sequences ({init_sequences}) >= 0")
+                         f"({skip_sequences}), --skip-positions ({skip_positions}) and --init-sequences "
+                         f"({init_sequences}) >= 0")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
+    clock = Stopwatch()
     say = (lambda m: log(f"[{time.perf_counter() - t0:5.1f} s] {m}")) if log else (lambda m: None)
     dev = resolve_device(device)
     say(f"loading {path}")
-    loaded = load(path, config, tokenizer)
+    need = memory.estimate_before_loading(path, dtype, batch, seq_len)
+    memory.check(need, dev)  # before minutes of loading
+    loaded = load(path, config, tokenizer, DTYPES[dtype])
     notes = list(loaded.notes)
-    t_load = time.perf_counter() - t0
+    if dtype != "float32":
+        notes.append(f"weights and activations in {dtype} (--dtype): half the memory, and every "
+                     f"statistic carries {dtype}'s rounding (relative resolution "
+                     f"{headroom.FORMATS[dtype].resolution:.2g}) on top of the weights' own")
+    clock.lap("load")
     if loaded.max_len is not None and seq_len > loaded.max_len:
         notes.append(f"--seq-len {seq_len} cut to the model's maximum {loaded.max_len}")
         seq_len = loaded.max_len
@@ -720,15 +796,32 @@ def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len
         if mismatch:
             notes.append(mismatch)
     bad_weights = non_finite_weights(loaded.model)
-    model = loaded.model.to(dev)
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    native = headroom.native_format(loaded.model)
+    model = loaded.model.to(dev, DTYPES[dtype])
     grad_n = min(grad_sequences, sequences)
     failures = (RuntimeError, IndexError, TypeError, KeyError, AttributeError, MemoryError)
     try:
         layout = find_layout(loaded, model, windows, blocks, dev)
         branches, branch_how = branch_outputs(model, layout)
+        final_norm = final_is_norm(layout, model)
+        shape = memory.shape_of(model, layout.blocks, int(loaded.theory_shape.get("width") or 0), loaded.vocab_size)
+        if need is None:  # a sigprop checkpoint: its shape is known once loaded
+            need = memory.need(shape, dtype, batch, seq_len, gguf=False)
+            memory.check(need, dev)
+        grad_batch = memory.backward_batch(shape, seq_len, dtype, batch)
+        passes = Passes.of(loaded, model, windows[:1, :-1].to(dev))
+        if passes.note:
+            notes.append(passes.note)
+        clock.lap("load")
         say(f"probing {len(layout.blocks)} blocks: {sequences} × {seq_len} tokens forward, {grad_n} backward")
-        frame, contrib, losses, used = measure(loaded, model, layout, branches, windows, grad_n, batch,
-                                               dev, tolerance)
+        frame, contrib, losses, used, grad_used = measure(passes, layout, branches, windows, grad_n, batch,
+                                                          dev, tolerance, grad_batch)
+        clock.lap("probe")
+        if grad_used < grad_n:
+            notes.append(f"backward passes stopped after {grad_used} of {grad_n} sequences: the gradient's "
+                         f"second moment had a standard error within {tolerance:.0%} of its value at every point "
+                         f"(its token cosine: or {tolerance / 5:.3g} absolute)")
         if used < len(windows):
             notes.append(f"sampling stopped after {used} of {len(windows)} sequences: every point's second "
                          f"moment, token cosine, effective rank and turn angle had a standard error within "
@@ -737,20 +830,27 @@ def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len
         skip = None
         if skip_sequences:
             skip = skip_test(model, layout, windows[:skip_sequences].to(dev),
-                             lambda w: sequence_losses(loaded, model, w), batch, say)
+                             functools.partial(passes.sequence_losses, positions=skip_positions), batch, say)
+        clock.lap("skip")
+        t = layer_table(frame, layout, contrib, skip, model)
+        # the trained model is done: free it before the twin is built, so the two never coexist
+        del model, passes
+        loaded.model = None
         init_model, init_frame, init_contrib = None, None, None
         if init_sequences and loaded.rebuild is not None:
             say(f"re-initialized model: {min(init_sequences, sequences)} sequences")
-            init_model = loaded.rebuild().to(dev)
+            init_model = loaded.rebuild().to(dev, DTYPES[dtype])
             init_batch = max(1, min(batch, init_sequences // 4))  # ≥ 4 batches: a standard error
-            init_frame, init_contrib, _, _ = measure(loaded, init_model, layout, branches,
+            init_frame, init_contrib, *_ = measure(Passes.of(loaded, init_model, windows[:1, :-1].to(dev)),
+                                                     layout, branches,
                                                      windows[:init_sequences],
-                                                     min(grad_n, max(1, init_sequences // 2)), init_batch, dev)
+                                                     min(grad_n, max(1, init_sequences // 2)), init_batch, dev,
+                                                     grad_batch=min(init_batch, grad_batch))
+        clock.lap("init")
     except failures as e:
         first = (str(e).splitlines() or [""])[0][:300]
         raise ValueError(f"the model did not run on the text ({type(e).__name__}: {first})") from None
     say("findings")
-    t = layer_table(frame, layout, contrib, skip, model)
     if init_frame is not None:
         ti = layer_table(init_frame, layout, init_contrib, None, init_model)
         for c in INIT_COLUMNS:
@@ -758,24 +858,46 @@ def diagnose(path: str, *, text: str | None = None, sequences: int = 64, seq_len
                 t[f"init_{c}"] = ti[c].to_numpy()
     elif loaded.rebuild is None:
         notes.append("no re-initialized comparison: this checkpoint kind cannot be rebuilt")
+    headroom.add_columns(t)
     scheme = add_theory(t, loaded, layout, init_model, seq_len, notes)
-    found = findings(t, bad_weights, losses, layout, loaded, scheme)
+    found = findings(t, bad_weights, losses, layout, loaded, scheme, final_norm,
+                     native or (dtype if dtype != "float32" else None))
+    clock.lap("findings")
     meta = dict(path=str(path), kind=loaded.kind, model=loaded.description, loss=loaded.loss_kind,
                 loss_value=float(np.mean(losses)) if losses else None,
                 text=text_how, sequences=sequences, sequences_used=used, tolerance=tolerance,
-                seq_len=seq_len, grad_sequences=grad_n,
-                skip_sequences=min(skip_sequences, sequences),
+                seq_len=seq_len, grad_sequences=grad_n, grad_sequences_used=grad_used,
+                skip_sequences=min(skip_sequences, sequences), skip_positions=skip_positions,
                 init_sequences=min(init_sequences, sequences) if init_model is not None else 0,
-                device=str(dev), encoder=loaded.encoder,
+                grad_batch=grad_batch, device=str(dev), dtype=dtype, native_format=native, encoder=loaded.encoder,
                 blocks=len(layout.blocks), block_paths=[layout.blocks[0], layout.blocks[-1]],
                 branches=branch_how, placement=layout.placement, layout=layout.describe(),
-                theory_scheme=scheme, parameters=sum(p.numel() for p in loaded.model.parameters()),
+                stream_readers=headroom.raw_readers(layout, final_norm),
+                theory_scheme=scheme, parameters=parameters,
                 max_effective_rank=_max_rank(seq_len, loaded.theory_shape.get("width")),
                 thresholds={k: {"value": v, "meaning": m} for k, (v, m) in THRESHOLDS.items()},
-                glossary=GLOSSARY,
-                seconds_load=round(t_load, 2), seconds_total=round(time.perf_counter() - t0, 2))
+                glossary=GLOSSARY, seconds=clock.laps(), memory_estimate_gb=round(need.total / 1e9, 3),
+                seconds_load=round(clock.total("load"), 2), seconds_total=round(time.perf_counter() - t0, 2))
     fdf = pd.DataFrame(found, columns=["id", "severity", "layers", "value", "threshold", "message"])
     return Diagnosis(table=t, findings=fdf, meta=meta, verdict=verdict(found), notes=notes)
+
+
+class Stopwatch:
+    """Seconds spent per stage (load, probe, skip, init, findings), summed over its laps."""
+
+    def __init__(self) -> None:
+        self._last, self._spent = time.perf_counter(), {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._spent[stage] = self._spent.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    def total(self, stage: str) -> float:
+        return self._spent.get(stage, 0.0)
+
+    def laps(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self._spent.items()}
 
 
 def glossary_for(column: str) -> str | None:
@@ -808,11 +930,11 @@ def save(d: Diagnosis, out: Path) -> list[Path]:
 
 TABLE_COLUMNS = ["layer", "second_moment", "q_rel_median", "token_cosine", "effective_rank_normalized",
                  "angle_deg", "branch_rel_median", "skip_out_change", "skip_loss_delta", "grad_rel",
-                 "grad_scale_free", "peak_ratio", "init_token_cosine", "init_branch_rel_median"]
+                 "grad_scale_free", "peak_ratio", "precision_headroom", "init_token_cosine", "init_branch_rel_median"]
 SHORT = {"branch_rel_median": "contrib", "skip_out_change": "skip_out", "skip_loss_delta": "skip_loss",
          "init_token_cosine": "init_cos", "init_branch_rel_median": "init_contrib", "q_rel_median": "q_med",
          "token_cosine": "tok_cos", "effective_rank_normalized": "eff_rank_u", "second_moment": "E[x²]",
-         "grad_scale_free": "grad_sf", "peak_ratio": "peak"}
+         "grad_scale_free": "grad_sf", "peak_ratio": "peak", "precision_headroom": "bf16_room"}
 
 
 def text_report(d: Diagnosis) -> str:
@@ -822,12 +944,13 @@ def text_report(d: Diagnosis) -> str:
     tab.insert(1, "where", d.table["point"].str.replace(".resid_post", "", regex=False))
     lines = [f"model: {d.meta['model']}", f"blocks: {d.meta['layout']}",
              f"text: {d.meta['text']}; {d.meta['sequences_used']} × {d.meta['seq_len']} tokens forward, "
-             f"{d.meta['grad_sequences']} backward ({d.meta['loss']} loss), skip test on "
+             f"{d.meta.get('grad_sequences_used', d.meta['grad_sequences'])} backward ({d.meta['loss']} loss), skip test on "
              f"{d.meta['skip_sequences']}, re-initialized model on {d.meta['init_sequences']}", "",
              tab.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
              f"(q_med: median token's E[x²] over the embedding's; eff_rank_u: effective rank of unit-norm "
              f"tokens, at most {d.meta['max_effective_rank']}; contrib: median token's relative contribution; "
-             "grad_sf: scale-free gradient; peak: largest |x| over the median token's RMS; init_*: the "
+             "grad_sf: scale-free gradient; peak: largest |x| over the median token's RMS; bf16_room: "
+             "contribution over bfloat16's rounding step (below 1: mostly rounded away); init_*: the "
              "re-initialized model; every column: diagnosis.json 'glossary')",
              "", "findings:"]
     for r in d.findings.itertuples():

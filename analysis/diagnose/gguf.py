@@ -3,8 +3,9 @@ transformers' GGUF loader, dequantized to float32.
 
 The header is read first by a small parser of its own (version, counts, tensor shapes, types,
 offsets), so that a missing extra, an architecture transformers cannot build, a quantization type
-it cannot dequantize, a truncated file or weights too large for memory (their float32 size, not
-the file's) are each refused with one line before transformers reads anything.
+it cannot dequantize, one part of a split GGUF, a truncated file or weights too large for memory
+(their float32 size, not the file's) are each refused with one line before transformers reads
+anything.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import struct
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from analysis.diagnose.loading import Loaded, _finish_hf, _hf_head_class, _transformers, check_fits, first_line
+from analysis.diagnose.loading import LOAD_DTYPE, Loaded, _finish_hf, _hf_head_class, _transformers, check_fits, first_line
 
 GGUF_EXTRA = "pip install -e .[gguf]"
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -27,6 +28,24 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 # llama.cpp's architecture names that transformers' loader renames before checking its list
 _GGUF_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
                       "minimax-m2": "minimax_m2", "t5encoder": "t5"}
+# llama.cpp's split GGUF: PREFIX-00001-of-00003.gguf, … (llama-gguf-split, convert_hf_to_gguf --split-max-*)
+SPLIT_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf", re.IGNORECASE)
+
+
+def split_part(name: str) -> tuple[int, int] | None:
+    """(part, parts), counted from 1, when ``name`` is a split GGUF's file name with more than one part."""
+    m = SPLIT_NAME.fullmatch(name)
+    return (int(m.group(2)), int(m.group(3))) if m and int(m.group(3)) > 1 else None
+
+
+def _refuse_split(path: Path, part: int, parts: int, how: str) -> ValueError:
+    """The one-line refusal of a split GGUF's part: transformers reads whole files only."""
+    m = SPLIT_NAME.fullmatch(path.name)
+    first = path.with_name(f"{m.group(1)}-00001-of-{m.group(3)}.gguf") if m else "FIRST-PART.gguf"
+    return ValueError(f"{path} is part {part} of {parts} of a split GGUF model (llama.cpp's gguf-split "
+                      f"format, as {how}); transformers' GGUF loader reads single-file GGUFs only: "
+                      f"merge the parts first (llama-gguf-split --merge {first} merged.gguf) and pass "
+                      "merged.gguf")
 
 
 def is_gguf(path: Path) -> bool:
@@ -167,6 +186,23 @@ def _gguf_dequantizable(gguf, qtype: int, arch: str) -> bool:
         return False
 
 
+def _check_length(path: Path, gguf, tensors: list[tuple[str, tuple[int, ...], int, int]],
+                  data_start: int) -> None:
+    """Refuse a file shorter than its header says (a download cut short), with both sizes."""
+    ends = []
+    for name, shape, qtype, offset in tensors:
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        ends.append((data_start + offset + math.prod(shape) // block * nbytes, name))
+    if not ends:
+        return
+    promised, last = max(ends)
+    held = path.stat().st_size
+    if promised > held:
+        raise ValueError(f"{path} is not a readable GGUF file (truncated: its header promises "
+                         f"{promised} bytes, up to the end of tensor {last}, but the file holds {held}, "
+                         f"{promised - held} short; was the download cut off?)")
+
+
 def gguf_quantization(tensors: list[tuple[str, tuple[int, ...], str]]) -> str:
     """Which types the weights were stored in: 'Q4_1 (all 2-D weights), F32 (all 1-D: norms)'.
     ``tensors``: (name, shape, type name), largest share first."""
@@ -201,11 +237,19 @@ def load_gguf(path: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
     The header is read first: architecture, tensor types and sizes are checked, and the memory guard
     uses the dequantized float32 size. The tokenizer is the file's own (built by transformers from
     its ``tokenizer.ggml.*`` metadata) unless ``tokenizer`` names one; bytes if neither loads."""
+    part = split_part(path.name)  # before anything is read: a byte-split part may have no header
+    if part:
+        raise _refuse_split(path, *part, "its file name says")
     gguf, t = _gguf_modules()
     try:
         meta, tensors, data_start = gguf_header(path)
     except (_Corrupt, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable GGUF file ({e})") from None
+    parts, no, total = meta.get("split.count"), meta.get("split.no"), meta.get("split.tensors.count")
+    if isinstance(parts, int) and parts > 1:  # the metadata speaks where the file was renamed
+        holds = f"; it holds {len(tensors)} of {total} tensors" if isinstance(total, int) else ""
+        raise _refuse_split(path, (no if isinstance(no, int) else 0) + 1, parts,
+                            f"its split.* metadata says{holds}")
     arch = meta.get("general.architecture")
     supported = _gguf_architectures()
     if not isinstance(arch, str) or _GGUF_ARCH_ALIASES.get(arch, arch) not in supported:
@@ -224,17 +268,19 @@ def load_gguf(path: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
         first = next(n for n, _, q, _ in tensors if names[q] in bad)
         raise ValueError(f"{path}: quantization type {', '.join(bad)} (e.g. {first}) cannot be "
                          f"dequantized by gguf {_version('gguf')} / transformers {t.__version__}")
-    fsize = path.stat().st_size
-    for name, shape, qtype, offset in tensors:
-        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-        end = data_start + offset + math.prod(shape) // block * nbytes
-        if end > fsize:
-            raise ValueError(f"{path} is not a readable GGUF file (truncated: tensor {name} ends at "
-                             f"byte {end}, the file has {fsize})")
-    nbytes = 4 * sum(math.prod(shape) for _, shape, _, _ in tensors)  # dequantized to float32
-    check_fits(nbytes, f"{path} (dequantized to float32)")
+    _check_length(path, gguf, tensors, data_start)
+    dtype = LOAD_DTYPE.get()
+    nbytes = dtype.itemsize * sum(math.prod(shape) for _, shape, _, _ in tensors)  # dequantized
+    check_fits(nbytes, f"{path} (dequantized to {str(dtype).replace('torch.', '')})")
     quant = gguf_quantization([(n, s, names[q]) for n, s, q, _ in tensors])
     folder, fname = str(path.parent), path.name
+    with _one_reader(gguf):
+        return _load_gguf_once(path, tokenizer, t, folder, fname, arch, names, nbytes, quant)
+
+
+def _load_gguf_once(path: Path, tokenizer, t, folder: str, fname: str, arch: str, names: dict[int, str],
+                    nbytes: int, quant: str) -> Loaded:
+    """Config, weights and tokenizer through transformers (its GGUF reader shared by ``_one_reader``)."""
     try:
         config = t.AutoConfig.from_pretrained(folder, gguf_file=fname, local_files_only=True,
                                               trust_remote_code=False)
@@ -247,7 +293,7 @@ def load_gguf(path: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
         raise ValueError(f"{path}: GGUF architecture {arch!r} ({config.model_type}) has no causal "
                          "language-model class in transformers; diagnose reads decoder-only language "
                          "models from GGUF")
-    kwargs: dict[str, Any] = dict(gguf_file=fname, config=config, dtype=torch.float32,
+    kwargs: dict[str, Any] = dict(gguf_file=fname, config=config, dtype=LOAD_DTYPE.get(),
                                   local_files_only=True, trust_remote_code=False)
     if hasattr(t, "GgufConfig"):  # transformers >= 5 could keep the blocks packed: unpack them
         kwargs["quantization_config"] = t.GgufConfig(dequantize=True)
@@ -260,8 +306,9 @@ def load_gguf(path: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
         raise ValueError(f"{path}: transformers could not load the GGUF weights ({type(e).__name__}: "
                          f"{first})") from None
     seconds = time.perf_counter() - t0
-    model.float()
-    how = "dequantized to float32" if set(names.values()) != {"F32"} else "read as float32"
+    model.to(LOAD_DTYPE.get())
+    to = str(LOAD_DTYPE.get()).replace("torch.", "")
+    how = f"dequantized to {to}" if set(names.values()) != {"F32"} else f"read as {to}"
     notes = [f"weights {how} from GGUF {quant} by transformers' GGUF loader (dequantized in "
              f"{seconds:.1f} s); what is measured is the dequantized model, quantization error included"]
     built = None
@@ -281,6 +328,38 @@ def load_gguf(path: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
                         [Path(tokenizer)] if tokenizer else [], tokenizer is not None, notes, built)
     loaded.kind = "gguf"
     return loaded
+
+
+@contextlib.contextmanager
+def _one_reader(gguf):
+    """One parse of the file for transformers' three reads of it (config, weights, tokenizer), and
+    one tensor-name map per architecture and depth.
+
+    Each ``gguf.GGUFReader`` walks every metadata value in Python: with a 151k-token vocabulary
+    and its merges that is ~12 s on 2 cores, three times over. transformers also builds gguf's
+    tensor-name map (11 ms) once per module of the model, ~400 times for SmolLM2 (4.5 s). Both are
+    pure functions of their arguments; transformers imports them by name at each call, so the
+    package attributes are swapped for memos while loading.
+    """
+    saved = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
+
+    def memo(fn):
+        cache = {}
+
+        def call(*args, **kwargs):
+            key = (tuple(os.fspath(a) if isinstance(a, os.PathLike) else a for a in args),
+                   tuple(sorted(kwargs.items())))
+            if key not in cache:
+                cache[key] = fn(*args, **kwargs)
+            return cache[key]
+        return call
+    for name, fn in saved.items():
+        setattr(gguf, name, memo(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(gguf, name, fn)
 
 
 @contextlib.contextmanager

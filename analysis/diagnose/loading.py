@@ -1,6 +1,6 @@
 """Loading a checkpoint someone else built, without ever running code from it.
 
-Three kinds of input (nothing is downloaded):
+The kinds of input (nothing is downloaded):
 
 - sigprop's own run: a folder holding ``checkpoint.pt``, or that file (keys model, model_config, …);
 - a local Hugging Face model folder: ``config.json`` with ``model.safetensors`` or
@@ -11,6 +11,8 @@ Three kinds of input (nothing is downloaded):
   ``model_type``).
 - a ``.gguf`` file (llama.cpp / ollama), read by transformers' GGUF loader and dequantized to
   float32; its architecture, config and tokenizer come from the file's metadata (extra ``gguf``).
+- a Hugging Face model id (``org/name``) already in the local hub cache: its snapshot folder;
+- a folder holding one model of the kinds above (a folder holding two is refused: name one file).
 
 Safety: safetensors files are read with safetensors (no code); torch files only with
 ``torch.load(weights_only=True)``, which refuses any pickle that would import or call something
@@ -21,6 +23,7 @@ transformers reads it. Every failure is a ``ValueError`` with a one-line reason.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import pickle
@@ -42,6 +45,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
               "pytorch_model.bin.index.json")
 MEMORY_FRACTION = 0.8  # refuse weights larger than this share of the available memory
+# The weights' type while a load() runs: every loader reads it, so it is stated once, in load()
+LOAD_DTYPE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar("load_dtype", default=torch.float32)
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Loaded:
     nbytes: int = 0
     encoder: bool = False  # bidirectional attention (BERT-like), not a causal decoder
     rebuild: Callable[[], nn.Module] | None = None  # the same architecture, freshly initialized
+    prefix_ids: list[int] = field(default_factory=list)  # what the tokenizer puts first (BOS, [CLS])
 
 
 # --- guards -----------------------------------------------------------------------------------
@@ -135,33 +141,182 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-# --- the three kinds --------------------------------------------------------------------------
+# --- where the model is -----------------------------------------------------------------------
+
+# a Hugging Face repo id: org/name, word characters, '-' and '.', no '--' or '..' (huggingface_hub's rule)
+HUB_ID = re.compile(r"\w(?:[\w.-]{0,94}\w)?/\w(?:[\w.-]{0,94}\w)?", re.ASCII)
+# a sharded Hugging Face checkpoint's parts (one model with its index, never several)
+HF_SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+MAX_LISTED = 6  # models named in the refusal of a folder holding several (a GGUF repo holds dozens)
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` has the form of a Hugging Face model id (``org/name``)."""
+    return bool(HUB_ID.fullmatch(text)) and "--" not in text and ".." not in text
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder, read from the environment now.
+
+    huggingface_hub reads these variables once, when it is imported; reading them here keeps a
+    later change (a test's, or a caller's) in force."""
+    env = os.environ
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return Path(os.path.expanduser(os.path.expandvars(env[var])))
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.path.expanduser(os.path.expandvars(home))) / "hub"
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """The snapshot folder of Hugging Face model ``repo_id`` in the local cache; never downloads."""
+    cache = hub_cache()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"checkpoint path {repo_id} does not exist, and reading it as a Hugging Face "
+                         "model id needs huggingface_hub (pip install -e .[hf])") from None
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError and friends: not (completely) in the cache
+        where = (f"{repo} has no snapshot of its main revision" if repo.is_dir()
+                 else f"{cache} has no {repo.name}")
+        raise ValueError(f"checkpoint path {repo_id} does not exist, and as a Hugging Face model id "
+                         f"it is not in the local cache: {where} (HF_HUB_CACHE, else HF_HOME/hub); "
+                         "nothing is downloaded: fetch it "
+                         f"once (hf download {repo_id}) or pass a local folder") from None
+
+
+@dataclass
+class _Found:
+    """One model a folder holds: the file that names it alone, and what it is."""
+
+    path: Path
+    what: str
+
+
+def folder_models(folder: Path) -> list[_Found]:
+    """Every model ``folder`` holds at its top level; a sharded checkpoint or a split GGUF is one."""
+    files = {f.name: f for f in sorted(folder.iterdir()) if f.is_file()}
+    found = []
+    hf = [n for n in HF_WEIGHTS if n in files] if "config.json" in files else []
+    if hf:
+        found.append(_Found(files["config.json"], f"a Hugging Face model with {hf[0]}"))
+    if "checkpoint.pt" in files:
+        found.append(_Found(files["checkpoint.pt"], "a sigprop run"))
+    found += _gguf_models(files)
+    # shards are one model's parts, never models of their own; without config.json they name no
+    # architecture, while a single model.safetensors is still a state_dict to pass with --config
+    parts = _index_names(files) | {n for n in files if HF_SHARD.fullmatch(n)}
+    parts |= set(HF_WEIGHTS) if hf else set()
+    found += [_Found(files[name], "a bare state_dict: add --config") for name in files
+              if name.endswith(".safetensors") and name not in parts
+              and not _mistral_copy(name, files, bool(hf))]
+    return found
+
+
+def _gguf_models(files: dict[str, Path]) -> list[_Found]:
+    """The GGUF files among ``files``; the parts of one split GGUF count as one (its first part)."""
+    from analysis.diagnose.gguf import split_part  # imported here: gguf.py builds on this module
+    found, splits = [], {}
+    for name, path in files.items():
+        if not name.lower().endswith(".gguf"):
+            continue
+        part = split_part(name)
+        if part is None:
+            found.append(_Found(path, "GGUF"))
+        else:
+            prefix = name[:-len("-00001-of-00001.gguf")]
+            splits.setdefault((prefix, part[1]), []).append(path)
+    found += [_Found(min(paths), f"part 1 of a GGUF split in {count} parts")
+              for (_, count), paths in splits.items()]
+    return found
+
+
+def _index_names(files: dict[str, Path]) -> set[str]:
+    """The shard files every ``*.index.json`` among ``files`` lists (an unreadable index lists none)."""
+    names: set[str] = set()
+    for name, path in files.items():
+        if name.endswith(".index.json"):
+            try:
+                names |= {str(v) for v in json.loads(path.read_text()).get("weight_map", {}).values()}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+                pass  # transformers reports a broken index when it loads the folder
+    return names
+
+
+def _mistral_copy(name: str, files: dict[str, Path], hf: bool) -> bool:
+    """Mistral's repos ship their own format's copy of the same weights (params.json +
+    consolidated.safetensors) beside the Hugging Face files: not a second model."""
+    return hf and name.startswith("consolidated") and "params.json" in files
+
+
+def _load_folder(folder: Path, config: str | os.PathLike | None,
+                 tokenizer: str | os.PathLike | None) -> Loaded:
+    """The one model ``folder`` holds; a folder holding none or several is refused."""
+    found = folder_models(folder)
+    if len(found) > 1:
+        listed = "; ".join(f"{f.path.name} ({f.what})" for f in found[:MAX_LISTED])
+        more = f"; and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""
+        raise ValueError(f"folder {folder} holds {len(found)} models: {listed}{more}; pass one of these "
+                         f"files instead of the folder, e.g. {found[0].path}")
+    if found and found[0].path.name == "checkpoint.pt":
+        return load_sigprop(found[0].path)
+    if found:
+        return _load_file(found[0].path, config, tokenizer)
+    if (folder / "config.json").is_file():
+        return load_hf_folder(folder, tokenizer)  # refused there: config.json without weights
+    below = sorted(folder.rglob("checkpoint.pt"))[:3]
+    hint = f"; checkpoints below it: {', '.join(str(b.parent) for b in below)}" if below else ""
+    raise ValueError(f"folder {folder} holds neither config.json (a Hugging Face model folder) nor "
+                     f"checkpoint.pt (a sigprop run) nor a .gguf or .safetensors file{hint}")
+
+
+# --- the kinds --------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike, config: str | os.PathLike | None = None,
-         tokenizer: str | os.PathLike | None = None) -> Loaded:
+         tokenizer: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load ``path`` (see the module docstring); raises ValueError with a reason on any bad input.
 
     ``tokenizer``: a folder (or tokenizer.json) to tokenize the text with; by default the model
     folder's own, or for a bare state_dict the tokenizer beside the weights or the config.
+    ``dtype``: the weights' type once loaded (float32; bfloat16 halves them, GGUF dequantized
+    straight into it).
     """
-    p = Path(path)
     if tokenizer is not None and not Path(tokenizer).exists():
         raise ValueError(f"--tokenizer {tokenizer} does not exist")
-    if not p.exists():
-        raise ValueError(f"checkpoint path {p} does not exist")
+    p, hub_id = locate(path)
     if not os.access(p, os.R_OK):
         raise ValueError(f"checkpoint path {p} is not readable (permission denied)")
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            return load_hf_folder(p, tokenizer)
-        if (p / "checkpoint.pt").is_file():
-            return load_sigprop(p / "checkpoint.pt")
-        below = sorted(p.rglob("checkpoint.pt"))[:3]
-        hint = f"; checkpoints below it: {', '.join(str(b.parent) for b in below)}" if below else ""
-        raise ValueError(f"folder {p} holds neither config.json (a Hugging Face model folder) nor "
-                         f"checkpoint.pt (a sigprop run){hint}")
+    token = LOAD_DTYPE.set(dtype)
+    try:
+        loaded = _load_folder(p, config, tokenizer) if p.is_dir() else _load_file(p, config, tokenizer)
+    finally:
+        LOAD_DTYPE.reset(token)
+    loaded.model.to(dtype)
+    if hub_id:
+        loaded.notes.insert(0, f"{hub_id} read from the local Hugging Face cache: {p}")
+    return loaded
+
+
+def locate(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """(the local path, the Hugging Face id it was resolved from or None); ValueError if neither."""
+    p = Path(path)
+    if p.exists():
+        return p, None
+    if looks_like_hub_id(os.fspath(path)):  # only where no such local path exists: a path wins
+        return resolve_hub_id(os.fspath(path)), os.fspath(path)
+    raise ValueError(f"checkpoint path {p} does not exist")
+
+
+def _load_file(p: Path, config: str | os.PathLike | None,
+               tokenizer: str | os.PathLike | None) -> Loaded:
+    """One checkpoint file; a folder's ``config.json`` names that folder's Hugging Face model."""
     if p.stat().st_size == 0:
         raise ValueError(f"{p} is empty")
+    if p.name == "config.json":
+        return load_hf_folder(p.parent, tokenizer)
     from analysis.diagnose.gguf import is_gguf, load_gguf  # imported here: gguf.py builds on this module
     if p.suffix.lower() == ".gguf" or is_gguf(p):
         return load_gguf(p, tokenizer)
@@ -366,12 +521,14 @@ def _finish_hf(model: nn.Module, config, cls, loss_kind: str, description: str, 
     loadable one in ``tokenizer_dirs``."""
     model.eval()  # no dropout: the diagnosis should be deterministic
     encode = decode = None
+    prefix: list[int] = []
     tok_name, mask_id = "bytes", getattr(config, "mask_token_id", None)
     tok, where = built_tokenizer or _tokenizer(tokenizer_dirs, explicit_tokenizer, notes)
     if tok is not None:
         encode = lambda s, tok=tok: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         decode = lambda ids, tok=tok: tok.decode(ids)  # noqa: E731
         tok_name = f"{type(tok).__name__} from {where}"
+        prefix = _special_prefix(tok)
         mask_id = tok.mask_token_id if tok.mask_token_id is not None else mask_id
     encoder = config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False)
 
@@ -387,7 +544,20 @@ def _finish_hf(model: nn.Module, config, cls, loss_kind: str, description: str, 
     return Loaded(model=model, kind="hf", description=description, vocab_size=int(config.vocab_size),
                   max_len=_max_len(config), loss_kind=loss_kind, encode=encode, tokenizer=tok_name,
                   decode=decode, theory_shape=shape, mask_token_id=mask_id, notes=notes,
-                  nbytes=nbytes, encoder=encoder, rebuild=rebuild)
+                  nbytes=nbytes, encoder=encoder, rebuild=rebuild, prefix_ids=prefix)
+
+
+def _special_prefix(tok) -> list[int]:
+    """The ids the tokenizer puts before any text (BOS, [CLS]): the model was trained with them first."""
+    try:
+        plain = tok("hello", add_special_tokens=False)["input_ids"]
+        full = tok("hello", add_special_tokens=True)["input_ids"]
+    except Exception:  # a tokenizer that cannot say: no prefix
+        return []
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return [int(i) for i in full[:k]]
+    return []
 
 
 def load_hf_folder(folder: Path, tokenizer: str | os.PathLike | None = None) -> Loaded:
@@ -402,22 +572,44 @@ def load_hf_folder(folder: Path, tokenizer: str | os.PathLike | None = None) -> 
     check_fits(nbytes, str(folder))
     use_st = any(f.name.startswith("model.safetensors") for f in weights)
     cls, loss_kind = _hf_head_class(config)
+    model, missing = _from_pretrained(cls, folder, config, use_st)
+    notes = []
+    head = _untrained_head(model, missing)
+    if head and loss_kind != "surrogate":  # e.g. a sentence-embedding export of a masked LM
+        notes.append(f"the checkpoint holds no weights for the {type(model).__name__} head ({head[0]}, "
+                     f"{len(head)} tensor(s)): a loss through a randomly initialized head would mean "
+                     "nothing, so the bare model runs with the surrogate loss")
+        cls, loss_kind = _transformers().AutoModel, "surrogate"
+        model, _ = _from_pretrained(cls, folder, config, use_st)
+    model.to(LOAD_DTYPE.get())
+    desc = (f"Hugging Face {type(model).__name__} ({config.model_type}), "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+            f"weights from {'safetensors' if use_st else 'torch .bin (weights_only)'}")
+    return _finish_hf(model, config, cls, loss_kind, desc, nbytes,
+                      [Path(tokenizer) if tokenizer else folder], tokenizer is not None, notes)
+
+
+def _from_pretrained(cls, folder: Path, config, use_st: bool) -> tuple[nn.Module, list[str]]:
+    """(model, the names of its weights the folder did not hold), offline, no remote code."""
     try:
-        model = cls.from_pretrained(str(folder), config=config, local_files_only=True,
-                                    trust_remote_code=False, use_safetensors=use_st,
-                                    weights_only=True)
+        model, info = cls.from_pretrained(str(folder), config=config, local_files_only=True,
+                                          trust_remote_code=False, use_safetensors=use_st,
+                                          weights_only=True, dtype=LOAD_DTYPE.get(), output_loading_info=True)
     except Exception as e:
         text = str(e)
         if "Weights only load failed" in text or "GLOBAL" in text:
             raise _refuse_pickle(folder, e) from None
         raise ValueError(f"{folder}: transformers could not load the weights ({type(e).__name__}: "
                          f"{first_line(e, 300)})") from None
-    model.float()
-    desc = (f"Hugging Face {type(model).__name__} ({config.model_type}), "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-            f"weights from {'safetensors' if use_st else 'torch .bin (weights_only)'}")
-    return _finish_hf(model, config, cls, loss_kind, desc, nbytes,
-                      [Path(tokenizer) if tokenizer else folder], tokenizer is not None, [])
+    return model, list(info.get("missing_keys", []))
+
+
+def _untrained_head(model: nn.Module, missing: list[str]) -> list[str]:
+    """The missing weights that belong to the head (outside the base model), not to the blocks."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, prefix, None) is None:
+        return []
+    return [k for k in missing if not k.startswith(prefix + ".")]
 
 
 def load_state_dict_with_config(sd: dict[str, torch.Tensor], config_path: Path, source: Path,
@@ -445,7 +637,7 @@ def load_state_dict_with_config(sd: dict[str, torch.Tensor], config_path: Path, 
     notes = _load_into(model, sd, source, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    model.float()
+    model.to(LOAD_DTYPE.get())
     desc = (f"{type(model).__name__} ({config.model_type}) built from {config_path.name}, weights "
             f"from {source.name}")
     dirs = [Path(tokenizer)] if tokenizer else [source.parent, config_path.parent]
