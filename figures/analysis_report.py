@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from figures import init as F
-from figures.report import Block, write_report
+from figures.report import Block, claims_summary, write_report
 from figures.train import training_blocks
 
 
@@ -42,8 +42,11 @@ def draw(agg: pd.DataFrame, out: Path, fmt: str = "png") -> list[Path]:
 
 
 def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[Path], out: Path,
-                  formulas: list[tuple[str, str]] = (), extra: list[Block] = ()) -> list[Block]:
-    """The report's blocks: verdicts first, then errors, figures and formulas."""
+                  formulas: list[tuple[str, str]] = (), extra: list[Block] = (),
+                  not_run: tuple[list[str], str | None] = ([], None)) -> list[Block]:
+    """The report's blocks: the verdict summary first, then the figures, then the tables
+    (claims, targets, errors, disagreements) and formulas. ``not_run``: the schemes the grid did
+    not run and the command that runs them (pipeline.other_schemes_command)."""
     claims, targets, errors = tables["claims"], tables["targets"], tables["errors"]
     bad = tables["disagreements"]
     counts = claims["status"].value_counts()
@@ -52,11 +55,29 @@ def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[P
             f"seeds {', '.join(map(str, config['seeds']))}; width {config['width']}, {config['heads']} heads, "
             f"{config['ffn']} FFN, {config['norm']}; {config['batches']} batches of "
             f"{config['batch_size']} × {config['seq_len']} tokens per seed; device {config['device']}")
+    lines = [f"Claims of the schemes run here ({', '.join(config['schemes'])}); claims.csv holds "
+             "the same rows."]
+    rest, command = not_run
+    if rest:
+        lines.append(f"Not run: {', '.join(rest)}; for their claims: `{command}`")
+    resolved = targets[targets["prediction"] == "resolved"] if "prediction" in targets else targets
+    if "passes" in resolved and len(resolved):
+        passed = resolved["passes"].astype(bool)
+        line = (f"Error targets of the position-resolved theory: {int(passed.sum())} of "
+                f"{len(resolved)} met")
+        if "resolvable" in resolved and (~passed).any():
+            unresolved = int((~passed & ~resolved["resolvable"].astype(bool)).sum())
+            line += (f"; {unresolved} of the {int((~passed).sum())} missed cannot be resolved with "
+                     "this many seeds")
+        lines.append(line + f"; {len(bad)} disagreement rows.")
     blocks: list[Block] = [
         ("h1", "sigprop: signal propagation at initialization, theory against measurement"),
+        claims_summary(claims, lines),
         ("p", f"Grid: {grid}. Measured values are means over seeds with their standard error "
               "(across seeds; over batches when there is one seed); error bars show ± 2 standard "
               "errors. Layers: -1 is the embedding, i is block i (the theory's l = i + 1)."),
+        ("h2", "Figures"),
+        *[("img", p.relative_to(out).as_posix()) for p in figures],
         ("h2", f"Claims ({verdict})"),
         ("table", claims),
         ("h2", "Targets"),
@@ -85,8 +106,6 @@ def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[P
         blocks.append(("table", bad[cols].head(40)))
         if len(bad) > 40:
             blocks.append(("p", f"… and {len(bad) - 40} more in disagreements.csv."))
-    blocks.append(("h2", "Figures"))
-    blocks += [("img", p.relative_to(out).as_posix()) for p in figures]
     if formulas:
         blocks.append(("h2", "Derived formulas"))
         for title, latex in formulas:
@@ -105,5 +124,6 @@ def write(tables: dict[str, pd.DataFrame], agg: pd.DataFrame, config: dict, theo
     if (out / "train_runs.csv").exists():
         train_figs = sorted((out / "figures").glob("train_*.*"))
         extra = training_blocks(pd.read_csv(out / "train_runs.csv"), train_figs, out)
-    return write_report(report_blocks(tables, config, figures, out, formulas(theory), extra), out,
-                        "sigprop report")
+    from analysis.init.pipeline import other_schemes_command  # the sweep's own flags
+    return write_report(report_blocks(tables, config, figures, out, formulas(theory), extra,
+                                      other_schemes_command(config)), out, "sigprop report")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from figures.report import Block, write_report
+from figures.report import Block, Summary, status_class, write_report
 
 SECTIONS = [  # table name, heading, figure beside it (relative to the campaign folder)
     ("dense", "Dense training grid", "dense/figures/train_loss_vs_depth.png"),
@@ -24,8 +24,16 @@ def campaign_blocks(out: Path, state: dict, tables: dict[str, pd.DataFrame]) -> 
     stages = pd.DataFrame([(name, state["stages"].get(name, "not started"),
                             round(state["seconds"].get(name, 0.0) / 60, 2))
                            for name in state["selected"]], columns=["stage", "status", "minutes"])
+    tally = stages["status"].value_counts()
+    pending = [f"{r.stage} ({r.status})" for r in stages.itertuples() if r.status != "done"]
+    summary = Summary(title="Stages:", counts=[(f"{n} {st}", n, "holds" if st == "done" else
+                                                status_class(st) or "untested")
+                                               for st, n in tally.items()],
+                      lines=["Not done: " + ", ".join(pending) + ". The same command resumes them."]
+                      if pending else [])
     blocks: list[Block] = [
         ("h1", "sigprop campaign"),
+        ("summary", summary),
         ("p", f"Device {s['device']}, compile {'on (' + s['compile_backend'] + ')' if s['compile'] else 'off'}"
               f", {'tiny rehearsal sizes' if s['tiny'] else 'full sizes'}; each stage's sizes are in "
               "campaign.json (settings.plan)."),

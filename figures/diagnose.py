@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures.report import Block
+from figures.report import Block, Summary, claims_summary, status_class
 from figures.style import PALETTE, color, new_figure, save
 
 TRAINED, INIT, THEORY = PALETTE[0], PALETTE[1], PALETTE[7]
@@ -116,19 +116,25 @@ def diagnosis_blocks(meta: dict, verdict: str, findings: pd.DataFrame, table: pd
             "init_token_cosine", "init_effective_rank_normalized", "init_branch_rel_median", "init_grad_rel",
             "theory_q_rel", "theory_token_cosine", "theory_grad_rel", "theory_grad_scale_free"]
     glossary = pd.DataFrame([{"column": k, "meaning": v} for k, v in meta.get("glossary", {}).items()])
+    serious = findings[findings["severity"] != "info"] if "severity" in findings else findings.iloc[:0]
+    info = len(findings) - len(serious)
+    summary = Summary(title="Verdict:", counts=[(verdict, 1, status_class(verdict) or "untested")],
+                      lines=[f"{r.severity}: {r.message}" for r in serious.itertuples()]
+                      + ([f"{info} informational finding{'s' if info != 1 else ''} in the table below."]
+                         if info else []))
     blocks: list[Block] = [
         ("h1", "Diagnosis"),
+        ("summary", summary),
         ("p", f"Checkpoint: {meta['path']} — {meta['model']}."),
         ("p", f"Blocks: {meta['layout']}. Branch outputs: {meta.get('branches', 'n/a')}. Text: "
               f"{meta['text']}; {meta.get('sequences_used', meta['sequences'])} sequences × {meta['seq_len']} tokens forward, "
               f"{meta.get('grad_sequences_used', meta['grad_sequences'])} backward with the {meta['loss']} loss; skip test on "
               f"{meta.get('skip_sequences', 0)} sequences; the re-initialized model on "
               f"{meta.get('init_sequences', 0)}."),
-        ("h2", f"Verdict: {verdict}"),
-        ("table", findings[["severity", "message"]]),
     ]
     if figure:
         blocks.append(("img", figure))
+    blocks += [("h2", "Findings"), ("table", findings[["severity", "message"]])]
     blocks += [("h2", "Per layer"), ("table", table[[c for c in cols if c in table and table[c].notna().any()]]),
                ("p", f"Effective rank is at most {meta.get('max_effective_rank', 'min(T, d)')} here "
                      "(the sampled tokens per sequence, or the width if smaller). init_* columns are the "
@@ -205,13 +211,20 @@ def atlas_figure(layers: pd.DataFrame, path: str | Path, fmt: str = "png") -> Pa
 
 def atlas_blocks(checkpoints: pd.DataFrame, claims: pd.DataFrame, figure: str | None,
                  summary: pd.DataFrame) -> list[Block]:
-    """The atlas report: checkpoints, figure, claims, per-checkpoint summary."""
-    blocks: list[Block] = [
-        ("h1", "Atlas"),
-        ("table", checkpoints[["checkpoint", "model", "placement", "depth", "verdict", "seconds"]]),
-    ]
+    """The atlas report: the verdict summary (claims, checkpoints' verdicts), the figure, then the
+    claims, checkpoints and per-checkpoint tables."""
+    verdicts = checkpoints["verdict"].astype(str).str.split(":").str[0]
+    tally = verdicts.value_counts()
+    line = f"{len(checkpoints)} checkpoints: " + ", ".join(f"{n} {v}" for v, n in tally.items())
+    unwell = checkpoints[verdicts != "HEALTHY"]
+    if len(unwell):
+        line += " — not healthy: " + ", ".join(
+            f"{r.checkpoint} ({str(r.verdict).split(':')[0]})" for r in unwell.itertuples())
+    blocks: list[Block] = [("h1", "Atlas"), claims_summary(claims, [line + "."])]
     if figure:
         blocks.append(("img", figure))
     blocks += [("h2", "Claims on the trained checkpoints"), ("table", claims),
+               ("h2", "Checkpoints"),
+               ("table", checkpoints[["checkpoint", "model", "placement", "depth", "verdict", "seconds"]]),
                ("h2", "Per checkpoint"), ("table", summary)]
     return blocks

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import EngFormatter
 
+from figures.report import Summary, claims_summary
 from figures.style import color, new_figure, save
 
 
@@ -175,8 +176,8 @@ def update_sizes(profiles: pd.DataFrame, path: Path, depth: int, fmt: str = "png
 
 def training_blocks(runs: pd.DataFrame, figures: list[Path], base: Path,
                     claims: pd.DataFrame | None = None) -> list:
-    """Report blocks: the runs table, each run's status (diverged, stalled, cut), the training
-    claims, and the figures (relative to ``base``)."""
+    """Report blocks: the verdict summary (the training claims, each run's status: diverged,
+    stalled, cut), the figures (relative to ``base``), then the runs and claims tables."""
     table = runs[[c for c in ("scheme", "depth", "moe", "seed", "status", "tokens", "final_val_bpb",
                               "final_val_loss", "final_train_loss", "divergence_step",
                               "tokens_per_s", "mfu", "wall_s") if c in runs]]
@@ -192,12 +193,12 @@ def training_blocks(runs: pd.DataFrame, figures: list[Path], base: Path,
                 f"{r.scheme} L={r.depth} ({r.moe})" + (f" at step {r.divergence_step}"
                                                        if s == "diverged" else "")
                 for r in bad.itertuples()) + "."
-    blocks = [("h2", "Training"), ("table", table), ("p", summary)]
+    figs = [("img", p.relative_to(base).as_posix()) for p in figures]
     if claims is not None and len(claims):
-        counts = claims["status"].value_counts()
-        blocks += [("h3", "Claims after training"),
-                   ("p", f"{counts.get('holds', 0)} hold, {counts.get('fails', 0)} fail, "
-                         f"{counts.get('untested', 0)} untested (every setting of every run is in "
-                         "train_runs.csv)."),
-                   ("table", claims[["claim", "status", "evidence"]])]
-    return blocks + [("img", p.relative_to(base).as_posix()) for p in figures]
+        verdict = claims_summary(claims, [f"Runs: {summary}"], what="claims after training")
+        return [("h2", "Training"), verdict, *figs, ("h3", "Runs"), ("table", table),
+                ("h3", "Claims after training"),
+                ("p", "Every setting of every run is in train_runs.csv."),
+                ("table", claims[["claim", "status", "evidence"]])]
+    return [("h2", "Training"), ("summary", Summary(lines=[f"Runs: {summary}"])), *figs,
+            ("h3", "Runs"), ("table", table)]

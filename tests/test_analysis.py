@@ -84,6 +84,7 @@ def test_a_deliberately_wrong_theory_is_reported_as_failing(monkeypatch, tmp_pat
     linear = tables["claims"].set_index("claim").loc["pre_forward_linear"]
     assert "measured" in " ".join(tables["claims"]["method"])
     assert len(linear) == 2  # the theory's claim and its measured check, both kept
+    assert set(tables["claims"]["scheme"]) == {"pre"}  # only the claims of the schemes run
 
 
 def test_measured_claims_fail_with_numbers_when_the_data_disagree():

@@ -84,7 +84,10 @@ def test_trained_toolkit_checkpoint_end_to_end(tmp_path, text, capsys):
     assert (out / "figures" / "diagnosis.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "# Diagnosis" in report and "Verdict:" in report and "figures/diagnosis.png" in report
-    assert (out / "report.html").read_text().count("<table") >= 2
+    page = (out / "report.html").read_text()
+    assert page.count("<table") >= 2
+    # the verdict first, then the figure, then the tables
+    assert page.index('class="summary') < page.index("<img") < page.index("<table")
 
 
 def test_collapse_is_flagged_and_healthy_is_not(tmp_path, text):

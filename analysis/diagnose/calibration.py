@@ -11,9 +11,7 @@ thresholds in ``THRESHOLDS`` were chosen from these files (README, "Diagnose: ca
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import pandas as pd
 
@@ -53,29 +51,9 @@ def summary(blocks: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: diagnose every checkpoint and write the three tables."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", help="checkpoints (sigprop runs, Hugging Face folders)")
-    p.add_argument("--out", required=True, help="folder for blocks.csv, checkpoints.csv, summary.csv")
-    p.add_argument("--text", help="text file (default: the corpus's validation split)")
-    p.add_argument("--sequences", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--skip-sequences", type=int, default=8)
-    args = p.parse_args(argv)
-    try:
-        blocks, ckpts = calibrate(args.paths, text=args.text, sequences=args.sequences, seq_len=args.seq_len,
-                                  skip_sequences=args.skip_sequences, log=lambda m: print(m, file=sys.stderr))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    blocks.to_csv(out / "blocks.csv", index=False, float_format="%.6g")
-    ckpts.to_csv(out / "checkpoints.csv", index=False)
-    summary(blocks).to_csv(out / "summary.csv", index=False, float_format="%.4g")
-    print(summary(blocks).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"wrote {out}/blocks.csv, checkpoints.csv, summary.csv")
-    return 0
+    """``python -m analysis.diagnose.calibration``: the same as `sigprop calibrate` (analysis/cli/calibrate.py)."""
+    from analysis.cli import module_main
+    return module_main("calibrate", argv)
 
 
 if __name__ == "__main__":

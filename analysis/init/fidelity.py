@@ -22,21 +22,16 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from analysis.folders import writable_dir
 from analysis.init.sweep import measure, theory_inputs, theory_rows, to_rows
-from analysis.testbed.corpus import Corpus, load_corpus
+from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, build_model
 from probes.metrics import token_cosine
 from theory import positional
@@ -220,82 +215,9 @@ def summarize(study: pd.DataFrame, audit: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: seed study and sublayer audit on text and random bytes."""
-    ap = argparse.ArgumentParser(prog="python -m analysis.init.fidelity", description=__doc__.split("\n")[0])
-    ap.add_argument("--schemes", default="pre,post", help="comma-separated (default: pre,post)")
-    ap.add_argument("--depth", type=int, default=32, help="blocks (default: 32)")
-    ap.add_argument("--seeds", type=int, default=24, help="init seeds (default: 24)")
-    ap.add_argument("--width", type=int, default=256, help="model width (default: 256)")
-    ap.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
-    ap.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: 64)")
-    ap.add_argument("--corpora", default="text,random",
-                    help="comma-separated: text (the default corpus), random (i.i.d. bytes) "
-                         "(default: text,random)")
-    ap.add_argument("--out", default="runs/fidelity", help="output folder (default: runs/fidelity)")
-    ap.add_argument("--grid", metavar="RUN_DIR",
-                    help="instead: write gradient_spread.csv (g_0/g_L per seed and its spread in "
-                         "log10) from a sweep folder's init_profiles.csv, nothing measured")
-    args = ap.parse_args(argv)
-    if args.grid:
-        from analysis.init.sweep import read_profiles
-        try:
-            spread = gradient_spread(read_profiles(Path(args.grid) / "init_profiles.csv"))
-            writable_dir(Path(args.out))
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        spread.to_csv(Path(args.out) / "gradient_spread.csv", index=False)
-        with pd.option_context("display.width", 200, "display.max_rows", 200):
-            print(spread.drop(columns="per_seed").to_string(index=False, float_format="%.3g"))
-        return 0
-    try:
-        schemes = [s for s in args.schemes.split(",") if s]
-        names = [c for c in args.corpora.split(",") if c]
-        unknown = [c for c in names if c not in ("text", "random")] or ([] if names else ["(none)"])
-        if unknown:
-            raise ValueError(f"unknown corpus {unknown[0]} (known: text, random)")
-        if args.seeds < 2:
-            raise ValueError(f"--seeds must be >= 2 for a standard error, got {args.seeds}")
-        base = ModelConfig(scheme=schemes[0], depth=args.depth, width=args.width, heads=args.heads,
-                           max_seq_len=args.seq_len)
-        for s in schemes:
-            replace(base, scheme=s).validate()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    try:
-        writable_dir(out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    make = {"text": lambda: load_corpus(None), "random": random_corpus}
-    corpora = {name: make[name]() for name in names}
-    seeds = list(range(args.seeds))
-    studies, audits, cosines = [], [], []
-    t0 = time.perf_counter()
-    for scheme in schemes:
-        cfg = replace(base, scheme=scheme)
-        for name, corpus in corpora.items():
-            def log(line: str) -> None:  # one line rewritten in place on a terminal
-                print(f"  {scheme} on {name}:{line[3:]}", end="\r", flush=True)
-            live = log if sys.stdout.isatty() else None
-            studies.append(seed_study(cfg, seeds, corpus, log=live).assign(corpus=name))
-            audit, cos = sublayer_audit(cfg, seeds, corpus, log=live)
-            audits.append(audit.assign(corpus=name))
-            cosines.append(cos.assign(corpus=name))
-            print(f"  {scheme} on {name}: {len(seeds)} seeds done ({time.perf_counter() - t0:.0f} s)"
-                  + " " * 10, flush=True)
-    study, audit, cos = (pd.concat(x, ignore_index=True) for x in (studies, audits, cosines))
-    summary = summarize(study, audit)
-    for name, frame in (("seed_study", study), ("audit", audit), ("cosine_statistic", cos),
-                        ("summary", summary)):
-        frame.to_csv(out / f"{name}.csv", index=False)
-    with pd.option_context("display.width", 200, "display.max_rows", 100):
-        print(summary.round(4).to_string(index=False))
-    print(f"wrote {out}/seed_study.csv, audit.csv, cosine_statistic.csv, summary.csv "
-          f"in {time.perf_counter() - t0:.0f} s")
-    return 0
+    """``python -m analysis.init.fidelity``: the same as `sigprop fidelity` (analysis/cli/fidelity.py)."""
+    from analysis.cli import module_main
+    return module_main("fidelity", argv)
 
 
 if __name__ == "__main__":

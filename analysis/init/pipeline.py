@@ -8,6 +8,7 @@ the report, and ``report RUN_DIR`` rebuilds it from these files alone.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -87,6 +88,31 @@ PRESETS = {
 }
 
 
+# the sweep's command-line flag of each setting other_schemes_command repeats
+SWEEP_FLAGS = {"depths": "--depths", "seeds": "--seeds", "width": "--width", "heads": "--heads",
+               "seq_len": "--seq-len", "batch_size": "--batch", "batches": "--batches",
+               "corpus": "--corpus", "device": "--device"}
+
+
+def other_schemes_command(config: dict) -> tuple[list[str], str | None]:
+    """The schemes an analysis with settings ``config`` (config.json's dict) did not run, and the
+    command that runs them on the same grid (None when every scheme was run)."""
+    rest = [s for s in SCHEMES if s not in config.get("schemes", [])]
+    if not rest:
+        return [], None
+    gpu = config.get("device") == "cuda" and config.get("width") == PRESETS["gpu"].width
+    base = asdict(PRESETS["gpu" if gpu else "cpu"])
+    cmd = ["python", "run_analysis.py", "sweep", *(["--preset", "gpu"] if gpu else []),
+           "--schemes", ",".join(rest)]
+    for key, flag in SWEEP_FLAGS.items():
+        value = config.get(key, base[key])
+        if value != base[key] and value is not None:
+            cmd += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    if config.get("compile"):
+        cmd.append("--compile")
+    return rest, shlex.join(cmd)
+
+
 def check_same_settings(cfg: AnalysisConfig, out: Path) -> None:
     """Refuse a folder that holds an analysis of other settings, naming the first difference."""
     old = read_record(out / "config.json")
@@ -130,17 +156,25 @@ def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = progress.say, out:
                           corpus, batches=cfg.batches, batch_size=cfg.batch_size, device=cfg.device, log=log,
                           out_dir=out, compile=cfg.compile, deadline=deadline)
     log(f"sweep done in {time.perf_counter() - t0:.0f} s; comparing with theory")
-    return compare_tables(profiles, theory["claims"]), theory
+    return compare_tables(profiles, theory["claims"], cfg.schemes), theory
 
 
-def compare_tables(profiles: pd.DataFrame, theory_claims: list[dict]) -> dict[str, pd.DataFrame]:
-    """Every derived table from the init profiles and theory's claims (what ``report`` recomputes)."""
+def compare_tables(profiles: pd.DataFrame, theory_claims: list[dict],
+                   schemes: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Every derived table from the init profiles and theory's claims (what ``report`` recomputes).
+
+    ``schemes``: the schemes the analysis ran; the claims table lists only claims about them (a
+    claim of a scheme not in the grid is not a result of this run: ``other_schemes_command`` says
+    how to run those). A claim of a scheme that was run but not measured enough stays 'untested'.
+    """
     agg = aggregate(profiles)
     errs = add_errors(agg)
     summary = error_summary(agg)
     theory = pd.DataFrame(theory_claims, columns=CLAIM_COLUMNS)
     theory["method"] = "theory, " + theory["method"].astype(str)
     claims = pd.concat([theory, check_claims(errs)], ignore_index=True)[CLAIM_COLUMNS]
+    if schemes is not None:
+        claims = claims[claims["scheme"].isin(schemes)].reset_index(drop=True)
     return {"init_profiles": profiles, "errors": summary, "targets": target_check(summary),
             "disagreements": disagreements(errs), "claims": claims}
 
@@ -190,7 +224,7 @@ def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print, theory
         warn(f"warning: {profiles} lacks parts of {len(problems)} of {len(grid)} grid points, "
              f"left out of every statistic: {shown} (a cut sweep: the same sweep command with "
              "this --out resumes it)")
-    return compare_tables(frame.reset_index(drop=True), theory["claims"]), cfg, theory
+    return compare_tables(frame.reset_index(drop=True), theory["claims"], cfg.schemes), cfg, theory
 
 
 def config_from_record(path: Path) -> AnalysisConfig:

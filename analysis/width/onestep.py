@@ -20,17 +20,13 @@ small enough for the linear regime), each block's change on a fixed batch with i
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from analysis.folders import writable_dir
-from analysis.testbed.corpus import Corpus, load_corpus
+from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import lr_multipliers
 from analysis.training.train import snapshot_blocks
@@ -165,77 +161,9 @@ def summarize(lin: pd.DataFrame, tr: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line (module docstring); one line and exit 2 on bad input."""
-    p = argparse.ArgumentParser(prog="python -m analysis.width.onestep", description=__doc__.split("\n")[0])
-    p.add_argument("--schemes", default="pre,post,span")
-    p.add_argument("--optimizers", default="adam,sgd")
-    p.add_argument("--parametrization", default="standard")
-    p.add_argument("--base-width", type=int, default=64)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--depths", default="4,8,16,32", help="the depth study's depths")
-    p.add_argument("--depth-schemes", default="pre,post,span,deepnorm")
-    p.add_argument("--depth-width", type=int, default=256)
-    p.add_argument("--out", default="runs/onestep")
-    args = p.parse_args(argv)
-    try:
-        schemes = [s for s in args.schemes.split(",") if s]
-        optimizers = [o for o in args.optimizers.split(",") if o]
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-        depths = [int(d) for d in args.depths.split(",") if d]
-        depth_schemes = [s for s in args.depth_schemes.split(",") if s]
-        for s in depth_schemes:
-            ModelConfig(scheme=s, depth=1, width=args.depth_width, heads=args.heads)
-        bad = [o for o in optimizers if o not in LINEAR_LR]
-        if bad:
-            raise ValueError(f"unknown optimizer '{bad[0]}' (known: {', '.join(LINEAR_LR)})")
-        configs = {s: ModelConfig(scheme=s, depth=args.depth, width=args.width, heads=args.heads,
-                                  max_seq_len=args.seq_len, parametrization=args.parametrization,
-                                  base_width=args.base_width) for s in schemes}
-        for o in optimizers:
-            block_exponent(o, args.parametrization)
-        if not seeds or args.base_width >= args.width:
-            raise ValueError("needs at least one seed and --base-width below --width")
-        out = writable_dir(args.out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    corpus, lin, tr, t0 = load_corpus(), [], [], time.perf_counter()
-    for s, mc in configs.items():
-        for o in optimizers:
-            for seed in seeds:
-                meta = {"scheme": s, "optimizer": o, "seed": seed, "lr": LINEAR_LR[o]}
-                lin.append(linearity(mc, o, seed, corpus).assign(**meta))
-                tr.append(transfer(mc, args.base_width, o, seed, corpus).assign(**meta))
-            print(f"  {s} {o}: {len(seeds)} seeds [{time.perf_counter() - t0:.0f} s]", flush=True)
-    study = []
-    for s in depth_schemes:
-        for o in optimizers:
-            for seed in seeds:
-                study.append(depth_study(s, depths, args.depth_width, o, seed, corpus, args.heads,
-                                         args.seq_len).assign(scheme=s, optimizer=o, seed=seed))
-            print(f"  depth study {s} {o}: depths {args.depths} [{time.perf_counter() - t0:.0f} s]",
-                  flush=True)
-    study = pd.concat(study, ignore_index=True) if study else pd.DataFrame()
-    claims = depth_claims(study) if len(study) else pd.DataFrame()
-    study.to_csv(Path(out) / "depth.csv", index=False)
-    claims.to_csv(Path(out) / "depth_claims.csv", index=False)
-    lin, tr = pd.concat(lin, ignore_index=True), pd.concat(tr, ignore_index=True)
-    summary = summarize(lin, tr)
-    lin.to_csv(Path(out) / "linearity.csv", index=False)
-    tr.to_csv(Path(out) / "transfer.csv", index=False)
-    transfer_errors(tr).to_csv(Path(out) / "transfer_errors.csv", index=False)
-    summary.to_csv(Path(out) / "summary.csv", index=False)
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if len(claims):
-        print(claims[["claim", "slope", "slope_se", "theory", "status"]].to_string(
-            index=False, float_format=lambda v: f"{v:+.2f}"))
-    print(f"wrote {out}/linearity.csv, transfer.csv, transfer_errors.csv, summary.csv, depth.csv, "
-          "depth_claims.csv")
-    return 0
+    """``python -m analysis.width.onestep``: the same as `sigprop onestep` (analysis/cli/onestep.py)."""
+    from analysis.cli import module_main
+    return module_main("onestep", argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""several checkpoints diagnosed alike, drawn against relative depth, with claims about trained models"""
+
+from __future__ import annotations
+
+import argparse
+
+from analysis import progress
+from analysis.cli import options
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    options.add(p, "paths")
+    options.measurement(p, "atlas")
+    options.add(p, "text_for", "quiet")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from analysis.diagnose.atlas import atlas_claims, collect, summary
+    from figures.diagnose import atlas_blocks, atlas_figure
+    from figures.report import write_report
+    options.check_format(args.format)
+    out = options.writable_dir(args.out or f"runs/atlas-{time.strftime('%Y%m%d-%H%M%S')}")
+    with options.removed_if_empty(out):
+        layers, checkpoints = collect(args.paths, log=progress.say_err,
+                                      texts=options.value(args, "text_for") or {},
+                                      **options.measurement_settings(args))
+    claims, table = atlas_claims(layers), summary(layers)
+    layers.to_csv(out / "atlas_layers.csv", index=False, float_format="%.6g")
+    checkpoints.to_csv(out / "atlas_checkpoints.csv", index=False)
+    claims.to_csv(out / "claims.csv", index=False)
+    fig = atlas_figure(layers, out / "figures" / "atlas", args.format)
+    files = write_report(atlas_blocks(checkpoints, claims, str(fig.relative_to(out)), table), out,
+                         "sigprop atlas")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    status = claims["status"].value_counts()
+    print(f"claims: {status.get('holds', 0)} hold, {status.get('fails', 0)} fail, "
+          f"{status.get('untested', 0)} untested")
+    print(f"wrote {out}/atlas_layers.csv, atlas_checkpoints.csv, claims.csv, {fig}, "
+          + ", ".join(str(f) for f in files))
+    return 0

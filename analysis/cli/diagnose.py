@@ -1,0 +1,46 @@
+"""collapse diagnosis of a checkpoint: sigprop run, Hugging Face folder or cached id, GGUF file, or state_dict + --config"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from analysis import progress
+from analysis.cli import options
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    options.add(p, "path", help="checkpoint.pt / run folder, a Hugging Face model folder or a model id "
+                                "already in the local cache, a .gguf file, or a state_dict file "
+                                "(.safetensors, .pt, .bin) with --config")
+    options.add(p, "config", "tokenizer")
+    options.measurement(p, "diagnose")
+    options.add(p, "fail_on", "blocks", "quiet")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from analysis.diagnose.diagnosis import (SEVERITY_ORDER, THRESHOLDS, diagnose, save, text_report,
+                                             verdict_level)
+    from figures.diagnose import diagnosis_blocks, diagnosis_figure
+    from figures.report import write_report
+    options.check_format(args.format)
+    out = options.writable_dir(args.out or f"runs/diagnose-{time.strftime('%Y%m%d-%H%M%S')}")
+    with options.removed_if_empty(out):
+        d = diagnose(args.path, blocks=args.blocks, config=args.config, tokenizer=args.tokenizer,
+                     log=progress.say_err, **options.measurement_settings(args))
+    files = save(d, out)
+    fig = diagnosis_figure(d.table, {k: v for k, (v, _) in THRESHOLDS.items()},
+                           out / "figures" / "diagnosis", args.format, d.verdict,
+                           d.meta["max_effective_rank"])
+    files += [fig, *write_report(diagnosis_blocks(d.meta, d.verdict, d.findings, d.table,
+                                                  str(fig.relative_to(out)), d.notes),
+                                 out, "sigprop diagnosis")]
+    print(text_report(d))
+    print("wrote " + ", ".join(str(f) for f in files))
+    level = verdict_level(d.verdict)
+    if args.fail_on and SEVERITY_ORDER[level] >= SEVERITY_ORDER[args.fail_on]:
+        print(f"--fail-on {args.fail_on}: verdict {level.upper()}, exit status 1", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,171 @@
+"""mkdocs hook: the committed studies under results/ become pages of the site at build time.
+
+Nothing from results/ is copied into docs/. For every folder results/<study>/ the hook adds, to
+mkdocs' file list only:
+
+- a generated page ``results/<study>/index.md``: a short introduction (STUDIES below), the
+  study's own report (report.md or train.md) with its headings moved one level down and its
+  LaTeX blocks shown as code (the site loads no MathJax, so it needs no network at view time),
+  every figure the report does not already show, and every CSV: small ones as Markdown tables,
+  large ones as their first rows and a download link;
+- the study's figures (*.png), tables (*.csv), JSON records and other Markdown files
+  (PROVENANCE.md, samples.md), read straight from results/ when the site is built.
+
+It also appends a "Results" section listing the studies to the navigation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+REPORTS = ("report.md", "train.md")
+COPIED = {".png", ".csv", ".json", ".md"}
+FULL_ROWS = 40  # CSVs up to this many rows are shown whole
+HEAD_ROWS = 12  # larger ones: this many rows, then a download link
+
+# One line per study: what it is and the docs page that discusses it.
+STUDIES = {
+    "init-cpu-w256": "The main initialization grid: all eight schemes, width 256, L = 2 … 1024, "
+                     "3 seeds. Discussed in [Initialization](../../init.md).",
+    "init-cpu-w512": "The width-512 grid of four schemes to L = 256 (its tables predate the "
+                     "alignment term and the noise-floor columns). See [Initialization](../../init.md).",
+    "init-fidelity": "Seed study, sublayer audit and cosine statistic for pre and post at L = 32, "
+                     "16 seeds, on text and random bytes. See [Initialization](../../init.md).",
+    "init-fidelity-w512": "The fidelity study of pre at width 512, 12 seeds, on text. "
+                          "See [Initialization](../../init.md).",
+    "init-fidelity-mixln-lns": "The fidelity study of Mix-LN and LNS at L = 32, 8 seeds. "
+                               "See [Initialization](../../init.md).",
+    "train-cpu": "The CPU training grid: pre, post, span, deepnorm at L = 4 … 32, dense and MoE, "
+                 "2 seeds, 128 steps. See [Training](../../training.md).",
+    "train-cpu-nanogpt-shape": "nanoGPT's CPU shape at 4 and 16 blocks: a stalled PostNorm, caught. "
+                               "See [Training](../../training.md).",
+    "onestep-cpu": "One optimizer step against the theory: linearity, width transfer and depth. "
+                   "See [Width and depth transfer](../../width.md).",
+    "coordcheck-cpu-adam": "Coordinate check under Adam: standard, µP and a broken µP. "
+                           "See [Width and depth transfer](../../width.md).",
+    "coordcheck-cpu-sgd": "Coordinate check under SGD: standard, µP and a broken µP. "
+                          "See [Width and depth transfer](../../width.md).",
+    "lrsweep-cpu": "Learning-rate sweeps across depth and width. "
+                   "See [Width and depth transfer](../../width.md).",
+    "diagnose-minilm": "`diagnose` of all-MiniLM-L6-v2 on English text. "
+                       "See [Diagnose and atlas](../../diagnose.md).",
+    "diagnose-smollm2": "`diagnose` of SmolLM2-135M-Instruct (Q4_1 GGUF) on English text. "
+                        "See [Diagnose and atlas](../../diagnose.md).",
+    "diagnose-calibration": "The checkpoints that fixed `diagnose`'s redundancy thresholds. "
+                            "See [Diagnose and atlas](../../diagnose.md).",
+    "released": "The atlas of released models: four GPU-trained models at 6 to 30 blocks beside "
+                "the toolkit's own CPU runs. Where each comes from: [PROVENANCE](PROVENANCE.md). "
+                "See [Diagnose and atlas](../../diagnose.md).",
+    "pretrained": "An earlier atlas of released and toolkit checkpoints. "
+                  "See [Diagnose and atlas](../../diagnose.md).",
+}
+
+
+def _studies() -> list[Path]:
+    return sorted(p for p in RESULTS.iterdir() if p.is_dir()) if RESULTS.is_dir() else []
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(path: Path) -> str:
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return "*(empty)*\n"
+    header, body = rows[0], rows[1:]
+    shown = body if len(body) <= FULL_ROWS else body[:HEAD_ROWS]
+    out = io.StringIO()
+    out.write("| " + " | ".join(_cell(h) for h in header) + " |\n")
+    out.write("|" + "---|" * len(header) + "\n")
+    for row in shown:
+        row = row + [""] * (len(header) - len(row))
+        out.write("| " + " | ".join(_cell(c) for c in row[: len(header)]) + " |\n")
+    if len(shown) < len(body):
+        out.write(f"\nFirst {len(shown)} of {len(body)} rows.\n")
+    return out.getvalue()
+
+
+def _report(text: str) -> str:
+    """Headings one level down; $$ … $$ blocks as code (no MathJax on this site)."""
+    out, fence, math = [], False, False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("```") and not math:
+            fence = not fence
+        elif stripped == "$$" and not fence:
+            math = not math
+            out.append("```latex" if math else "```")
+            continue
+        elif not fence and not math and line.startswith("#"):
+            line = "#" + line
+        elif not fence and not math and line.startswith("|"):
+            line = re.sub(r"(?<=[\w)])\*(?=[\w(])", r"\\*", line)  # L*q: a product, not emphasis
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _page(study: Path) -> str:
+    name = study.name
+    parts = [f"# {name}\n", STUDIES.get(name, "A committed study.") + "\n",
+             f"The files are in the repository's `results/{name}/`.\n"]
+    report = next((study / r for r in REPORTS if (study / r).is_file()), None)
+    shown_figures = set()
+    if report is not None:
+        text = report.read_text(encoding="utf-8")
+        shown_figures = {f.relative_to(study).as_posix() for f in study.rglob("*.png")
+                         if f.relative_to(study).as_posix() in text}
+        parts.append(f"## {report.name}\n\n" + _report(text))
+    figures = [f for f in sorted(study.rglob("*.png"))
+               if f.relative_to(study).as_posix() not in shown_figures]
+    if figures:
+        parts.append("## Figures\n")
+        for f in figures:
+            rel = f.relative_to(study).as_posix()
+            parts.append(f"`{rel}`\n\n![{rel}]({rel})\n")
+    csvs = sorted(study.rglob("*.csv"))
+    if csvs:
+        parts.append("## Tables\n")
+        for f in csvs:
+            rel = f.relative_to(study).as_posix()
+            parts.append(f"### {rel}\n\n[download {rel}]({rel})\n\n" + _table(f))
+    others = [f for f in sorted(study.rglob("*")) if f.suffix in {".md", ".json"}
+              and f != report]
+    if others:
+        parts.append("## Other files\n\n" + "\n".join(
+            f"- [{f.relative_to(study).as_posix()}]({f.relative_to(study).as_posix()})"
+            for f in others) + "\n")
+    return "\n".join(parts)
+
+
+def on_config(config):
+    nav = config.get("nav")
+    if nav is not None and _studies():
+        nav.append({"Results": ["results/index.md"] + [
+            {s.name: f"results/{s.name}/index.md"} for s in _studies()]})
+    return config
+
+
+def on_files(files, config):
+    # every command's --help, generated from the one parser the command line uses
+    from analysis.cli.help import markdown
+    files.append(File.generated(config, "cli.md", content="# Command-line reference\n\nEvery command's "
+                                "`--help`, generated from the parser at build time.\n\n" + markdown()))
+    for study in _studies():
+        files.append(File.generated(config, f"results/{study.name}/index.md",
+                                    content=_page(study)))
+        for f in sorted(study.rglob("*")):
+            if f.is_file() and f.suffix in COPIED:
+                rel = f.relative_to(RESULTS).as_posix()
+                if f.name in REPORTS and f.parent == study:
+                    continue  # shown inside the generated page
+                files.append(File.generated(config, f"results/{rel}", abs_src_path=str(f)))
+    return files
