@@ -78,16 +78,19 @@ class Probe:
                  points: str | Iterable[str] | None = None, blocks: str | list[str] | None = None,
                  final: str | None = None, output_norm: str | None = None, layout: Layout | None = None,
                  max_seqs: int = SAMPLE_SEQS, max_tokens: int = SAMPLE_TOKENS, recompile: bool = False,
-                 all_reduce: bool | None = None):
+                 all_reduce: bool | None = None, sampled_without_grad_only: bool = False):
         """Probe ``model``; ``points`` are fnmatch patterns over point names (default: all).
         ``all_reduce`` (None: when torch.distributed runs more than one rank) sums the statistics
-        over the ranks at ``frame()``."""
+        over the ranks at ``frame()``. ``sampled_without_grad_only``: the sampled (SVD) metrics
+        are taken on forward passes under no_grad only, where a caller runs backward passes as
+        well as enough forward ones (diagnose: their eigensolves were most of its probing time)."""
         self.model = model
         self.root = unwrap(model)
         self.layout = layout or locate(model, blocks, final, output_norm)
         self.metrics = resolve_metrics(metrics)
         self._explicit_grad = metrics is not None and any(METRICS[m].kind == "grad" for m in self.metrics)
         self.max_seqs, self.max_tokens, self.recompile = max_seqs, max_tokens, recompile
+        self.sampled_without_grad_only = sampled_without_grad_only
         self.all_reduce = all_reduce
         all_points = self.layout.points()
         patterns = [points] if isinstance(points, str) else list(points or ["*"])
@@ -217,9 +220,17 @@ class Probe:
             raise TypeError(f"probe point '{name}': the block input is not a tensor of the output's "
                             "shape, so layer_cosine/angular_distance cannot be computed; drop them")
         if pt.forward:
+            skip = self.sampled_without_grad_only and torch.is_grad_enabled()
+            names = tuple(m for m in pt.forward if not (skip and METRICS[m].sampled))
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                v = summarize(x, pt.forward, x_in, self.max_seqs, self.max_tokens)
-                self._accumulate(pt.fwd_acc, v)
+                v = summarize(x, names, x_in, self.max_seqs, self.max_tokens)
+                if names == pt.forward:
+                    self._accumulate(pt.fwd_acc, v)
+                else:  # the skipped metrics add nothing, not even a count
+                    keep = torch.tensor([m in names for m in pt.forward], device=v.device)
+                    full = torch.zeros(len(pt.forward), dtype=v.dtype, device=v.device)
+                    full[keep] = v
+                    self._accumulate(pt.fwd_acc, full, keep)
         if pt.grad:
             if not torch.is_grad_enabled():
                 self._saw_grad_off = True
@@ -235,9 +246,10 @@ class Probe:
         return hook
 
     @staticmethod
-    def _accumulate(acc: torch.Tensor, v: torch.Tensor) -> None:
+    def _accumulate(acc: torch.Tensor, v: torch.Tensor, counted: torch.Tensor | None = None) -> None:
         v = v.to(acc.device, torch.float64)
-        acc.add_(torch.stack([v, v * v, torch.ones_like(v)], dim=-1))
+        n = torch.ones_like(v) if counted is None else counted.to(acc.device, torch.float64)
+        acc.add_(torch.stack([v, v * v, n], dim=-1))
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -297,6 +309,8 @@ class Probe:
                                "`with Probe(model) as p:` block (or it was compiled before the probe "
                                "was installed: enter the probe first, then torch.compile, or pass "
                                "recompile=True)")
+        if self.sampled_without_grad_only:  # those wait for a forward pass under no_grad
+            fwd = fwd[~fwd["metric"].map(lambda m: METRICS[m].sampled)]
         silent = sorted(set(fwd.loc[fwd["count"] == 0, "point"]))
         if silent:
             raise RuntimeError(f"points {', '.join(silent)} recorded nothing while others did: "

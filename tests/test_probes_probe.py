@@ -274,3 +274,25 @@ def test_bf16_autocast_and_bf16_model_match_float32():
         got = frames[mode]["mean"].to_numpy()
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, ref, rtol=0.1, atol=1e-3 * np.abs(ref).max(), err_msg=mode)
+
+
+def test_sampled_metrics_can_wait_for_forward_only_passes():
+    """diagnose's backward passes skip the SVD metrics: they count only the no_grad batches, the rest all."""
+    from analysis.testbed.model import ModelConfig, build_model
+    from probes import Probe
+    model = build_model(ModelConfig(scheme="pre", depth=2, width=16, heads=2, max_seq_len=16))
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    with Probe(model, metrics=["second_moment", "effective_rank", "grad_second_moment"],
+               sampled_without_grad_only=True) as p:
+        for _ in range(2):
+            model.tok_embed.weight.requires_grad_(True)
+            model(x, x)[1].backward()
+        mid = p.frame()  # backward passes only so far: the rank has no count, and that is no error
+        with torch.no_grad():
+            for _ in range(3):
+                model(x)
+    f = p.frame().set_index(["point", "metric"])
+    assert (mid[mid.metric == "effective_rank"]["count"] == 0).all()
+    assert f.loc[("blocks.0.resid_post", "second_moment"), "count"] == 5
+    assert f.loc[("blocks.0.resid_post", "effective_rank"), "count"] == 3
+    assert f.loc[("blocks.0.resid_post", "grad_second_moment"), "count"] == 2

@@ -63,8 +63,6 @@ STUDIES = {
     "released": "The atlas of released models: four GPU-trained models at 6 to 30 blocks beside "
                 "the toolkit's own CPU runs. Where each comes from: [PROVENANCE](PROVENANCE.md). "
                 "See [Diagnose and atlas](../../diagnose.md).",
-    "pretrained": "An earlier atlas of released and toolkit checkpoints. "
-                  "See [Diagnose and atlas](../../diagnose.md).",
 }
 
 

@@ -287,7 +287,8 @@ def measure(passes: Passes, layout, branches: list[list[str]], windows: torch.Te
     handle = _grad_on_stream(model.get_submodule(layout.blocks[0]))
     used, grad_used, grad_done = 0, 0, False
     try:
-        with Probe(model, metrics=metrics, layout=layout) as probe, \
+        # the rank metrics' eigensolves on forward-only passes alone, where there will be some
+        with Probe(model, metrics=metrics, layout=layout, sampled_without_grad_only=len(windows) > grad_n) as probe, \
                 ContributionMeter(model, layout, branches) as meter, PeakMeter(model, layout) as peaks:
             bar = progress.bar(len(windows), "probing", unit="seq", leave=False)
             for s in range(0, len(windows), batch):
