@@ -38,9 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from analysis.testbed.corpus import load_corpus
     from analysis.width.coordcheck import PRESETS, claims, run as measure, slopes
-    cfg = options.configure(PRESETS[args.preset], args)
-    cfg.validate()
-    options.check_format(args.format)
+    cfg = options.preset_config(PRESETS, args)
     corpus = load_corpus(cfg.corpus)  # a bad corpus is refused before any folder is made
     out = options.writable_dir(args.out or "runs/coordcheck")
     print(f"sigprop coordcheck → {out} ({len(cfg.schemes)} schemes × {len(cfg.parametrizations)} "

@@ -28,9 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from analysis.testbed.corpus import load_corpus
     from analysis.width.lrsweep import PRESETS, claims, curves_table, optima, run as measure
-    cfg = options.configure(PRESETS[args.preset], args)
-    cfg.validate()
-    options.check_format(args.format)
+    cfg = options.preset_config(PRESETS, args)
     corpus = load_corpus(cfg.corpus)  # a bad corpus is refused before any folder is made
     out = options.writable_dir(args.out or "runs/lrsweep")
     args.out = str(out)  # what an interruption names, with the command that resumes

@@ -33,22 +33,32 @@ def finite(text: str) -> float:
     return value
 
 
-def ints(text: str, flag: str) -> list[int]:
+def _numbers(text: str, flag: str, cast: Callable[[str], float], what: str) -> list:
     try:
-        values = [int(v) for v in text.split(",") if v]
+        values = [cast(v) for v in text.split(",") if v]
     except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got '{text}'") from None
+        raise ValueError(f"{flag} takes comma-separated {what}, got '{text}'") from None
     if not values:
         raise ValueError(f"{flag} is empty")
     return values
 
 
+def preset_config(presets: Mapping[str, Any], args: argparse.Namespace):
+    """The preset ``--preset`` names with the user's options applied, validated, and the figure
+    format checked: before any model is built or folder made."""
+    cfg = configure(presets[args.preset], args)
+    cfg.validate()
+    check_format(args.format)
+    return cfg
+
+
+def ints(text: str, flag: str) -> list[int]:
+    return _numbers(text, flag, int, "integers")
+
+
 def floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated numbers, got '{text}'") from None
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+    values = _numbers(text, flag, float, "numbers")
+    if not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"{flag} takes finite numbers > 0, got '{text}'")
     return values
 

@@ -23,9 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis.init.pipeline import PRESETS, analyse, save_tables
-    cfg = options.configure(PRESETS[args.preset], args)
-    cfg.validate()
-    options.check_format(args.format)
+    cfg = options.preset_config(PRESETS, args)
     out = options.writable_dir(args.out)
     args.out = str(out)  # what an interruption names, with the command that resumes
     print(f"sigprop analysis → {out}")
