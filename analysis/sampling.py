@@ -1,6 +1,6 @@
 """Sampling text from a loaded checkpoint, as nanoGPT's sample.py does.
 
-Any causal language model that ``analysis.diagnose.loading.load`` reads (a sigprop run, a local
+Any causal language model that ``analysis.checkpoints.load`` reads (a sigprop run, a local
 Hugging Face folder, a state_dict with --config, a GGUF file) continues a prompt one token at a
 time: temperature-scaled logits, an optional top-k filter, then ``torch.multinomial`` with a
 seeded generator (temperature 0: argmax). Sigprop testbeds are byte-level (vocabulary 256);
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from analysis.diagnose.loading import Loaded, load
+from analysis.checkpoints import Loaded, load
 
 NEWLINE = 10  # a byte model's start token for an empty prompt (nanoGPT's default start, "\n")
 BYTES = 256

@@ -9,6 +9,7 @@ import pandas as pd
 from figures import init as F
 from figures.report import Block, claims_summary, write_report
 from figures.train import training_blocks
+from theory.claim_table import tally
 
 
 def detail_depth(depths: list[int]) -> int:
@@ -49,8 +50,7 @@ def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[P
     not run and the command that runs them (pipeline.other_schemes_command)."""
     claims, targets, errors = tables["claims"], tables["targets"], tables["errors"]
     bad = tables["disagreements"]
-    counts = claims["status"].value_counts()
-    verdict = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("holds", "fails", "untested"))
+    verdict = ", ".join(f"{n} {s}" for s, n in tally(claims)._asdict().items())
     grid = (f"schemes {', '.join(config['schemes'])}; depths {', '.join(map(str, config['depths']))}; "
             f"seeds {', '.join(map(str, config['seeds']))}; width {config['width']}, {config['heads']} heads, "
             f"{config['ffn']} FFN, {config['norm']}; {config['batches']} batches of "

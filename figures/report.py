@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from theory.claim_table import tally
+
 Block = tuple[str, object]
 
 LONG = 120  # characters: a longer evidence cell is collapsed in HTML
@@ -55,7 +57,7 @@ def status_class(text: str) -> str | None:
 def claims_summary(claims: pd.DataFrame, lines: list[str] = (), what: str = "claims") -> Block:
     """("summary", …) of a claims table: holds / fails / untested counted, the failed and the
     untested named (a claim name shared by two rows gets the first word of its method)."""
-    counts = claims["status"].value_counts()
+    counts = tally(claims)._asdict()
     twice = claims["claim"].duplicated(keep=False)
 
     def names(status: str) -> list[str]:
@@ -63,12 +65,12 @@ def claims_summary(claims: pd.DataFrame, lines: list[str] = (), what: str = "cla
         return [f"{r.claim} ({str(r.method).split(',')[0].split()[0]})"
                 if twice[i] and "method" in claims else str(r.claim) for i, r in rows.iterrows()]
 
-    s = Summary(title=f"{what.capitalize()}:", counts=[(f"{counts.get('holds', 0)} hold", counts.get("holds", 0), "holds"),
-                        (f"{counts.get('fails', 0)} fail", counts.get("fails", 0), "fails"),
-                        (f"{counts.get('untested', 0)} untested", counts.get("untested", 0), "untested")],
+    s = Summary(title=f"{what.capitalize()}:", counts=[(f"{counts['holds']} hold", counts["holds"], "holds"),
+                        (f"{counts['fails']} fail", counts["fails"], "fails"),
+                        (f"{counts['untested']} untested", counts["untested"], "untested")],
                 lines=list(lines))
     for status, label in (("fails", "Failed"), ("untested", "Untested")):
-        if counts.get(status, 0):
+        if counts[status]:
             s.named.append((label, _grouped(names(status)), status))
     return ("summary", s)
 

@@ -57,6 +57,17 @@ PLACEMENTS = {
     "other": "mixed across blocks",
     "unknown": "not known from the structure",
 }
+# Probe point sites, in stream order: the embedding output, a block's aggregate before its output
+# norm (post-norm blocks only), a block's output, the head input.
+SITES = ("embed", "pre_norm_sum", "resid_post", "final")
+
+
+def point_name(layer: int, site: str = "resid_post") -> str:
+    """The stable name of a probe point: ``blocks.{layer}.{site}`` for 'pre_norm_sum' and
+    'resid_post' (``layer`` zero-based), just the site for 'embed' and 'final' (``layer`` ignored)."""
+    if site not in SITES:
+        raise ValueError(f"site={site!r} is not one of {', '.join(SITES)}")
+    return site if site in ("embed", "final") else f"blocks.{layer}.{site}"
 
 
 @dataclass(frozen=True)
@@ -94,8 +105,8 @@ class Layout:
         names = ["embed"]
         for i, norm in enumerate(self.output_norms):
             if norm is not None:
-                names.append(f"blocks.{i}.pre_norm_sum")
-            names.append(f"blocks.{i}.resid_post")
+                names.append(point_name(i, "pre_norm_sum"))
+            names.append(point_name(i))
         return names + ["final"]
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from probes.locate import Layout, first_tensor, locate, unwrap
+from probes.locate import Layout, first_tensor, locate, point_name, unwrap
 from probes.metrics import METRICS, SAMPLE_SEQS, SAMPLE_TOKENS, resolve_metrics, summarize
 
 
@@ -144,11 +144,11 @@ class Probe:
         add(self.model.register_forward_pre_hook(self._count))
         last = len(blocks) - 1
         for i, block in enumerate(blocks):
-            names = {"in": "embed" if i == 0 else None, "out": f"blocks.{i}.resid_post",
+            names = {"in": "embed" if i == 0 else None, "out": point_name(i),
                      "final": "final" if i == last and self.layout.final is None else None}
             if any(n in self.points for n in names.values() if n):
                 add(block.register_forward_hook(self._block_hook(names), with_kwargs=True))
-            norm, name = self.layout.output_norms[i], f"blocks.{i}.pre_norm_sum"
+            norm, name = self.layout.output_norms[i], point_name(i, "pre_norm_sum")
             if norm is not None and name in self.points:
                 add(modules[norm].register_forward_hook(self._input_hook(name), with_kwargs=True))
         if self.layout.final is not None and "final" in self.points:

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.diagnose import loading as checkpoints
+import analysis.checkpoints as checkpoints
+from analysis.checkpoints import guards
 from analysis.testbed.corpus import load_corpus
-from analysis.diagnose.diagnosis import THRESHOLDS, diagnose
+from analysis.diagnose.diagnosis import diagnose
+from analysis.diagnose.findings import THRESHOLDS
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.training.train import TrainConfig, save_atomic, train_run
 from run_analysis import main
@@ -78,7 +80,7 @@ def test_trained_toolkit_checkpoint_end_to_end(tmp_path, text, capsys):
     assert table["branch_rel_median"].iloc[1:4].gt(0).all() and table["skip_out_change"].iloc[1:4].gt(0).all()
     assert table["skip_loss_delta"].iloc[1:4].notna().all()  # a real loss: the skip test's loss change
     assert table["point"].iloc[-1] == "final"  # pre-norm's final norm: the head input, its own row
-    from analysis.diagnose.diagnosis import glossary_for
+    from analysis.diagnose.report import glossary_for
     assert [c for c in table.columns if glossary_for(c) is None] == []  # every column explained
     assert "Columns" in (out / "report.md").read_text() and doc["max_effective_rank"] == 32
     assert (out / "figures" / "diagnosis.png").stat().st_size > 1000
@@ -281,7 +283,7 @@ def test_nan_weights_are_a_finding_not_a_crash(tmp_path, text):
 def test_checkpoint_larger_than_memory_is_refused_with_sizes(cli_error, tmp_path, capsys, monkeypatch, text):
     mc = ModelConfig(scheme="pre", depth=2, width=32, heads=4, max_seq_len=64)
     folder = _save_testbed(tmp_path / "big", mc)
-    monkeypatch.setattr(checkpoints, "available_memory", lambda: 1000)
+    monkeypatch.setattr(guards, "available_memory", lambda: 1000)
     err = cli_error(["diagnose", str(folder), "--out", str(tmp_path / "o"), "--text", str(text)])
     assert "GB of weights" in err and "0.00 GB of memory" in err
 
@@ -422,7 +424,7 @@ def test_exploding_stream_is_measured_from_block_0_and_gradients_need_the_scale_
     assert found.loc["stream_grows", "severity"] == "info" and "stream_explodes" not in found.index
 
     from types import SimpleNamespace
-    from analysis.diagnose.diagnosis import findings
+    from analysis.diagnose.findings import findings
     layout = SimpleNamespace(blocks=("b0", "b1"), placement="pre", describe=lambda: "2 blocks")
     loaded = SimpleNamespace(scheme=None, theory_shape={})
     base = dict(second_moment=[1.0, 1e2, 1e4, 1e4], q_rel=[1, 1e2, 1e4, 1e4], q_rel_median=[1, 1e2, 1e4, 1e4],

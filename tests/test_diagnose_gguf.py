@@ -15,7 +15,8 @@ pytest.importorskip("accelerate")
 import numpy as np  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
-from analysis.diagnose import loading  # noqa: E402
+import analysis.checkpoints as loading  # noqa: E402
+from analysis.checkpoints import guards  # noqa: E402
 from analysis.diagnose.diagnosis import diagnose  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -199,7 +200,7 @@ def test_bad_gguf_is_refused_with_one_line(cli_error, files, tmp_path, text, cap
     f32 = 4 * sum(p.numel() for p in ref.parameters())
     size = paths[Q.F16].stat().st_size
     assert size < 0.6 * f32
-    monkeypatch.setattr(loading, "available_memory", lambda: int((size + f32) / 2 / loading.MEMORY_FRACTION))
+    monkeypatch.setattr(guards, "available_memory", lambda: int((size + f32) / 2 / guards.MEMORY_FRACTION))
     assert "dequantized to float32" in _one_line(paths[Q.F16])
     monkeypatch.undo()
     # the extra missing: one line naming it

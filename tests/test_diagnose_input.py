@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 import huggingface_hub  # noqa: E402,F401  imported first on purpose: it reads the cache variables now
 
-from analysis.diagnose import loading  # noqa: E402
+import analysis.checkpoints as loading  # noqa: E402
+from analysis.checkpoints import hf  # noqa: E402
 from run_analysis import main  # noqa: E402
 
 COMMIT = "5e1f" * 10  # a snapshot's commit hash as the cache names it
@@ -85,7 +86,7 @@ def test_hub_id_in_the_cache_loads_its_snapshot(gpt2, tmp_path, monkeypatch, cap
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    assert loading.hub_cache() == tmp_path / "home" / "hub"
+    assert hf.hub_cache() == tmp_path / "home" / "hub"
     _cache(tmp_path / "home" / "hub", "org/other", gpt2)
     assert loading.load("org/other").kind == "hf"
 
@@ -115,8 +116,8 @@ def test_local_paths_win_and_only_id_shaped_paths_are_looked_up(gpt2, tmp_path, 
     for path in ("nope.pt", "a/b/c", "./org/x", "org/--x", "org/a..b"):
         msg = _one_line(path)
         assert msg == f"checkpoint path {Path(path)} does not exist", msg
-    assert loading.looks_like_hub_id("Qwen/Qwen2.5-0.5B") and loading.looks_like_hub_id("a/b")
-    assert not loading.looks_like_hub_id("/abs/path") and not loading.looks_like_hub_id("org/name/")
+    assert hf.looks_like_hub_id("Qwen/Qwen2.5-0.5B") and hf.looks_like_hub_id("a/b")
+    assert not hf.looks_like_hub_id("/abs/path") and not hf.looks_like_hub_id("org/name/")
 
 
 def test_folder_with_two_models_asks_for_one_file(cli_error, gpt2, tmp_path):

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.diagnose import loading, memory, passes as passes_mod
-from analysis.diagnose.diagnosis import _grad_on_stream, diagnose
+import analysis.checkpoints as loading
+from analysis.diagnose import memory, passes as passes_mod
+from analysis.diagnose.diagnosis import diagnose
+from analysis.diagnose.measure import grad_on_stream
 from analysis.diagnose.passes import Passes
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.training.train import save_atomic
@@ -42,7 +44,7 @@ def _stream_grad(loaded, model, w, chunked: bool) -> tuple[float, torch.Tensor]:
         p.requires_grad_(False)
     seen = []
     block0 = model.get_submodule(locate(model).blocks[0])
-    hook = _grad_on_stream(block0)
+    hook = grad_on_stream(block0)
     keep = block0.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]),
                                             with_kwargs=True)
     try:
@@ -141,7 +143,7 @@ def test_bfloat16_halves_the_weights_and_says_so(tmp_path, text):
 def test_gguf_metadata_is_parsed_once(tmp_path, monkeypatch):
     """transformers reads a GGUF three times (config, weights, tokenizer): one parse serves them all."""
     gguf = pytest.importorskip("gguf")
-    from analysis.diagnose.gguf import _one_reader
+    from analysis.checkpoints.gguf import _one_reader
     made = []
 
     class Reader:

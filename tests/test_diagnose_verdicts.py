@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.diagnose.diagnosis import THRESHOLDS, diagnose, redundant_blocks
+from analysis.diagnose.diagnosis import diagnose
+from analysis.diagnose.findings import THRESHOLDS, redundant_blocks
 from analysis.diagnose.headroom import raw_readers
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.training.train import save_atomic

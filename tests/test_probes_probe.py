@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from analysis.testbed.model import ModelConfig, build_model
-from probes import Probe, confirm_placement, locate
+from probes import SITES, Probe, confirm_placement, locate, point_name
 
 MAX_SEQS, MAX_TOKENS = 2, 8  # T = 16 below, so the SVD metrics really use a sample
 
@@ -296,3 +296,16 @@ def test_sampled_metrics_can_wait_for_forward_only_passes():
     assert f.loc[("blocks.0.resid_post", "second_moment"), "count"] == 5
     assert f.loc[("blocks.0.resid_post", "effective_rank"), "count"] == 3
     assert f.loc[("blocks.0.resid_post", "grad_second_moment"), "count"] == 2
+
+
+def test_point_name_is_the_stable_format():
+    """The names are an output format: pinned here literally, and the ones Layout.points() lists."""
+    assert point_name(0) == "blocks.0.resid_post"
+    assert point_name(11, "pre_norm_sum") == "blocks.11.pre_norm_sum"
+    assert point_name(-1, "embed") == "embed" and point_name(3, "final") == "final"
+    assert SITES == ("embed", "pre_norm_sum", "resid_post", "final")
+    with pytest.raises(ValueError, match="resid_pre"):
+        point_name(0, "resid_pre")
+    layout = locate(_model("post"))
+    assert layout.points() == ["embed"] + [point_name(i, s) for i in range(3)
+                                           for s in ("pre_norm_sum", "resid_post")] + ["final"]

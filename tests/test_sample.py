@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from analysis.diagnose.loading import load
+from analysis.checkpoints import load
 from analysis.sampling import generate, sample_text
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig

@@ -84,7 +84,7 @@ def test_cli_theory_one_scheme(tmp_path, capsys):
     assert rc == 0
     assert (tmp_path / "theory.json").exists()
     rows = (tmp_path / "claims.csv").read_text().splitlines()
-    assert rows[0] == "claim,scheme,method,status,evidence" and len(rows) >= 3
+    assert rows[0] == "claim,scheme,statement,method,status,evidence" and len(rows) >= 3
     assert main(["theory", "--scheme", "nope", "--out", str(tmp_path)]) == 2
 
 

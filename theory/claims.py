@@ -8,35 +8,18 @@ fails is kept, with its numbers: it is a result, not a bug.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import sympy
 
 from theory import solve as S
+from theory.claim_table import Claim
 from theory.positional import predict_positional
 
 DEPTHS = (1, 10, 100, 1000, 10000)
 BASE = {"d": 512, "T": 128, "sigma": 1.0, "rho_star": 0.2}  # the reference configuration
 RHO0 = 0.2
-
-
-@dataclass
-class Claim:
-    """One checkable statement and its outcome."""
-
-    name: str
-    schemes: str
-    statement: str
-    method: str  # symbolic | numeric
-    status: str = "untested"  # holds | fails
-    evidence: str = ""
-
-    def as_row(self) -> dict[str, str]:
-        """A flat dict (for claims.csv and theory.json)."""
-        return {"claim": self.name, "scheme": self.schemes, "statement": self.statement,
-                "method": self.method, "status": self.status, "evidence": self.evidence}
 
 
 def _profile(scheme: str, L: int) -> dict[str, np.ndarray]:

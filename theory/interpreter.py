@@ -214,14 +214,6 @@ def derive_block(s: Scheme, *, l: Any = l_sym, L: Any = L_sym, ffn: str = "gelu"
     return Recurrence(s.name, tuple(ctx.assign), outputs, has_norm)
 
 
-def _symbolic_ok(s: Scheme) -> bool:
-    try:
-        derive_block(s)
-        return True
-    except TypeError:  # the block branches on l or L (Mix-LN): derive per block instead
-        return False
-
-
 @lru_cache(maxsize=256)
 def _derive_cached(name: str, ffn: str, norm: str, experts: int, top_k: int,
                    params_key: tuple, l: Any, L: Any, attention: str) -> Recurrence:

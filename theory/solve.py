@@ -436,14 +436,6 @@ def span_beta_family(ffn: str = "gelu", norm: str = "layernorm") -> dict[str, An
                          "iff γ ≥ 1/2 (γ = 1/2 keeps the blocks' total contribution O(1))"}
 
 
-def _expand_outputs(rec: I.Recurrence, name: str) -> sympy.Expr:
-    e = rec.outputs[name]
-    for s, v in reversed(rec.assign):
-        if s in e.free_symbols:
-            e = e.xreplace({s: v})
-    return e
-
-
 def all_schemes() -> list[str]:
     """Names of the registered schemes."""
     return list(SCHEMES)

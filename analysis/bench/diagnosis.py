@@ -78,8 +78,9 @@ def load_floor(path: str) -> float:
 
 def compute_floor(path: str, meta: dict) -> dict[str, float]:
     """Seconds of the plain passes the diagnosis's statistics need (module docstring)."""
-    from analysis.diagnose.diagnosis import _grad_on_stream, text_bytes, token_windows
-    from analysis.diagnose.loading import load
+    from analysis.diagnose.measure import grad_on_stream
+    from analysis.diagnose.text import text_bytes, token_windows
+    from analysis.checkpoints import load
     from analysis.diagnose.passes import Passes
     from probes import locate
     loaded = load(path)
@@ -99,7 +100,7 @@ def compute_floor(path: str, meta: dict) -> dict[str, float]:
                 ps.stream(w[s:s + batch])
 
     def backward(ps: Passes, m, w: torch.Tensor, b: int) -> None:
-        hook = _grad_on_stream(m.get_submodule(block0))
+        hook = grad_on_stream(m.get_submodule(block0))
         gen = torch.Generator().manual_seed(0)
         for s in range(0, len(w), b):
             ps.loss_backward(w[s:s + b], gen)

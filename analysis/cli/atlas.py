@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from analysis.diagnose.atlas import atlas_claims, collect, summary
     from figures.diagnose import atlas_blocks, atlas_figure
     from figures.report import write_report
+    from theory.claim_table import tally
     options.check_format(args.format)
     out = options.writable_dir(args.out or f"runs/atlas-{time.strftime('%Y%m%d-%H%M%S')}")
     with options.removed_if_empty(out):
@@ -34,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
     files = write_report(atlas_blocks(checkpoints, claims, str(fig.relative_to(out)), table), out,
                          "sigprop atlas")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    status = claims["status"].value_counts()
-    print(f"claims: {status.get('holds', 0)} hold, {status.get('fails', 0)} fail, "
-          f"{status.get('untested', 0)} untested")
+    print(tally(claims).line())
     print(f"wrote {out}/atlas_layers.csv, atlas_checkpoints.csv, claims.csv, {fig}, "
           + ", ".join(str(f) for f in files))
     return 0

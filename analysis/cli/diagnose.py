@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from analysis.diagnose.diagnosis import (SEVERITY_ORDER, THRESHOLDS, diagnose, save, text_report,
-                                             verdict_level)
+    from analysis.diagnose.diagnosis import diagnose
+    from analysis.diagnose.findings import THRESHOLDS, Verdict
+    from analysis.diagnose.report import save, text_report
     from figures.diagnose import diagnosis_blocks, diagnosis_figure
     from figures.report import write_report
     options.check_format(args.format)
@@ -39,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
                                  out, "sigprop diagnosis")]
     print(text_report(d))
     print("wrote " + ", ".join(str(f) for f in files))
-    level = verdict_level(d.verdict)
-    if args.fail_on and SEVERITY_ORDER[level] >= SEVERITY_ORDER[args.fail_on]:
-        print(f"--fail-on {args.fail_on}: verdict {level.upper()}, exit status 1", file=sys.stderr)
+    if args.fail_on and d.level >= Verdict[args.fail_on.upper()]:
+        print(f"--fail-on {args.fail_on}: verdict {d.level.name}, exit status 1", file=sys.stderr)
         return 1
     return 0

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from analysis.testbed.model import ModelConfig
     from analysis.width.onestep import (LINEAR_LR, depth_claims, depth_study, linearity,
                                         summarize, transfer, transfer_errors)
+    from theory.claim_table import claims_frame
     from theory.step import block_exponent
     schemes = [s for s in args.schemes.split(",") if s]
     optimizers = [o for o in args.optimizers.split(",") if o]
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  depth study {s} {o}: depths {args.depths} [{time.perf_counter() - t0:.0f} s]",
                   flush=True)
     study = pd.concat(study, ignore_index=True) if study else pd.DataFrame()
-    claims = depth_claims(study) if len(study) else pd.DataFrame()
+    claims = depth_claims(study) if len(study) else claims_frame([])
     study.to_csv(Path(out) / "depth.csv", index=False)
     claims.to_csv(Path(out) / "depth_claims.csv", index=False)
     lin, tr = pd.concat(lin, ignore_index=True), pd.concat(tr, ignore_index=True)

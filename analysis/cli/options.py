@@ -422,7 +422,7 @@ def output(p: argparse.ArgumentParser, out: str, *, quiet: bool = True, **own) -
 
 def measurement(p: argparse.ArgumentParser, command: str) -> None:
     """How `diagnose` and `atlas` measure a checkpoint: text, sample sizes, device, output."""
-    from analysis.diagnose.diagnosis import SKIP_POSITIONS
+    from analysis.diagnose.measure import SKIP_POSITIONS
     add(p, "text")
     add(p, "sequences", default=64)
     add(p, "tolerance", default=0.05)

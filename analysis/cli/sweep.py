@@ -41,9 +41,8 @@ def write_report(tables, theory: dict, out, fmt: str) -> None:
     from figures.analysis_report import write
     config = read_record(out / "config.json")
     md, page = write(tables, aggregate(tables["init_profiles"]), config, theory, out, fmt)
-    claims = tables["claims"]["status"].value_counts()
-    print(f"claims: {claims.get('holds', 0)} hold, {claims.get('fails', 0)} fail, "
-          f"{claims.get('untested', 0)} untested")
+    from theory.claim_table import tally
+    print(tally(tables["claims"]).line())
     from analysis.init.pipeline import other_schemes_command
     rest, cmd = other_schemes_command(config or {})
     if rest:

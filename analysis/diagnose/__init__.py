@@ -1,2 +1,2 @@
-"""Diagnosis of arbitrary checkpoints: safe loading (sigprop runs, Hugging Face folders,
-state_dicts) and the collapse diagnosis with findings and a verdict."""
+"""Diagnosis of arbitrary checkpoints (loaded by ``analysis.checkpoints``): the collapse diagnosis
+with findings and a verdict, the atlas and the calibration."""

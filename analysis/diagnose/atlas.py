@@ -50,8 +50,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import progress
-from analysis.diagnose.diagnosis import diagnose, thirds
-from analysis.training.claims import COLUMNS
+from analysis.diagnose.diagnosis import diagnose
+from analysis.diagnose.findings import thirds
+from theory.claim_table import Claim, claims_frame
 
 METHOD = "measured on the checkpoint"
 SKIP_CHEAP = 0.05  # nats
@@ -169,17 +170,17 @@ def atlas_claims(layers: pd.DataFrame) -> pd.DataFrame:
                     deep_blocks_cheap_to_skip)]
         for claim, statement, fn in checks:
             status, evidence = fn(b)
-            rows.append(dict(claim=f"{claim}:{name}", scheme=placement, statement=f"{name}: {statement}",
-                             method=METHOD, status=status, evidence=evidence))
-    per_checkpoint = pd.DataFrame(rows, columns=COLUMNS)
+            rows.append(Claim(f"{claim}:{name}", placement, f"{name}: {statement}", METHOD, status,
+                              evidence))
+    per_checkpoint = claims_frame(rows)
     return pd.concat([per_checkpoint, cross_claims(layers)], ignore_index=True)
 
 
-def _claim(claim: str, statement: str, status: str, evidence: str) -> dict:
-    return dict(claim=claim, scheme="across", statement=statement, method=METHOD, status=status, evidence=evidence)
+def _claim(claim: str, statement: str, status: str, evidence: str) -> Claim:
+    return Claim(claim, "across", statement, METHOD, status, evidence)
 
 
-def massive_in_pre_decoders_not_post_encoders(layers: pd.DataFrame, origin: str) -> dict:
+def massive_in_pre_decoders_not_post_encoders(layers: pd.DataFrame, origin: str) -> Claim:
     """Every pre-norm decoder of ``origin`` reaches MASSIVE at some block; no post-norm encoder does."""
     of = layers[layers.origin == origin] if "origin" in layers else layers
     peak = of.groupby("checkpoint", sort=False).agg(placement=("placement", "first"), encoder=("encoder", "first"),
@@ -198,7 +199,7 @@ def massive_in_pre_decoders_not_post_encoders(layers: pd.DataFrame, origin: str)
     return _claim(claim, statement, "holds" if ok else "fails", ev)
 
 
-def headroom_falls_with_depth_in_pre(layers: pd.DataFrame) -> dict:
+def headroom_falls_with_depth_in_pre(layers: pd.DataFrame) -> Claim:
     """In every pre-norm checkpoint the last third's mean precision headroom is below the first third's."""
     statement = ("the bfloat16 precision headroom of the last third of the blocks is below the first third's "
                  "in every pre-norm checkpoint (mean per third)")
@@ -219,7 +220,7 @@ def skip_costs(t: pd.DataFrame) -> tuple[float, float]:
     return float(first.skip_loss_delta.median()), float(last.skip_loss_delta.median())
 
 
-def deep_skip_cheaper_with_depth(layers: pd.DataFrame, group: str) -> dict:
+def deep_skip_cheaper_with_depth(layers: pd.DataFrame, group: str) -> Claim:
     """Within one family (a toolkit scheme, or the released models): the deepest third's median skip
     cost falls as depth grows (Spearman ρ < 0 over the healthy checkpoints with a real loss)."""
     from scipy.stats import spearmanr
@@ -263,7 +264,7 @@ def cross_claims(layers: pd.DataFrame) -> pd.DataFrame:
     rows = [massive_in_pre_decoders_not_post_encoders(layers, o) for o in origins]
     rows.append(headroom_falls_with_depth_in_pre(layers))
     rows += [deep_skip_cheaper_with_depth(layers, g) for g in groups]
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return claims_frame(rows)
 
 
 def summary(layers: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import sys
 import pandas as pd
 
 from analysis.diagnose.atlas import collect
-from analysis.diagnose.diagnosis import THRESHOLDS
+from analysis.diagnose.findings import THRESHOLDS
 
 BLOCK_COLUMNS = ("branch_rel", "branch_rel_median", "branch_rel_median_se", "angle_deg", "skip_out_change",
                  "skip_out_change_se", "skip_loss_delta", "skip_loss_delta_se", "init_branch_rel_median",

@@ -122,7 +122,7 @@ def estimate_before_loading(path: str | os.PathLike, dtype: str, batch: int, seq
 
 
 def _gguf_shape(path: Path) -> Shape:
-    from analysis.diagnose.gguf import gguf_header
+    from analysis.checkpoints.gguf import gguf_header
     meta, tensors, _ = gguf_header(path)
     arch = meta["general.architecture"]
     width = int(meta[f"{arch}.embedding_length"])

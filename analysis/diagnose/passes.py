@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.diagnose.loading import Loaded
+from analysis.checkpoints import Loaded
 
 CHUNK_BYTES = 1 << 28  # float32 logits held at once in the chunked loss (256 MiB)
 SPLIT_RTOL = 1e-4  # the split's logits must match the model's to this (relative to their RMS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 from typing import Any
@@ -12,6 +11,7 @@ import sympy
 
 from analysis.folders import writable_dir
 from theory import claims as CL
+from theory.claim_table import claims_frame
 from theory import interpreter as I
 from theory import solve as S
 from theory.schemes import SCHEMES, get_scheme
@@ -138,17 +138,12 @@ def run(args: argparse.Namespace) -> int:
         print()
     print(f"{'claim':34} {'scheme':9} {'method':9} status  evidence")
     for c in claims:
-        print(f"{c.name:34} {c.schemes:9} {c.method:9} {c.status:7} {c.evidence}")
+        print(f"{c.claim:34} {c.scheme:9} {c.method:9} {c.status:7} {c.evidence}")
     out = args.out or os.path.join("runs", "theory")
     path = write_json(content, out)
-    with open(os.path.join(out, "claims.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["claim", "scheme", "method", "status", "evidence"])
-        w.writeheader()
-        for c in claims:
-            row = c.as_row()
-            w.writerow({k: row[k] for k in w.fieldnames})
+    claims_frame(claims).to_csv(os.path.join(out, "claims.csv"), index=False)
     print(f"\nwrote {path} and {os.path.join(out, 'claims.csv')}")
-    broken = [c.name for c in claims if c.method == "symbolic" and c.status != "holds"]
+    broken = [c.claim for c in claims if c.method == "symbolic" and c.status != "holds"]
     if broken:
         print("symbolically proved claims failing their numeric check: " + ", ".join(broken))
         return 1

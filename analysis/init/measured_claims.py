@@ -12,7 +12,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["claim", "scheme", "statement", "method", "status", "evidence"]
+from theory.claim_table import Claim, claims_frame
+
+METHOD = "measured at init across depths"
 MIN_DEPTHS = 3  # a trend needs at least three depths
 FLAT = 0.02  # a change of token cosine smaller than this over the depths is "no change"
 
@@ -168,8 +170,5 @@ def registry() -> list[tuple[str, str, str, Callable]]:
 
 def check_claims(errs: pd.DataFrame) -> pd.DataFrame:
     """claims.csv rows: every measured claim with its status and evidence."""
-    rows = []
-    for claim, scheme, statement, check in registry():
-        status, evidence = check(errs)
-        rows.append((claim, scheme, statement, "measured at init across depths", status, evidence))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return claims_frame(Claim(claim, scheme, statement, METHOD, *check(errs))
+                        for claim, scheme, statement, check in registry())

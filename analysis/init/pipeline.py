@@ -26,11 +26,11 @@ from analysis.init.sweep import (check_memory, check_theory_cost, complete_point
 from analysis.records import read_record, refuse_other
 from analysis.device import resolve_device
 from analysis.init.derivations import collect, write_json
+from theory.claim_table import COLUMNS, claims_frame
 from theory.schemes import SCHEMES
 from theory.shape import Shape
 
 TABLES = ("init_profiles", "errors", "targets", "disagreements", "claims")
-CLAIM_COLUMNS = ["claim", "scheme", "statement", "method", "status", "evidence"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,9 +170,9 @@ def compare_tables(profiles: pd.DataFrame, theory_claims: list[dict],
     agg = aggregate(profiles)
     errs = add_errors(agg)
     summary = error_summary(agg)
-    theory = pd.DataFrame(theory_claims, columns=CLAIM_COLUMNS)
+    theory = claims_frame(theory_claims)
     theory["method"] = "theory, " + theory["method"].astype(str)
-    claims = pd.concat([theory, check_claims(errs)], ignore_index=True)[CLAIM_COLUMNS]
+    claims = pd.concat([theory, check_claims(errs)], ignore_index=True)[COLUMNS]
     if schemes is not None:
         claims = claims[claims["scheme"].isin(schemes)].reset_index(drop=True)
     return {"init_profiles": profiles, "errors": summary, "targets": target_check(summary),

@@ -38,7 +38,7 @@ from analysis.device import available_memory, resolve_device
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.memory import check_all_fit, size
 from analysis.testbed.model import ModelConfig, build_model
-from probes import Probe
+from probes import Probe, point_name
 from theory.positional import predict_positional
 from theory.solve import predict_profile
 
@@ -72,7 +72,7 @@ def to_rows(frame: pd.DataFrame, depth: int) -> pd.DataFrame:
     rows = keep[["layer", "point", "metric", "mean", "spread"]].rename(
         columns={"mean": "measured"})
     g = rows[rows["metric"] == "grad_second_moment"]
-    top = g[g["point"] == f"blocks.{depth - 1}.resid_post"]["measured"].iloc[0]
+    top = g[g["point"] == point_name(depth - 1)]["measured"].iloc[0]
     rel = g.assign(metric="grad_rel", measured=g["measured"] / top, spread=g["spread"] / top)
     return pd.concat([rows, rel], ignore_index=True)
 
@@ -93,13 +93,13 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
                        **cfg.shape_fields())
         rows = []
         for l in range(cfg.depth + 1):
-            point = "embed" if l == 0 else f"blocks.{l - 1}.resid_post"
+            point = "embed" if l == 0 else point_name(l - 1)
             for metric, key in (("second_moment", "q"), ("token_cosine", "rho"), ("grad_rel", "g"),
                                 ("grad_token_cosine", "rg"), ("layer_cosine", "cos"),
                                 ("grad_first_token", "g_first")):
                 rows.append((point, metric, pred[key][l] if key in pred else np.nan))
             if l > 0 and np.isfinite(pred["q_agg"][l]):
-                rows.append((f"blocks.{l - 1}.pre_norm_sum", "second_moment", pred["q_agg"][l]))
+                rows.append((point_name(l - 1, "pre_norm_sum"), "second_moment", pred["q_agg"][l]))
         frames.append(pd.DataFrame(rows, columns=["point", "metric", column]).set_index(["point", "metric"]))
     return pd.concat(frames, axis=1).reset_index()
 
@@ -107,7 +107,7 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
 def theory_inputs(rows: pd.DataFrame, depth: int) -> dict[str, float]:
     """The measured inputs theory takes for one seed: q_0 and ρ_0 at the embedding, ρ_g at the top."""
     embed = rows[rows["point"] == "embed"].set_index("metric")["measured"]
-    top = rows[rows["point"] == f"blocks.{depth - 1}.resid_post"].set_index("metric")["measured"]
+    top = rows[rows["point"] == point_name(depth - 1)].set_index("metric")["measured"]
     return {"q0": float(embed["second_moment"]), "rho0": float(embed["token_cosine"]),
             "rho_g": float(top["grad_token_cosine"])}
 

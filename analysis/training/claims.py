@@ -1,10 +1,10 @@
 """Claims checked on trained models: the seed paper's training-time claims as verdicts.
 
 Reads a grid's ``train_runs.csv`` and ``train_profiles.csv`` (any grid: the CPU one, the GPU
-campaign's) and returns rows in the init claims' format (claim, scheme, statement, method, status,
-evidence). Thresholds are stated in the statement. With several seeds a comparison uses the
-spread across seeds (standard error of the mean); a band must hold for every seed. A claim whose
-scheme, depths or seeds were not trained is 'untested', never dropped.
+campaign's) and returns rows of the shared claims table (theory.claim_table: claim, scheme,
+statement, method, status, evidence). Thresholds are stated in the statement. With several seeds a
+comparison uses the spread across seeds (standard error of the mean); a band must hold for every
+seed. A claim whose scheme, depths or seeds were not trained is 'untested', never dropped.
 
 Claims (SpanNorm, arXiv 2601.22580, unless cited otherwise):
 - stability: a scheme trains at every depth at one shared learning rate and warmup without
@@ -31,7 +31,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["claim", "scheme", "statement", "method", "status", "evidence"]
+from theory.claim_table import Claim, claims_frame
+
 METHOD = "measured after training"
 STALL = 0.95  # final validation loss above 0.95 × the corpus's unigram entropy: learned no context
 GRADIENT_BAND = 10.0  # g_0/g_L within [1/10, 10]
@@ -290,8 +291,6 @@ def check_training_claims(runs: pd.DataFrame, profiles: pd.DataFrame, unigram_bp
     ``unigram_bpb``: the corpus's byte entropy (Corpus.unigram_bits), a stalled run's plateau."""
     if "status" in runs:  # a cut run has not finished: no evidence either way yet
         runs = runs[runs["status"] != "cut"]
-    rows = []
-    for claim, scheme, statement, check in registry(_kinds(runs) or ["dense"], unigram_bpb):
-        status, evidence = check(runs, profiles)
-        rows.append((claim, scheme, statement, METHOD, status, evidence))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return claims_frame(Claim(claim, scheme, statement, METHOD, *check(runs, profiles))
+                        for claim, scheme, statement, check in registry(_kinds(runs) or ["dense"],
+                                                                        unigram_bpb))

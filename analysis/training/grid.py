@@ -30,8 +30,8 @@ from analysis.records import read_record
 from analysis.testbed.memory import check_all_fit
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed
-from analysis.training.train import (TrainConfig, check_same_run, run_settings, train_loss_ends,
-                                     train_run)
+from analysis.training.status import train_loss_ends
+from analysis.training.train import TrainConfig, check_same_run, run_settings, train_run
 from probes import Probe
 
 PROFILE_METRICS = ["second_moment", "grad_second_moment", "token_cosine", "layer_cosine",

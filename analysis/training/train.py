@@ -1,30 +1,23 @@
 """Training one testbed run: AdamW, warmup + cosine, divergence as an outcome, atomic checkpoints.
 
-Read top to bottom like nanoGPT's train.py. A run writes into its own folder: ``settings.json``
-(every setting, and where it ran: git commit, torch version, device), ``checkpoint.pt`` (model,
-optimizer, data-generator state, history; written atomically and reloaded with
-``weights_only=True``), ``train_log.csv`` (analysis.training.runlog) as it goes, and
-``result.json``, the run record, when it ends. A run ends with a status:
-
-- ``ok``: it trained every step;
-- ``diverged``: a non-finite loss, or a spike (``spike_factor``);
-- ``stalled``: it trained every step, but after ``stall_share`` of them its training loss (mean
-  over ``log_every`` steps) never fell below ``stall_fraction`` × the corpus's unigram entropy,
-  the loss of a model that learned which bytes are common and nothing of context;
-- ``cut``: stopped at a time limit or by Ctrl-C, checkpointed; called again, it resumes.
-
-A killed run resumes from its last checkpoint and ends in the same state as an uninterrupted one
-with the same seed.
+``_train_run`` reads top to bottom like nanoGPT's train.py: setup; the loop (lr, forward and
+backward, step, log, eval, checkpoint, stop checks); finish. A run writes into its own folder:
+``settings.json`` (every setting, and where it ran: git commit, torch version, device),
+``checkpoint.pt`` (analysis.training.checkpoint), ``train_log.csv`` (analysis.training.runlog) as
+it goes, and ``result.json``, the run record, when it ends. A run ends with a status, ok,
+diverged, stalled or cut (analysis.training.status holds their rules); a cut run, called again,
+resumes from its last checkpoint and ends in the same state as an uninterrupted one with the
+same seed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +32,13 @@ from analysis.records import environment, read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_blocks
 from analysis.testbed.parametrization import param_groups, set_lr
+from analysis.training.block_updates import snapshot_blocks, trace_blocks, update_sizes  # noqa: F401
+from analysis.training.checkpoint import (RunState, load_weights_and_moments,  # noqa: F401
+                                          resume, save_atomic, save_checkpoint,
+                                          weights_and_moments)
 from analysis.training.runlog import NullRunLog, RunLog, rate_text
+from analysis.training.status import (divergence_reason, final_status, next_loss_ema,
+                                      stall_reason, train_loss_ends)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
@@ -154,13 +153,18 @@ def check_same_run(run_dir: Path, settings: dict[str, Any]) -> None:
         raise refuse_other(run_dir, "a run", "corpus", old.get("corpus"), settings["corpus"])
 
 
-def lr_at(step: int, steps: int, tc: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr · min_lr_ratio."""
-    warmup = max(1, int(tc.warmup_frac * steps))
+def lr_schedule(step: int, steps: int, lr: float, warmup_frac: float, min_lr_ratio: float) -> float:
+    """Linear warmup over ``warmup_frac`` of ``steps``, then cosine decay to lr · min_lr_ratio."""
+    warmup = max(1, int(warmup_frac * steps))
     if step < warmup:
-        return tc.lr * (step + 1) / warmup
+        return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_at(step: int, steps: int, tc: TrainConfig) -> float:
+    """The run's learning rate at ``step``: ``lr_schedule`` under ``tc``'s settings."""
+    return lr_schedule(step, steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
 
 
 def flops_per_token(model: Testbed) -> float:
@@ -189,139 +193,27 @@ def make_optimizer(model: Testbed, tc: TrainConfig) -> torch.optim.AdamW:
                              lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=tc.on_cuda)
 
 
-def weights_and_moments(model: Testbed, opt: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
-    """The checkpoint's model and optimizer state; under FSDP gathered whole (a collective: every
-    rank calls it), the optimizer keyed by parameter name."""
-    if not fsdp:
-        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {"model": get_model_state_dict(model, options=whole),
-            "optimizer": get_optimizer_state_dict(model, opt, options=whole), "sharded": True}
-
-
-def load_weights_and_moments(model: Testbed, opt: torch.optim.Optimizer, ckpt: dict[str, Any],
-                             fsdp: bool, path: Path) -> None:
-    """Restore a checkpoint written by ``weights_and_moments`` (FSDP: into any world size)."""
-    if bool(ckpt.get("sharded")) != fsdp:
-        raise ValueError(f"{path} was written {'with' if ckpt.get('sharded') else 'without'} "
-                         f"--fsdp: resume it {'with' if ckpt.get('sharded') else 'without'} --fsdp "
-                         "(any number of ranks)")
-    if not fsdp:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    whole = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, ckpt["model"], options=whole)
-    set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=whole)
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@dataclass
-class RunState:
-    """What a checkpoint restores besides model and optimizer."""
-
-    step: int = 0
-    loss_ema: float | None = None
-    train_loss: list[tuple[int, float]] = field(default_factory=list)
-    val_loss: list[tuple[int, float]] = field(default_factory=list)
-    updates: list[tuple[int, int, float]] = field(default_factory=list)  # (step, block, size)
-    # timed windows of training steps only, between two host syncs: (first step, steps, seconds)
-    windows: list[tuple[int, int, float]] = field(default_factory=list)
-    wall_s: float = 0.0  # seconds since the run began, over every (re)start, at the checkpoint
-
-
-@torch.no_grad()
-def trace_blocks(model: Testbed, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                                                           torch.Tensor]:
-    """Each block's (input, output) on batch ``x``, and the logits."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = [b.register_forward_hook(lambda m, args, out: pairs.append((args[0], out)))
-             for b in model.blocks]
-    try:
-        logits, _ = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return pairs, logits
-
-
-def snapshot_blocks(model: Testbed, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each block's (input, output) on batch ``x``, for measuring the next update's size."""
-    return trace_blocks(model, x)[0]
-
-
-@torch.no_grad()
-def update_sizes(model: Testbed, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """‖B_new(x) − B_old(x)‖ / ‖B_old(x)‖ per block, on the block's own saved input x.
-
-    The input is held fixed, so each figure is the change from that block's own parameter
-    update alone (DeepNet's "model update", arXiv 2203.00555, taken per block).
-    """
-    sizes = [torch.linalg.vector_norm((b(x) - y).float()) / torch.linalg.vector_norm(y.float())
-             for b, (x, y) in zip(model.blocks, snapshot)]
-    return torch.stack(sizes).tolist()
-
-
 Profiler = Callable[[Testbed, str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]], None]
 
 
 @torch.no_grad()
-def evaluate(model: Testbed, corpus: Corpus, tc: TrainConfig, seq_len: int, ctx,
-             world: World = SINGLE) -> float:
-    """Mean validation cross-entropy (nats) over fixed batches, the same for every run; under
-    torchrun each rank takes its rows of every batch (as in training) and the means are shared."""
+def evaluate(model: Testbed, corpus: Corpus, seq_len: int, batch_size: int, eval_batches: int,
+             ctx: Callable[[], Any] = contextlib.nullcontext, world: World = SINGLE) -> float:
+    """Mean validation cross-entropy (nats) over ``eval_batches`` fixed batches of ``batch_size``,
+    the same for every run; under torchrun each rank takes its rows of every batch (as in
+    training) and the means are shared. ``ctx``: the autocast context of the forward passes."""
     gen = torch.Generator().manual_seed(10_000)  # one validation set for every run and seed
     model.eval()
     device = next(model.parameters()).device
-    rows = world.rows(tc.batch_size)
+    rows = world.rows(batch_size)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for _ in range(tc.eval_batches):
-        x, y = corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)
+    for _ in range(eval_batches):
+        x, y = corpus.batch("val", batch_size, seq_len, generator=gen, device=device)
         with ctx():
             logits, _ = model(x[rows])
         total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[rows].flatten())
     model.train()
-    return all_sum(total / world.size, world).item() / tc.eval_batches
-
-
-def train_loss_ends(train_loss: list[tuple[int, float]]) -> tuple[float, float]:
-    """The first training loss and the mean of the last 10 (nats); NaN without any."""
-    values = [v for _, v in train_loss]
-    if not values:
-        return math.nan, math.nan
-    return values[0], math.fsum(values[-10:]) / len(values[-10:])
-
-
-def stall_reason(train_loss: list[tuple[int, float]], steps: int, tc: TrainConfig,
-                 plateau: float) -> str:
-    """Why a finished run stalled ('' if it did not): after ``tc.stall_share`` of its steps, its
-    training loss averaged over ``tc.log_every`` steps never fell below ``tc.stall_fraction`` ×
-    ``plateau`` (the corpus's unigram entropy, nats)."""
-    after = [v for s, v in train_loss if s >= tc.stall_share * steps]
-    k = tc.log_every
-    means = [math.fsum(after[i:i + k]) / len(after[i:i + k]) for i in range(0, len(after), k)]
-    threshold = tc.stall_fraction * plateau
-    if not means or min(means) <= threshold:
-        return ""
-    return (f"training loss stayed above {tc.stall_fraction:g} × the unigram entropy "
-            f"{plateau:.3f} = {threshold:.3f} nats after {tc.stall_share:.0%} of the steps "
-            f"(lowest {min(means):.3f})")
+    return all_sum(total / world.size, world).item() / eval_batches
 
 
 def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
@@ -361,6 +253,7 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
             raise Interrupted(f"{Path(run_dir).name} stopped at once; {kept}") from None
 
 
+
 def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | os.PathLike,
                profiler: Profiler | None, log: Callable[[str], None],
                on_step: Callable[[int, float], None] | None, deadline: float | None,
@@ -368,29 +261,20 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
                fsdp: bool) -> dict[str, Any]:
     """train_run's body; ``stop["set"]`` asks it to checkpoint and stop (Ctrl-C), ``saved`` gets
     the step of each checkpoint it writes or resumes from."""
-    tc.validate(mc.max_seq_len)
-    seq_len = mc.max_seq_len
-    for split in ("train", "val"):
-        if len(corpus.split(split)) < seq_len + 1:
-            raise ValueError(f"the {split} split of {corpus.source} has {len(corpus.split(split))} "
-                             f"bytes, shorter than the context {seq_len} + 1")
-    if tc.batch_size % world.size:
-        raise ValueError(f"batch {tc.batch_size} does not split evenly over {world.size} ranks")
-    if fsdp and not torch.distributed.is_initialized():
-        raise ValueError("fsdp shards a model over torchrun's ranks: launch with torchrun")
+    # --- setup: settings, folder, model, optimizer, checkpoint
+    _check_inputs(mc, tc, corpus, world, fsdp)
     if not world.main:
         log = lambda message: None  # noqa: E731 (rank 0 speaks for the run)
-    run_dir = Path(run_dir)
+    run_dir, seq_len = Path(run_dir), mc.max_seq_len
     settings = run_settings(mc, tc, corpus)
     check_same_run(run_dir, settings)
     barrier(world)  # every rank has read the folder before rank 0 writes to it
     device = resolve_device(world.device(tc.device))
-    local = world.rows(tc.batch_size)
+    local = world.rows(tc.batch_size)  # this rank's rows of every global batch
     steps = tc.tokens // (tc.batch_size * seq_len)
     eval_at = {round(steps * (i + 1) / tc.evals) - 1 for i in range(tc.evals)}
     ckpt_at = {round(steps * (i + 1) / tc.checkpoints) for i in range(tc.checkpoints)}
     profile_at = {min(steps, round(f * steps)) for f in tc.profile_fractions}
-
     env = {**environment(str(device)), "world_size": world.size}
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -404,24 +288,139 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
         fully_shard(model)
     opt = make_optimizer(model, tc)
     data_gen = torch.Generator().manual_seed(tc.seed)
-    state = RunState()
     ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        load_weights_and_moments(model, opt, ckpt, fsdp, ckpt_path)
-        data_gen.set_state(ckpt["data_gen"])
-        known = {f.name for f in fields(RunState)}  # checkpoints of older versions carry more
-        state = RunState(**{k: v for k, v in ckpt["state"].items() if k in known})
+    state = resume(ckpt_path, model, opt, data_gen, fsdp, device)
+    if state is None:
+        state = RunState()
+    else:
         saved.update(step=state.step, steps=steps)
         log(f"  resumed at step {state.step}/{steps}")
-    started, wall_before = time.perf_counter(), state.wall_s
+    wall = _stopwatch(state.wall_s)  # seconds since the run began, over every (re)start
+    ctx = _autocast(tc, device)
+    fwd = _forward(model, mc, tc, device, world, fsdp)
 
-    def wall() -> float:  # seconds since the run began, over every (re)start
-        return wall_before + time.perf_counter() - started
+    def checkpoint() -> None:
+        state.wall_s = wall()
+        save_checkpoint(ckpt_path, model, opt, data_gen, state, mc, fsdp, world)
+        saved.update(step=state.step, steps=steps)
 
+    def record(status: str, reason: str = "", divergence_step: int | None = None) -> dict[str, Any]:
+        return _write_record(status, reason, divergence_step, state, model, mc, tc, steps,
+                             settings, env, device, runlog, wall(), run_dir, world)
+
+    runlog = (RunLog(run_dir, steps, state.step, tc.batch_size * seq_len, tc.log_every,
+                     tc.tensorboard, position,
+                     [v for s, v in state.train_loss if s >= state.step - state.step % tc.log_every])
+              if world.main else NullRunLog())
+    sync = _HostSync(state, tc, mc.vocab, steps, seq_len, world, deadline, stop, device, runlog,
+                     wall, on_step)
+    reason, divergence_step = "", None
+    try:
+        with _no_silent_eager_fallback(mc, tc):
+            while state.step < steps:
+                step = state.step
+                # measure before the step: the probes, and each block's output for its update size
+                snapshot = None
+                if step in profile_at:
+                    _profile(profiler, model, "init" if step == 0 else f"step{step}", step, corpus,
+                             tc, seq_len, device, local)
+                    snapshot = snapshot_blocks(model, _fixed_batch(corpus, tc, seq_len, device))
+                sync.start_window()
+                # lr, forward and backward, step
+                set_lr(opt, lr_at(step, steps, tc))
+                x, y = corpus.batch("train", tc.batch_size, seq_len, generator=data_gen, device=device)
+                with ctx():
+                    _, loss = fwd(x[local], y[local])
+                loss.backward()
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync.add(step, loss.detach())
+                state.step += 1
+                if snapshot is not None:
+                    state.updates += [(step, i, u) for i, u in enumerate(update_sizes(model, snapshot))]
+                    sync.untime()  # measuring is not training: this window is not timed
+                # log: the host reads the losses only where it needs them (every check_every
+                # steps, before anything that reads, measures or saves the state) and on Ctrl-C
+                looked = (len(sync.pending) >= tc.check_every or state.step == steps
+                          or state.step == sync.timed_from or snapshot is not None
+                          or step in eval_at or state.step in ckpt_at or state.step in profile_at)
+                ctrl_c = world.size == 1 and stop["set"] and state.step < steps
+                if looked or ctrl_c:
+                    reason = sync.read()
+                    if reason:
+                        divergence_step = state.train_loss[-1][0]
+                        log(f"  diverged: {reason}")
+                        break
+                # eval
+                if step in eval_at:
+                    val = evaluate(model, corpus, seq_len, tc.batch_size, tc.eval_batches, ctx, world)
+                    state.val_loss.append((step, val))
+                    runlog.val(state.step, val, lr_at(step, steps, tc), wall())
+                    log(_evaluation_line(state, steps, tc, seq_len, wall()))
+                # checkpoint; stop checks where the host looked (under torchrun: as the ranks
+                # agreed there): a deadline cuts the run, Ctrl-C stops it, checkpointed either way
+                unfinished = state.step < steps
+                cut = looked and unfinished and (sync.agreed_cut if world.size > 1 else past(deadline))
+                stopping = unfinished and ((looked and sync.agreed_stop) if world.size > 1
+                                           else stop["set"])
+                if state.step in ckpt_at or cut or stopping:
+                    checkpoint()
+                if cut or stopping:
+                    record("cut")
+                    raise (Cut(f"cut at step {state.step}/{steps}; checkpoint saved") if cut else
+                           Interrupted(f"{run_dir.name} stopped at step {state.step}/{steps}, "
+                                       "where its checkpoint is kept"))
+        # --- finish: the last measurement, the status, the last checkpoint and the record
+        diverged = divergence_step is not None
+        if not diverged:
+            if steps in profile_at:
+                _profile(profiler, model, "end", state.step, corpus, tc, seq_len, device, local)
+            reason = stall_reason(state.train_loss, steps, tc,
+                                  corpus.unigram_bits("train") * math.log(2))
+        checkpoint()
+    finally:
+        runlog.close(state.step, lr_at(max(0, state.step - 1), steps, tc), wall())
+    result = record(final_status(diverged, reason), reason, divergence_step)
+    if stop["set"]:  # Ctrl-C came as the run finished (or diverged): it is kept whole
+        raise Interrupted(f"{run_dir.name} finished ({state.step}/{steps} steps)")
+    return result
+
+
+# --- _train_run's parts, in the order it uses them
+
+def _check_inputs(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, world: World,
+                  fsdp: bool) -> None:
+    """Raise ValueError naming the first setting the run cannot train under."""
+    tc.validate(mc.max_seq_len)
+    seq_len = mc.max_seq_len
+    for split in ("train", "val"):
+        if len(corpus.split(split)) < seq_len + 1:
+            raise ValueError(f"the {split} split of {corpus.source} has {len(corpus.split(split))} "
+                             f"bytes, shorter than the context {seq_len} + 1")
+    if tc.batch_size % world.size:
+        raise ValueError(f"batch {tc.batch_size} does not split evenly over {world.size} ranks")
+    if fsdp and not torch.distributed.is_initialized():
+        raise ValueError("fsdp shards a model over torchrun's ranks: launch with torchrun")
+
+
+def _stopwatch(before: float) -> Callable[[], float]:
+    """A clock of the seconds since the run began: ``before`` at this (re)start, and counting."""
+    started = time.perf_counter()
+    return lambda: before + time.perf_counter() - started
+
+
+def _autocast(tc: TrainConfig, device: torch.device) -> Callable[[], Any]:
+    """The forward passes' context: bf16 autocast (default: on CUDA only), or none."""
     use_autocast = tc.autocast if tc.autocast is not None else device.type == "cuda"
-    ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast
-           else (lambda: torch.autocast(device.type, enabled=False)))
+    return ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast
+            else (lambda: torch.autocast(device.type, enabled=False)))
+
+
+def _forward(model: Testbed, mc: ModelConfig, tc: TrainConfig, device: torch.device, world: World,
+             fsdp: bool) -> torch.nn.Module:
+    """What the training step calls: the model, under DDP across ranks, compiled if asked."""
     if tc.compiled and tc.compile_scope == "model":
         # Every whole model is a graph of its own: a process that trains many (a grid) would
         # reach dynamo's recompile limit after 8 and silently run the rest eagerly. Each run
@@ -432,201 +431,151 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
         wrapped = torch.nn.parallel.DistributedDataParallel(  # batch's (FSDP does the same)
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(mc.experts))  # an expert may get no token
-    fwd = wrapped
-    if tc.compiled:
-        fwd = (compile_blocks(model, tc.compile_backend, call=wrapped)
-               if tc.compile_scope == "blocks" else torch.compile(wrapped, backend=tc.compile_backend))
+    if not tc.compiled:
+        return wrapped
+    return (compile_blocks(model, tc.compile_backend, call=wrapped)
+            if tc.compile_scope == "blocks" else torch.compile(wrapped, backend=tc.compile_backend))
 
-    def next_batch():  # the global batch, from the generator every rank shares; this rank's rows
-        x, y = corpus.batch("train", tc.batch_size, seq_len, generator=data_gen, device=device)
+
+def _no_silent_eager_fallback(mc: ModelConfig, tc: TrainConfig):
+    """Dynamo's settings for the loop: a recompile past the limit fails, never falls back to eager
+    in silence; compiled by block, a scheme whose blocks branch on l (Mix-LN, LNS) needs a graph
+    per block."""
+    limit = torch._dynamo.config.recompile_limit
+    if tc.compile_scope == "blocks":
+        limit = max(limit, mc.depth + 8)
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit)
+
+
+def _fixed_batch(corpus: Corpus, tc: TrainConfig, seq_len: int, device: torch.device) -> torch.Tensor:
+    """The same validation batch at every measurement of the update sizes."""
+    gen = torch.Generator().manual_seed(20_000 + tc.seed)
+    return corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)[0]
+
+
+def _profile(profiler: Profiler | None, model: Testbed, tag: str, step: int, corpus: Corpus,
+             tc: TrainConfig, seq_len: int, device: torch.device, local) -> None:
+    """Let the profiler measure the model on fixed validation batches (under torchrun each rank
+    probes its rows; the probe sums them)."""
+    if profiler is None:
+        return
+    gen = torch.Generator().manual_seed(30_000 + tc.seed)
+
+    def batch_fn():
+        x, y = corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)
         return x[local], y[local]
+    profiler(model, tag, step, batch_fn)
+    model.zero_grad(set_to_none=True)  # a profiler's backward must not leak into training
 
-    def next_fixed_batch() -> torch.Tensor:  # the same validation batch at every measurement
-        gen = torch.Generator().manual_seed(20_000 + tc.seed)
-        return corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)[0]
 
-    def profile(tag: str) -> None:
-        if profiler is not None:  # under torchrun each rank probes its rows; the probe sums them
-            gen = torch.Generator().manual_seed(30_000 + tc.seed)
+def tokens_per_s(windows: list[tuple[int, int, float]], tokens_per_step: int) -> float:
+    """Training throughput over timed windows of (first step, steps, seconds); NaN without any."""
+    seconds = sum(t for _, _, t in windows)
+    return sum(n for _, n, _ in windows) * tokens_per_step / seconds if seconds else math.nan
 
-            def batch_fn():
-                x, y = corpus.batch("val", tc.batch_size, seq_len, generator=gen, device=device)
-                return x[local], y[local]
-            profiler(model, tag, state.step, batch_fn)
-            model.zero_grad(set_to_none=True)  # a profiler's backward must not leak into training
 
-    def checkpoint() -> None:
-        state.wall_s = wall()
-        weights = weights_and_moments(model, opt, fsdp)  # under FSDP: gathered, every rank
-        if world.main:  # every rank holds the same state: one writes it
-            save_atomic({**weights, "data_gen": data_gen.get_state(), "state": asdict(state),
-                         "model_config": mc.to_dict()}, ckpt_path)
-        saved.update(step=state.step, steps=steps)
+class _HostSync:
+    """The losses of the steps since the host last looked, still on the device, and the timed
+    window they make; ``read`` is the one host sync of a window.
 
-    def tokens_per_s(windows: list[tuple[int, int, float]]) -> float:
-        seconds = sum(t for _, _, t in windows)
-        return sum(n for _, n, _ in windows) * tc.batch_size * seq_len / seconds if seconds else math.nan
+    Under torchrun every rank syncs at the same steps: the losses become the global batch's (the
+    mean of the ranks' slices), and a deadline or Ctrl-C seen by any rank is agreed by all
+    (``agreed_cut``, ``agreed_stop``)."""
 
-    def record(status: str, reason: str = "", divergence_step: int | None = None) -> dict[str, Any]:
-        """The run record (result.json), written whatever the status."""
-        first_train, final_train = train_loss_ends(state.train_loss)
-        final_val = state.val_loss[-1][1] if state.val_loss and status != "diverged" else math.nan
-        speed, flops = tokens_per_s(state.windows), flops_per_token(model)
-        result = {
-            **{k: v for k, v in mc.to_dict().items() if k in ("scheme", "depth", "width", "experts", "top_k")},
-            "status": status, "tokens": state.step * tc.batch_size * seq_len, "steps": state.step,
-            "planned_steps": steps, "final_val_bpb": final_val / math.log(2),
-            "final_val_loss": final_val, "first_train_loss": first_train,
-            "final_train_loss": final_train, "diverged": status == "diverged",
-            "divergence_step": divergence_step, "divergence_reason": reason if status == "diverged" else "",
-            "stall_reason": reason if status == "stalled" else "", "wall_s": wall(),
-            "log_s": runlog.spent, "log_setup_s": runlog.setup, "tokens_per_s": speed,
-            "mfu": speed * flops / peak_flops(device), "flops_per_token": flops,
-            "train_loss": state.train_loss, "val_loss": state.val_loss, "updates": state.updates,
-            "timed_windows": state.windows, "compiled": tc.compiled, "settings": settings,
-            "environment": env,
-        }
-        if world.main:
-            (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
-        return result
+    def __init__(self, state: RunState, tc: TrainConfig, vocab: int, steps: int, seq_len: int,
+                 world: World, deadline: float | None, stop: dict, device: torch.device,
+                 runlog: RunLog | NullRunLog, wall: Callable[[], float],
+                 on_step: Callable[[int, float], None] | None):
+        self.state, self.tc, self.vocab, self.steps, self.world = state, tc, vocab, steps, world
+        self.deadline, self.stop, self.device, self.runlog = deadline, stop, device, runlog
+        self.wall, self.on_step, self.tokens_per_step = wall, on_step, tc.batch_size * seq_len
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device)
+        self.timed_from = state.step + tc.timing_warmup  # steps before it include compiling
+        self.window_t0: float | None = None
+        self.agreed_cut = self.agreed_stop = False
 
-    format_interval = tqdm.format_interval  # h:mm:ss, as the bar shows it
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) since the last sync
-    timed_from = state.step + tc.timing_warmup  # steps before it include compiling
-    window_t0 = None
+    def start_window(self) -> None:
+        if self.window_t0 is None:
+            self.window_t0 = time.perf_counter()
 
-    agreed = {"cut": False, "stop": False}  # under torchrun: what the ranks agreed at the last sync
+    def untime(self) -> None:
+        self.window_t0 = None
 
-    def read_losses() -> str:
-        """The one host sync of a window: check each step's loss in order; a reason if diverged.
-        Under torchrun every rank syncs at the same steps: the losses become the global batch's
-        (the mean of the ranks' slices) and a deadline or Ctrl-C seen by any rank stops all."""
-        nonlocal window_t0
-        losses = torch.stack([l.float() for _, l in pending]) if pending else torch.zeros(0, device=device)
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+
+    def read(self) -> str:
+        """Read and log each step's loss in order, checking it for divergence; the reason if the
+        run diverged, else ''."""
+        state, world, pending = self.state, self.world, self.pending
+        losses = (torch.stack([l.float() for _, l in pending]) if pending
+                  else torch.zeros(0, device=self.device))
         if world.size > 1:
-            flags = torch.tensor([float(past(deadline)), float(stop["set"])], device=device)
+            flags = torch.tensor([float(past(self.deadline)), float(self.stop["set"])],
+                                 device=self.device)
             shared = all_sum(torch.cat([losses / world.size, flags]), world)
             losses = shared[:-2]
-            agreed.update(cut=bool(shared[-2] > 0), stop=bool(shared[-1] > 0))
+            self.agreed_cut, self.agreed_stop = bool(shared[-2] > 0), bool(shared[-1] > 0)
         values = losses.tolist()
-        if window_t0 is not None and pending and pending[0][0] >= timed_from:
-            state.windows.append((pending[0][0], len(pending), time.perf_counter() - window_t0))
-        window_t0 = None
+        if self.window_t0 is not None and pending and pending[0][0] >= self.timed_from:
+            state.windows.append((pending[0][0], len(pending), time.perf_counter() - self.window_t0))
+        self.window_t0 = None
         steps_read = [s for s, _ in pending]
         pending.clear()
+        tc = self.tc
         for step, value in zip(steps_read, values):
             state.train_loss.append((step, value))
-            runlog.train(step, value, lr_at(step, steps, tc), wall())
-            reason = divergence(step, value)
-            state.loss_ema = value if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * value
-            if on_step is not None:
-                on_step(step, value)
+            self.runlog.train(step, value, lr_at(step, self.steps, tc), self.wall())
+            reason = divergence_reason(step, value, state.loss_ema, self.vocab, tc.spike_factor,
+                                       tc.spike_after)
+            state.loss_ema = next_loss_ema(state.loss_ema, value)
+            if self.on_step is not None:
+                self.on_step(step, value)
             if reason:
                 return reason
         if values:
-            runlog.sync(state.step, values[-1], lr_at(state.step - 1, steps, tc),
-                        tokens_per_s(state.windows[-4:]))
+            self.runlog.sync(state.step, values[-1], lr_at(state.step - 1, self.steps, tc),
+                             tokens_per_s(state.windows[-4:], self.tokens_per_step))
         return ""
 
-    def divergence(step: int, value: float) -> str:
-        if not math.isfinite(value):
-            return f"loss {value} at step {step}"
-        if value > tc.spike_factor * math.log(mc.vocab):
-            return (f"loss {value:.3f} at step {step} is above {tc.spike_factor} × ln(vocab) = "
-                    f"{tc.spike_factor * math.log(mc.vocab):.3f}, the loss of a uniform guess")
-        if state.loss_ema is not None and step >= tc.spike_after and value > tc.spike_factor * state.loss_ema:
-            return (f"loss {value:.3f} at step {step} is above {tc.spike_factor} × its running "
-                    f"mean {state.loss_ema:.3f}")
-        return ""
 
-    def evaluation_line() -> str:
-        done, elapsed = state.step, wall()
-        eta = elapsed / max(1, done) * (steps - done)  # the run's pace so far, evaluations included
-        recent = [v for _, v in state.train_loss[-tc.log_every:]]
-        return (f"  step {done}/{steps}  train {math.fsum(recent) / len(recent):.3f}  val "
-                f"{state.val_loss[-1][1]:.3f} nats  lr {lr_at(done - 1, steps, tc):.2e}  "
-                f"{rate_text(tokens_per_s(state.windows[-4:]))}  "
-                f"[{format_interval(elapsed)}<{format_interval(eta)}]")
+def _evaluation_line(state: RunState, steps: int, tc: TrainConfig, seq_len: int,
+                     elapsed: float) -> str:
+    """The line printed at each evaluation: losses, lr, throughput, time spent and left."""
+    done = state.step
+    eta = elapsed / max(1, done) * (steps - done)  # the run's pace so far, evaluations included
+    recent = [v for _, v in state.train_loss[-tc.log_every:]]
+    interval = tqdm.format_interval  # h:mm:ss, as the bar shows it
+    return (f"  step {done}/{steps}  train {math.fsum(recent) / len(recent):.3f}  val "
+            f"{state.val_loss[-1][1]:.3f} nats  lr {lr_at(done - 1, steps, tc):.2e}  "
+            f"{rate_text(tokens_per_s(state.windows[-4:], tc.batch_size * seq_len))}  "
+            f"[{interval(elapsed)}<{interval(eta)}]")
 
-    runlog = (RunLog(run_dir, steps, state.step, tc.batch_size * seq_len, tc.log_every,
-                     tc.tensorboard, position,
-                     [v for s, v in state.train_loss if s >= state.step - state.step % tc.log_every])
-              if world.main else NullRunLog())
-    try:
-        reason, divergence_step = "", None
-        # never a silent eager fallback; compiled by block, a scheme whose blocks branch on l
-        # (Mix-LN, LNS) needs a graph per block
-        limit = torch._dynamo.config.recompile_limit
-        if tc.compile_scope == "blocks":
-            limit = max(limit, mc.depth + 8)
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit):
-            while state.step < steps:
-                step = state.step
-                snapshot = None
-                if step in profile_at:
-                    profile("init" if step == 0 else f"step{step}")
-                    snapshot = snapshot_blocks(model, next_fixed_batch())
-                if window_t0 is None:
-                    window_t0 = time.perf_counter()
-                set_lr(opt, lr_at(step, steps, tc))
-                x, y = next_batch()
-                with ctx():
-                    _, loss = fwd(x, y)
-                loss.backward()
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                pending.append((step, loss.detach()))
-                state.step += 1
-                if snapshot is not None:
-                    state.updates += [(step, i, u) for i, u in enumerate(update_sizes(model, snapshot))]
-                    window_t0 = None  # measuring is not training: this window is not timed
-                # sync only where the host needs the losses: every check_every steps, and before
-                # anything that reads, measures or saves the state
-                if (len(pending) >= tc.check_every or state.step == steps or state.step == timed_from
-                        or snapshot is not None or step in eval_at or state.step in ckpt_at
-                        or state.step in profile_at):
-                    reason = read_losses()
-                    if reason:
-                        divergence_step = state.train_loss[-1][0]
-                        log(f"  diverged: {reason}")
-                        break
-                if step in eval_at:
-                    val = evaluate(model, corpus, tc, seq_len, ctx, world)
-                    state.val_loss.append((step, val))
-                    runlog.val(state.step, val, lr_at(step, steps, tc), wall())
-                    log(evaluation_line())
-                # where the host looked (under torchrun: as the ranks agreed there)
-                cut = not pending and state.step < steps and (
-                    agreed["cut"] if world.size > 1 else past(deadline))
-                if state.step in ckpt_at or cut:
-                    checkpoint()
-                if cut:
-                    record("cut")
-                    raise Cut(f"cut at step {state.step}/{steps}; checkpoint saved")
-                stopping = (not pending and agreed["stop"]) if world.size > 1 else stop["set"]
-                if stopping and state.step < steps:  # Ctrl-C: read the losses, checkpoint, stop
-                    reason = read_losses()
-                    if reason:
-                        divergence_step = state.train_loss[-1][0]
-                        log(f"  diverged: {reason}")
-                        break
-                    checkpoint()
-                    record("cut")
-                    raise Interrupted(f"{run_dir.name} stopped at step {state.step}/{steps}, where "
-                                      "its checkpoint is kept")
-        diverged = divergence_step is not None
-        if not diverged and steps in profile_at:
-            profile("end")
-        if not diverged:
-            reason = stall_reason(state.train_loss, steps, tc,
-                                  corpus.unigram_bits("train") * math.log(2))
-        checkpoint()
-    finally:
-        runlog.close(state.step, lr_at(max(0, state.step - 1), steps, tc), wall())
-    status = "diverged" if diverged else "stalled" if reason else "ok"
-    result = record(status, reason, divergence_step)
-    if stop["set"]:  # Ctrl-C came as the run finished (or diverged): it is kept whole
-        raise Interrupted(f"{run_dir.name} finished ({state.step}/{steps} steps)")
+
+def _write_record(status: str, reason: str, divergence_step: int | None, state: RunState,
+                  model: Testbed, mc: ModelConfig, tc: TrainConfig, steps: int,
+                  settings: dict[str, Any], env: dict[str, Any], device: torch.device,
+                  runlog: RunLog | NullRunLog, wall_s: float, run_dir: Path,
+                  world: World) -> dict[str, Any]:
+    """The run record (result.json, written by rank 0), whatever the status."""
+    tokens_per_step = tc.batch_size * mc.max_seq_len
+    first_train, final_train = train_loss_ends(state.train_loss)
+    final_val = state.val_loss[-1][1] if state.val_loss and status != "diverged" else math.nan
+    speed, flops = tokens_per_s(state.windows, tokens_per_step), flops_per_token(model)
+    result = {
+        **{k: v for k, v in mc.to_dict().items() if k in ("scheme", "depth", "width", "experts", "top_k")},
+        "status": status, "tokens": state.step * tokens_per_step, "steps": state.step,
+        "planned_steps": steps, "final_val_bpb": final_val / math.log(2),
+        "final_val_loss": final_val, "first_train_loss": first_train,
+        "final_train_loss": final_train, "diverged": status == "diverged",
+        "divergence_step": divergence_step, "divergence_reason": reason if status == "diverged" else "",
+        "stall_reason": reason if status == "stalled" else "", "wall_s": wall_s,
+        "log_s": runlog.spent, "log_setup_s": runlog.setup, "tokens_per_s": speed,
+        "mfu": speed * flops / peak_flops(device), "flops_per_token": flops,
+        "train_loss": state.train_loss, "val_loss": state.val_loss, "updates": state.updates,
+        "timed_windows": state.windows, "compiled": tc.compiled, "settings": settings,
+        "environment": env,
+    }
+    if world.main:
+        (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
     return result

@@ -20,11 +20,13 @@ from analysis import progress
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig
 from analysis.width.steps import StepConfig, measure_steps
+from theory.claim_table import Claim, claims_frame
 from theory.step import block_exponent
 
 METRICS = ("act_rms", "change_rms", "update")
 FLAT = 0.1  # |slope| at most this: width-independent (the issue's and mup's criterion)
 GROWTH_TOL = 0.2  # a growing exponent is approached from below at finite width (theory.step)
+METHOD = "measured at the first steps across widths (log–log slope in width)"
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
 
 
@@ -143,13 +145,13 @@ def claims(sl: pd.DataFrame) -> pd.DataFrame:
         excess = pd.concat([flat["slope"].abs() - FLAT, head["slope"] - FLAT])
         both = pd.concat([flat, head])
         ok = bool((excess <= 0).all())
-        out.append({"claim": f"{scheme}_{par}_{opt}_width_stable", "scheme": scheme,
-                    "parametrization": par, "optimizer": opt,
-                    "statement": f"at every step, every block's activation size and update size are "
-                                 f"width-independent (|slope| ≤ {FLAT}) and the logits' change does "
-                                 f"not grow (slope ≤ {FLAT})",
-                    "status": "holds" if ok else "fails",
-                    "evidence": ("largest: " if ok else "worst: ") + _worst(both, excess)})
+        qualifiers = {"parametrization": par, "optimizer": opt}
+        out.append(Claim(f"{scheme}_{par}_{opt}_width_stable", scheme,
+                         f"at every step, every block's activation size and update size are "
+                         f"width-independent (|slope| ≤ {FLAT}) and the logits' change does "
+                         f"not grow (slope ≤ {FLAT})", METHOD,
+                         "holds" if ok else "fails",
+                         ("largest: " if ok else "worst: ") + _worst(both, excess), qualifiers))
         step1 = blocks[(blocks["metric"] == "update") & (blocks["step"] == 1)]
         if step1.empty:
             continue
@@ -157,12 +159,12 @@ def claims(sl: pd.DataFrame) -> pd.DataFrame:
         tol = FLAT if e == 0 else GROWTH_TOL
         med = float(step1["slope"].median())
         se = float(np.sqrt((step1["slope_se"] ** 2).mean())) if step1["slope_se"].notna().any() else np.nan
-        out.append({"claim": f"{scheme}_{par}_{opt}_update_exponent", "scheme": scheme,
-                    "parametrization": par, "optimizer": opt,
-                    "statement": f"the step-1 per-block update size grows as width^{e:g} "
-                                 f"(theory.step), within {tol}",
-                    "status": "holds" if abs(med - e) <= tol else "fails",
-                    "evidence": f"median slope over blocks {med:+.2f}" +
-                                ("" if np.isnan(se) else f" (± {se:.2f} over seeds)") +
-                                f"; blocks {', '.join(f'{s:+.2f}' for s in step1['slope'])}; theory {e:g}"})
-    return pd.DataFrame(out)
+        out.append(Claim(f"{scheme}_{par}_{opt}_update_exponent", scheme,
+                         f"the step-1 per-block update size grows as width^{e:g} "
+                         f"(theory.step), within {tol}", METHOD,
+                         "holds" if abs(med - e) <= tol else "fails",
+                         f"median slope over blocks {med:+.2f}" +
+                         ("" if np.isnan(se) else f" (± {se:.2f} over seeds)") +
+                         f"; blocks {', '.join(f'{s:+.2f}' for s in step1['slope'])}; theory {e:g}",
+                         dict(qualifiers)))
+    return claims_frame(out)

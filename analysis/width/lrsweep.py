@@ -10,7 +10,6 @@ run from the same seed's init on the same batches (analysis.width.steps' optimiz
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -27,8 +26,12 @@ from analysis.records import read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import set_lr
-from analysis.training.train import TrainConfig, evaluate, lr_at
+from analysis.training.train import TrainConfig, evaluate, lr_schedule
 from analysis.width.steps import StepConfig, make_step_optimizer
+from theory.claim_table import Claim, claims_frame
+
+
+MIN_LR_RATIO = TrainConfig.min_lr_ratio  # the cosine decays to lr × this, as in a training run
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,10 @@ def train_short(mc: ModelConfig, cfg: LRSweepConfig, lr: float, seed: int, corpu
     model = build_model(mc, seed=seed, device=cfg.device)
     opt = make_step_optimizer(model, StepConfig(optimizer=cfg.optimizer, lr=lr, steps=cfg.steps,
                                                 batch_size=cfg.batch_size))
-    # the schedule and the validation of `train`, at this sweep's batch
-    tc = TrainConfig(lr=lr, warmup_frac=cfg.warmup_frac, batch_size=cfg.batch_size,
-                     eval_batches=cfg.eval_batches, device=cfg.device)
+    # the schedule (train's defaults: cosine to 0.1 × lr) and the validation of `train`
     data = torch.Generator().manual_seed(seed)
     for step in range(cfg.steps):
-        set_lr(opt, lr_at(step, cfg.steps, tc))
+        set_lr(opt, lr_schedule(step, cfg.steps, lr, cfg.warmup_frac, MIN_LR_RATIO))
         x, y = corpus.batch("train", cfg.batch_size, cfg.seq_len, generator=data, device=cfg.device)
         _, loss = model(x, y)
         if not torch.isfinite(loss):
@@ -113,7 +114,7 @@ def train_short(mc: ModelConfig, cfg: LRSweepConfig, lr: float, seed: int, corpu
     t1 = time.perf_counter()
     value = math.inf
     if torch.isfinite(loss):
-        value = evaluate(model, corpus, tc, cfg.seq_len, contextlib.nullcontext)
+        value = evaluate(model, corpus, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
     if timing is not None:
         timing.update(train_s=t1 - t0, eval_s=time.perf_counter() - t1)
     return value if math.isfinite(value) else math.inf
@@ -244,12 +245,12 @@ def claims(opt: pd.DataFrame, cfg: LRSweepConfig) -> pd.DataFrame:
     out = []
     step = float(np.median(np.diff(np.log2(cfg.lrs))))
     p0, w0, d0 = cfg.parametrizations[0], cfg.widths[0], cfg.depths[0]
+    method = f"measured: the lr of least loss after {cfg.steps} steps, over an lr grid"
 
     def verdict(name: str, statement: str, rows: pd.DataFrame, by: str, scheme: str, par: str):
         if rows[by].nunique() < 2:
-            out.append({"claim": name, "scheme": scheme, "parametrization": par,
-                        "statement": statement, "status": "untested",
-                        "evidence": f"needs >= 2 {by}s, got {rows[by].nunique()}"})
+            out.append(Claim(name, scheme, statement, method, "untested",
+                             f"needs >= 2 {by}s, got {rows[by].nunique()}", {"parametrization": par}))
             return
         ok = rows[rows["inside_grid"] & rows["resolved"]]
         spread = ok["log2_best_lr"].max() - ok["log2_best_lr"].min() if len(ok) else 0.0
@@ -268,8 +269,7 @@ def claims(opt: pd.DataFrame, cfg: LRSweepConfig) -> pd.DataFrame:
         # the resolved optima already a grid step apart: no further curve can make it hold
         status = ("fails" if len(ok) >= 2 and spread > step else
                   "untested" if len(edge) or len(flat) or len(ok) < 2 else "holds")
-        out.append({"claim": name, "scheme": scheme, "parametrization": par, "statement": statement,
-                    "status": status, "evidence": ev})
+        out.append(Claim(name, scheme, statement, method, status, ev, {"parametrization": par}))
 
     for s in cfg.schemes:
         rows = opt[(opt["scheme"] == s) & (opt["parametrization"] == p0) & (opt["width"] == w0)]
@@ -283,4 +283,4 @@ def claims(opt: pd.DataFrame, cfg: LRSweepConfig) -> pd.DataFrame:
                     f"under {p}, {s}'s optimal lr is width-independent within one grid step "
                     f"(widths {min(cfg.widths)}…{max(cfg.widths)}, depth {d0})",
                     rows.sort_values("width"), "width", s, p)
-    return pd.DataFrame(out)
+    return claims_frame(out)

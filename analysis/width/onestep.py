@@ -30,12 +30,14 @@ from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import lr_multipliers
 from analysis.training.train import snapshot_blocks
+from theory.claim_table import Claim, claims_frame
 from theory.step import block_exponent, depth_exponent
 
 GROUPS = {"qk": (".q.", ".k."), "v": (".v.",), "o": (".o.",), "up": (".up.", ".gate."),
           "down": (".down.",), "norm": (".norms.",)}
 LINEAR_LR = {"adam": 1e-4, "sgd": 1e-2}  # relative updates of a few %: first order holds
 DEPTH_TOL = 0.1  # |measured − theory| of a depth exponent
+DEPTH_METHOD = "measured after one optimizer step from init, across depths (log–log slope)"
 
 
 def _group(name: str) -> str | None:
@@ -121,14 +123,17 @@ def depth_claims(study: pd.DataFrame) -> pd.DataFrame:
         se = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else np.nan
         k = depth_exponent(scheme, opt)
         by_depth = med.groupby("depth")["update"].mean()
-        rows.append({"claim": f"{scheme}_{opt}_update_depth_exponent", "scheme": scheme,
-                     "optimizer": opt, "slope": slope, "slope_se": se,
-                     "theory": np.nan if k is None else float(k),
-                     "status": "untested" if k is None else
-                               "holds" if abs(slope - float(k)) <= DEPTH_TOL else "fails",
-                     "evidence": "median block update " + ", ".join(
-                         f"L={L}: {v:.4f}" for L, v in by_depth.items())})
-    return pd.DataFrame(rows)
+        statement = (f"theory.step has no depth exponent for {scheme} under {opt}" if k is None else
+                     f"the median block's one-step update under {opt} scales as L^{float(k):g} "
+                     f"(theory.step), within {DEPTH_TOL}")
+        rows.append(Claim(f"{scheme}_{opt}_update_depth_exponent", scheme, statement, DEPTH_METHOD,
+                          "untested" if k is None else
+                          "holds" if abs(slope - float(k)) <= DEPTH_TOL else "fails",
+                          "median block update " + ", ".join(
+                              f"L={L}: {v:.4f}" for L, v in by_depth.items()),
+                          {"optimizer": opt, "slope": slope, "slope_se": se,
+                           "theory": np.nan if k is None else float(k)}))
+    return claims_frame(rows)
 
 
 def transfer_errors(tr: pd.DataFrame) -> pd.DataFrame:

@@ -5,7 +5,7 @@ After each step t = 1…k, for every block ``blocks.{i}`` and for the logits (``
   coordinate check);
 - ``change_rms``: RMS of the output's change since initialization, upstream changes included;
 - ``update`` (blocks only): ‖B_t(x) − B_{t−1}(x)‖ / ‖B_{t−1}(x)‖ with the block's own input x
-  held fixed, DeepNet's "model update" per block (analysis.training.train.update_sizes).
+  held fixed, DeepNet's "model update" per block (analysis.training.block_updates.update_sizes).
 Steps run at a constant learning rate (no warmup, no decay, no weight decay): what the
 one-step theory and the coordinate check are about.
 """
@@ -20,7 +20,7 @@ import torch
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model
 from analysis.testbed.parametrization import OPTIMIZERS, param_groups, set_lr
-from analysis.training.train import trace_blocks, update_sizes
+from analysis.training.block_updates import trace_blocks, update_sizes
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-from analysis.diagnose.loading import LOAD_DTYPE, Loaded, _finish_hf, _hf_head_class, _transformers, check_fits, first_line
+from analysis.checkpoints.guards import LOAD_DTYPE, check_fits, first_line
+from analysis.checkpoints.hf import finish_hf, hf_head_class, import_transformers
+from analysis.checkpoints.loaded import Loaded
 
 GGUF_EXTRA = "pip install -e .[gguf]"
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -66,7 +67,7 @@ def _gguf_modules():
     if importlib.util.find_spec("accelerate") is None:  # transformers refuses gguf_file= without it
         raise ValueError(f"reading a .gguf file needs accelerate ({GGUF_EXTRA})")
     try:
-        t = _transformers()
+        t = import_transformers()
     except ValueError:
         raise ValueError(f"reading a .gguf file needs transformers ({GGUF_EXTRA})") from None
     return gguf, t
@@ -288,7 +289,7 @@ def _load_gguf_once(path: Path, tokenizer, t, folder: str, fname: str, arch: str
         first = first_line(e)
         raise ValueError(f"{path}: transformers could not read the GGUF metadata of architecture "
                          f"{arch!r} ({type(e).__name__}: {first})") from None
-    cls, loss_kind = _hf_head_class(config)
+    cls, loss_kind = hf_head_class(config)
     if loss_kind != "lm":
         raise ValueError(f"{path}: GGUF architecture {arch!r} ({config.model_type}) has no causal "
                          "language-model class in transformers; diagnose reads decoder-only language "
@@ -324,7 +325,7 @@ def _load_gguf_once(path: Path, tokenizer, t, folder: str, fname: str, arch: str
     desc = (f"GGUF {arch} ({fname}) as Hugging Face {type(model).__name__}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{how} from {quant}")
-    loaded = _finish_hf(model, config, cls, loss_kind, desc, nbytes,
+    loaded = finish_hf(model, config, cls, loss_kind, desc, nbytes,
                         [Path(tokenizer)] if tokenizer else [], tokenizer is not None, notes, built)
     loaded.kind = "gguf"
     return loaded
