@@ -64,7 +64,7 @@ def generate(loaded: Loaded, ids: list[int], tokens: int, *, temperature: float 
     _check_settings(tokens, temperature, top_k)
     if not ids:
         raise ValueError("generate needs at least one token of context")
-    from analysis.device import resolve_device
+    from analysis.infra.device import resolve_device
     dev = resolve_device(str(device))
     model = loaded.model.to(dev)
     model.eval()  # no dropout: the same seed must give the same text

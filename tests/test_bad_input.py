@@ -221,7 +221,7 @@ def test_bad_input_classes_one_line_exit_2(tmp_path):
 def test_api_raises_value_error_for_each_class(tmp_path):
     from analysis.init.derivations import check_out
     from analysis.init.pipeline import AnalysisConfig, load_tables
-    from analysis.records import read_record
+    from analysis.infra.records import read_record
     from analysis.testbed.memory import check_fits
     from analysis.training.grid import train_grid
     from analysis.training.train import TrainConfig

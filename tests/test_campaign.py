@@ -7,7 +7,7 @@ import time
 import pytest
 
 import analysis.training.campaign as campaign_mod
-from analysis.budget import Cut
+from analysis.infra.budget import Cut
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig
 from analysis.training.train import TrainConfig, train_run

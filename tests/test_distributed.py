@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from analysis import progress
-from analysis.budget import Cut
-from analysis.distributed import check_same, join, leave
+from analysis.infra import progress
+from analysis.infra.budget import Cut
+from analysis.infra.distributed import check_same, join, leave
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.training.grid import probe_profiler
@@ -204,7 +204,7 @@ def test_ranks_started_with_other_settings_are_refused(tmp_path):
 
 def _failing_worker(rank, size, port, out):
     _as_rank(rank, size, port, timeout=5)
-    import analysis.distributed as d
+    import analysis.infra.distributed as d
     join("cpu", "--ddp")
     if rank == 1:
         time.sleep(12)  # a rank stuck elsewhere, never joining the collective the other waits in

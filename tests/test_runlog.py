@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import run_analysis
-from analysis import progress
-from analysis.budget import Cut
+from analysis.infra import progress
+from analysis.infra.budget import Cut
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import param_groups

@@ -13,11 +13,11 @@ import time
 import torch
 
 import analysis.training.train as train_module
-from analysis import progress
+from analysis.infra import progress
 from analysis.training.runlog import NullRunLog, RunLog
 
 from analysis.bench.probe_overhead import SHAPES
-from analysis.device import resolve_device
+from analysis.infra.device import resolve_device
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig
 from analysis.training.grid import train_grid

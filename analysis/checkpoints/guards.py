@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.device import available_memory
+from analysis.infra.device import available_memory
 
 MEMORY_FRACTION = 0.8  # refuse weights larger than this share of the available memory
 # The weights' type while a load() runs: every loader reads it, so it is stated once, in load()

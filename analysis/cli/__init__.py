@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 
-from analysis import progress
+from analysis.infra import progress
 
 # command → module of analysis/cli/, in the order --help lists them
 COMMANDS = {"schemes": "schemes", "model": "model", "sweep": "sweep", "report": "report",
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.configure(quiet=getattr(args, "quiet", False))
     try:
         if args.command != "diagnose" and getattr(args, "device", None):
-            from analysis.device import resolve_device
+            from analysis.infra.device import resolve_device
             resolve_device(args.device)  # every command: a bad device in one line, before work
         return args.func(args)
     except ValueError as e:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def interrupted(args: argparse.Namespace, argv: list[str], e: KeyboardInterrupt,
                 prog: str = "run_analysis.py") -> str:
-    """The one line for Ctrl-C: what was kept (the message of analysis.budget.Interrupted, where
+    """The one line for Ctrl-C: what was kept (the message of analysis.infra.budget.Interrupted, where
     the work said) and the exact command that resumes, naming the output folder."""
     detail = str(e)
     out = getattr(args, "out", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from analysis import progress
+from analysis.infra import progress
 from analysis.cli import options
 
 

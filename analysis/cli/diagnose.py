@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis import progress
+from analysis.infra import progress
 from analysis.cli import options
 
 

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.device import available_memory, resolve_device
+    from analysis.infra.device import available_memory, resolve_device
     from analysis.testbed.inspect import model_check_text
     from analysis.testbed.memory import check_fits
     cfg = options.configure(defaults(), args)

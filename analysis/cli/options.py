@@ -394,7 +394,7 @@ def check_format(fmt: str) -> None:
 
 
 def writable_dir(path: str | None):
-    from analysis.folders import writable_dir
+    from analysis.infra.folders import writable_dir
     return writable_dir(path)
 
 

@@ -37,7 +37,7 @@ def write_report(tables, theory: dict, out, fmt: str) -> None:
     """The comparison report of a sweep folder (figures, report.md and its page); prints the
     claims' tally."""
     from analysis.init.compare import aggregate
-    from analysis.records import read_record
+    from analysis.infra.records import read_record
     from figures.analysis_report import write
     config = read_record(out / "config.json")
     md, page = write(tables, aggregate(tables["init_profiles"]), config, theory, out, fmt)

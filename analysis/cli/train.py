@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analysis import progress
+from analysis.infra import progress
 from analysis.cli import options
 
 PRESETS = {  # what `train` runs when a flag is not given, by device type (as the flags write it)
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.device import resolve_device
+    from analysis.infra.device import resolve_device
     from analysis.testbed.corpus import load_corpus
     from analysis.testbed.model import ModelConfig
     from analysis.training.grid import train_grid
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         summary_writer_class()  # a missing tensorboard package is refused before any training
     world, log = join_ranks(args)
     if world.size > 1:
-        from analysis.distributed import check_same, from_main
+        from analysis.infra.distributed import check_same, from_main
         check_same({k: v for k, v in vars(args).items() if k != "func"}, world)
         out = Path(from_main(str(options.writable_dir(args.out)) if world.main else None, world))
     else:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                                     seeds=seeds, world=world, ddp=args.ddp, fsdp=args.fsdp,
                                     log=log)
     finally:
-        from analysis.distributed import leave
+        from analysis.infra.distributed import leave
         leave()
     if not world.main:
         return 0
@@ -93,7 +93,7 @@ def join_ranks(args: argparse.Namespace):
     """(world, log) of a `train` under torchrun: --ddp trains each run on every rank, else the
     ranks split the grid; rank 0 speaks (other ranks of a split grid print their own runs'
     lines, marked). Outside torchrun: the world of one, and --ddp is refused."""
-    from analysis.distributed import SINGLE, join, launched_by_torchrun
+    from analysis.infra.distributed import SINGLE, join, launched_by_torchrun
     together = args.ddp or args.fsdp  # every run on every rank
     if args.ddp and args.fsdp:
         raise ValueError("--ddp and --fsdp are two ways to train a run on every rank: choose one")

@@ -49,7 +49,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis import progress
+from analysis.infra import progress
 from analysis.diagnose.diagnosis import diagnose
 from analysis.diagnose.findings import thirds
 from theory.claim_table import Claim, claims_frame

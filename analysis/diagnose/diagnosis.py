@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from analysis.checkpoints import load
-from analysis.device import resolve_device
+from analysis.infra.device import resolve_device
 from analysis.diagnose import headroom, memory
 from analysis.diagnose.contribution import branch_outputs, skip_test
 from analysis.diagnose.findings import THRESHOLDS, Verdict, findings, verdict

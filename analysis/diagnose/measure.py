@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from analysis import progress
+from analysis.infra import progress
 from analysis.checkpoints import Loaded
 from analysis.diagnose.contribution import ContributionMeter
 from analysis.diagnose.outliers import PeakMeter

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.device import available_memory
+from analysis.infra.device import available_memory
 from analysis.diagnose.passes import CHUNK_BYTES
 
 MEMORY_FRACTION = 0.9  # of the available memory: the estimate already counts the activations

@@ -9,7 +9,7 @@ from typing import Any
 
 import sympy
 
-from analysis.folders import writable_dir
+from analysis.infra.folders import writable_dir
 from theory import claims as CL
 from theory.claim_table import claims_frame
 from theory import interpreter as I

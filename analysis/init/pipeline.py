@@ -16,15 +16,15 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis import progress
+from analysis.infra import progress
 from analysis.init.compare import add_errors, aggregate, disagreements, error_summary, target_check
 from analysis.testbed.corpus import load_corpus
 from analysis.init.measured_claims import check_claims
 from analysis.testbed.model import ModelConfig
 from analysis.init.sweep import (check_memory, check_theory_cost, complete_points, init_sweep,
                                  read_profiles, repredict)
-from analysis.records import read_record, refuse_other
-from analysis.device import resolve_device
+from analysis.infra.records import read_record, refuse_other
+from analysis.infra.device import resolve_device
 from analysis.init.derivations import collect, write_json
 from theory.claim_table import COLUMNS, claims_frame
 from theory.schemes import SCHEMES
@@ -132,7 +132,7 @@ def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = progress.say, out:
 
     With ``out``, config.json and theory.json are written first and each grid point's rows as it
     finishes, so a cut run keeps its finished points and a re-run with the same settings resumes
-    (at ``deadline`` the sweep raises analysis.budget.Cut between points).
+    (at ``deadline`` the sweep raises analysis.infra.budget.Cut between points).
     """
     cfg.validate()
     if out is not None:

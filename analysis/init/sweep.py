@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis import progress
-from analysis.budget import Cut, past
-from analysis.device import available_memory, resolve_device
+from analysis.infra import progress
+from analysis.infra.budget import Cut, past
+from analysis.infra.device import available_memory, resolve_device
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.memory import check_all_fit, size
 from analysis.testbed.model import ModelConfig, build_model
@@ -247,7 +247,7 @@ def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: Mo
     as soon as its seeds are done, and points found there already are kept, not measured again:
     a cut sweep keeps what it finished and a re-run resumes. The memory of every point is
     estimated first; a point that cannot fit is refused before anything runs. At ``deadline``
-    (time.time()) the sweep stops between points and raises analysis.budget.Cut.
+    (time.time()) the sweep stops between points and raises analysis.infra.budget.Cut.
     """
     configs = [replace(base, scheme=s, depth=d) for s in schemes for d in depths]
     for cfg in configs:

@@ -9,7 +9,7 @@ import torch
 
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig, build_model
-from analysis.device import resolve_device
+from analysis.infra.device import resolve_device
 from theory.schemes import SCHEMES, block_structure, get_scheme
 
 

@@ -26,10 +26,10 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis import progress
-from analysis.budget import Cut, left
-from analysis.device import available_memory, resolve_device
-from analysis.records import read_record, refuse_other
+from analysis.infra import progress
+from analysis.infra.budget import Cut, left
+from analysis.infra.device import available_memory, resolve_device
+from analysis.infra.records import read_record, refuse_other
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.memory import depths_that_fit
 from analysis.testbed.model import ModelConfig

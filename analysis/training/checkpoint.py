@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from analysis.distributed import World
+from analysis.infra.distributed import World
 from analysis.testbed.model import ModelConfig, Testbed
 
 

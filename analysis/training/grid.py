@@ -22,11 +22,11 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 
-from analysis import progress
-from analysis.budget import Cut, Interrupted, past
-from analysis.device import available_memory, resolve_device
-from analysis.distributed import SINGLE, World, barrier
-from analysis.records import read_record
+from analysis.infra import progress
+from analysis.infra.budget import Cut, Interrupted, past
+from analysis.infra.device import available_memory, resolve_device
+from analysis.infra.distributed import SINGLE, World, barrier
+from analysis.infra.records import read_record
 from analysis.testbed.memory import check_all_fit
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed
@@ -96,11 +96,11 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
 
     ``parallel`` > 1 trains that many runs at once in worker processes (one device shared), which
     print their progress prefixed with the run's name unless ``verbose_workers`` is False or
-    progress is quiet (analysis.progress); the parent draws the grid's bar. At
+    progress is quiet (analysis.infra.progress); the parent draws the grid's bar. At
     ``deadline`` (time.time()) running runs checkpoint, no new one starts, the tables of the
-    finished runs are written and analysis.budget.Cut is raised; a re-run resumes.
+    finished runs are written and analysis.infra.budget.Cut is raised; a re-run resumes.
 
-    Under torchrun (``world``, analysis.distributed): with ``ddp`` every run trains on all ranks
+    Under torchrun (``world``, analysis.infra.distributed): with ``ddp`` every run trains on all ranks
     at once (DistributedDataParallel), with ``fsdp`` too, its model sharded over them
     (``fully_shard``); without either, the ranks split the grid, rank r training every
     ``world.size``-th unfinished run on its own device, and rank 0, when its share is done, waits

@@ -15,7 +15,7 @@ import math
 import time
 from pathlib import Path
 
-from analysis import progress
+from analysis.infra import progress
 
 COLUMNS = ["split", "step", "tokens", "wall_s", "lr", "loss"]
 

@@ -24,11 +24,11 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from analysis import progress
-from analysis.budget import Cut, Interrupted, deferred_interrupt, past
-from analysis.device import resolve_device
-from analysis.distributed import SINGLE, World, all_sum, barrier
-from analysis.records import environment, read_record, refuse_other
+from analysis.infra import progress
+from analysis.infra.budget import Cut, Interrupted, deferred_interrupt, past
+from analysis.infra.device import resolve_device
+from analysis.infra.distributed import SINGLE, World, all_sum, barrier
+from analysis.infra.records import environment, read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed, build_model, compile_blocks
 from analysis.testbed.parametrization import param_groups, set_lr
@@ -227,13 +227,13 @@ def train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | o
     diverged or stalled). ``profiler(model, tag, step, batch_fn)`` is called at
     ``tc.profile_fractions`` of training to measure the model; ``on_step(step, loss)`` for every
     optimizer step, when its loss is read (progress, tests). ``position`` places the run's bar
-    below a grid's (analysis.progress). At ``deadline`` (a time.time() value) the run
-    checkpoints at its next host sync, records status cut and raises analysis.budget.Cut; called
+    below a grid's (analysis.infra.progress). At ``deadline`` (a time.time() value) the run
+    checkpoints at its next host sync, records status cut and raises analysis.infra.budget.Cut; called
     again, it resumes there. Ctrl-C (in the main thread) checkpoints at the end of the step and
-    raises analysis.budget.Interrupted saying so; a second Ctrl-C stops at once, keeping the last
+    raises analysis.infra.budget.Interrupted saying so; a second Ctrl-C stops at once, keeping the last
     checkpoint. Either way, called again, it resumes.
 
-    ``world`` (analysis.distributed, under torchrun): data-parallel training with
+    ``world`` (analysis.infra.distributed, under torchrun): data-parallel training with
     DistributedDataParallel. Every rank draws the global batch from the same generator and trains
     on its slice, so the run equals the single-process run on the same global batch; losses,
     the deadline and Ctrl-C are agreed at each host sync; rank 0 alone writes files and prints.

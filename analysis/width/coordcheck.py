@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis import progress
+from analysis.infra import progress
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig
 from analysis.width.steps import StepConfig, measure_steps

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis import progress
-from analysis.records import read_record, refuse_other
+from analysis.infra import progress
+from analysis.infra.records import read_record, refuse_other
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import set_lr

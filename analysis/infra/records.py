@@ -39,7 +39,7 @@ def environment(device: str) -> dict[str, Any]:
 
     import torch
 
-    from analysis.device import resolve_device
+    from analysis.infra.device import resolve_device
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:

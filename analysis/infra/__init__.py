@@ -1,0 +1,1 @@
+"""What every command stands on: device and memory, time budgets, torch.distributed, output folders, progress, run records."""
