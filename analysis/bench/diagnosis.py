@@ -156,8 +156,7 @@ def report(what: str, r: dict) -> str:
     measured = s.get("probe", 0) + s.get("skip", 0) + s.get("init", 0)
     floor = sum(f.values())
     weights = m["parameters"] * (2 if m.get("dtype") == "bfloat16" else 4)
-    parts = ", ".join(f"{k} {s.get(k, 0):.1f} s (floor {f[k]:.1f})" for k in ("forward", "backward", "skip", "init")
-                      if k in f and k not in ("forward", "backward")) or ""
+    parts = ", ".join(f"{k} {s.get(k, 0):.1f} s (floor {f[k]:.1f})" for k in ("skip", "init") if k in f)
     return (f"diagnose, {what} ({m['parameters'] / 1e6:.0f}M parameters, {m['blocks']} blocks): {r['total']:.1f} s — "
             f"load {s.get('load', 0):.1f} s (library floor {r['load_floor']:.1f} s); measuring {measured:.1f} s against "
             f"a floor of {floor:.1f} s, ×{measured / floor:.2f} (probe {s.get('probe', 0):.1f} s, floor "

@@ -122,7 +122,7 @@ class Passes:
             return float(loss.detach())
         h = self.trunk(x)
         h_free = h.detach().requires_grad_()
-        chunk = max(1, CHUNK_BYTES // (4 * x.shape[0] * self._vocab()))
+        chunk = max(1, CHUNK_BYTES // (4 * x.shape[0] * int(self.loaded.vocab_size)))
         total = torch.zeros((), device=h.device)
         for s in range(0, x.shape[1], chunk):  # logits of a chunk of positions at a time
             logits = self.head(h_free[:, s:s + chunk]).float()
@@ -176,9 +176,6 @@ class Passes:
             return self.model(input_ids=inp, labels=labels).loss
         h = self.model(input_ids=x).last_hidden_state.float()
         return (h * _readout(h.shape[1:], h.device)).mean()  # the documented surrogate
-
-    def _vocab(self) -> int:
-        return int(self.loaded.vocab_size)
 
     def _aux_loss(self) -> torch.Tensor:
         """The testbed's MoE load-balancing term, part of its training loss (0 elsewhere)."""
