@@ -53,13 +53,15 @@ def _logits(loaded: Loaded, model: torch.nn.Module, x: torch.Tensor) -> torch.Te
 
 
 def generate(loaded: Loaded, ids: list[int], tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, seed: int = 0, device: str | torch.device = "cpu") -> list[int]:
+             top_k: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
+             source: str = "the model") -> list[int]:
     """``tokens`` new token ids continuing ``ids`` (not included), sampled from ``loaded.model``.
 
     No KV cache: every step runs the whole context (the last ``loaded.max_len`` tokens) forward
     again, which is simple and exactly the model's own forward. The draw runs on the CPU with
     ``torch.Generator().manual_seed(seed)``, so a seed gives the same text on any device (up to
-    the device's rounding of the logits).
+    the device's rounding of the logits). Logits holding NaN or +infinity (broken weights, an
+    overflow) are refused, naming ``source`` and the step, rather than drawn from.
     """
     _check_settings(tokens, temperature, top_k)
     if not ids:
@@ -73,16 +75,32 @@ def generate(loaded: Loaded, ids: list[int], tokens: int, *, temperature: float 
     new: list[int] = []
     try:
         with torch.no_grad():
-            for _ in range(tokens):
+            for step in range(tokens):
                 # nanoGPT's crop: the model has positions for max_len tokens only
                 x = context if loaded.max_len is None else context[:, -loaded.max_len:]
-                nxt = _draw(_logits(loaded, model, x).cpu(), temperature, top_k, gen)
+                logits = _logits(loaded, model, x).cpu()
+                _check_finite(logits, step, tokens, model, source)
+                nxt = _draw(logits, temperature, top_k, gen)
                 new.append(nxt)
                 context = torch.cat([context, torch.tensor([[nxt]], device=dev)], 1)
     except (RuntimeError, IndexError, TypeError, AttributeError) as e:  # e.g. an id past the embedding
         first = (str(e).splitlines() or [""])[0][:300]
         raise ValueError(f"the model did not run on the prompt ({type(e).__name__}: {first})") from None
     return new
+
+
+def _check_finite(logits: torch.Tensor, step: int, tokens: int, model: torch.nn.Module,
+                  source: str) -> None:
+    """Refuse next-token logits holding NaN or +infinity, or no finite value (-infinity may mask
+    a token): a draw from them would be noise (argmax of NaN is token 0)."""
+    if not (logits.isnan().any() or logits.isposinf().any() or not logits.isfinite().any()):
+        return
+    from analysis.checkpoints.guards import non_finite
+    weights = non_finite(dict(model.named_parameters()))
+    cause = f"; {weights}" if weights else "; its weights are finite, so the forward pass overflows"
+    raise ValueError(f"{source}: the model's next-token logits hold NaN or infinity, first at "
+                     f"step {step + 1} of {tokens}{cause}: nothing can be sampled from them; use a "
+                     "checkpoint whose weights are finite (a run that did not diverge)")
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> int:
@@ -111,9 +129,11 @@ def prompt_ids(loaded: Loaded, prompt: str, path: str) -> list[int]:
         return ids
     ids = list(loaded.encode(prompt))
     if ids:
-        if max(ids) >= loaded.vocab_size:  # a tokenizer made for another model
-            raise ValueError(f"the tokenizer gives token id {max(ids)}, outside {path}'s vocabulary "
-                             f"of {loaded.vocab_size}: is --tokenizer the model's own?")
+        from analysis.diagnose.text import check_token_range
+        try:  # a tokenizer made for another model
+            check_token_range(loaded, ids, "the prompt")
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return ids
     bos = getattr(getattr(loaded.model, "config", None), "bos_token_id", None)
     if isinstance(bos, int) and 0 <= bos < loaded.vocab_size:
@@ -128,6 +148,19 @@ def _decode(loaded: Loaded, ids: list[int]) -> str:
     return loaded.decode(ids)
 
 
+def _check_time(loaded: Loaded, tokens: int, device: str) -> None:
+    """Refuse a continuation estimated (one forward pass of every weight a token, at least) to
+    take longer than the limit every command keeps (analysis.testbed.memory.TIME_LIMIT)."""
+    from analysis.testbed.memory import BLOCK_SECONDS, THROUGHPUT, TIME_LIMIT, duration
+    params = sum(p.numel() for p in loaded.model.parameters())
+    rate = THROUGHPUT.get(torch.device(device).type, THROUGHPUT["cpu"])
+    seconds = tokens * (2 * params / rate + BLOCK_SECONDS)
+    if seconds > TIME_LIMIT:
+        raise ValueError(f"--tokens {tokens:,} would take at least {duration(seconds)} on {device} "
+                         f"(one forward pass of {params:,} weights a token), over the limit of "
+                         f"{duration(TIME_LIMIT)}: lower --tokens")
+
+
 def sample_text(path: str | os.PathLike, prompt: str = "def ", tokens: int = 200,
                 temperature: float = 0.8, top_k: int | None = 40, seed: int = 0,
                 device: str = "cpu", config: str | os.PathLike | None = None,
@@ -136,8 +169,10 @@ def sample_text(path: str | os.PathLike, prompt: str = "def ", tokens: int = 200
     _check_settings(tokens, temperature, top_k)  # before loading: bad settings fail fast
     loaded = load(path, config, tokenizer)
     _check_causal(loaded, str(path))
+    _check_time(loaded, tokens, device)
     ids = prompt_ids(loaded, prompt, str(path))
-    new = generate(loaded, ids, tokens, temperature=temperature, top_k=top_k, seed=seed, device=device)
+    new = generate(loaded, ids, tokens, temperature=temperature, top_k=top_k, seed=seed, device=device,
+                   source=str(path))
     # Decode prompt and continuation together (a tokenizer may join them, e.g. a leading space),
     # then show the user's own prompt in front: a tokenizer need not give it back exactly, and
     # the start token of an empty prompt is not part of the text.

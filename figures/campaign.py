@@ -42,6 +42,12 @@ def campaign_blocks(out: Path, state: dict, tables: dict[str, pd.DataFrame]) -> 
         if name not in tables:
             continue
         blocks += [("h2", heading), ("table", tables[name])]
+        status = tables[name].get("status")  # a training grid's runs table
+        if status is not None and not (status != "cut").any():  # a grid cut before any run ended
+            cut = f" ({len(status)} cut, kept at their checkpoints)" if len(status) else ""
+            blocks.append(("p", f"No training run has finished yet{cut}: nothing to draw; the "
+                                "same command resumes the grid."))
+            figure = None
         if figure and (out / figure).exists():
             blocks.append(("img", figure))
         if name in DETAILS and (out / DETAILS[name]).exists():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.infra.files import write_text
 from theory.claim_table import tally
 
 Block = tuple[str, object]
@@ -220,6 +221,6 @@ def write_report(blocks: list[Block], folder: str | Path, title: str) -> tuple[P
     """Write report.md and report.html into ``folder``."""
     folder = Path(folder)
     md, page = folder / "report.md", folder / "report.html"
-    md.write_text(to_markdown(blocks))
-    page.write_text(to_html(blocks, title))
+    write_text(md, to_markdown(blocks))
+    write_text(page, to_html(blocks, title))
     return md, page

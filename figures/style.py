@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from analysis.infra.files import save_figure  # noqa: E402
+
 # Okabe & Ito (2008) colour-blind-safe palette; a scheme keeps its colour in every figure.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 KNOWN = ["pre", "post", "span", "deepnorm", "b2t", "peri", "mixln", "lns"]
@@ -36,6 +38,6 @@ def save(fig, path: str | Path, fmt: str = "png") -> Path:
     path = Path(path).with_suffix(f".{fmt}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=150, bbox_inches="tight")  # legends placed outside the axes stay whole
+    save_figure(fig, path, dpi=150, bbox_inches="tight")  # legends outside the axes stay whole
     plt.close(fig)
     return path

@@ -19,7 +19,12 @@ def loss_vs_depth(runs: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
     if "status" in runs:  # a cut run has no final loss yet
         runs = runs[runs["status"] != "cut"]
     kinds = sorted(runs["moe"].unique(), key=lambda k: (k != "dense", k))
-    fig, axes = new_figure(len(kinds))
+    fig, axes = new_figure(max(1, len(kinds)))
+    if not kinds:  # every run cut (or none recorded): a panel that says so, not no figure
+        axes[0].text(0.5, 0.5, "no run has finished yet", ha="center", va="center",
+                     transform=axes[0].transAxes)
+        axes[0].set_title("validation loss vs depth")
+        axes[0].set_axis_off()
     for ax, kind in zip(axes, kinds):
         sub = runs[runs["moe"] == kind]
         for scheme, g in sub.groupby("scheme", sort=False):

@@ -229,6 +229,9 @@ def locate(model: nn.Module, blocks: str | list[str] | None = None, final: str |
     tried = []
     if blocks is not None:
         paths = [blocks] if isinstance(blocks, str) else list(blocks)
+        if not paths or not all(paths):  # '' names the model itself, not its blocks
+            raise ValueError(f"blocks path is empty ({blocks!r}): give the module path of the "
+                             "blocks' ModuleList, as named in model.named_modules()")
         missing = [p for p in paths if p not in modules]
         if missing:
             raise ValueError(f"blocks path '{missing[0]}' is not a submodule of {type(model).__name__}")

@@ -191,14 +191,14 @@ def test_bad_input_classes_one_line_exit_2(tmp_path):
         (sweep_args[:6] + ["0,0"] + sweep_args[7:] + ["--out", str(tmp_path / "o10")],
          ["seeds must be distinct"]),
         (sweep_args[:4] + ["2,2"] + sweep_args[5:] + ["--out", str(tmp_path / "o11")],
-         ["depths", "without repeats"]),
+         ["--depths must be distinct", "2 twice"]),
         (train + ["--seeds", "0,0", "--out", str(tmp_path / "o12")], ["seeds must be distinct"]),
         (train[:4] + ["2,2"] + train[5:] + ["--out", str(tmp_path / "o13")], ["depths must be distinct"]),
         (["model", "--moe", "0,1"], ["--moe", "E >= 1"]),
         (train + ["--grad-clip", "-1", "--out", str(tmp_path / "o14")], ["grad_clip", ">= 0"]),
         (["bench", "--parallel", "0"], ["--parallel", ">= 1"]),
-        (["theory", "--scheme", "pre", "--out", str(sweep)], ["holds a sweep", "overwrite"]),
-        (["theory", "--scheme", "pre", "--out", str(atlas)], ["holds an atlas", "overwrite"]),
+        (["theory", "--scheme", "pre", "--out", str(sweep)], ["output of `sweep`", "not of `theory`"]),
+        (["theory", "--scheme", "pre", "--out", str(atlas)], ["output of `atlas`", "not of `theory`"]),
         # unclear messages
         (["report", str(broken)], ["config.json", "not valid JSON"]),
         (train + ["--out", str(grid)], ["settings.json", "not valid JSON"]),
@@ -219,7 +219,7 @@ def test_bad_input_classes_one_line_exit_2(tmp_path):
 
 
 def test_api_raises_value_error_for_each_class(tmp_path):
-    from analysis.init.derivations import check_out
+    from analysis.infra.folders import claim
     from analysis.init.pipeline import AnalysisConfig, load_tables
     from analysis.infra.records import read_record
     from analysis.testbed.memory import check_fits
@@ -246,8 +246,8 @@ def test_api_raises_value_error_for_each_class(tmp_path):
         with pytest.raises(ValueError, match=message):
             read_record(bad)
     make_sweep_folder(tmp_path / "sweep")
-    with pytest.raises(ValueError, match="holds a sweep"):
-        check_out(tmp_path / "sweep")
+    with pytest.raises(ValueError, match="output of `sweep`, not of `theory`"):
+        claim(tmp_path / "sweep", "theory", {})
     make_sweep_folder(tmp_path / "empty")
     (tmp_path / "empty" / "init_profiles.csv").write_text("")
     with pytest.raises(ValueError, match="is empty"):

@@ -367,7 +367,7 @@ def test_calibration_tables_over_several_checkpoints(tmp_path, text, capsys):
     assert blocks["branch_rel_median"].gt(0).all() and blocks["skip_out_change"].gt(0).all()
     summary = pd.read_csv(out / "summary.csv").set_index("placement")
     assert summary.loc["pre", "blocks"] == 2 and summary.loc["post", "below_contribution_threshold"] == 0
-    assert calibration.main([str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert calibration.main([str(tmp_path / "nope"), "--out", str(tmp_path / "cal2")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

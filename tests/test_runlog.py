@@ -198,10 +198,10 @@ def test_cli_train_quiet_prints_results_only_and_flags_reach_the_run(tmp_path, c
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--beta2", "1.0"], "beta1 and beta2 must be in [0, 1)"),
-    (["--weight-decay", "-0.1"], "weight_decay must be >= 0"),
+    (["--beta2", "1.0"], "beta2 must be a finite number in [0, 1)"),
+    (["--weight-decay", "-0.1"], "weight_decay must be a finite number >= 0"),
     (["--log-every", "0"], "log_every must be >= 1"),
-    (["--stall-share", "1"], "stall_share in [0, 1)"),
+    (["--stall-share", "1"], "stall_share must be a finite number in [0, 1)"),
 ])
 def test_cli_train_bad_optimizer_and_logging_options(argv, message, tmp_path, capsys):
     code = run_analysis.main(["train", *argv, "--out", str(tmp_path / "x")])

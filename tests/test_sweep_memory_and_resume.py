@@ -90,6 +90,7 @@ def test_a_folder_of_other_settings_is_refused_naming_the_difference(text, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"width": 32, "depths": [2, 3]}))
+    (out / "init_profiles.csv").write_text("scheme,depth\n")  # a sweep of before stamps
     assert main(sweep_args(text, out)) == 2
     err = capsys.readouterr().err.strip()
     assert "width = 32, not 16" in err and len(err.splitlines()) == 1

@@ -16,6 +16,7 @@ reduction exact; for other ρ* it is the model with correlations frozen.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -43,6 +44,10 @@ class TheoryConfig(Shape):
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
+        for name in ("depth", "seq_len"):  # 2.5 layers would silently be 2
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         get_scheme(self.scheme).resolve(max(int(self.depth), 1), **dict(self.scheme_params))
         checks = [(self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
                   (self.width >= 2, f"width must be >= 2, got {self.width}"),
@@ -57,12 +62,23 @@ def check_correlations(rho0: float, rho_g: float, T: int) -> None:
     """Raise ValueError unless both mean token correlations are possible for T tokens.
 
     An exchangeable correlation matrix (1 - ρ)I + ρ11ᵀ of T tokens is positive semidefinite iff
-    -1/(T - 1) ≤ ρ ≤ 1 (ρ = -1 needs T = 2); rounding past an end is allowed, nan passes.
+    -1/(T - 1) ≤ ρ ≤ 1 (ρ = -1 needs T = 2); rounding past an end is allowed. rho0 must be a
+    number; rho_g may be nan (no gradient measured).
     """
+    if isinstance(rho0, bool) or not isinstance(rho0, numbers.Real) or math.isnan(rho0):
+        raise ValueError(f"rho0 must be a number (the embedding's token correlation), got {rho0!r}")
     lo = -1.0 / max(int(T) - 1, 1)
     for name, r in (("rho0", rho0), ("rho_g", rho_g)):
         if float(r) < lo - C.DOMAIN_SLACK or float(r) > 1 + C.DOMAIN_SLACK:
             raise ValueError(f"{name} must lie in [{lo:.6g}, 1] for {T} tokens, got {r}")
+
+
+def check_q0(q0: float) -> None:
+    """Raise ValueError unless the embedding's second moment q0 is a finite number > 0."""
+    if (isinstance(q0, bool) or not isinstance(q0, numbers.Real) or not math.isfinite(q0)
+            or q0 <= 0):
+        raise ValueError(f"q0 (the embedding's second moment) must be a finite number > 0, "
+                         f"got {q0!r}")
 
 
 def _numeric_params(cfg: TheoryConfig, L: int) -> dict[str, float]:
@@ -147,6 +163,7 @@ def iterate(cfg: TheoryConfig, q0: float, rho0: float, rho_g: float = 0.0
     needs (interpreter.compile_split); the backward pass then evaluates only the gradient terms.
     """
     cfg.validate()
+    check_q0(q0)
     check_correlations(rho0, rho_g, cfg.seq_len)
     L = int(cfg.depth)
     # plain Python floats in the loop: numpy scalars would triple the cost per block

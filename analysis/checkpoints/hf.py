@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.checkpoints.guards import LOAD_DTYPE, check_fits, first_line, read_json, refuse_pickle
+from analysis.checkpoints.guards import (LOAD_DTYPE, check_fits, first_line, read_json,
+                                         refuse_unpicklable)
 from analysis.checkpoints.loaded import Loaded
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -89,7 +90,7 @@ def hf_config(data: dict[str, Any], source: Path):
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{source}: unsupported architecture model_type={model_type!r}: tried "
                          "transformers' built-in families (this transformers has "
-                         f"{len(CONFIG_MAPPING)}, e.g. bert, roberta, gpt2, gpt_neox, llama, mistral, "
+                         f"{len(list(CONFIG_MAPPING.keys()))}, e.g. bert, roberta, gpt2, gpt_neox, llama, mistral, "
                          "qwen2) and sigprop's own format; a model outside these cannot be built "
                          "without running its code")
     data = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
@@ -208,7 +209,27 @@ def finish_hf(model: nn.Module, config, cls, loss_kind: str, description: str, n
     return Loaded(model=model, kind="hf", description=description, vocab_size=int(config.vocab_size),
                   max_len=_max_len(config), loss_kind=loss_kind, encode=encode, tokenizer=tok_name,
                   decode=decode, theory_shape=shape, mask_token_id=mask_id, notes=notes,
-                  nbytes=nbytes, encoder=encoder, rebuild=rebuild, prefix_ids=prefix)
+                  nbytes=nbytes, encoder=encoder, rebuild=rebuild, prefix_ids=prefix,
+                  tokenizer_size=_size(tok))
+
+
+def _size(tok) -> int | None:
+    """A tokenizer's number of tokens, added ones included (None: it cannot say)."""
+    try:
+        return int(len(tok)) if tok is not None else None
+    except Exception:  # noqa: BLE001 (a tokenizer without a length)
+        return None
+
+
+def attach_tokenizer(loaded: Loaded, folder: str | os.PathLike) -> None:
+    """Tokenize with the tokenizer in ``folder``, an explicit --tokenizer, where the model came
+    without one (a sigprop testbed reads bytes): its ids are then checked against the model's
+    vocabulary where they are used."""
+    tok, where = _tokenizer([Path(folder)], True, loaded.notes)
+    loaded.encode = lambda s, tok=tok: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    loaded.decode = lambda ids, tok=tok: tok.decode(ids)  # noqa: E731
+    loaded.tokenizer = f"{type(tok).__name__} from {where}"
+    loaded.tokenizer_size = _size(tok)
 
 
 def _special_prefix(tok) -> list[int]:
@@ -262,7 +283,8 @@ def _from_pretrained(cls, folder: Path, config, use_st: bool) -> tuple[nn.Module
     except Exception as e:
         text = str(e)
         if "Weights only load failed" in text or "GLOBAL" in text:
-            raise refuse_pickle(folder, e) from None
+            bins = sorted(folder.glob("pytorch_model*.bin"))
+            raise refuse_unpicklable(bins[0] if len(bins) == 1 else folder, e, files=bins) from None
         raise ValueError(f"{folder}: transformers could not load the weights ({type(e).__name__}: "
                          f"{first_line(e, 300)})") from None
     return model, list(info.get("missing_keys", []))

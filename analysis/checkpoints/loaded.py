@@ -29,3 +29,4 @@ class Loaded:
     encoder: bool = False  # bidirectional attention (BERT-like), not a causal decoder
     rebuild: Callable[[], nn.Module] | None = None  # the same architecture, freshly initialized
     prefix_ids: list[int] = field(default_factory=list)  # what the tokenizer puts first (BOS, [CLS])
+    tokenizer_size: int | None = None  # the tokenizer's number of tokens (None: bytes)

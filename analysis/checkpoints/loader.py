@@ -12,7 +12,8 @@ import torch
 
 from analysis.checkpoints.gguf import is_gguf, load_gguf, split_part
 from analysis.checkpoints.guards import LOAD_DTYPE, safetensors_load, state_dict_of, torch_load
-from analysis.checkpoints.hf import HF_WEIGHTS, load_hf_folder, looks_like_hub_id, resolve_hub_id
+from analysis.checkpoints.hf import (HF_WEIGHTS, attach_tokenizer, load_hf_folder, looks_like_hub_id,
+                                     resolve_hub_id)
 from analysis.checkpoints.loaded import Loaded
 from analysis.checkpoints.sigprop import load_sigprop, sigprop_from
 from analysis.checkpoints.state_dict import load_state_dict_with_config
@@ -99,12 +100,50 @@ def _load_folder(folder: Path, config: str | os.PathLike | None,
         return load_sigprop(found[0].path)
     if found:
         return _load_file(found[0].path, config, tokenizer)
+    refuse_sigprop_output(folder)
     if (folder / "config.json").is_file():
         return load_hf_folder(folder, tokenizer)  # refused there: config.json without weights
     below = sorted(folder.rglob("checkpoint.pt"))[:3]
     hint = f"; checkpoints below it: {', '.join(str(b.parent) for b in below)}" if below else ""
     raise ValueError(f"folder {folder} holds neither config.json (a Hugging Face model folder) nor "
                      f"checkpoint.pt (a sigprop run) nor a .gguf or .safetensors file{hint}")
+
+
+def sigprop_output(folder: Path) -> str | None:
+    """The sigprop command whose results ``folder`` holds (its stamp ``sigprop.json``, else the
+    files it writes: config.json and init_profiles.csv of a sweep, runs/ of a train grid, …), or
+    None: results, never a model, however much they look like one (a sweep's config.json)."""
+    from analysis.infra.folders import STAMP, owner_of_unstamped
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        stamp = None
+    command = stamp.get("command") if isinstance(stamp, dict) else None
+    if isinstance(command, str) and command:
+        return command
+    owner = owner_of_unstamped(folder)
+    if owner is None and (folder / "runs").is_dir() and any((folder / "runs").glob("*/settings.json")):
+        owner = "train"  # a grid's folder before its tables were written
+    return owner
+
+
+def refuse_sigprop_output(folder: Path, file: Path | None = None) -> None:
+    """Refuse a folder of sigprop's results (or ``file``, one of its files) given as a model:
+    name what it is and the run folders below it, which hold checkpoints."""
+    command = sigprop_output(folder)
+    what = f"{file} is a file of" if file else f"{folder} is"
+    if command is None:
+        if file is None and (folder / "settings.json").is_file() and (
+                (folder / "train_log.csv").is_file() or (folder / "result.json").is_file()):
+            raise ValueError(f"{folder} is a sigprop run folder without its checkpoint.pt (deleted, or "
+                             "the run stopped before its first checkpoint): train it again, or give "
+                             "another run folder or checkpoint.pt")
+        return
+    below = sorted(folder.rglob("checkpoint.pt"))[:1]
+    example = (f", e.g. {below[0].parent}" if below else
+               " (`train` and `campaign` write one per run, in OUT/runs/NAME/)")
+    raise ValueError(f"{what} a sigprop {command} folder (results), not a checkpoint; give a run "
+                     f"folder or checkpoint.pt{example}")
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -129,6 +168,8 @@ def load(path: str | os.PathLike, config: str | os.PathLike | None = None,
     finally:
         LOAD_DTYPE.reset(token)
     loaded.model.to(dtype)
+    if tokenizer is not None and loaded.encode is None:  # a sigprop testbed: bytes unless told
+        attach_tokenizer(loaded, tokenizer)
     if hub_id:
         loaded.notes.insert(0, f"{hub_id} read from the local Hugging Face cache: {p}")
     return loaded
@@ -149,6 +190,8 @@ def _load_file(p: Path, config: str | os.PathLike | None,
     """One checkpoint file; a folder's ``config.json`` names that folder's Hugging Face model."""
     if p.stat().st_size == 0:
         raise ValueError(f"{p} is empty")
+    if p.name == "config.json" or p.suffix.lower() not in (".safetensors", ".gguf", *TORCH_SUFFIXES):
+        refuse_sigprop_output(p.parent, p)  # a table or record of sigprop's results
     if p.name == "config.json":
         return load_hf_folder(p.parent, tokenizer)
     if p.suffix.lower() == ".gguf" or is_gguf(p):

@@ -19,14 +19,20 @@ def load_sigprop(path: Path) -> Loaded:
     return sigprop_from(obj, path)
 
 
-def sigprop_model(mc_dict: dict[str, Any], sd: dict[str, torch.Tensor], source: Path) -> Loaded:
+def sigprop_model(mc_dict: dict[str, Any], sd: dict[str, torch.Tensor], source: Path,
+                  config: Path | str = "its model_config") -> Loaded:
+    """A testbed built from ``mc_dict`` (read from ``config``) holding the weights ``sd``."""
     from analysis.testbed.model import ModelConfig, build_model
     try:
         mc = ModelConfig(**mc_dict)
-    except TypeError as e:
-        raise ValueError(f"{source}: model_config is not a sigprop ModelConfig ({e})") from None
-    model = build_model(mc)
-    load_into(model, sd, source, strict=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {config} is not a valid sigprop ModelConfig ({e})") from None
+    try:
+        model = build_model(mc)
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. a width given as text
+        raise ValueError(f"{source}: {config} does not build a sigprop testbed "
+                         f"({type(e).__name__}: {str(e)[:160]})") from None
+    load_into(model, sd, source, strict=True, config=config)
     return Loaded(model=model, kind="sigprop", rebuild=lambda: build_model(mc, seed=0),
                   description=f"sigprop testbed: scheme {mc.scheme}, depth {mc.depth}, width {mc.width}, "
                               f"heads {mc.heads}, ffn {mc.ffn}, norm {mc.norm}",

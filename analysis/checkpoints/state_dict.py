@@ -19,7 +19,7 @@ def load_state_dict_with_config(sd: dict[str, torch.Tensor], config_path: Path, 
     """A bare state_dict and a JSON config (sigprop ModelConfig dict, or a Hugging Face config.json)."""
     data = read_json(config_path)
     if "scheme" in data and "model_type" not in data:
-        loaded = sigprop_model(data, sd, source)
+        loaded = sigprop_model(data, sd, source, config_path)
         loaded.kind = "state_dict"
         return loaded
     if "model_type" not in data:
@@ -36,7 +36,7 @@ def load_state_dict_with_config(sd: dict[str, torch.Tensor], config_path: Path, 
     if base and not any(k.startswith(base + ".") for k in sd) and any(
             k.startswith(base + ".") for k in model.state_dict()):
         sd = {(k if k.startswith(("lm_head", "cls.", "embed_out")) else f"{base}.{k}"): v for k, v in sd.items()}
-    notes = load_into(model, sd, source, strict=False)
+    notes = load_into(model, sd, source, strict=False, config=config_path)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.to(LOAD_DTYPE.get())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import shlex
 import sys
 
@@ -29,7 +30,18 @@ DESCRIPTION = ("sigprop: signal propagation in deep Transformers, theory against
 
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, ``error: …`` (exit 2), like every other
-    refusal of bad input; the usage is one ``--help`` away."""
+    refusal of bad input; the usage is one ``--help`` away.
+
+    A value that starts with a minus and a digit, a point or inf/nan (``--lrs -1e-3,2e-3``,
+    ``--moe -2,1``, ``--sigma -inf``) is a value, not an option (argparse's own matcher takes only
+    ``-1`` and ``-1.5``), so the option's own check names what is wrong with it; no option
+    string looks like a negative number (build_parser asserts it)."""
+
+    NEGATIVE = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -53,6 +65,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         first = module.__doc__.strip().split("\n\n")[0].replace("\n", " ")
         p = sub.add_parser(name, help=first, description=first)
         module.add_arguments(p)
+        assert not p._has_negative_number_optionals, name  # "-1" must stay a value
         p.set_defaults(func=module.run)
     return parser
 
@@ -69,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["sweep", *argv]  # the main job: `run_analysis.py [sweep options]`
     args = parser.parse_args(argv)
     progress.configure(quiet=getattr(args, "quiet", False))
+    status = 2  # until the command returns its own
     try:
         if args.command != "diagnose" and getattr(args, "device", None):
             from analysis.infra.device import resolve_device
             resolve_device(args.device)  # every command: a bad device in one line, before work
-        return args.func(args)
+        status = args.func(args)
+        return status
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder that cannot be read or written
+        if no_space(e):  # a full disk or quota: what was kept, and how to go on
+            print(no_space_line(args, argv, e, parser.prog), file=sys.stderr)
+            return 2
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
@@ -92,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
               "depth", file=sys.stderr)
         return 2
     except (torch.distributed.DistError, RuntimeError) as e:  # a rank failed or stopped answering
+        if no_space(e, getattr(args, "out", None)):  # torch's serializer on a full disk
+            print(no_space_line(args, argv, e, parser.prog), file=sys.stderr)
+            return 2
         transport = any(w in str(e) for w in ("gloo", "NCCL", "Connection closed by peer"))
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()
                 and (isinstance(e, torch.distributed.DistError) or transport)):
@@ -100,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a collective across torchrun's ranks failed ({first}); another rank "
               "failed or stopped answering: see its own error line", file=sys.stderr)
         return 1
+    finally:
+        from analysis.infra.folders import release_all
+        # the output folders' locks (the OS drops them at exit too, however it ends), and a
+        # folder made for a command that failed before writing anything
+        release_all(failed=status != 0)
 
 
 def interrupted(args: argparse.Namespace, argv: list[str], e: KeyboardInterrupt,
@@ -115,6 +141,47 @@ def interrupted(args: argparse.Namespace, argv: list[str], e: KeyboardInterrupt,
     resume = shlex.join([*caller, *argv, *([] if has_out else ["--out", out])])
     kept = detail or "what finished"
     return f"error: interrupted; kept in {out}: {kept}; resume with: {resume}"
+
+
+def no_space(e: BaseException, out: str | None = None) -> bool:
+    """Whether ``e`` is a full disk (or quota): an OSError ENOSPC/EDQUOT, also as the cause or
+    context of another error, or torch's serialization RuntimeError (it carries no errno) while
+    the output folder ``out`` has (almost) no space left."""
+    from analysis.infra.files import no_space as oserror_no_space
+    if oserror_no_space(e):
+        return True
+    text = f"{e} {e.__context__ or ''}"
+    if out and isinstance(e, RuntimeError) and any(
+            w in text for w in ("PytorchStreamWriter", "inline_container", "iostream error",
+                                "file write failed")):
+        import shutil
+        try:
+            return shutil.disk_usage(out).free < 1 << 20
+        except OSError:
+            return False
+    return False
+
+
+def no_space_line(args: argparse.Namespace, argv: list[str], e: BaseException,
+                  prog: str = "run_analysis.py") -> str:
+    """The one line for a full disk: the folder it was writing, what is kept there (every file
+    written whole or not at all, analysis.infra.files) and the command that goes on."""
+    from pathlib import Path
+
+    from analysis.infra.files import kept_summary
+    out = getattr(args, "out", None)
+    name = getattr(e, "filename", None)
+    folder = Path(name) if name else Path(out) if out else Path.cwd()
+    if name and not folder.is_dir():
+        folder = folder.parent
+    kept = kept_summary(out or folder)
+    line = f"error: no space left on device writing {folder}; kept: {kept}; free space and rerun"
+    if args.command not in RESUMABLE or not out:
+        return f"{line} the same command"
+    has_out = any(a == "--out" or a.startswith("--out=") for a in argv)
+    caller = ["sigprop"] if prog == "sigprop" else ["python", "run_analysis.py"]
+    resume = shlex.join([*caller, *argv, *([] if has_out else ["--out", out])])
+    return f"{line} the same command to resume: {resume}"
 
 
 def module_main(command: str, argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import argparse
 
 from analysis.infra import progress
 from analysis.cli import options
+from analysis.infra.files import write_csv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,15 +23,14 @@ def run(args: argparse.Namespace) -> int:
     from figures.report import write_report
     from theory.claim_table import tally
     options.check_format(args.format)
-    out = options.writable_dir(args.out or f"runs/atlas-{time.strftime('%Y%m%d-%H%M%S')}")
-    with options.removed_if_empty(out):
-        layers, checkpoints = collect(args.paths, log=progress.say_err,
-                                      texts=options.value(args, "text_for") or {},
-                                      **options.measurement_settings(args))
+    out = options.claim(args, default=f"runs/atlas-{time.strftime('%Y%m%d-%H%M%S')}")
+    layers, checkpoints = collect(args.paths, log=progress.say_err,
+                                  texts=options.value(args, "text_for") or {},
+                                  **options.measurement_settings(args))
     claims, table = atlas_claims(layers), summary(layers)
-    layers.to_csv(out / "atlas_layers.csv", index=False, float_format="%.6g")
-    checkpoints.to_csv(out / "atlas_checkpoints.csv", index=False)
-    claims.to_csv(out / "claims.csv", index=False)
+    write_csv(layers, out / "atlas_layers.csv", index=False, float_format="%.6g")
+    write_csv(checkpoints, out / "atlas_checkpoints.csv", index=False)
+    write_csv(claims, out / "claims.csv", index=False)
     fig = atlas_figure(layers, out / "figures" / "atlas", args.format)
     files = write_report(atlas_blocks(checkpoints, claims, str(fig.relative_to(out)), table), out,
                          "sigprop atlas")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from analysis.cli import options
+from analysis.infra.files import write_csv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,15 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis.diagnose.calibration import calibrate, summary
+    out = options.claim(args)
     blocks, ckpts = calibrate(args.paths, text=args.text, sequences=args.sequences,
                               seq_len=args.seq_len, skip_sequences=args.skip_sequences,
                               log=lambda m: print(m, file=sys.stderr))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    blocks.to_csv(out / "blocks.csv", index=False, float_format="%.6g")
-    ckpts.to_csv(out / "checkpoints.csv", index=False)
+    write_csv(blocks, out / "blocks.csv", index=False, float_format="%.6g")
+    write_csv(ckpts, out / "checkpoints.csv", index=False)
     table = summary(blocks)
-    table.to_csv(out / "summary.csv", index=False, float_format="%.4g")
+    write_csv(table, out / "summary.csv", index=False, float_format="%.4g")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"wrote {out}/blocks.csv, checkpoints.csv, summary.csv")
     return 0

@@ -33,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = options.configure(CampaignConfig(), args)
     cfg.validate()
     options.check_format(args.format)
-    out = options.writable_dir(args.out or "runs/campaign")
-    args.out = str(out)  # what an interruption names, with the command that resumes
+    if cfg.corpus:  # a bad corpus is refused before any folder is made (the default is fine)
+        load_corpus(cfg.corpus)
+    out = options.claim(args, cfg, grows=("stages",), default="runs/campaign")
     print(f"sigprop campaign → {out} ({'tiny, ' if cfg.tiny else ''}{cfg.device}, time limit "
           f"{args.time_limit:g} s)")
     state = run_campaign(cfg, out, time_limit=args.time_limit)
@@ -56,10 +57,44 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {report} and {bundle_path} ({bundle_path.stat().st_size / 1e6:.2f} MB)")
     if todo:
         print("remaining: " + ", ".join(f"{s} (~{m:.1f} min)" for s, m in todo)
-              + f"; about {sum(m for _, m in todo):.1f} minutes. Run the same command again.")
+              + f"; about {sum(m for _, m in todo):.1f} minutes. Resume with: "
+              + resume_command(args, cfg, out))
     else:
         print("campaign complete")
     return 0
+
+
+def resume_command(args: argparse.Namespace, cfg, out) -> str:
+    """The command that resumes this campaign in ``out``: its settings (the folder refuses
+    others) and this invocation's time limit and figure format."""
+    import shlex
+
+    from analysis.cli import program
+    from analysis.training.campaign import STAGES, CampaignConfig
+    default = CampaignConfig()
+    cmd = ["sigprop"] if program() == "sigprop" else ["python", "run_analysis.py"]
+    cmd += ["campaign", "--out", str(out)]
+    if cfg.device != default.device:
+        cmd += ["--device", cfg.device]
+    if cfg.tiny:
+        cmd.append("--tiny")
+    if cfg.compile != default.compile:
+        cmd.append("--compile" if cfg.compile else "--no-compile")
+    if cfg.compile_backend != default.compile_backend:
+        cmd += ["--compile-backend", cfg.compile_backend]
+    if cfg.parallel != default.parallel:
+        cmd += ["--parallel", str(cfg.parallel)]
+    if cfg.tokens is not None:
+        cmd += ["--tokens", str(cfg.tokens)]
+    if cfg.corpus is not None:
+        cmd += ["--corpus", str(cfg.corpus)]
+    if tuple(cfg.stages) != STAGES:
+        cmd += ["--stages", ",".join(cfg.stages)]
+    if args.time_limit != 540.0:
+        cmd += ["--time-limit", f"{args.time_limit:g}"]
+    if args.format != "png":
+        cmd += ["--format", args.format]
+    return shlex.join(cmd)
 
 
 def write_campaign_report(out, state):
@@ -82,12 +117,16 @@ def write_campaign_report(out, state):
 
 def bundle(out):
     """The campaign's small results (CSVs, figures, reports, no checkpoints) as one tarball."""
+    import io
     import tarfile
-    path = out / "campaign-bundle.tar.gz"
+
+    from analysis.infra.files import write_bytes
+    path, whole = out / "campaign-bundle.tar.gz", io.BytesIO()  # small: built in memory
     keep = {".csv", ".png", ".svg", ".pdf", ".md", ".html", ".json"}
-    with tarfile.open(path, "w:gz") as tar:
+    with tarfile.open(fileobj=whole, mode="w:gz") as tar:
         for f in sorted(out.rglob("*")):
             rel = f.relative_to(out)
             if f.is_file() and f.suffix in keep and "runs" not in rel.parts[:-1] and f != path:
                 tar.add(f, arcname=str(rel))
+    write_bytes(path, whole.getvalue())
     return path

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from analysis.cli import options
+from analysis.infra.files import write_csv
 
 
 def width_options(p: argparse.ArgumentParser, command: str, parametrizations: str) -> None:
@@ -17,7 +19,8 @@ def width_options(p: argparse.ArgumentParser, command: str, parametrizations: st
     options.add(p, "heads", "seq_len", "batch", "seeds", shown="the preset's")
     options.add(p, "corpus")
     options.add(p, "device", shown="the preset's")
-    options.output(p, f"runs/{command}", quiet=False)
+    options.output(p, f"runs/{command}" + ("-<timestamp>" if command == "coordcheck" else ""),
+                   quiet=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,16 +43,16 @@ def run(args: argparse.Namespace) -> int:
     from analysis.width.coordcheck import PRESETS, claims, run as measure, slopes
     cfg = options.preset_config(PRESETS, args)
     corpus = load_corpus(cfg.corpus)  # a bad corpus is refused before any folder is made
-    out = options.writable_dir(args.out or "runs/coordcheck")
+    out = options.claim(args, cfg, default=f"runs/coordcheck-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"sigprop coordcheck → {out} ({len(cfg.schemes)} schemes × {len(cfg.parametrizations)} "
           f"parametrizations × {len(cfg.widths)} widths × {len(cfg.seeds)} seeds, "
           f"{cfg.optimizer} lr {cfg.step_config.lr:g}, {cfg.steps} steps)")
     raw = measure(cfg, corpus)
     sl = slopes(raw)
     cl = claims(sl)
-    raw.to_csv(out / "coordcheck.csv", index=False)
-    sl.to_csv(out / "slopes.csv", index=False)
-    cl.to_csv(out / "claims.csv", index=False)
+    write_csv(raw, out / "coordcheck.csv", index=False)
+    write_csv(sl, out / "slopes.csv", index=False)
+    write_csv(cl, out / "claims.csv", index=False)
     figs = write_report(cfg, raw, cl, out, args.format)
     for r in cl.itertuples():
         print(f"  {r.status:5}  {r.claim}: {r.evidence}")

@@ -27,10 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from figures.diagnose import diagnosis_blocks, diagnosis_figure
     from figures.report import write_report
     options.check_format(args.format)
-    out = options.writable_dir(args.out or f"runs/diagnose-{time.strftime('%Y%m%d-%H%M%S')}")
-    with options.removed_if_empty(out):
-        d = diagnose(args.path, blocks=args.blocks, config=args.config, tokenizer=args.tokenizer,
-                     log=progress.say_err, **options.measurement_settings(args))
+    if args.blocks is not None and not args.blocks.strip(" ."):
+        raise ValueError(f"--blocks is empty ('{args.blocks}'): give the module path of the "
+                         "blocks' ModuleList, as named in model.named_modules()")
+    out = options.claim(args, default=f"runs/diagnose-{time.strftime('%Y%m%d-%H%M%S')}")
+    d = diagnose(args.path, blocks=args.blocks, config=args.config, tokenizer=args.tokenizer,
+                 log=progress.say_err, **options.measurement_settings(args))
     files = save(d, out)
     fig = diagnosis_figure(d.table, {k: v for k, (v, _) in THRESHOLDS.items()},
                            out / "figures" / "diagnosis", args.format, d.verdict,

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from analysis.cli import options
+from analysis.infra.files import write_csv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,14 +34,14 @@ def run(args: argparse.Namespace) -> int:
     if args.grid:
         from analysis.init.sweep import read_profiles
         spread = gradient_spread(read_profiles(Path(args.grid) / "init_profiles.csv"))
-        options.writable_dir(args.out)
-        spread.to_csv(Path(args.out) / "gradient_spread.csv", index=False)
+        out = options.claim(args)
+        write_csv(spread, out / "gradient_spread.csv", index=False)
         with pd.option_context("display.width", 200, "display.max_rows", 200):
             print(spread.drop(columns="per_seed").to_string(index=False, float_format="%.3g"))
         return 0
-    schemes = [s for s in args.schemes.split(",") if s]
-    names = [c for c in args.corpora.split(",") if c]
-    unknown = [c for c in names if c not in ("text", "random")] or ([] if names else ["(none)"])
+    schemes = list(options.value(args, "schemes"))  # not empty, nothing twice
+    names = list(options.value(args, "corpora"))
+    unknown = [c for c in names if c not in ("text", "random")]
     if unknown:
         raise ValueError(f"unknown corpus {unknown[0]} (known: text, random)")
     try:
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     base = options.configure(ModelConfig(), args, scheme=schemes[0])
     for s in schemes:
         replace(base, scheme=s).validate()
-    out = options.writable_dir(args.out)
+    out = options.claim(args)
     make = {"text": lambda: load_corpus(None), "random": random_corpus}
     corpora = {name: make[name]() for name in names}
     seeds = list(range(n_seeds))
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(study, audit)
     for name, frame in (("seed_study", study), ("audit", audit), ("cosine_statistic", cos),
                         ("summary", summary)):
-        frame.to_csv(out / f"{name}.csv", index=False)
+        write_csv(frame, out / f"{name}.csv", index=False)
     with pd.option_context("display.width", 200, "display.max_rows", 100):
         print(summary.round(4).to_string(index=False))
     print(f"wrote {out}/seed_study.csv, audit.csv, cosine_statistic.csv, summary.csv "

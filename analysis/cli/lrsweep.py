@@ -6,6 +6,7 @@ import argparse
 import math
 
 from analysis.cli import options
+from analysis.infra.files import write_csv
 from analysis.cli.coordcheck import width_options
 
 
@@ -17,21 +18,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     width_options(p, "lrsweep", "for the width sweep; the depth sweep uses the first "
                                 "(default: standard,mup)")
     options.add(p, "lrs", shown="5e-4 … 3.2e-2, factor 2")
-    options.add(p, "widths", help="comma-separated widths; the first is the depth sweep's and µP's "
-                                  "base width (default: 64,128,256)")
-    options.add(p, "depths", help="comma-separated depths; the first is the width sweep's "
-                                  "(default: 4,8,16,32)")
+    options.add(p, "widths", help="comma-separated increasing widths; the first is the depth "
+                                  "sweep's and µP's base width (default: 64,128,256)")
+    options.add(p, "depths", help="comma-separated increasing depths; the first is the width "
+                                  "sweep's (default: 4,8,16,32)")
     options.add(p, "steps", shown="the preset's")
     options.add(p, "quiet")
 
 
 def run(args: argparse.Namespace) -> int:
     from analysis.testbed.corpus import load_corpus
-    from analysis.width.lrsweep import PRESETS, claims, curves_table, optima, run as measure
+    from analysis.width.lrsweep import (EXECUTION_ONLY, PRESETS, claims, curves_table, optima,
+                                        run as measure)
     cfg = options.preset_config(PRESETS, args)
     corpus = load_corpus(cfg.corpus)  # a bad corpus is refused before any folder is made
-    out = options.writable_dir(args.out or "runs/lrsweep")
-    args.out = str(out)  # what an interruption names, with the command that resumes
+    out = options.claim(args, cfg, grows=EXECUTION_ONLY, default="runs/lrsweep")
     print(f"sigprop lrsweep → {out} ({len(cfg.runs())} curves × {len(cfg.lrs)} lrs × "
           f"{len(cfg.seeds)} seeds, {cfg.optimizer}, {cfg.steps} steps each)")
     raw = measure(cfg, corpus, out=out)
@@ -39,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     plateau = 0.95 * corpus.unigram_bits() * math.log(2)
     table, best = curves_table(raw), optima(raw, plateau)
     cl = claims(best, cfg)
-    best.to_csv(out / "optima.csv", index=False)
-    cl.to_csv(out / "claims.csv", index=False)
+    write_csv(best, out / "optima.csv", index=False)
+    write_csv(cl, out / "claims.csv", index=False)
     figs = write_report(cfg, table, best, cl, out, args.format)
     for r in cl.itertuples():
         print(f"  {r.status:8}  {r.claim}: {r.evidence}")

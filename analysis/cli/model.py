@@ -30,12 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from analysis.infra.device import available_memory, resolve_device
     from analysis.testbed.inspect import model_check_text
-    from analysis.testbed.memory import check_fits
+    from analysis.testbed.memory import check_fits, check_time
     cfg = options.configure(defaults(), args)
     if args.batch < 1:
         raise ValueError(f"batch must be >= 1, got {args.batch}")
     dev = resolve_device(args.device)
     check_fits(cfg, args.batch, cfg.max_seq_len, available_memory(dev), str(dev))  # before building
+    check_time([cfg], args.batch * cfg.max_seq_len, args.batch, str(dev),
+               lower="--depth or --width")
     print(model_check_text(cfg, corpus=args.corpus, batch_size=args.batch, seed=args.seed,
                            device=args.device))
     return 0

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from analysis.cli import options
+from analysis.infra.files import write_csv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,11 +37,9 @@ def run(args: argparse.Namespace) -> int:
                                         summarize, transfer, transfer_errors)
     from theory.claim_table import claims_frame
     from theory.step import block_exponent
-    schemes = [s for s in args.schemes.split(",") if s]
-    optimizers = [o for o in args.optimizers.split(",") if o]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    depths = [int(d) for d in args.depths.split(",") if d]
-    depth_schemes = [s for s in args.depth_schemes.split(",") if s]
+    schemes, optimizers, seeds, depths, depth_schemes = (  # each: not empty, nothing twice
+        list(options.value(args, name)) for name in ("schemes", "optimizers", "seeds", "depths",
+                                                     "depth_schemes"))
     for s in depth_schemes:
         ModelConfig(scheme=s, depth=1, width=args.depth_width, heads=args.heads)
     bad = [o for o in optimizers if o not in LINEAR_LR]
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         block_exponent(o, args.parametrization)
     if not seeds or args.base_width >= args.width:
         raise ValueError("needs at least one seed and --base-width below --width")
-    out = options.writable_dir(args.out)
+    out = options.claim(args)
     corpus, lin, tr, t0 = load_corpus(), [], [], time.perf_counter()
     for s, mc in configs.items():
         for o in optimizers:
@@ -70,14 +69,14 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
     study = pd.concat(study, ignore_index=True) if study else pd.DataFrame()
     claims = depth_claims(study) if len(study) else claims_frame([])
-    study.to_csv(Path(out) / "depth.csv", index=False)
-    claims.to_csv(Path(out) / "depth_claims.csv", index=False)
+    write_csv(study, Path(out) / "depth.csv", index=False)
+    write_csv(claims, Path(out) / "depth_claims.csv", index=False)
     lin, tr = pd.concat(lin, ignore_index=True), pd.concat(tr, ignore_index=True)
     summary = summarize(lin, tr)
-    lin.to_csv(Path(out) / "linearity.csv", index=False)
-    tr.to_csv(Path(out) / "transfer.csv", index=False)
-    transfer_errors(tr).to_csv(Path(out) / "transfer_errors.csv", index=False)
-    summary.to_csv(Path(out) / "summary.csv", index=False)
+    write_csv(lin, Path(out) / "linearity.csv", index=False)
+    write_csv(tr, Path(out) / "transfer.csv", index=False)
+    write_csv(transfer_errors(tr), Path(out) / "transfer_errors.csv", index=False)
+    write_csv(summary, Path(out) / "summary.csv", index=False)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if len(claims):
         print(claims[["claim", "slope", "slope_se", "theory", "status"]].to_string(

@@ -12,12 +12,13 @@ names, and an option left out (None) keeps the dataclass's value.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from analysis.infra.checks import check_compile_backend, check_list
 
 # --- values: text → value; a ValueError names the option (one line, exit 2) ---------------------
 
@@ -38,17 +39,16 @@ def _numbers(text: str, flag: str, cast: Callable[[str], float], what: str) -> l
         values = [cast(v) for v in text.split(",") if v]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated {what}, got '{text}'") from None
-    if not values:
-        raise ValueError(f"{flag} is empty")
+    check_list(values, flag, text=text)  # not empty, nothing twice
     return values
 
 
 def preset_config(presets: Mapping[str, Any], args: argparse.Namespace):
     """The preset ``--preset`` names with the user's options applied, validated, and the figure
     format checked: before any model is built or folder made."""
-    cfg = configure(presets[args.preset], args)
-    cfg.validate()
     check_format(args.format)
+    cfg = configure(presets[args.preset], args)
+    cfg.validate()  # the preset's device too (--preset gpu where CUDA is not: one line)
     return cfg
 
 
@@ -66,9 +66,26 @@ def floats(text: str, flag: str) -> list[float]:
 def names(text: str, flag: str) -> tuple[str, ...]:
     """A comma-separated list of names."""
     values = tuple(n for n in text.split(",") if n)
-    if not values:
-        raise ValueError(f"an empty list: '{text}'")
+    check_list(values, flag, text=text)  # not empty, nothing twice
     return values
+
+
+def increasing(convert: Callable[[str, str], list]) -> Callable[[str, str], list]:
+    """The list ``convert`` reads, refused unless increasing (sizes, depths, learning rates)."""
+    def read(text: str, flag: str) -> list:
+        values = convert(text, flag)
+        check_list(values, flag, increasing=True, text=text)
+        return values
+    return read
+
+
+def compile_backend(text: str) -> str:
+    """argparse type: a torch.compile backend torch knows (refused as the command line is read)."""
+    try:
+        check_compile_backend(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def moe(text: str, flag: str) -> tuple[int, int]:
@@ -167,14 +184,15 @@ _declare("--quiet", action="store_true",
          help="no progress bars or progress lines; results and errors still print")
 _declare("--compile", action=argparse.BooleanOptionalAction,
          help="run under torch.compile (default: {default})")
-_declare("--compile-backend",
+_declare("--compile-backend", type=compile_backend,
          help="torch.compile backend (default: {default}; aot_eager traces without codegen)")
 _declare("--parallel", type=int, help="runs at once (default: {default})")
 _declare("--preset", choices=["cpu", "gpu"], help="the preset's sizes (default: {default})")
 # data
 _declare("--corpus", help=_TEXT)
-_declare("--corpora", help="comma-separated: text (the default corpus), random (i.i.d. bytes) "
-                           "(default: {default})")
+_declare("--corpora", convert=names, config=False,
+         help="comma-separated: text (the default corpus), random (i.i.d. bytes) (default: "
+              "{default})")
 _declare("--text", help="text file to run through the model (default: the corpus's validation "
                         "split)")
 _declare("--text-for", action="append", metavar="PATH=FILE", convert=text_for, config=False,
@@ -184,9 +202,11 @@ _declare("--text-for", action="append", metavar="PATH=FILE", convert=text_for, c
 _declare("--scheme", help="registered scheme (default: {default})")
 _declare("--schemes", convert=names, help="comma-separated schemes (default: {default})")
 _declare("--depth", type=int, help="number of blocks L (default: {default})")
-_declare("--depths", convert=ints, help="comma-separated increasing depths (default: {default})")
+_declare("--depths", convert=increasing(ints),
+         help="comma-separated increasing depths (default: {default})")
 _declare("--width", type=int, help="model width d (default: {default})")
-_declare("--widths", convert=ints, help="comma-separated widths (default: {default})")
+_declare("--widths", convert=increasing(ints),
+         help="comma-separated increasing widths (default: {default})")
 _declare("--base-width", type=int,
          help="with µP, the width at which it equals standard (default: {default})")
 _declare("--heads", type=int, help="attention heads (default: {default})")
@@ -235,11 +255,12 @@ _declare("--init-sequences", type=int,
 # training (TrainConfig) and the width commands
 _declare("--tokens", type=int, help="token budget per training run (default: {default})")
 _declare("--lr", type=finite, help="peak learning rate (default: {default})")
-_declare("--lrs", convert=floats, help="comma-separated increasing learning rates, log-spaced "
-                                       "(default: {default})")
+_declare("--lrs", convert=increasing(floats),
+         help="comma-separated increasing learning rates, log-spaced (default: {default})")
 _declare("--steps", type=int, help="optimizer steps (default: {default})")
 _declare("--optimizer", choices=["adam", "sgd"], help="default: {default}")
-_declare("--optimizers", help="comma-separated: adam, sgd (default: {default})")
+_declare("--optimizers", convert=names, config=False,
+         help="comma-separated: adam, sgd (default: {default})")
 _declare("--grad-clip", type=finite,
          help="clip the gradient norm to this value; 0 is off (default: off)")
 _declare("--beta1", type=finite, help="Adam β1 (default: {default})")
@@ -299,7 +320,8 @@ _declare("--latex", action="store_true", help="print recurrences and closed form
 _declare("--grid", metavar="RUN_DIR",
          help="instead: write gradient_spread.csv (g_0/g_L per seed and its spread in log10) "
               "from a sweep folder's init_profiles.csv, nothing measured")
-_declare("--depth-schemes", help="the depth study's schemes (default: {default})")
+_declare("--depth-schemes", convert=names, config=False,
+         help="the depth study's schemes (default: {default})")
 _declare("--depth-width", type=int, help="the depth study's width (default: {default})")
 _declare("--shape", choices=["small", "gpt2", "tiny"],
          help="model shape for --probes and --train: small (d128 L4 T128), tiny (d32 L2 T32, the "
@@ -393,20 +415,40 @@ def check_format(fmt: str) -> None:
         raise ValueError(f"unknown figure format '{fmt}' (known: {', '.join(FORMATS)})")
 
 
-def writable_dir(path: str | None):
-    from analysis.infra.folders import writable_dir
-    return writable_dir(path)
+# Settings that change how a command runs or shows its results, never what they are: a folder
+# made with one value is the same command's folder with another (a sweep resumed on a GPU).
+HOW_NOT_WHAT = frozenset({"out", "quiet", "device", "format", "parallel", "time_limit", "compile",
+                          "compile_backend", "compile_scope", "tensorboard", "log_every",
+                          "fail_on", "ddp", "fsdp", "latex", "autocast", "check_every",
+                          "timing_warmup", "command", "func"})
 
 
-@contextlib.contextmanager
-def removed_if_empty(out):
-    """On any failure inside, remove ``out`` if nothing was written there (no empty folder left)."""
-    try:
-        yield
-    except BaseException:
-        if not any(out.iterdir()):
-            out.rmdir()
-        raise
+def settings(args: argparse.Namespace, *configs: object, grows: tuple[str, ...] = ()) -> dict:
+    """What an output folder's stamp records of a command: every field of ``configs`` (the
+    resolved values, so a default and the same value given are one setting) and every option
+    that sets none of their fields, less ``HOW_NOT_WHAT`` and ``grows`` (the lists a resumable
+    command's folder may grow by, e.g. a grid's depths and seeds)."""
+    out: dict[str, Any] = {}
+    for config in configs:
+        out.update(dataclasses.asdict(config))
+    for name in vars(args):
+        option = OPTIONS.get(name)
+        sets_field = option is not None and option.config and any(
+            set(f if isinstance(f, tuple) else (f,)) <= {x.name for x in dataclasses.fields(c)}
+            for c in configs for f in (option.field(c),))
+        if not sets_field:
+            out[name] = value(args, name) if option is not None else getattr(args, name)
+    return {k: v for k, v in out.items() if k not in HOW_NOT_WHAT and k not in grows}
+
+
+def claim(args: argparse.Namespace, *configs: object, grows: tuple[str, ...] = (),
+          default: str | None = None):
+    """``args.out`` (or ``default``) as this command's output folder: made, locked and stamped
+    (analysis.infra.folders.claim); ``args.out`` is set to it, for what an interruption names."""
+    from analysis.infra.folders import claim as claim_folder
+    out = claim_folder(args.out or default, args.command, settings(args, *configs, grows=grows))
+    args.out = str(out)
+    return out
 
 
 # --- the shared groups -----------------------------------------------------------------------

@@ -20,13 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis.cli.sweep import write_report
+    from analysis.infra.folders import annotate
     from analysis.init.pipeline import load_tables, save_tables
     options.check_format(args.format)
-    if args.theory and Path(args.run_dir).is_dir():
-        options.writable_dir(args.run_dir)  # before minutes of theory: an unwritable folder fails now
+    if Path(args.run_dir).is_dir():  # locked, and a sweep's, before minutes of theory
+        annotate(args.run_dir, ("sweep",), "report")
     tables, cfg, theory = load_tables(args.run_dir, warn=lambda s: print(s, file=sys.stderr),
                                       theory_again=args.theory)
-    out = options.writable_dir(args.run_dir)
+    out = Path(args.run_dir)
     save_tables(tables, cfg, theory, out)
     write_report(tables, theory, out, args.format)
     return 0

@@ -24,8 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from analysis.init.pipeline import PRESETS, analyse, save_tables
     cfg = options.preset_config(PRESETS, args)
-    out = options.writable_dir(args.out)
-    args.out = str(out)  # what an interruption names, with the command that resumes
+    out = options.claim(args, cfg)
     print(f"sigprop analysis → {out}")
     tables, theory = analyse(cfg, out=out)
     save_tables(tables, cfg, theory, out)

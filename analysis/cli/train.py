@@ -7,6 +7,7 @@ from pathlib import Path
 
 from analysis.infra import progress
 from analysis.cli import options
+from analysis.infra.files import write_csv, write_text
 
 PRESETS = {  # what `train` runs when a flag is not given, by device type (as the flags write it)
     "cpu": dict(schemes="pre,post,span,deepnorm", depths="2,4", width=64, heads=4, seq_len=64,
@@ -14,6 +15,7 @@ PRESETS = {  # what `train` runs when a flag is not given, by device type (as th
     "cuda": dict(schemes="pre,post,span,deepnorm", depths="6,12,24,48,96,192", width=256, heads=4,
                  seq_len=256, batch=32, tokens=20_000_000, lr=1e-3),
 }
+GRID = ("schemes", "depths", "seeds", "scheme", "depth", "seed")  # a grid folder grows by these
 OPTIMIZER = ("grad_clip", "beta1", "beta2", "weight_decay", "decay_embeddings", "warmup",
              "min_lr_ratio", "stall_fraction", "stall_share", "log_every")
 
@@ -53,15 +55,23 @@ def run(args: argparse.Namespace) -> int:
     from analysis.training.grid import train_grid
     from analysis.training.train import TrainConfig
 
+    options.check_format(args.format)  # before the grid trains, not after it
     preset = PRESETS[resolve_device(args.device).type]
     given = {k: v for k, v in vars(args).items() if v is not None}
     values = {**preset, **given}  # a flag given, else the device's preset, else the dataclass
     depths, seeds = options.value(values, "depths"), options.value(values, "seeds")
-    schemes = [s for s in values["schemes"].split(",") if s]
-    base = options.configure(ModelConfig(), values, scheme=schemes[0] if schemes else "",
-                             depth=depths[0])
+    schemes = list(options.value(values, "schemes"))
+    base = options.configure(ModelConfig(), values, scheme=schemes[0], depth=depths[0])
     tc = options.configure(TrainConfig(), values, seed=seeds[0])
     tc.validate(base.max_seq_len)  # before any folder is made
+    from dataclasses import replace
+
+    from analysis.testbed.memory import check_time
+    grid = [replace(base, scheme=s, depth=d) for s in schemes for d in depths]
+    for mc in grid:
+        mc.validate()
+    check_time(grid, tc.tokens, tc.batch_size, tc.device)  # work beyond days: refused up front
+    given_corpus = load_corpus(args.corpus) if args.corpus else None  # a bad one: before a folder
     if tc.tensorboard:
         from analysis.training.runlog import summary_writer_class
         summary_writer_class()  # a missing tensorboard package is refused before any training
@@ -69,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
     if world.size > 1:
         from analysis.infra.distributed import check_same, from_main
         check_same({k: v for k, v in vars(args).items() if k != "func"}, world)
-        out = Path(from_main(str(options.writable_dir(args.out)) if world.main else None, world))
+        out = Path(from_main(str(options.claim(args, base, tc, grows=GRID)) if world.main
+                             else None, world))
     else:
-        out = options.writable_dir(args.out)
-    args.out = str(out)  # what an interruption names, with the command that resumes
-    corpus = load_corpus(args.corpus)
+        out = options.claim(args, base, tc, grows=GRID)
+    args.out = str(out)  # every rank: what an interruption names, with the command that resumes
+    corpus = given_corpus if given_corpus is not None else load_corpus(None)
     try:
         runs, profiles = train_grid(schemes, depths, base, tc, corpus, out, parallel=args.parallel,
                                     seeds=seeds, world=world, ddp=args.ddp, fsdp=args.fsdp,
@@ -133,6 +144,6 @@ def grid_report(out, runs, profiles, fmt: str, unigram_bpb: float) -> list:
             figs.append(update_sizes(profiles, out / "figures" / "train_update_sizes", deepest, fmt,
                                      moe=kind))
     claims = check_training_claims(runs, profiles, unigram_bpb)
-    claims.to_csv(out / "claims.csv", index=False)
-    (out / "train.md").write_text(to_markdown(training_blocks(runs, figs, out, claims)))
+    write_csv(claims, out / "claims.csv", index=False)
+    write_text(out / "train.md", to_markdown(training_blocks(runs, figs, out, claims)))
     return figs

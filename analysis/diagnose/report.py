@@ -66,7 +66,7 @@ def glossary_for(column: str) -> str | None:
 
 def save(d: Diagnosis, out: Path) -> list[Path]:
     """diagnosis.json (meta, verdict, findings, per-layer table) and diagnosis.csv (the table)."""
-    import json
+    from analysis.infra.files import write_csv, write_json
 
     def clean(v):
         return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -75,8 +75,8 @@ def save(d: Diagnosis, out: Path) -> list[Path]:
                findings=[{k: clean(v) for k, v in r.items()} for r in d.findings.to_dict("records")],
                layers=[{k: clean(v) for k, v in r.items()} for r in d.table.to_dict("records")])
     js, csv = out / "diagnosis.json", out / "diagnosis.csv"
-    js.write_text(json.dumps(doc, indent=1, default=float))
-    d.table.to_csv(csv, index=False)
+    write_json(js, doc, indent=1, default=float)
+    write_csv(d.table, csv, index=False)
     return [js, csv]
 
 

@@ -70,4 +70,21 @@ def token_windows(loaded: Loaded, raw: bytes, source: str, n: int, seq_len: int)
         k = len(loaded.prefix_ids)
         windows[:, :k] = torch.tensor(loaded.prefix_ids)
         how += f"; each window starts with the tokenizer's own prefix {loaded.prefix_ids} (BOS / [CLS]), as in training"
-    return windows.clamp_(0, loaded.vocab_size - 1), how
+    check_token_range(loaded, windows, "the text")
+    return windows, how
+
+
+def check_token_range(loaded: Loaded, ids: torch.Tensor | list[int], what: str) -> None:
+    """Refuse token ids outside the model's vocabulary (a tokenizer made for another model): an
+    embedding has no row for them, and folding them onto another id would measure other text."""
+    if not len(ids):
+        return
+    top = int(max(ids) if isinstance(ids, list) else ids.max())
+    low = int(min(ids) if isinstance(ids, list) else ids.min())
+    if 0 <= low and top < loaded.vocab_size:
+        return
+    size = f" of {loaded.tokenizer_size} tokens" if loaded.tokenizer_size else ""
+    bad = top if top >= loaded.vocab_size else low
+    raise ValueError(f"the tokenizer ({loaded.tokenizer}){size} turns {what} into token id {bad}, but the "
+                     f"model's vocabulary has {loaded.vocab_size} tokens (ids 0 to "
+                     f"{loaded.vocab_size - 1}): pass the model's own tokenizer with --tokenizer")

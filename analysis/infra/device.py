@@ -15,7 +15,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ValueError(f"unknown device '{name}' (try cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available here")
+        raise ValueError(f"device '{name}' requested but CUDA is not available here: use "
+                         "--device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device '{name}' (cpu or cuda)")
     return dev

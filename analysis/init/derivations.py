@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
 import sympy
 
-from analysis.infra.folders import writable_dir
+from analysis.cli.options import claim
+from analysis.infra import files
 from theory import claims as CL
 from theory.claim_table import claims_frame
 from theory import interpreter as I
@@ -95,27 +95,8 @@ def write_json(content: dict[str, Any], out: str | os.PathLike) -> str:
     """Write theory.json into ``out``; its path."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "theory.json")
-    with open(path, "w") as f:
-        json.dump(content, f, indent=1, ensure_ascii=False)
+    files.write_json(path, content, indent=1, ensure_ascii=False)
     return path
-
-
-# files that mark a folder as another command's output, whose claims.csv / theory.json the
-# theory command would overwrite with its own
-OTHER_OUTPUTS = {"init_profiles.csv": "a sweep", "config.json": "a sweep",
-                 "train_runs.csv": "a training grid", "campaign.json": "a campaign",
-                 "diagnosis.json": "a diagnosis", "atlas_layers.csv": "an atlas"}
-
-
-def check_out(out: str | os.PathLike) -> None:
-    """Refuse an output folder that another command's results live in (its claims.csv and
-    theory.json would be overwritten) or that cannot be written; ValueError naming it."""
-    for name, what in OTHER_OUTPUTS.items():
-        if os.path.exists(os.path.join(out, name)):
-            raise ValueError(f"{out} holds {what} ({name}): `theory` would overwrite its claims.csv "
-                             "and theory.json; choose another --out folder (`report` rebuilds a "
-                             "sweep's own)")
-    writable_dir(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     names = [args.scheme] if args.scheme else list(SCHEMES)
     for n in names:
         get_scheme(n)  # ValueError for an unknown scheme, before any work
-    check_out(args.out or os.path.join("runs", "theory"))  # before the minutes of deriving
+    claim(args, default=os.path.join("runs", "theory"))  # before the minutes of deriving
     content, claims = collect(names, args.latex)
     for rep in content["schemes"]:
         _print_scheme(rep)
@@ -141,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{c.claim:34} {c.scheme:9} {c.method:9} {c.status:7} {c.evidence}")
     out = args.out or os.path.join("runs", "theory")
     path = write_json(content, out)
-    claims_frame(claims).to_csv(os.path.join(out, "claims.csv"), index=False)
+    files.write_csv(claims_frame(claims), os.path.join(out, "claims.csv"), index=False)
     print(f"\nwrote {path} and {os.path.join(out, 'claims.csv')}")
     broken = [c.claim for c in claims if c.method == "symbolic" and c.status != "holds"]
     if broken:

@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 
-from analysis.infra import progress
+from analysis.infra import files, progress
+from analysis.infra.checks import check_int, check_list
 from analysis.init.compare import add_errors, aggregate, disagreements, error_summary, target_check
 from analysis.testbed.corpus import load_corpus
 from analysis.init.measured_claims import check_claims
+from analysis.testbed.memory import check_time
 from analysis.testbed.model import ModelConfig
 from analysis.init.sweep import (check_memory, check_theory_cost, complete_points, init_sweep,
                                  read_profiles, repredict)
@@ -52,28 +56,24 @@ class AnalysisConfig(Shape):
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
-        if not self.schemes:
-            raise ValueError("no schemes given")
+        resolve_device(self.device)  # the gpu preset where CUDA is not: one line
+        # not empty, nothing twice (each would be measured twice and counted twice in every
+        # statistic), depths increasing
+        for name in ("schemes", "depths", "seeds"):
+            check_list(getattr(self, name), name, increasing=name == "depths")
         for s in self.schemes:
             if s not in SCHEMES:
                 raise ValueError(f"unknown scheme '{s}' (known: {', '.join(SCHEMES)})")
-        if not self.depths:
-            raise ValueError("the depth list is empty")
-        if list(self.depths) != sorted(set(self.depths)):
-            raise ValueError(f"depths must be increasing without repeats, got {self.depths}")
-        if not self.seeds:
-            raise ValueError("the seed list is empty")
-        for name in ("schemes", "seeds"):
-            values = list(getattr(self, name))
-            twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
-            if twice:  # each would be measured twice and counted twice in every statistic
-                raise ValueError(f"{name} must be distinct, got {', '.join(map(str, twice))} "
-                                 f"more than once in {','.join(map(str, values))}")
         for name in ("batches", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_int(getattr(self, name), name)
+        for d in self.depths:
+            check_int(d, "each of depths")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         self.model_config(self.schemes[0], self.depths[0]).validate()
-        resolve_device(self.device)
+        deepest = [self.model_config(s, self.depths[-1]) for s in self.schemes]
+        check_time(deepest, self.batches * self.batch_size * self.seq_len, self.batch_size,
+                   self.device, lower="--batches, --batch or the deepest depth")
 
     def model_config(self, scheme: str, depth: int) -> ModelConfig:
         """The testbed configuration of one grid point."""
@@ -147,7 +147,7 @@ def analyse(cfg: AnalysisConfig, log: Callable[[str], None] = progress.say, out:
         f"{time.perf_counter() - t0:.1f} s")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        files.write_json(out / "config.json", asdict(cfg), indent=1)
         write_json(theory, out)
     log(f"init sweep: {len(cfg.schemes)} schemes × {len(cfg.depths)} depths × {len(cfg.seeds)} seeds, "
         f"width {cfg.width}, {cfg.batches} batches of {cfg.batch_size} × {cfg.seq_len} tokens, on {cfg.device}")
@@ -182,10 +182,10 @@ def compare_tables(profiles: pd.DataFrame, theory_claims: list[dict],
 def save_tables(tables: dict[str, pd.DataFrame], cfg: AnalysisConfig, theory: dict, out: Path) -> None:
     """Write config.json, theory.json and every table as CSV into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    files.write_json(out / "config.json", asdict(cfg), indent=1)
     write_json(theory, out)
     for name in TABLES:
-        tables[name].to_csv(out / f"{name}.csv", index=False)
+        files.write_csv(tables[name], out / f"{name}.csv", index=False)
 
 
 def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print, theory_again: bool = False,
@@ -206,9 +206,9 @@ def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print, theory
                          f"theory.json are written by `run_analysis.py` or `sweep`)")
     cfg = config_from_record(run_dir / "config.json")
     theory = read_record(run_dir / "theory.json")
-    if not isinstance(theory, dict) or not isinstance(theory.get("claims"), list):
-        raise ValueError(f"{run_dir / 'theory.json'} has no list of claims: not a sweep's theory.json")
-    frame, problems = complete_points(read_profiles(profiles), cfg.seeds, keep_seeds=True)
+    if not theory_again:  # else rebuilt below: a broken one is replaced
+        _check_claims(theory, run_dir / "theory.json")
+    frame, problems = complete_points(checked_profiles(profiles), cfg.seeds, keep_seeds=True)
     grid = {(s, d) for s in cfg.schemes for d in cfg.depths}
     absent = sorted(grid - set(zip(frame["scheme"], frame["depth"].astype(int))),
                     key=lambda p: (cfg.schemes.index(p[0]), p[1]))
@@ -227,6 +227,47 @@ def load_tables(run_dir: str | Path, warn: Callable[[str], None] = print, theory
     return compare_tables(frame.reset_index(drop=True), theory["claims"], cfg.schemes), cfg, theory
 
 
+def _check_claims(theory: dict | None, path: Path) -> None:
+    """Refuse a theory.json whose claims the claims table cannot read, naming the first."""
+    if not isinstance(theory, dict) or not isinstance(theory.get("claims"), list):
+        raise ValueError(f"{path} has no list of claims: not a sweep's theory.json")
+    odd = next((i for i, c in enumerate(theory["claims"]) if not isinstance(c, dict)), None)
+    try:
+        if odd is not None:
+            raise ValueError(f"claim {odd + 1} is {json.dumps(theory['claims'][odd])[:40]}, expected "
+                             f"an object of {', '.join(COLUMNS)}")
+        claims_frame(theory["claims"])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: {e}; restore it, or rebuild it with `report "
+                         f"{path.parent} --theory`") from None
+
+
+# init_profiles.csv's columns of numbers (empty where a row was cut or a value not measured)
+NUMBER_COLUMNS = {"depth": True, "seed": True, "layer": True, "measured": False, "spread": False,
+                  "theory": False, "theory_averaged": False}  # column → whole numbers only
+
+
+def checked_profiles(path: Path) -> pd.DataFrame:
+    """init_profiles.csv read back (sweep.read_profiles), every column of numbers checked to hold
+    numbers: ValueError naming the file, the column, the line and what was expected."""
+    again = "restore it, or delete it and run the same sweep again into this folder"
+    try:
+        frame = read_profiles(path)
+    except UnicodeDecodeError as e:  # a binary file
+        raise ValueError(f"{path} is not a CSV text file (byte {e.start} is not UTF-8 text: a binary "
+                         f"or corrupt file); {again}") from None
+    for column, whole in NUMBER_COLUMNS.items():
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column].notna() & (values.isna() | (values % 1 != 0 if whole else False))
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise ValueError(f"{path}: column {column} holds {str(frame[column].iloc[row])[:40]!r} on "
+                             f"line {row + 2}, expected {'an integer' if whole else 'a number'} (or "
+                             f"nothing); {again}")
+        frame[column] = values
+    return frame
+
+
 def config_from_record(path: Path) -> AnalysisConfig:
     """The AnalysisConfig a sweep saved at ``path``, or ValueError naming what is wrong."""
     record = read_record(path)
@@ -237,8 +278,52 @@ def config_from_record(path: Path) -> AnalysisConfig:
     if unknown:
         raise ValueError(f"{path} has unknown setting(s) {', '.join(unknown)}: not a sweep's "
                          "config.json")
+    hints = typing.get_type_hints(AnalysisConfig)
+    for name, value in record.items():
+        if not _is_a(value, hints[name]):
+            raise ValueError(f"{path}: field {name} is {json.dumps(value)[:80]}, expected "
+                             f"{_expected(hints[name])}: not a sweep's config.json, or it was "
+                             "edited; restore it, or run the sweep again into a new --out folder")
     try:
-        cfg = AnalysisConfig(**record)  # not validate(): the device may be absent here
+        cfg = AnalysisConfig(**record)
+        replace(cfg, device="cpu").validate()  # not the device: it may be absent here
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{path}: {e}; restore it, or run the sweep again into a new --out "
+                         "folder") from None
     return cfg
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether a JSON ``value`` has the type ``hint`` (int, float, str, bool, None, lists, dicts
+    and unions of them; a whole number is a float too, true and false are not numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value) if args else \
+            isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_is_a(v, args[1]) for v in value.values()))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # a type JSON cannot say: not checked here
+
+
+def _expected(hint: Any) -> str:
+    """A type as the words of a refusal: 'a list of integers', 'a string or null'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args)
+    if origin is list:
+        return f"a list of {_expected(args[0]).removeprefix('an ').removeprefix('a ')}s" if args \
+            else "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))

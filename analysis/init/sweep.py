@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.infra import progress
+from analysis.infra import files, progress
 from analysis.infra.budget import Cut, past
 from analysis.infra.device import available_memory, resolve_device
 from analysis.testbed.corpus import Corpus
@@ -259,7 +259,7 @@ def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: Mo
         kept, problems = complete_points(read_profiles(path, need_rows=False), seeds)
         if problems:  # a cut mid-write: measure those points again, keep the file whole
             log(f"  measuring again what a cut left part-written in {path}: {', '.join(problems)}")
-            kept.to_csv(path, index=False)
+            files.write_csv(kept, path, index=False)
         done = set(zip(kept["scheme"], kept["depth"]))
         parts.append(kept)
         configs = [c for c in configs if (c.scheme, c.depth) not in done]
@@ -282,8 +282,7 @@ def init_sweep(schemes: list[str], depths: list[int], seeds: list[int], base: Mo
             point.append(rows.assign(scheme=cfg.scheme, depth=cfg.depth, seed=seed)[COLUMNS])
         parts += point
         if path is not None:
-            first = not path.exists() or not path.stat().st_size
-            pd.concat(point).to_csv(path, mode="a", header=first, index=False)
+            files.append_csv(pd.concat(point), path, index=False)  # header first if new
         log(f"  [{k}/{len(configs)}] {cfg.scheme} L={cfg.depth}: {len(seeds)} seeds in "
             f"{time.perf_counter() - t:.1f} s (total {time.perf_counter() - t0:.0f} s)")
     bar.close()

@@ -144,10 +144,24 @@ def depths_that_fit(configs: list[ModelConfig], batch: int, available: float,
     return sorted({c.depth for c in configs} - too_big)
 
 
+def floor_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
+    """A floor under any estimate, by arithmetic alone: the token embedding, four width² matrices
+    a block (attention's), and one activation a block and the embedding's."""
+    width = torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
+    weights = cfg.width * (cfg.vocab + cfg.depth * 4 * cfg.width)
+    return width * (weights + batch * seq_len * cfg.width * (cfg.depth + 1))
+
+
 def check_fits(cfg: ModelConfig, batch: int, seq_len: int, available: int, where: str,
                training: bool = False, fraction: float = 0.9) -> MemoryEstimate:
     """The estimate, or ValueError naming it and the memory ``where`` has (``fraction`` of
     ``available`` is usable: allocator fragmentation and the framework's own buffers)."""
+    floor = floor_bytes(cfg, batch, seq_len)
+    if floor > fraction * available:  # before any tensor, even on "meta", whose sizes overflow
+        raise ValueError(f"{cfg.scheme} at depth {cfg.depth}, width {cfg.width}, batch {batch} × "
+                         f"{seq_len} needs at least {size(floor)} (its embedding and block "
+                         f"weights and one activation a block) but {where} has "
+                         f"{size(available)} free")
     est = None
     if cfg.depth > QUICK_DEPTH:  # refuse a far too deep model in milliseconds
         est = quick_estimate(cfg, batch, seq_len, training)
@@ -159,3 +173,51 @@ def check_fits(cfg: ModelConfig, batch: int, seq_len: int, available: int, where
                          f"{seq_len} needs {est.describe()} but {where} has "
                          f"{size(available)} free")
     return est
+
+
+# What a time estimate assumes: throughputs at the top of what the hardware does, so that the
+# estimate is a floor and work refused by it could not have finished in time on any device of
+# the type: training FLOP/s (6 · parameters FLOPs per token, forward and backward; an H200's dense
+# bf16 peak is 9.9e14; 2 CPU cores train a small testbed at ~7e10) and each block's fixed cost per
+# step (dispatch: 2e-4 s measured for a width-4 block's forward and backward on a CPU).
+THROUGHPUT = {"cpu": 1e11, "cuda": 1e15}
+BLOCK_SECONDS = 2e-5
+TIME_LIMIT = 7 * 24 * 3600.0  # work estimated longer is refused before it starts
+
+
+def duration(seconds: float) -> str:
+    """Seconds as s, min, h, days or years, three significant digits."""
+    for unit, scale in (("years", 365 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def work_estimate(cfg: ModelConfig, tokens: int, batch: int, device: str = "cpu"
+                  ) -> tuple[float, float]:
+    """(seconds at least, FLOPs) of forward and backward passes of ``cfg`` over ``tokens``
+    tokens in batches of ``batch`` × cfg.max_seq_len on ``device``, at THROUGHPUT plus
+    BLOCK_SECONDS a block and step (parameters as quick_estimate counts them: milliseconds at
+    any depth; a MoE's every expert, as if all ran)."""
+    width = torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
+    n_params = quick_estimate(cfg, 1, 1).params / width
+    flops = 6.0 * n_params * tokens
+    steps = -(-tokens // max(1, batch * cfg.max_seq_len))
+    rate = THROUGHPUT.get(torch.device(device).type, THROUGHPUT["cpu"])
+    return flops / rate + steps * cfg.depth * BLOCK_SECONDS, flops
+
+
+def check_time(configs: list[ModelConfig], tokens: int, batch: int, device: str = "cpu",
+               limit: float = TIME_LIMIT, lower: str = "--tokens, --depth or --width") -> float:
+    """The estimated seconds of the longest of ``configs`` (each over ``tokens`` tokens), or
+    ValueError giving the estimate where it is over ``limit`` (default 7 days) and what to
+    ``lower``."""
+    estimates = [(*work_estimate(c, tokens, batch, device), c) for c in configs]
+    seconds, flops, cfg = max(estimates, key=lambda e: e[0])
+    if seconds > limit:
+        rate = THROUGHPUT.get(torch.device(device).type, THROUGHPUT["cpu"])
+        raise ValueError(f"{cfg.scheme} at depth {cfg.depth}, width {cfg.width} over {tokens:,} "
+                         f"tokens would take at least {duration(seconds)} on {device} "
+                         f"({flops:.3g} FLOPs at {rate:.0e} FLOP/s, and {BLOCK_SECONDS:g} s a "
+                         f"block and step), over the limit of {duration(limit)}: lower {lower}")
+    return seconds

@@ -48,7 +48,7 @@ class ModelConfig(Shape):
     dtype: str = "float32"
     scheme_params: dict[str, Any] = field(default_factory=dict)
     # the usual nanoGPT options, off by default (the theory is at init, without them)
-    tie_embeddings: bool = False  # the LM head reuses the token embedding (drawn as the embedding)
+    tie_embeddings: bool = False  # the LM head reuses the token embedding, read out × 1/√width
     dropout: float = 0.0  # on attention weights, sublayer outputs and the embedding, in training
     # "standard" (today's) or "mup" (analysis.testbed.parametrization); base_width: the width at
     # which mup equals standard (its width multiplier is width / base_width)
@@ -337,7 +337,14 @@ class Testbed(nn.Module):
         self.head = _linear(d, cfg.vocab, cfg.sigma, math.sqrt(cfg.width_mult))
         self.output_mult = 1.0 if cfg.parametrization == "mup-nomult" else 1.0 / cfg.width_mult
         if cfg.tie_embeddings:
+            # The tied head is the token embedding, drawn at the embedding's scale (std
+            # embed_std/√2 a coordinate: the stream's q0 = embed_std², which the theory reads, is
+            # left as it is), so its logits are read out times 1/√width, as T5 does with its tied
+            # embedding. Without it a normalized stream read by a matrix of entries ~0.71 gives
+            # logits of std ≈ √(width/2): a first loss of ~30 nats at width 128, not ln(vocab).
+            # (nanoGPT/GPT-2 draw the shared matrix at std 0.02 instead; that would change q0.)
             self.head.weight = self.tok_embed.weight
+            self.output_mult = 1.0 / math.sqrt(d)  # mup refuses tied heads: it was 1 here
         self.to(DTYPES[cfg.dtype])
 
     @torch.no_grad()

@@ -26,8 +26,9 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis.infra import progress
+from analysis.infra import files, progress
 from analysis.infra.budget import Cut, left
+from analysis.infra.checks import check_compile_backend, check_int, check_list
 from analysis.infra.device import available_memory, resolve_device
 from analysis.infra.records import read_record, refuse_other
 from analysis.testbed.corpus import load_corpus
@@ -89,16 +90,18 @@ class CampaignConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
+        resolve_device(self.device)
+        check_list(self.stages, "stages")  # not empty, nothing twice
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage '{unknown[0]}' (stages: {', '.join(STAGES)})")
-        if not self.stages:
-            raise ValueError("no stages given")
-        if self.parallel < 1:
-            raise ValueError(f"parallel must be >= 1, got {self.parallel}")
-        if self.tokens is not None and self.tokens < 1:
-            raise ValueError(f"tokens must be >= 1, got {self.tokens}")
-        resolve_device(self.device)
+        check_int(self.parallel, "parallel")
+        if self.tokens is not None:
+            check_int(self.tokens, "tokens")
+        for name in ("tiny", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_compile_backend(self.compile_backend)  # every stage trains or times under it
 
     def plan(self) -> dict:
         """The sizes of every stage, the token override applied."""
@@ -148,7 +151,7 @@ def probe_overhead(cfg: CampaignConfig, out: Path, deadline: float | None, log) 
     for r in rows:
         log(f"  {r['mode']}: {r['unprobed_ms']:.2f} → {r['probed_ms']:.2f} ms "
             f"({100 * r['overhead']:+.1f} %)")
-    pd.DataFrame(rows).to_csv(out / "probe_overhead.csv", index=False)
+    files.write_csv(pd.DataFrame(rows), out / "probe_overhead.csv", index=False)
 
 
 def throughput(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> None:
@@ -158,7 +161,7 @@ def throughput(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> N
     r = measure(bench["shape"], cfg.device, steps=bench["steps"], warmup=bench["warmup"],
                 compile=cfg.compile, compile_backend=cfg.compile_backend)
     log(f"  {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.3f}")
-    pd.DataFrame([r]).to_csv(out / "throughput.csv", index=False)
+    files.write_csv(pd.DataFrame([r]), out / "throughput.csv", index=False)
 
 
 def init_sweep(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> None:
@@ -225,7 +228,7 @@ def run_campaign(cfg: CampaignConfig, out: Path, time_limit: float = 540.0,
     out.mkdir(parents=True, exist_ok=True)
     state = load_state(cfg, out)
     state["selected"] = [s for s in STAGES if s in cfg.stages]
-    save = lambda: (out / "campaign.json").write_text(json.dumps(state, indent=1))  # noqa: E731
+    save = lambda: files.write_json(out / "campaign.json", state, indent=1)  # noqa: E731
     save()
     deadline = time.time() + time_limit - reserve
     starts = START_SECONDS["tiny" if cfg.tiny else "full"]

@@ -7,8 +7,6 @@ on any number of ranks), the data generator's state, the run's ``RunState`` and 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 
 from analysis.infra.distributed import World
+from analysis.infra.files import save_torch
 from analysis.testbed.model import ModelConfig, Testbed
 
 
@@ -34,16 +33,9 @@ class RunState:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temp file in the same folder, then rename over ``path``
+    (analysis.infra.files: a full disk an OSError naming ``path``)."""
+    save_torch(obj, path)
 
 
 def weights_and_moments(model: Testbed, opt: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
@@ -93,8 +85,79 @@ def resume(path: Path, model: Testbed, opt: torch.optim.Optimizer, data_gen: tor
     its RunState; None (nothing restored) when there is none."""
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    load_weights_and_moments(model, opt, ckpt, fsdp, path)
-    data_gen.set_state(ckpt["data_gen"])
+    ckpt, state = read_checkpoint(path, model)
+    try:
+        load_weights_and_moments(model, opt, ckpt, fsdp, path)
+        data_gen.set_state(ckpt["data_gen"])
+    except (RuntimeError, KeyError, TypeError, IndexError) as e:  # what the checks did not see
+        raise _unusable(path, f"it does not restore ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:160]})") from None
+    except ValueError as e:  # the optimizer's own refusal; the sharding refusal names the file
+        if str(path) in str(e):
+            raise
+        raise _unusable(path, f"its optimizer state does not fit the model ({e})") from None
+    return state
+
+
+RESTART = "delete it to restart the run, or restore it"  # what to do with a checkpoint refused
+CHECKPOINT_KEYS = ("model", "optimizer", "data_gen", "state")
+
+
+def _unusable(path: Path, reason: str) -> ValueError:
+    return ValueError(f"{path} cannot resume this run: {reason}; {RESTART}")
+
+
+def read_checkpoint(path: Path, model: Testbed) -> tuple[dict[str, Any], RunState]:
+    """The checkpoint at ``path`` and its RunState, checked before anything is restored from it:
+    read with ``torch.load(weights_only=True)`` (analysis.checkpoints.guards: a pickle that would
+    run code, random bytes or a cut file each refused as such), the keys the run writes, the
+    model's weight names and shapes, finite weights and Adam moments, a RunState of the right
+    types. Anything else is a one-line ValueError naming the file and saying what to do."""
+    from analysis.checkpoints.guards import check_weights, non_finite, torch_load
+    ckpt = torch_load(path, advice=RESTART)
+    if not isinstance(ckpt, dict):
+        raise _unusable(path, f"it holds a {type(ckpt).__name__}, not a run's checkpoint (a dict "
+                              f"of {', '.join(CHECKPOINT_KEYS)})")
+    lacking = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if lacking:
+        raise _unusable(path, f"it lacks {', '.join(lacking)} (a run's checkpoint holds "
+                              f"{', '.join(CHECKPOINT_KEYS)}): not a checkpoint of a sigprop run")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    try:
+        check_weights(expected, ckpt["model"], path, "this run's settings describe")
+    except ValueError as e:
+        raise _unusable(path, str(e).removeprefix(f"{path}: ")) from None
+    opt = ckpt["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+            and isinstance(opt.get("param_groups"), list)):
+        raise _unusable(path, "its optimizer state is not an optimizer's state_dict (state, "
+                              "param_groups)")
+    moments = {f"{p}.{k}": v for p, st in opt["state"].items() if isinstance(st, dict)
+               for k, v in st.items()}
+    bad = non_finite(moments)
+    if bad:
+        raise _unusable(path, f"its optimizer {bad.replace('weight ', 'moment ', 1)}")
+    gen = ckpt["data_gen"]
+    if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8 and gen.dim() == 1):
+        raise _unusable(path, "data_gen is not a random generator's state (a 1-d uint8 tensor)")
+    return ckpt, _run_state(ckpt["state"], path)
+
+
+def _run_state(saved: Any, path: Path) -> RunState:
+    """The RunState saved in a checkpoint, its fields' types checked."""
+    if not isinstance(saved, dict):
+        raise _unusable(path, f"its state is a {type(saved).__name__}, not a dict of RunState fields")
     known = {f.name for f in fields(RunState)}  # checkpoints of older versions carry more
-    return RunState(**{k: v for k, v in ckpt["state"].items() if k in known})
+    state = RunState(**{k: v for k, v in saved.items() if k in known})
+    number = (int, float)
+    if not (isinstance(state.step, int) and not isinstance(state.step, bool) and state.step >= 0):
+        raise _unusable(path, f"its step is {state.step!r}, not a whole number >= 0")
+    if not (state.loss_ema is None or isinstance(state.loss_ema, number)) or \
+            not isinstance(state.wall_s, number):
+        raise _unusable(path, "its loss_ema or wall_s is not a number")
+    for name in ("train_loss", "val_loss", "updates", "windows"):
+        rows = getattr(state, name)
+        if not (isinstance(rows, list) and all(isinstance(r, (list, tuple)) and
+                                               all(isinstance(v, number) for v in r) for r in rows)):
+            raise _unusable(path, f"its {name} is not a list of rows of numbers")
+    return state

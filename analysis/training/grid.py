@@ -22,12 +22,12 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 
-from analysis.infra import progress
+from analysis.infra import files, progress
 from analysis.infra.budget import Cut, Interrupted, past
 from analysis.infra.device import available_memory, resolve_device
 from analysis.infra.distributed import SINGLE, World, barrier
 from analysis.infra.records import read_record
-from analysis.testbed.memory import check_all_fit
+from analysis.testbed.memory import check_all_fit, check_time
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, Testbed
 from analysis.training.status import train_loss_ends
@@ -80,7 +80,7 @@ def probe_profiler(run_dir: Path, batches: int = 2, world: World = SINGLE) -> Ca
         old = pd.read_csv(path) if path.exists() else None
         if old is not None:  # a resumed run measures a tag again: keep the newest
             old = old[old["tag"] != tag]
-        pd.concat([old, frame]).to_csv(path, index=False)
+        files.write_csv(pd.concat([old, frame]), path, index=False)
 
     return profile
 
@@ -153,6 +153,7 @@ def train_grid(schemes: list[str], depths: list[int], base: ModelConfig, tc: Tra
     mine = todo[world.rank::world.size] if sharded else todo
     check_all_fit([mc for mc, _ in mine], tc.batch_size, free,  # refuse before training
                   f"{device} (per run, {workers} at once)", training=True)
+    check_time([mc for mc, _ in mine] or [base], tc.tokens, tc.batch_size, str(device))
     verbose = verbose_workers and not progress.is_quiet()  # workers start with default settings
     jobs = [(mc, tcs, corpus, out_dir / "runs" / run_name(mc, tcs.seed), workers, verbose, deadline,
              SINGLE if sharded else world, fsdp) for mc, tcs in mine]
@@ -223,8 +224,8 @@ def _wait_for_records(out_dir: Path, configs: list, log: Callable[[str], None],
 def write_tables(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Gather every run's record into ``train_runs.csv`` and ``train_profiles.csv``."""
     runs, profiles = collect(out_dir)
-    runs.to_csv(out_dir / "train_runs.csv", index=False)
-    profiles.to_csv(out_dir / "train_profiles.csv", index=False)
+    files.write_csv(runs, out_dir / "train_runs.csv", index=False)
+    files.write_csv(profiles, out_dir / "train_profiles.csv", index=False)
     return runs, profiles
 
 

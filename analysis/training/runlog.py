@@ -4,18 +4,20 @@
 those steps' losses, a box smoother without an EMA's lag) and one per validation point (``split``
 val), each with ``step`` (optimizer steps done), ``tokens``, ``wall_s`` (seconds since the run
 began, summed over resumes) and ``lr``. Rows are appended as the run goes, so a running run can be
-read; a resumed run first drops the rows past its checkpoint, which it then writes again.
+read, each whole or not at all (analysis.infra.files.Appender); a resumed run first cuts a row torn
+by a kill and drops the rows past its checkpoint, which it then writes again.
 TensorBoard event files (optional, ``pip install -e .[tensorboard]``) get the same scalars.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from pathlib import Path
 
-from analysis.infra import progress
+from analysis.infra import files, progress
 
 COLUMNS = ["split", "step", "tokens", "wall_s", "lr", "loss"]
 
@@ -23,6 +25,16 @@ COLUMNS = ["split", "step", "tokens", "wall_s", "lr", "loss"]
 def rate_text(tokens_per_s: float) -> str:
     """'12,345 tokens/s', or '— tokens/s' before any step was timed."""
     return f"{tokens_per_s:,.0f} tokens/s" if math.isfinite(tokens_per_s) else "— tokens/s"
+
+
+def _lines(rows: list[dict], header: bool = False) -> str:
+    """``rows`` as lines of train_log.csv (its header first if ``header``)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS)
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def summary_writer_class():
@@ -50,6 +62,7 @@ class RunLog:
         self.setup = 0.0  # seconds opening and closing the file, events and bar, once per run
         t = time.perf_counter()
         kept = []
+        files.repair_tail(self.path)  # a row torn by a kill or a full disk: cut, written again
         if self.path.exists():  # a resumed run: keep the rows up to its checkpoint, but a
             with self.path.open(newline="") as f:  # cut's partial window, which ``window`` carries on
                 for r in csv.DictReader(f):
@@ -57,13 +70,12 @@ class RunLog:
                         step = int(r["step"])
                     except (TypeError, ValueError):  # a row cut short by a kill mid-write
                         continue
+                    if None in r.values() or None in r:  # too few or too many fields
+                        continue
                     if step <= done and (r["split"] == "val" or step % log_every == 0):
                         kept.append(r)
-        self.file = self.path.open("w", newline="")
-        self.rows = csv.DictWriter(self.file, COLUMNS)
-        self.rows.writeheader()
-        self.rows.writerows(kept)
-        self.file.flush()
+        files.write_text(self.path, _lines(kept, header=True))  # whole: a kill keeps the old file
+        self.file = files.Appender(self.path)  # then each row lands whole or not at all
         # a resumed run drops the events past its checkpoint, as it drops the rows
         self.writer = (summary_writer_class()(str(run_dir / "tensorboard"),
                                               purge_step=done + 1 if done else None)
@@ -90,9 +102,8 @@ class RunLog:
     def _row(self, split: str, done: int, wall_s: float, lr: float, loss: float) -> None:
         t = time.perf_counter()
         tokens = done * self.tokens_per_step
-        self.rows.writerow({"split": split, "step": done, "tokens": tokens,
-                            "wall_s": round(wall_s, 3), "lr": lr, "loss": loss})
-        self.file.flush()
+        self.file.write(_lines([{"split": split, "step": done, "tokens": tokens,
+                                 "wall_s": round(wall_s, 3), "lr": lr, "loss": loss}]))
         if self.writer is not None:
             self.writer.add_scalar(f"loss/{split}", loss, done)
             if split == "train":

@@ -24,8 +24,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from analysis.infra import progress
+from analysis.infra import files, progress
 from analysis.infra.budget import Cut, Interrupted, deferred_interrupt, past
+from analysis.infra.checks import check_compile_backend, check_int, check_number
 from analysis.infra.device import resolve_device
 from analysis.infra.distributed import SINGLE, World, all_sum, barrier
 from analysis.infra.records import environment, read_record, refuse_other
@@ -37,8 +38,8 @@ from analysis.training.checkpoint import (RunState, load_weights_and_moments,  #
                                           resume, save_atomic, save_checkpoint,
                                           weights_and_moments)
 from analysis.training.runlog import NullRunLog, RunLog, rate_text
-from analysis.training.status import (divergence_reason, final_status, next_loss_ema,
-                                      stall_reason, train_loss_ends)
+from analysis.training.status import (divergence_reason, final_status, initial_loss_note,
+                                      next_loss_ema, stall_reason, train_loss_ends)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
 
@@ -77,36 +78,39 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self, seq_len: int) -> None:
-        """Raise ValueError naming the first bad setting."""
+        """Raise ValueError naming the first bad setting: every field in its range."""
+        for name in ("tokens", "batch_size", "evals", "eval_batches", "checkpoints", "check_every",
+                     "log_every"):
+            check_int(getattr(self, name), name, 1)
+        for name in ("spike_after", "timing_warmup"):
+            check_int(getattr(self, name), name, 0)
+        check_int(self.seed, "seed", None)
         if self.tokens < self.batch_size * seq_len:
             raise ValueError(f"tokens {self.tokens} is less than one batch "
                              f"({self.batch_size} × {seq_len})")
-        for name in ("batch_size", "evals", "eval_batches", "checkpoints", "check_every",
-                     "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        numbers = {k: getattr(self, k) for k in ("lr", "min_lr_ratio", "warmup_frac", "weight_decay",
-                                                  "beta1", "beta2", "grad_clip", "spike_factor",
-                                                  "stall_fraction", "stall_share")}
-        for name, value in numbers.items():
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
-        if not (self.lr > 0 and self.spike_factor > 1):
-            raise ValueError("lr must be > 0 and spike_factor > 1")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not (self.stall_fraction > 0 and 0 <= self.stall_share < 1):
-            raise ValueError(f"stall_fraction must be > 0 and stall_share in [0, 1), got "
-                             f"{self.stall_fraction} and {self.stall_share}")
-        if self.grad_clip is not None and self.grad_clip < 0:
+        check_number(self.lr, "lr", 0, lo_open=True)
+        check_number(self.min_lr_ratio, "min_lr_ratio", 0, 1)  # below 0: a negative lr
+        check_number(self.warmup_frac, "warmup_frac", 0, 1, hi_open=True)  # a share of the steps
+        check_number(self.weight_decay, "weight_decay", 0)
+        check_number(self.beta1, "beta1", 0, 1, hi_open=True)
+        check_number(self.beta2, "beta2", 0, 1, hi_open=True)
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip)
+                                               and self.grad_clip >= 0):
             raise ValueError(f"grad_clip must be >= 0 (0 or None: no clipping), got {self.grad_clip}")
+        check_number(self.spike_factor, "spike_factor", 1, lo_open=True)
+        check_number(self.stall_fraction, "stall_fraction", 0, lo_open=True)
+        check_number(self.stall_share, "stall_share", 0, 1, hi_open=True)
+        for f in self.profile_fractions:
+            check_number(f, "each of profile_fractions", 0, 1)
+        for name in ("decay_embeddings", "tensorboard", "compile", "autocast"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name in ("compile", "autocast"))):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         if self.compile_scope not in ("blocks", "model"):
             raise ValueError(f"compile_scope must be 'blocks' or 'model', got '{self.compile_scope}'")
-        if self.timing_warmup < 0:
-            raise ValueError(f"timing_warmup must be >= 0, got {self.timing_warmup}")
         resolve_device(self.device)
+        if self.compiled:
+            check_compile_backend(self.compile_backend)
 
     @property
     def on_cuda(self) -> bool:
@@ -278,8 +282,7 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
     env = {**environment(str(device)), "world_size": world.size}
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "settings.json").write_text(json.dumps({**settings, "environment": env},
-                                                          indent=1))
+        files.write_json(run_dir / "settings.json", {**settings, "environment": env}, indent=1)
     model = build_model(mc, seed=tc.seed, device=device)
     if fsdp:  # each block's weights, gradients and Adam moments split over the ranks
         from torch.distributed.fsdp import fully_shard
@@ -348,7 +351,12 @@ def _train_run(mc: ModelConfig, tc: TrainConfig, corpus: Corpus, run_dir: str | 
                           or step in eval_at or state.step in ckpt_at or state.step in profile_at)
                 ctrl_c = world.size == 1 and stop["set"] and state.step < steps
                 if looked or ctrl_c:
+                    first_read = not state.train_loss
                     reason = sync.read()
+                    note = first_read and state.train_loss and initial_loss_note(
+                        state.train_loss[0][1], mc.vocab, tc.spike_factor)
+                    if note:  # a first loss far above a uniform guess: say so, once
+                        log(f"  {note}")
                     if reason:
                         divergence_step = state.train_loss[-1][0]
                         log(f"  diverged: {reason}")
@@ -527,7 +535,7 @@ class _HostSync:
             state.train_loss.append((step, value))
             self.runlog.train(step, value, lr_at(step, self.steps, tc), self.wall())
             reason = divergence_reason(step, value, state.loss_ema, self.vocab, tc.spike_factor,
-                                       tc.spike_after)
+                                       tc.spike_after, initial=state.train_loss[0][1])
             state.loss_ema = next_loss_ema(state.loss_ema, value)
             if self.on_step is not None:
                 self.on_step(step, value)
@@ -569,6 +577,7 @@ def _write_record(status: str, reason: str, divergence_step: int | None, state: 
         "final_val_loss": final_val, "first_train_loss": first_train,
         "final_train_loss": final_train, "diverged": status == "diverged",
         "divergence_step": divergence_step, "divergence_reason": reason if status == "diverged" else "",
+        "initial_loss_note": initial_loss_note(first_train, mc.vocab, tc.spike_factor),
         "stall_reason": reason if status == "stalled" else "", "wall_s": wall_s,
         "log_s": runlog.spent, "log_setup_s": runlog.setup, "tokens_per_s": speed,
         "mfu": speed * flops / peak_flops(device), "flops_per_token": flops,
@@ -577,5 +586,5 @@ def _write_record(status: str, reason: str, divergence_step: int | None, state: 
         "environment": env,
     }
     if world.main:
-        (run_dir / "result.json").write_text(json.dumps(result, allow_nan=True))
+        files.write_json(run_dir / "result.json", result, allow_nan=True)
     return result

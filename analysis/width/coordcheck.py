@@ -17,7 +17,10 @@ import numpy as np
 import pandas as pd
 
 from analysis.infra import progress
+from analysis.infra.checks import check_int, check_list
+from analysis.infra.device import resolve_device
 from analysis.testbed.corpus import Corpus
+from analysis.testbed.memory import check_time
 from analysis.testbed.model import ModelConfig
 from analysis.width.steps import StepConfig, measure_steps
 from theory.claim_table import Claim, claims_frame
@@ -64,6 +67,12 @@ class CoordCheckConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
+        resolve_device(self.device)  # the gpu preset where CUDA is not: one line
+        for name in ("schemes", "parametrizations", "seeds"):
+            check_list(getattr(self, name), name)  # not empty, nothing twice
+        check_list(self.widths, "widths", increasing=True)
+        for name in ("base_width", "depth", "heads", "seq_len"):
+            check_int(getattr(self, name), name)
         self.step_config.validate()
         if len(set(self.widths)) < 2:
             raise ValueError(f"a slope against width needs >= 2 distinct widths, got {list(self.widths)}")
@@ -76,6 +85,9 @@ class CoordCheckConfig:
             for p in self.parametrizations:
                 for w in self.widths:
                     self.model_config(s, p, w)
+        check_time([self.model_config(self.schemes[0], self.parametrizations[0], self.widths[-1])],
+                   self.steps * self.batch_size * self.seq_len, self.batch_size, self.device,
+                   lower="--steps, --batch or the largest width")
 
 
 PRESETS = {

@@ -21,9 +21,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.infra import progress
+from analysis.infra import files, progress
+from analysis.infra.checks import check_int, check_list, check_number
+from analysis.infra.device import resolve_device
 from analysis.infra.records import read_record, refuse_other
 from analysis.testbed.corpus import Corpus
+from analysis.testbed.memory import check_time
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import set_lr
 from analysis.training.train import TrainConfig, evaluate, lr_schedule
@@ -56,14 +59,26 @@ class LRSweepConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
-        StepConfig(optimizer=self.optimizer, lr=min(self.lrs) if self.lrs else 0.0,
-                   steps=self.steps, batch_size=self.batch_size).validate()
-        if len(self.lrs) < 3 or list(self.lrs) != sorted(set(self.lrs)):
+        resolve_device(self.device)  # the gpu preset where CUDA is not: one line
+        for name in ("schemes", "parametrizations", "seeds"):
+            check_list(getattr(self, name), name)  # not empty, nothing twice
+        for name in ("lrs", "widths", "depths"):
+            check_list(getattr(self, name), name, increasing=True)
+        for lr in self.lrs:
+            check_number(lr, "each of lrs", 0, lo_open=True)
+        for name in ("heads", "seq_len", "eval_batches"):
+            check_int(getattr(self, name), name)
+        check_number(self.warmup_frac, "warmup_frac", 0, 1, hi_open=True)
+        StepConfig(optimizer=self.optimizer, lr=min(self.lrs), steps=self.steps,
+                   batch_size=self.batch_size).validate()
+        if len(self.lrs) < 3:
             raise ValueError(f"--lrs needs >= 3 increasing learning rates, got {list(self.lrs)}")
-        if not self.seeds or not self.widths or not self.depths:
-            raise ValueError("widths, depths and seeds must each name at least one value")
         for s, p, w, d in self.runs():  # each model's own checks: scheme, parametrization, shape
             self.model_config(s, p, w, d)
+        check_time([self.model_config(self.schemes[0], self.parametrizations[0], self.widths[-1],
+                                      self.depths[-1])],
+                   self.steps * self.batch_size * self.seq_len, self.batch_size, self.device,
+                   lower="--steps, --batch or the largest width")
 
     def model_config(self, scheme: str, parametrization: str, width: int, depth: int) -> ModelConfig:
         """The model of one run (µP's base width: the first width)."""
@@ -132,7 +147,7 @@ def check_same_sweep(folder: Path, cfg: LRSweepConfig) -> None:
     for key, value in now.items():
         if old is not None and old.get(key, value) != value:
             raise refuse_other(folder, "a learning-rate sweep", key, old[key], value)
-    (folder / "settings.json").write_text(json.dumps(now, indent=1))
+    files.write_json(folder / "settings.json", now, indent=1)
 
 
 def run(cfg: LRSweepConfig, corpus: Corpus, log: Callable[[str], None] = progress.say,
@@ -149,7 +164,8 @@ def run(cfg: LRSweepConfig, corpus: Corpus, log: Callable[[str], None] = progres
     kept: dict[tuple, dict] = {}
     if out is not None:
         check_same_sweep(out, cfg)
-        if (out / "lrsweep.csv").exists():
+        files.repair_tail(out / "lrsweep.csv")  # a row torn by a kill: cut, trained again
+        if (out / "lrsweep.csv").exists() and (out / "lrsweep.csv").stat().st_size:
             old = pd.read_csv(out / "lrsweep.csv")
             kept = {tuple(r[k] for k in KEY): r for r in old.to_dict("records")}
             if kept:
@@ -177,8 +193,8 @@ def run(cfg: LRSweepConfig, corpus: Corpus, log: Callable[[str], None] = progres
             new_rows = [r for r in curve if tuple(r[k] for k in KEY) not in kept]
             if new_rows:
                 path = out / "lrsweep.csv"
-                pd.DataFrame(new_rows).assign(optimizer=cfg.optimizer, steps=cfg.steps).to_csv(
-                    path, mode="a", header=not path.exists(), index=False)
+                files.append_csv(pd.DataFrame(new_rows).assign(optimizer=cfg.optimizer,
+                                                               steps=cfg.steps), path, index=False)
                 kept.update({tuple(r[k] for k in KEY): r for r in new_rows})
         best = min(curve, key=lambda r: r["loss"])
         log(f"  [{i}/{len(curves)}] {s} {p} width {w} depth {d}: best lr {best['lr']:g} "
