@@ -136,11 +136,16 @@ def interrupted(args: argparse.Namespace, argv: list[str], e: KeyboardInterrupt,
     out = getattr(args, "out", None)
     if args.command not in RESUMABLE or not out:
         return "error: interrupted" + (f" ({detail})" if detail else "")
+    kept = detail or "what finished"
+    resume = resume_command(argv, out, prog)
+    return f"error: interrupted; kept in {out}: {kept}; resume with: {resume}"
+
+
+def resume_command(argv: list[str], out: str, prog: str = "run_analysis.py") -> str:
+    """The command line that resumes ``argv``: the same, naming its output folder ``out``."""
     has_out = any(a == "--out" or a.startswith("--out=") for a in argv)
     caller = ["sigprop"] if prog == "sigprop" else ["python", "run_analysis.py"]
-    resume = shlex.join([*caller, *argv, *([] if has_out else ["--out", out])])
-    kept = detail or "what finished"
-    return f"error: interrupted; kept in {out}: {kept}; resume with: {resume}"
+    return shlex.join([*caller, *argv, *([] if has_out else ["--out", out])])
 
 
 def no_space(e: BaseException, out: str | None = None) -> bool:
@@ -178,10 +183,7 @@ def no_space_line(args: argparse.Namespace, argv: list[str], e: BaseException,
     line = f"error: no space left on device writing {folder}; kept: {kept}; free space and rerun"
     if args.command not in RESUMABLE or not out:
         return f"{line} the same command"
-    has_out = any(a == "--out" or a.startswith("--out=") for a in argv)
-    caller = ["sigprop"] if prog == "sigprop" else ["python", "run_analysis.py"]
-    resume = shlex.join([*caller, *argv, *([] if has_out else ["--out", out])])
-    return f"{line} the same command to resume: {resume}"
+    return f"{line} the same command to resume: {resume_command(argv, out, prog)}"
 
 
 def module_main(command: str, argv: list[str] | None = None) -> int:
