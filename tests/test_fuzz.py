@@ -51,6 +51,8 @@ BASE = {
     "onestep": ["onestep", "--schemes", "pre", "--width", "32", "--base-width", "16", "--depth",
                 "2", "--heads", "2", "--seeds", "0", "--depths", "2,4", "--out", "{out}"],
     "calibrate": ["calibrate", "{run}", "--out", "{out}"],
+    "readings": ["readings", "--preset", "tiny", "--stages", "verdicts", "--quiet", "--out",
+                 "{out}"],
 }
 # bench has no tiny size: its options are fuzzed for parsing only (see test_bench_options_parse)
 SKIPPED = {"bench": "times real work at fixed sizes; its options are parsed below, not run"}

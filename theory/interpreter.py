@@ -128,11 +128,14 @@ class _Ctx:
                                                       "Gc_in": Gc_in, "tag": tag}))
         return _Value(self, {len(self.sources) - 1: sympy.Integer(1)}, len(self.nodes) - 1)
 
-    def attn(self, v: _Value, *, value_gain: Any = 1, out_gain: Any = 1) -> _Value:
-        """Attention of the model's kind: a fresh source (see components.attention_maps)."""
+    def attn(self, v: _Value, *, value_gain: Any = 1, out_gain: Any = 1, lr: Any = 1,
+             out_lr: Any = 1) -> _Value:
+        """Attention of the model's kind: a fresh source (see components.attention_maps);
+        learning-rate multipliers do not enter the init theory."""
         return self._sublayer("attn", v, {"value_gain": value_gain, "out_gain": out_gain})
 
-    def ffn(self, v: _Value, *, in_gain: Any = 1, out_gain: Any = 1) -> _Value:
+    def ffn(self, v: _Value, *, in_gain: Any = 1, out_gain: Any = 1, lr: Any = 1,
+            out_lr: Any = 1) -> _Value:
         """FFN or MoE: a fresh source (see components.ffn_maps / moe_maps)."""
         return self._sublayer("ffn", v, {"in_gain": in_gain, "out_gain": out_gain})
 

@@ -147,8 +147,10 @@ class _Ctx:
         self.nodes.append(Node(kind, [(v.node, 1.0)], {"backward": backward}))
         return _Value(self, {len(self.sources) - 1: np.ones(self.T)}, len(self.nodes) - 1)
 
-    def attn(self, v: _Value, *, value_gain: Any = 1, out_gain: Any = 1) -> _Value:
-        """Attention of the setting's kind over the token covariance (see module docstring)."""
+    def attn(self, v: _Value, *, value_gain: Any = 1, out_gain: Any = 1, lr: Any = 1,
+             out_lr: Any = 1) -> _Value:
+        """Attention of the setting's kind over the token covariance (see module docstring);
+        learning-rate multipliers do not enter the init theory."""
         S = self.cov(v)
         # the value-weight alignment term is derived for causal attention only (attention())
         finite_width = {"width": self.st.width} if self.st.attention == "causal" else {}
@@ -157,7 +159,8 @@ class _Ctx:
                                                    out_gain=float(out_gain), **finite_width)
         return self._emit("attn", v, K, backward)
 
-    def ffn(self, v: _Value, *, in_gain: Any = 1, out_gain: Any = 1) -> _Value:
+    def ffn(self, v: _Value, *, in_gain: Any = 1, out_gain: Any = 1, lr: Any = 1,
+            out_lr: Any = 1) -> _Value:
         """MLP or MoE, position-wise: the kernel maps entry by entry."""
         S = self.cov(v)
         K, backward = ffn(S, self.st, float(in_gain), float(out_gain))

@@ -9,6 +9,10 @@ structural trace below) can run the very same function:
                                                  init of the value and output projections
 - ``op.ffn(v, in_gain=1, out_gain=1)``           the FFN (or MoE) sublayer; the gains scale the init
                                                  of its input and output projections
+- ``lr=1, out_lr=1`` on either call              learning-rate multipliers of the sublayer's inner
+                                                 matrices (q, k, v; up, gate) and of its output
+                                                 projection (o; down), on top of the
+                                                 parametrization's; the init theory ignores them
 - ``v + w``, ``c * v``, ``v * c``, ``v / c``     scaled add of values, ``c`` a constant
 - constants: ``l`` (block index, 1..L), ``L`` (number of blocks), the scheme's parameters, and
   arithmetic on them (``l ** Fraction(-1, 2)``). Python control flow may branch on constants
@@ -136,6 +140,56 @@ def span(x, op, *, l, L, alpha, beta):
     return op.norm(alpha * x + a + f)
 
 
+# --- further readings of SpanNorm's abstract (issue 29; docs/span-readings.md) -------------------
+# Each keeps "a clean residual connection that spans the entire transformer block" and reads
+# "a PostNorm-style computation that normalizes the aggregated output" and "a principled scaling
+# strategy [that] maintains bounded signal variance" differently. At init span_fwd and span_dlr
+# are span itself; they differ in how a step moves them (theory/step.py).
+
+
+@scheme("span_fwd", formula="a = β·A(N(x)); f = β·F(N(x + a)); y = N(x + a + f); "
+                            "β(L) = (2L)^(-1/2) a forward branch multiplier",
+        source="reading of arXiv 2601.22580's 'principled scaling strategy' as depth-µP's branch "
+               "multiplier (Yang et al., arXiv 2310.02244)",
+        final_norm=False, beta=_span_beta,
+        notes="At init the same network as span; the multiplier also scales every update of the "
+              "branch, which ScaleInit does not.")
+def span_fwd(x, op, *, l, L, beta):
+    a = beta * op.attn(op.norm(x))
+    f = beta * op.ffn(op.norm(x + a))
+    return op.norm(x + a + f)
+
+
+@scheme("span_alt", formula="a = A(N(x)); f = F(N(x + a)); y = x + N(a + f); "
+                            "ScaleInit: A and F output projections × β(L); final N after the stack",
+        source="reading of arXiv 2601.22580's 'PostNorm-style computation that normalizes the "
+               "aggregated output' as the norm of the aggregated branch output",
+        final_norm=True, beta=_span_beta,
+        notes="The skip is never normalized inside the stack, so the stream grows as PreNorm's; "
+              "ScaleInit only sets the attention's share inside the FFN's input.")
+def span_alt(x, op, *, l, L, beta):
+    a = op.attn(op.norm(x), out_gain=beta)
+    f = op.ffn(op.norm(x + a), out_gain=beta)
+    return x + op.norm(a + f)
+
+
+@scheme("span_dlr", formula="span's block; learning rates: A and F inner matrices × L^(-1/2), "
+                            "output projections × L^(-1)",
+        source="reading of arXiv 2601.22580's 'principled scaling strategy' as ScaleInit with "
+               "depth-µP's Adam learning rates (Yang et al., arXiv 2310.02244), moved onto "
+               "the init by Adam's scale symmetry",
+        final_norm=False, alpha=1, beta=_span_beta,
+        lr=lambda L: L ** Fraction(-1, 2), out_lr=lambda L: 1 / L,
+        notes="Depth-µP for Adam multiplies each branch by 1/√L and its learning rate by 1/√L. "
+              "Adam's update ignores a weight's scale, so the multiplier m on W_o is the same "
+              "network as init × m with W_o's lr × m: ScaleInit (m ∝ 1/√L) with W_o's lr ∝ 1/L "
+              "and the inner matrices' ∝ 1/√L. At init the same network as span.")
+def span_dlr(x, op, *, l, L, alpha, beta, lr, out_lr):
+    a = op.attn(op.norm(x), out_gain=beta, lr=lr, out_lr=out_lr)
+    f = op.ffn(op.norm(x + a), out_gain=beta, lr=lr, out_lr=out_lr)
+    return op.norm(alpha * x + a + f)
+
+
 @scheme("deepnorm", formula="h = N(α·x + A(x)); y = N(α·h + F(h)); "
                             "FFN, V and O projections × β",
         source="DeepNet, arXiv 2203.00555 (decoder-only constants)", final_norm=False,
@@ -232,12 +286,14 @@ class _Tracer:
     def norm(self, v):
         return self._call("norm", v, ())
 
-    def attn(self, v, *, value_gain=1, out_gain=1):
+    def attn(self, v, *, value_gain=1, out_gain=1, lr=1, out_lr=1):
         return self._call("attn", v, (("value_gain", float(value_gain)),
-                                      ("out_gain", float(out_gain))))
+                                      ("out_gain", float(out_gain)),
+                                      ("lr", float(lr)), ("out_lr", float(out_lr))))
 
-    def ffn(self, v, *, in_gain=1, out_gain=1):
-        return self._call("ffn", v, (("in_gain", float(in_gain)), ("out_gain", float(out_gain))))
+    def ffn(self, v, *, in_gain=1, out_gain=1, lr=1, out_lr=1):
+        return self._call("ffn", v, (("in_gain", float(in_gain)), ("out_gain", float(out_gain)),
+                                     ("lr", float(lr)), ("out_lr", float(out_lr))))
 
 
 def _trace(s: Scheme, l: int, L: int, params: dict[str, Any]) -> tuple[list[tuple], int]:

@@ -47,16 +47,21 @@ r² = η²·(a·d + b), so a slope measured over small widths lies a little belo
   matrix (W_v's change seen through W_o: ∝ g, and ∝ g² under SGD, whose gradient at W_v passes
   W_o), and an input scaled by g (values, FFN features) scales its mean ū by g;
 - a skip weight α before an output norm divides the branch's change by √q_agg ≈ α.
-So, with branch statistics that do not move with depth, the median block's update scales as L^k:
-- span (α = 1, β only on output projections): k = 0 under Adam and SGD;
-- post: no depth constant, k = 0;
+So, with branch statistics that do not move with depth, the median block's update scales as L^k,
+and the network's change as L^n. theory/depth_orders.py derives both from each scheme's block
+function by these rules (`theory --scheme S` prints them):
+- span (α = 1, β only on output projections): k = 0 under Adam and SGD, and all L blocks add
+  up: n = 1, so the optimal lr falls as 1/L;
+- post: no depth constant, k = 0; a change decays through the later blocks, n = 0;
 - deepnorm (α = (2L)^(1/4); V, O, and FFN in/out × β = (8L)^(-1/4)): under Adam every path
   through a branch carries one β (Δ ∝ η·d·β), and the output norm divides by α: β/α, k = −1/2;
   under SGD a path carries β² (a β-scaled input or path, and a gradient that comes back through
   the β-scaled branch) and the gradient also passes the norm (1/α): β²/α², k = −1;
 - pre: the branch's change is L-independent but the stream grows (q_l ≈ q_0 + c·l), so at the
-  median block r ∝ 1/√q ∝ L^(-1/2) once L ≫ q_0/c; this ignores that pre's token correlation,
-  and with it the coherence of the step, grows with depth.
+  median block r ∝ 1/√q ∝ L^(-1/2) under Adam; under SGD the gradient reaching the branch also
+  passes the final norm (1/√q_L), so k = −1 (an earlier hand derivation said −1/2, forgetting
+  that factor); this ignores that pre's token correlation, and with it the coherence of the
+  step, grows with depth, and q_0 keeps the slope shallower until c·L ≫ q_0.
 Left out: a norm's own gain and bias. Under SGD they move the block output by O(η) per
 coordinate (no coherent sum over d inputs, no depth constant): O(1/d) of a branch's change, but
 DeepNorm's SGD branch change falls as d·β²/α² ∝ d/L, so at finite width the norm path takes over
@@ -95,15 +100,10 @@ def update_law(optimizer: str, parametrization: str) -> sympy.Expr:
     return eta * C * d ** sympy.Rational(e.numerator, e.denominator)
 
 
-# median per-block update size ∝ depth^exponent, one step from init (module docstring)
-DEPTH_EXPONENTS: dict[tuple[str, str], Fraction] = {
-    ("span", "adam"): Fraction(0), ("span", "sgd"): Fraction(0),
-    ("post", "adam"): Fraction(0), ("post", "sgd"): Fraction(0),
-    ("deepnorm", "adam"): Fraction(-1, 2), ("deepnorm", "sgd"): Fraction(-1),
-    ("pre", "adam"): Fraction(-1, 2), ("pre", "sgd"): Fraction(-1, 2),
-}
-
-
 def depth_exponent(scheme: str, optimizer: str) -> Fraction | None:
     """The depth exponent of the median block's first-step update (None: not derived)."""
-    return DEPTH_EXPONENTS.get((scheme, optimizer))
+    from theory.depth_orders import depth_orders
+    try:
+        return depth_orders(scheme, optimizer).block
+    except ValueError:
+        return None

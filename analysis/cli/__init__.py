@@ -21,8 +21,8 @@ COMMANDS = {"schemes": "schemes", "model": "model", "sweep": "sweep", "report": 
             "train": "train", "campaign": "campaign", "theory": "theory", "bench": "bench",
             "coordcheck": "coordcheck", "lrsweep": "lrsweep", "diagnose": "diagnose",
             "sample": "sample", "atlas": "atlas", "fidelity": "fidelity", "onestep": "onestep",
-            "calibrate": "calibrate"}
-RESUMABLE = ("sweep", "train", "campaign", "lrsweep")  # commands that keep what finished and resume
+            "calibrate": "calibrate", "readings": "readings"}
+RESUMABLE = ("sweep", "train", "campaign", "lrsweep", "readings")  # commands that keep what finished and resume
 DESCRIPTION = ("sigprop: signal propagation in deep Transformers, theory against measurement. "
                "With no command (or only sweep options, e.g. --preset gpu) it runs the main "
                "analysis, `sweep`, at CPU size into runs/<timestamp>/.")
@@ -184,6 +184,19 @@ def no_space_line(args: argparse.Namespace, argv: list[str], e: BaseException,
     if args.command not in RESUMABLE or not out:
         return f"{line} the same command"
     return f"{line} the same command to resume: {resume_command(argv, out, prog)}"
+
+
+def run_subcommand(argv: list[str]) -> int:
+    """Run a command from inside another (a study's stages run `lrsweep`, `train`): the folders it
+    locks are released as it ends, the caller's stay locked; its errors reach the caller's main."""
+    from analysis.infra import folders
+    before = folders.held()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    finally:
+        for folder in folders.held() - before:
+            folders.release(folder)
 
 
 def module_main(command: str, argv: list[str] | None = None) -> int:

@@ -295,6 +295,8 @@ _declare("--time-limit", type=finite,
 _declare("--stages", convert=names,
          help="comma-separated subset of dense_grid, probe_overhead, throughput, moe_grid, "
               "init_sweep (default: all, in that order)")
+_declare("--results", config=False,
+         help="folder for the study's verdicts, tables and figures (default: {default})")
 _declare("--tiny", action="store_true",
          help="toy sizes: the same code path as a CPU rehearsal, minutes")
 # checkpoints (diagnose, sample)

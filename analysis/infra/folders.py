@@ -203,6 +203,11 @@ def describe(holder: str) -> str:
         return "a process that is starting"
 
 
+def held() -> frozenset[Path]:
+    """The folders this process holds locked now."""
+    return frozenset(_held)
+
+
 def release(out: Path) -> None:
     """Remove and unlock ``out``'s lock (if this process holds it)."""
     fd = _held.pop(out.resolve(), None)

@@ -56,7 +56,20 @@ def scheme_report(name: str, latex: bool = False) -> dict[str, Any]:
         "constants": {str(k): _str(v, latex) for k, v in cf.consts},
         "order": cf.order, "notes": cf.notes,
         "assumptions": "frozen correlation ρ = rho_star, gradient token correlation 0, eps → 0"}
+    out["one_step"] = one_step_orders(name)
     return out
+
+
+def one_step_orders(name: str) -> dict[str, dict[str, str]]:
+    """theory.depth_orders' exponents of L for one step from init, per optimizer."""
+    from theory.depth_orders import OPTIMIZERS, depth_orders
+    try:
+        orders = {o: depth_orders(name, o) for o in OPTIMIZERS}
+    except ValueError as e:  # a median block whose structure changes with depth
+        return {"note": {"why": str(e)}}
+    return {o: {"stream": str(d.stream), "block_update": str(d.block),
+                "contributing_blocks": str(d.contributing), "network_change": str(d.network),
+                "lr_drift_per_doubling": str(d.lr_drift)} for o, d in orders.items()}
 
 
 def _print_scheme(rep: dict[str, Any]) -> None:
@@ -74,6 +87,9 @@ def _print_scheme(rep: dict[str, Any]) -> None:
         print(f"   order {k}: {v}")
     for n in cf["notes"]:
         print(f"   note: {n}")
+    print("-- one step from init, exponents of L at the median block (theory.depth_orders):")
+    for opt, d in rep.get("one_step", {}).items():
+        print(f"   {opt}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items()))
 
 
 def collect(names: list[str], latex: bool = False) -> tuple[dict[str, Any], list]:

@@ -103,21 +103,24 @@ class ModelConfig(Shape):
         return asdict(self)
 
 
-def init_linear(layer: nn.Linear, sigma: float, gain: float = 1.0) -> nn.Linear:
-    """Weights ~ N(0, (gain·sigma)^2 / fan_in), no bias; the std is kept for ``init_weights``."""
+def init_linear(layer: nn.Linear, sigma: float, gain: float = 1.0, lr: float = 1.0) -> nn.Linear:
+    """Weights ~ N(0, (gain·sigma)^2 / fan_in), no bias; the std is kept for ``init_weights``,
+    the scheme's learning-rate multiplier ``lr`` for the optimizer (parametrization)."""
     layer.init_std = gain * sigma / math.sqrt(layer.in_features)
+    layer.lr_gain = lr
     if not layer.weight.is_meta:  # on meta (build_model) there is nothing to draw yet
         nn.init.normal_(layer.weight, std=layer.init_std)
     return layer
 
 
-def _linear(d_in: int, d_out: int, sigma: float, gain: float = 1.0) -> nn.Linear:
-    return init_linear(nn.Linear(d_in, d_out, bias=False, device=_BUILD_DEVICE.get()), sigma, gain)
+def _linear(d_in: int, d_out: int, sigma: float, gain: float = 1.0, lr: float = 1.0) -> nn.Linear:
+    return init_linear(nn.Linear(d_in, d_out, bias=False, device=_BUILD_DEVICE.get()), sigma, gain,
+                       lr)
 
 
 class Attention(nn.Module):
     """Multi-head attention of kind ``cfg.attention``; ``value_gain``/``out_gain`` scale the V and
-    O init.
+    O init, ``lr``/``out_lr`` the learning rates of Q, K, V and of O.
 
     causal: softmax over keys s ≤ t; bidirectional: over all T keys (an encoder). uniform: every
     token gets the plain mean of the values over all T tokens, computed directly, so the weights
@@ -127,14 +130,15 @@ class Attention(nn.Module):
     encoders), not for next-token training.
     """
 
-    def __init__(self, cfg: ModelConfig, value_gain: float = 1.0, out_gain: float = 1.0):
+    def __init__(self, cfg: ModelConfig, value_gain: float = 1.0, out_gain: float = 1.0,
+                 lr: float = 1.0, out_lr: float = 1.0):
         super().__init__()
         d, s = cfg.width, cfg.sigma
         self.heads, self.dropout, self.kind = cfg.heads, cfg.dropout, cfg.attention
         self.scale = cfg.attn_scale
         if self.kind != "uniform":
-            self.q, self.k = _linear(d, d, s), _linear(d, d, s)
-        self.v, self.o = _linear(d, d, s, value_gain), _linear(d, d, s, out_gain)
+            self.q, self.k = _linear(d, d, s, lr=lr), _linear(d, d, s, lr=lr)
+        self.v, self.o = _linear(d, d, s, value_gain, lr), _linear(d, d, s, out_gain, out_lr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -151,15 +155,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two-layer MLP (GELU, ReLU) or SwiGLU; ``in_gain``/``out_gain`` scale the init."""
+    """Two-layer MLP (GELU, ReLU) or SwiGLU; ``in_gain``/``out_gain`` scale the init,
+    ``lr``/``out_lr`` the learning rates of the input and output projections."""
 
-    def __init__(self, cfg: ModelConfig, in_gain: float = 1.0, out_gain: float = 1.0):
+    def __init__(self, cfg: ModelConfig, in_gain: float = 1.0, out_gain: float = 1.0,
+                 lr: float = 1.0, out_lr: float = 1.0):
         super().__init__()
         d, h, s = cfg.width, cfg.hidden, cfg.sigma
         self.kind = cfg.ffn
-        self.up = _linear(d, h, s, in_gain)
-        self.gate = _linear(d, h, s, in_gain) if cfg.ffn == "swiglu" else None
-        self.down = _linear(h, d, s, out_gain)
+        self.up = _linear(d, h, s, in_gain, lr)
+        self.gate = _linear(d, h, s, in_gain, lr) if cfg.ffn == "swiglu" else None
+        self.down = _linear(h, d, s, out_gain, out_lr)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,11 +196,13 @@ class MoE(nn.Module):
       float64 analyses' path.
     """
 
-    def __init__(self, cfg: ModelConfig, in_gain: float = 1.0, out_gain: float = 1.0):
+    def __init__(self, cfg: ModelConfig, in_gain: float = 1.0, out_gain: float = 1.0,
+                 lr: float = 1.0, out_lr: float = 1.0):
         super().__init__()
         self.top_k = cfg.top_k
         self.router = _linear(cfg.width, cfg.experts, cfg.sigma)
-        self.experts = nn.ModuleList(MLP(cfg, in_gain, out_gain) for _ in range(cfg.experts))
+        self.experts = nn.ModuleList(MLP(cfg, in_gain, out_gain, lr, out_lr)
+                                     for _ in range(cfg.experts))
         self.aux_loss = torch.zeros(())
         self.last_topk = torch.zeros(0, cfg.top_k, dtype=torch.long)
         self.dispatch = "auto"  # or force "grouped", "dense", "loop" (tests, benchmarks)
@@ -285,10 +293,10 @@ class _TorchOps:
     def norm(self, x):
         return self._next("norm", self.block.norms)(x)
 
-    def attn(self, x, *, value_gain=1, out_gain=1):  # gains were applied at init
+    def attn(self, x, *, value_gain=1, out_gain=1, lr=1, out_lr=1):  # applied when built
         return self._next("attn", self.block.attns)(x)
 
-    def ffn(self, x, *, in_gain=1, out_gain=1):
+    def ffn(self, x, *, in_gain=1, out_gain=1, lr=1, out_lr=1):
         return self._next("ffn", self.block.ffns)(x)
 
 

@@ -11,8 +11,9 @@ MuSGD) sorts parameters by how many of their dimensions grow with width:
 The forward half of µP (attention logits scaled by 1/d_head, the readout's 1/width_mult output
 multiplier and its weights' σ²/base_width variance) lives in the model (``ModelConfig
 .parametrization``); this module gives the optimizer its half, so a model and its optimizer
-cannot disagree. Under the standard parametrization every multiplier is 1. Depth scaling is not
-touched: it stays the scheme's own (SpanNorm's β(L), DeepNorm's α and β).
+cannot disagree. Under the standard parametrization every multiplier is 1. Depth scaling is the
+scheme's own: its init gains and forward constants live in the model, and its learning-rate
+gains (``op.attn(v, lr=, out_lr=)``, e.g. ``span_dlr``'s depth-µP rates) multiply in here.
 """
 
 from __future__ import annotations
@@ -32,14 +33,24 @@ def is_matrix_like(name: str) -> bool:
         part in name for part in _MATRIX_LIKE)
 
 
+def scheme_lr_gains(model: nn.Module) -> dict[str, float]:
+    """The scheme's own learning-rate multipliers (``op.attn(..., lr=, out_lr=)``), by weight name."""
+    return {f"{name}.weight": float(m.lr_gain) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and getattr(m, "lr_gain", 1.0) != 1.0}
+
+
 def lr_multipliers(model: Testbed, optimizer: str = "adam") -> dict[str, float]:
-    """Each parameter's learning-rate multiplier for ``optimizer`` ('adam' or 'sgd')."""
+    """Each parameter's learning-rate multiplier for ``optimizer`` ('adam' or 'sgd'): the
+    parametrization's width rule times the scheme's depth rule (1 for most schemes)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}' (known: {', '.join(OPTIMIZERS)})")
     m = model.cfg.width_mult
+    depth = scheme_lr_gains(model)
     if optimizer == "adam":
-        return {n: (1 / m if is_matrix_like(n) else 1.0) for n, _ in model.named_parameters()}
-    return {n: (1.0 if is_matrix_like(n) else m) for n, _ in model.named_parameters()}
+        width = {n: (1 / m if is_matrix_like(n) else 1.0) for n, _ in model.named_parameters()}
+    else:
+        width = {n: (1.0 if is_matrix_like(n) else m) for n, _ in model.named_parameters()}
+    return {n: w * depth.get(n, 1.0) for n, w in width.items()}
 
 
 EMBEDDINGS = ("tok_embed.weight", "pos_embed.weight")  # a tied head is tok_embed itself

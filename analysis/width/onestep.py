@@ -14,13 +14,14 @@ small enough for the linear regime), each block's change on a fixed batch with i
   dependence is theory's, the O(1) constant is measured at the base width. Compared as means
   over seeds (one seed's update at a small width scatters by 10–20 %), with the standard error;
 - ``depth``: the median block's update at each of ``--depths`` (width ``--depth-width``), its
-  log–log slope against theory.step's depth exponent (span, post: 0; deepnorm: −1/2 Adam, −1 SGD;
-  pre: −1/2).
+  log–log slope against theory.depth_orders' exponent, and the network's change (the last
+  block's, upstream changes included) against its exponent.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -44,10 +45,20 @@ def _group(name: str) -> str | None:
     return next((g for g, keys in GROUPS.items() if any(k in name for k in keys)), None)
 
 
+class StepChanges(NamedTuple):
+    """One step's changes on the fixed batch: each block's, its own input held (``blocks``), the
+    block outputs before the step (``outs``), and the last block's relative change with every
+    upstream change included (``network``)."""
+
+    blocks: list[torch.Tensor]
+    outs: list[torch.Tensor]
+    network: float
+
+
 def block_changes(mc: ModelConfig, optimizer: str, lr: float, seed: int, corpus: Corpus,
-                  batch_size: int = 8, only: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each block's output change on the fixed batch after one step of the block weights in group
-    ``only`` (all groups: None), and the block outputs before it."""
+                  batch_size: int = 8, only: str | None = None) -> StepChanges:
+    """The changes on the fixed batch after one step of the block weights in group ``only`` (all
+    groups: None)."""
     model = build_model(mc, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     x, y = corpus.batch("train", batch_size, mc.max_seq_len, generator=gen)
@@ -63,14 +74,16 @@ def block_changes(mc: ModelConfig, optimizer: str, lr: float, seed: int, corpus:
             g = p.grad  # Adam's first step is lr·m̂/(√v̂ + eps) = lr·g/(|g| + eps)
             p -= lr * mult[name] * (g if optimizer == "sgd" else g / (g.abs() + 1e-8))
         changes = [(b(xi) - yo).float() for b, (xi, yo) in zip(model.blocks, snap)]
-    return changes, [yo.float() for _, yo in snap]
+    last_before, last_after = snap[-1][1].float(), snapshot_blocks(model, fixed)[-1][1].float()
+    network = float((last_after - last_before).norm() / last_before.norm())
+    return StepChanges(changes, [yo.float() for _, yo in snap], network)
 
 
 def linearity(mc: ModelConfig, optimizer: str, seed: int, corpus: Corpus) -> pd.DataFrame:
     """Per block: the update with every group stepped, the sum of the per-group changes, their
     root-sum-square, and each group's own share (all relative to the block output's norm)."""
     lr = LINEAR_LR[optimizer]
-    full, outs = block_changes(mc, optimizer, lr, seed, corpus)
+    full, outs, _ = block_changes(mc, optimizer, lr, seed, corpus)
     parts = {g: block_changes(mc, optimizer, lr, seed, corpus, only=g)[0] for g in GROUPS}
     rows = []
     for i, out in enumerate(outs):
@@ -91,7 +104,7 @@ def transfer(mc: ModelConfig, base_width: int, optimizer: str, seed: int,
     sizes = {}
     for w in (base_width, mc.width):
         cfg = ModelConfig(**{**mc.to_dict(), "width": w})
-        changes, outs = block_changes(cfg, optimizer, lr, seed, corpus)
+        changes, outs, _ = block_changes(cfg, optimizer, lr, seed, corpus)
         sizes[w] = [float(c.norm() / o.norm()) for c, o in zip(changes, outs)]
     return pd.DataFrame({"block": range(mc.depth), "base": sizes[base_width],
                          "measured": sizes[mc.width],
@@ -101,39 +114,67 @@ def transfer(mc: ModelConfig, base_width: int, optimizer: str, seed: int,
 
 def depth_study(scheme: str, depths: list[int], width: int, optimizer: str, seed: int,
                 corpus: Corpus, heads: int = 4, seq_len: int = 64) -> pd.DataFrame:
-    """Every block's one-step update at each depth (the linear-regime lr of the optimizer)."""
+    """Every block's one-step update at each depth (the linear-regime lr of the optimizer), and
+    the network's (the last block's relative change, upstream changes included)."""
     rows = []
     for L in depths:
         mc = ModelConfig(scheme=scheme, depth=L, width=width, heads=heads, max_seq_len=seq_len)
-        changes, outs = block_changes(mc, optimizer, LINEAR_LR[optimizer], seed, corpus)
-        rows += [{"depth": L, "block": i, "update": float(c.norm() / o.norm())}
-                 for i, (c, o) in enumerate(zip(changes, outs))]
+        changes, outs, network = block_changes(mc, optimizer, LINEAR_LR[optimizer], seed, corpus)
+        rows += [{"depth": L, "block": i, "update": float(c.norm() / o.norm()),
+                  "network": network} for i, (c, o) in enumerate(zip(changes, outs))]
+    return pd.DataFrame(rows)
+
+
+def depth_slopes(study: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per scheme and optimizer: the log–log slope against depth of the median block's ``update``
+    or of the ``network`` change (per seed, then mean and standard error), with each depth's
+    seed mean."""
+    rows = []
+    for (scheme, opt), g in study.groupby(["scheme", "optimizer"], sort=False):
+        med = g.groupby(["seed", "depth"])[column].median().reset_index()
+        per_seed = [np.polyfit(np.log(s["depth"]), np.log(s[column]), 1)[0]
+                    for _, s in med.groupby("seed")]
+        se = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else np.nan
+        rows.append({"scheme": scheme, "optimizer": opt, "slope": float(np.mean(per_seed)),
+                     "slope_se": se, "by_depth": med.groupby("depth")[column].mean().to_dict()})
     return pd.DataFrame(rows)
 
 
 def depth_claims(study: pd.DataFrame) -> pd.DataFrame:
-    """Per scheme and optimizer: the log–log slope of the median block's update against depth
-    (per seed, then mean ± standard error) against theory.step's depth exponent (within 0.1)."""
+    """Per scheme and optimizer: the log–log slopes of the median block's update and of the
+    network's change against depth, against theory.depth_orders' exponents (within 0.1)."""
     rows = []
-    for (scheme, opt), g in study.groupby(["scheme", "optimizer"], sort=False):
-        med = g.groupby(["seed", "depth"])["update"].median().reset_index()
-        per_seed = [np.polyfit(np.log(s["depth"]), np.log(s["update"]), 1)[0]
-                    for _, s in med.groupby("seed")]
-        slope = float(np.mean(per_seed))
-        se = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else np.nan
-        k = depth_exponent(scheme, opt)
-        by_depth = med.groupby("depth")["update"].mean()
-        statement = (f"theory.step has no depth exponent for {scheme} under {opt}" if k is None else
-                     f"the median block's one-step update under {opt} scales as L^{float(k):g} "
-                     f"(theory.step), within {DEPTH_TOL}")
-        rows.append(Claim(f"{scheme}_{opt}_update_depth_exponent", scheme, statement, DEPTH_METHOD,
-                          "untested" if k is None else
-                          "holds" if abs(slope - float(k)) <= DEPTH_TOL else "fails",
-                          "median block update " + ", ".join(
-                              f"L={L}: {v:.4f}" for L, v in by_depth.items()),
-                          {"optimizer": opt, "slope": slope, "slope_se": se,
-                           "theory": np.nan if k is None else float(k)}))
+    for column, what in (("update", "the median block's one-step update"),
+                         ("network", "the network's one-step change (last block, relative)")):
+        if column not in study:
+            continue  # a study from before the network column
+        for r in depth_slopes(study, column).itertuples():
+            k = _derived(r.scheme, r.optimizer, column)
+            statement = (f"theory.depth_orders has no depth exponent for {r.scheme} under "
+                         f"{r.optimizer}" if k is None else
+                         f"{what} under {r.optimizer} scales as L^{float(k):g} "
+                         f"(theory.depth_orders), within {DEPTH_TOL}")
+            name = "update" if column == "update" else "network_change"
+            rows.append(Claim(f"{r.scheme}_{r.optimizer}_{name}_depth_exponent", r.scheme,
+                              statement, DEPTH_METHOD,
+                              "untested" if k is None else
+                              "holds" if abs(r.slope - float(k)) <= DEPTH_TOL else "fails",
+                              f"{'median block update' if column == 'update' else 'network change'} "
+                              + ", ".join(f"L={L}: {v:.4f}" for L, v in r.by_depth.items()),
+                              {"optimizer": r.optimizer, "slope": r.slope,
+                               "slope_se": r.slope_se,
+                               "theory": np.nan if k is None else float(k)}))
     return claims_frame(rows)
+
+
+def _derived(scheme: str, optimizer: str, column: str):
+    if column == "update":
+        return depth_exponent(scheme, optimizer)
+    from theory.depth_orders import depth_orders
+    try:
+        return depth_orders(scheme, optimizer).network
+    except ValueError:
+        return None
 
 
 def transfer_errors(tr: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,93 @@
+"""Figures of the SpanNorm readings study: the optimal lr against depth beside the one-step
+theory's slope, the one-step changes against depth, and the trained loss against depth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from figures.style import color, new_figure, save
+
+
+def drift_figure(optima: pd.DataFrame, drift: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+    """One panel per scheme: log2 optimal lr against depth (± 2 SE over seeds; open markers where
+    the optimum is not resolved), the weighted fit, and theory's slope through the first depth."""
+    schemes = list(dict.fromkeys(optima["scheme"]))
+    fig, axes = new_figure(len(schemes), width=2.6, height=2.6)
+    d = drift.set_index("scheme")
+    for ax, s in zip(axes, schemes):
+        g = optima[optima["scheme"] == s].sort_values("depth")
+        ok = g["inside_grid"].astype(bool) & ~g["stalled"].astype(bool)
+        c = color(s)
+        ax.errorbar(g["depth"][ok], g["log2_best_lr"][ok], yerr=2 * g["log2_se"][ok].fillna(0),
+                    fmt="o", color=c, ms=4, capsize=2, label="measured")
+        ax.plot(g["depth"][~ok], g["log2_best_lr"][~ok], "o", mfc="none", color=c, ms=5,
+                label="stalled / at edge")
+        x = np.array([g["depth"].min(), g["depth"].max()], float)
+        first = g[ok].iloc[0] if ok.any() else g.iloc[0]
+        pred = d.loc[s, "predicted"] if s in d.index else 0.0
+        ax.plot(x, first["log2_best_lr"] + pred * np.log2(x / first["depth"]), "--", color="0.4",
+                lw=1, label=f"theory {pred:+.2g}/doubling")
+        if s in d.index and np.isfinite(d.loc[s, "drift"]):
+            ax.plot(x, first["log2_best_lr"] + d.loc[s, "drift"] * np.log2(x / first["depth"]),
+                    "-", color=c, lw=1, alpha=0.6, label=f"fit {d.loc[s, 'drift']:+.2f}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(s, fontsize=9)
+        ax.set_xlabel("depth L")
+        ax.set_ylabel("log2 optimal lr")
+        ax.legend(fontsize=6)
+    fig.suptitle("optimal learning rate against depth (Adam): measured, fit, and one-step theory",
+                 fontsize=9)
+    return save(fig, path, fmt)
+
+
+def onestep_figure(study: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+    """Two panels per optimizer: the median block's update and the network's change against
+    depth, one line per scheme (mean over seeds, ± 2 SE)."""
+    from theory.depth_orders import depth_orders
+    opts = list(dict.fromkeys(study["optimizer"]))
+    fig, axes = new_figure(2 * len(opts), width=3.2, height=3.0)
+    i = 0
+    for opt in opts:
+        for column, title in (("update", "median block update"), ("network", "network change")):
+            ax = axes[i]
+            i += 1
+            for s, g in study[study["optimizer"] == opt].groupby("scheme", sort=False):
+                per = g.groupby(["seed", "depth"])[column].median().reset_index()
+                m = per.groupby("depth")[column].agg(["mean", "std", "count"])
+                se = (m["std"] / np.sqrt(m["count"])).fillna(0)
+                ax.errorbar(m.index, m["mean"], yerr=2 * se, fmt="o-", ms=3, lw=1, color=color(s),
+                            label=s, capsize=2)
+                k = getattr(depth_orders(s, opt), "block" if column == "update" else "network")
+                x = np.array([m.index.min(), m.index.max()], float)
+                ax.plot(x, m["mean"].iloc[0] * (x / x[0]) ** float(k), ":", color=color(s), lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{title}, {opt}", fontsize=9)
+            ax.set_xlabel("depth L")
+    axes[0].legend(fontsize=6)
+    fig.suptitle("one step from init against depth: measured (points) and theory.depth_orders' "
+                 "slope (dotted)", fontsize=9)
+    return save(fig, path, fmt)
+
+
+def grid_figure(runs: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+    """Final validation bits/byte against depth, one panel per dense / MoE, one line per scheme
+    (mean over seeds, each seed a dot; a diverged run is left out)."""
+    kinds = sorted(runs["moe"].unique(), key=lambda k: (k != "dense", k))
+    fig, axes = new_figure(len(kinds), width=4.2, height=3.4)
+    for ax, kind in zip(axes, kinds):
+        r = runs[(runs["moe"] == kind) & ~runs["diverged"].astype(bool)]
+        for s, g in r.groupby("scheme", sort=False):
+            m = g.groupby("depth")["final_val_bpb"].mean()
+            ax.plot(m.index, m.values, "-", color=color(s), lw=1.2, label=s)
+            ax.plot(g["depth"], g["final_val_bpb"], "o", color=color(s), ms=3, alpha=0.7)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("depth L")
+        ax.set_ylabel("final validation bits/byte")
+        ax.set_title(kind, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("trained at each scheme's lr tuned at the shallowest depth", fontsize=9)
+    return save(fig, path, fmt)
