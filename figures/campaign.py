@@ -14,6 +14,7 @@ SECTIONS = [  # table name, heading, figure beside it (relative to the campaign 
     ("throughput", "Training throughput", None),
     ("moe", "MoE training grid", "moe/figures/train_loss_vs_depth.png"),
     ("init_targets", "Init sweep: theory against measurement", "init/figures/gradient_ratio_vs_depth.png"),
+    ("readings", "SpanNorm readings at depth (compare with the dense grid's span and pre)", None),
 ]
 DETAILS = {"dense": "dense/train.md", "moe": "moe/train.md", "init_targets": "init/report.md"}
 

@@ -67,7 +67,8 @@ def onestep_figure(study: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
             ax.set_yscale("log")
             ax.set_title(f"{title}, {opt}", fontsize=9)
             ax.set_xlabel("depth L")
-    axes[0].legend(fontsize=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("one step from init against depth: measured (points) and theory.depth_orders' "
                  "slope (dotted)", fontsize=9)
     return save(fig, path, fmt)

@@ -11,12 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis.infra.files import save_figure  # noqa: E402
 
-# Okabe & Ito (2008) colour-blind-safe palette, then three of Paul Tol's muted colours for
+# Okabe & Ito (2008) colour-blind-safe palette, then four of Paul Tol's colours for
 # SpanNorm's further readings; a scheme keeps its colour in every figure.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000",
-           "#882255", "#44AA99", "#999933"]
+           "#882255", "#44AA99", "#999933", "#332288"]
 KNOWN = ["pre", "post", "span", "deepnorm", "b2t", "peri", "mixln", "lns",
-         "span_fwd", "span_alt", "span_dlr"]
+         "span_fwd", "span_alt", "span_dlr", "span_dlr_all"]
 FORMATS = ("png", "svg", "pdf")
 
 

@@ -97,6 +97,7 @@ TINY = {
     "calibrate": {"--sequences": "4", "--seq-len": "32", "--skip-sequences": "2"},
     "sample": {"--tokens": "8"},
     "campaign": {"--parallel": "1"},
+    "readings": {"--preset": "tiny"},
 }
 EVERYWHERE = {"--device": {"cuda": "cpu"}}  # values swapped in any command
 # In the default run only, lists of schemes keep their first (or pre where the command leaves
@@ -128,6 +129,8 @@ PREFERRED = {
 }
 SLOW_ONLY = {  # subcommands none of whose documented commands fits the default budget
     "campaign": "about a minute even at --tiny (it compiles, with aot_eager)",
+    "readings": "about a minute even at --preset tiny (every stage trains; tests/test_readings.py "
+                "runs it under -m slow too)",
     "bench": "fixed benchmark sizes: --theory's position-resolved profile at L = 256, T = 128 "
              "alone takes 13 s on 2 busy cores, --components 12 s",
 }

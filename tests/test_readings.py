@@ -14,7 +14,7 @@ import torch
 from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import lr_multipliers, param_groups
 from theory.depth_orders import depth_orders
-from theory.schemes import get_scheme, register, Scheme
+from theory.schemes import SCHEMES, Scheme, register
 
 F = Fraction
 
@@ -109,7 +109,10 @@ def test_depth_orders_read_a_new_schemes_constants():
         return h + c * op.ffn(op.norm(h))
     register(Scheme("test_scaled_pre", scaled_pre, "h = x + c·A(N(x)); y = h + c·F(N(h))",
                     "test", True, {"c": lambda L: L ** F(-1, 2)}), replace=True)
-    d = depth_orders("test_scaled_pre", "adam")
+    try:
+        d = depth_orders("test_scaled_pre", "adam")
+    finally:
+        del SCHEMES["test_scaled_pre"]
     assert (d.stream, d.block, d.network) == (0, F(-1, 2), F(1, 2))
 
 
@@ -206,3 +209,25 @@ def test_the_tiny_study_runs_resumes_and_writes_its_verdicts(tmp_path):
     assert main(["readings", "--preset", "tiny", "--quiet", "--out", str(out)]) == 0
     assert (out / "grid" / "span" / "train_runs.csv").stat().st_mtime >= stamp
     assert len(pd.read_csv(out / "verdicts" / "train_runs.csv")) == len(runs)
+
+
+def test_the_docs_theory_table_is_what_depth_orders_derives():
+    """docs/span-readings.md's exponent table, row by row, against theory.depth_orders."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "span-readings.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `") and line.count("|") == 9]
+    assert len(rows) == 6
+    for line in rows:
+        cells = [c.strip().strip("`").replace("−", "-") for c in line.strip("|").split("|")]
+        a, g = depth_orders(cells[0], "adam"), depth_orders(cells[0], "sgd")
+        want = [a.stream, a.block, a.network, a.lr_drift, g.block, g.network, g.lr_drift]
+        assert [Fraction(c) for c in cells[1:]] == want, cells[0]
+
+
+@pytest.mark.parametrize("drift,se,status", [(0.05, 0.1, "holds"), (-0.33, 0.08, "fails"),
+                                             (-0.18, 0.21, "untested"), (-0.2, 0.2, "untested")])
+def test_lr_transfer_is_decided_only_where_the_spread_allows(drift, se, status):
+    from analysis.training.readings_verdicts import lr_transfer
+    row = pd.Series({"drift": drift, "drift_se": se, "depths": "4,8,16,32,64", "left_out": "",
+                     "predicted": 0.0})
+    assert lr_transfer(row)[0] == status

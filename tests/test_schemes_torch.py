@@ -148,19 +148,20 @@ def test_final_norm_only_where_the_scheme_has_one():
 
 
 @pytest.fixture
-def span_alt():
-    @scheme("span_alt", formula="a = A(N(x)); f = F(N(x + a)); y = x + N(a + f)",
+def user_scheme():
+    """A user's own scheme (span_alt without ScaleInit), registered for one test."""
+    @scheme("user_span_alt", formula="a = A(N(x)); f = F(N(x + a)); y = x + N(a + f)",
             source="alternative reading of arXiv 2601.22580", final_norm=True)
     def block(x, op, *, l, L):
         a = op.attn(op.norm(x))
         f = op.ffn(op.norm(x + a))
         return x + op.norm(a + f)
-    yield get_scheme("span_alt")
-    del SCHEMES["span_alt"]
+    yield get_scheme("user_span_alt")
+    del SCHEMES["user_span_alt"]
 
 
-def test_user_registered_scheme(span_alt):
-    model = build_model(ModelConfig(scheme="span_alt", depth=3, width=WIDTH, heads=HEADS,
+def test_user_registered_scheme(user_scheme):
+    model = build_model(ModelConfig(scheme="user_span_alt", depth=3, width=WIDTH, heads=HEADS,
                                     max_seq_len=T, dtype="float64"))
     randomize_norms(model)
     blk = model.blocks[0]

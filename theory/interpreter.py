@@ -88,8 +88,8 @@ class _Ctx:
         return _Value(self, terms, len(self.nodes) - 1)
 
     # --- the vocabulary ---
-    def norm(self, v: _Value) -> _Value:
-        """Norm: same sources, rescaled by 1/sqrt(Q + eps)."""
+    def norm(self, v: _Value, *, lr: Any = 1) -> _Value:
+        """Norm: same sources, rescaled by 1/sqrt(Q + eps) (its learning rate: no init effect)."""
         k = self.counts["norm"] = self.counts["norm"] + 1
         Q, _ = self.moments(v)
         Qs = self.let(f"Q_n{k}", Q)

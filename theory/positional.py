@@ -132,7 +132,7 @@ class _Ctx:
         self.nodes.append(Node("lin", [(v.node, c) for v, c in parts]))
         return _Value(self, terms, len(self.nodes) - 1)
 
-    def norm(self, v: _Value) -> _Value:
+    def norm(self, v: _Value, *, lr: Any = 1) -> _Value:
         """Per-token rescaling by 1/sqrt(Q_s + eps); backward keeps the projection factor."""
         S = self.cov(v)
         self.last_norm_input = S

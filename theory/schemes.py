@@ -13,6 +13,7 @@ structural trace below) can run the very same function:
                                                  matrices (q, k, v; up, gate) and of its output
                                                  projection (o; down), on top of the
                                                  parametrization's; the init theory ignores them
+- ``op.norm(v, lr=1)``                           the same for the norm's gain and bias
 - ``v + w``, ``c * v``, ``v * c``, ``v / c``     scaled add of values, ``c`` a constant
 - constants: ``l`` (block index, 1..L), ``L`` (number of blocks), the scheme's parameters, and
   arithmetic on them (``l ** Fraction(-1, 2)``). Python control flow may branch on constants
@@ -190,6 +191,21 @@ def span_dlr(x, op, *, l, L, alpha, beta, lr, out_lr):
     return op.norm(alpha * x + a + f)
 
 
+@scheme("span_dlr_all", formula="span's block; learning rates: A and F inner matrices and the norms "
+                                "before them × L^(-1/2), output projections and the output norm × L^(-1)",
+        source="span_dlr with every block parameter's learning rate depth-scaled: the norms' gains "
+               "and biases too (theory/depth_orders.py: at a fixed width their unscaled steps add "
+               "up over L blocks)",
+        final_norm=False, alpha=1, beta=_span_beta,
+        lr=lambda L: L ** Fraction(-1, 2), out_lr=lambda L: 1 / L,
+        notes="Each block parameter's step moves the stream by O(1/L): the inner norms' gains act "
+              "through the β-scaled branch (× L^(-1/2)), the output norm's directly.")
+def span_dlr_all(x, op, *, l, L, alpha, beta, lr, out_lr):
+    a = op.attn(op.norm(x, lr=lr), out_gain=beta, lr=lr, out_lr=out_lr)
+    f = op.ffn(op.norm(x + a, lr=lr), out_gain=beta, lr=lr, out_lr=out_lr)
+    return op.norm(alpha * x + a + f, lr=out_lr)
+
+
 @scheme("deepnorm", formula="h = N(α·x + A(x)); y = N(α·h + F(h)); "
                             "FFN, V and O projections × β",
         source="DeepNet, arXiv 2203.00555 (decoder-only constants)", final_norm=False,
@@ -283,8 +299,8 @@ class _Tracer:
             raise TypeError(f"op.{kind} takes a value, got {type(v).__name__}")
         return self.record((kind, v.step, gains))
 
-    def norm(self, v):
-        return self._call("norm", v, ())
+    def norm(self, v, *, lr=1):
+        return self._call("norm", v, (("lr", float(lr)),))
 
     def attn(self, v, *, value_gain=1, out_gain=1, lr=1, out_lr=1):
         return self._call("attn", v, (("value_gain", float(value_gain)),

@@ -40,12 +40,12 @@ def run(args: argparse.Namespace) -> int:
           f"{args.time_limit:g} s)")
     state = run_campaign(cfg, out, time_limit=args.time_limit)
     unigram = None
-    for name in ("dense", "moe"):
-        if (out / name / "train_runs.csv").exists():
-            runs, profiles = collect(out / name)
+    for folder in [out / "dense", out / "moe", *sorted((out / "readings").glob("*"))]:
+        if (folder / "train_runs.csv").exists():
+            runs, profiles = collect(folder)
             if len(runs):
                 unigram = unigram or load_corpus(cfg.corpus).unigram_bits()
-                grid_report(out / name, runs, profiles, args.format, unigram)
+                grid_report(folder, runs, profiles, args.format, unigram)
     init = out / "init"
     if (init / "init_profiles.csv").exists() and (init / "theory.json").exists():
         from analysis.init.pipeline import load_tables
@@ -110,6 +110,9 @@ def write_campaign_report(out, state):
     for name in ("dense", "moe"):
         if (out / name / "train_runs.csv").exists():
             tables[name] = pd.read_csv(out / name / "train_runs.csv")[run_columns]
+    readings = [pd.read_csv(f)[run_columns] for f in sorted((out / "readings").glob("*/train_runs.csv"))]
+    if readings:
+        tables["readings"] = pd.concat(readings, ignore_index=True)
     if (init / "targets.csv").exists():
         tables["init_targets"] = pd.read_csv(init / "targets.csv")
     return write(out, state, tables)

@@ -271,11 +271,15 @@ class MoE(nn.Module):
         return torch.zeros_like(flat).index_add(0, token, y.to(flat.dtype))
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    """The configured norm over the last dimension (identity affine at init)."""
+def make_norm(cfg: ModelConfig, lr: float = 1.0) -> nn.Module:
+    """The configured norm over the last dimension (identity affine at init); ``lr``: the
+    scheme's learning-rate multiplier for its gain and bias (parametrization)."""
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.width, eps=1e-5, device=_BUILD_DEVICE.get())
-    return nn.RMSNorm(cfg.width, eps=1e-5, device=_BUILD_DEVICE.get())
+        norm = nn.LayerNorm(cfg.width, eps=1e-5, device=_BUILD_DEVICE.get())
+    else:
+        norm = nn.RMSNorm(cfg.width, eps=1e-5, device=_BUILD_DEVICE.get())
+    norm.lr_gain = lr
+    return norm
 
 
 class _TorchOps:
@@ -290,7 +294,7 @@ class _TorchOps:
         self.used[kind] += 1
         return modules[i]
 
-    def norm(self, x):
+    def norm(self, x, *, lr=1):
         return self._next("norm", self.block.norms)(x)
 
     def attn(self, x, *, value_gain=1, out_gain=1, lr=1, out_lr=1):  # applied when built
@@ -310,7 +314,7 @@ class Block(nn.Module):
         self.structure = block_structure(scheme, l, cfg.depth, self.params)
         ffn_cls = MoE if cfg.experts else MLP
         calls = self.structure.calls
-        self.norms = nn.ModuleList(make_norm(cfg) for c in calls if c.kind == "norm")
+        self.norms = nn.ModuleList(make_norm(cfg, **c.gains) for c in calls if c.kind == "norm")
         self.attns = nn.ModuleList(Attention(cfg, **c.gains) for c in calls if c.kind == "attn")
         self.ffns = nn.ModuleList(ffn_cls(cfg, **c.gains) for c in calls if c.kind == "ffn")
 

@@ -34,9 +34,10 @@ def is_matrix_like(name: str) -> bool:
 
 
 def scheme_lr_gains(model: nn.Module) -> dict[str, float]:
-    """The scheme's own learning-rate multipliers (``op.attn(..., lr=, out_lr=)``), by weight name."""
-    return {f"{name}.weight": float(m.lr_gain) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and getattr(m, "lr_gain", 1.0) != 1.0}
+    """The scheme's own learning-rate multipliers (``op.attn(..., lr=, out_lr=)``,
+    ``op.norm(v, lr=)``), by parameter name."""
+    return {f"{name}.{p}": float(m.lr_gain) for name, m in model.named_modules()
+            if getattr(m, "lr_gain", 1.0) != 1.0 for p, _ in m.named_parameters(recurse=False)}
 
 
 def lr_multipliers(model: Testbed, optimizer: str = "adam") -> dict[str, float]:

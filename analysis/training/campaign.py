@@ -8,7 +8,10 @@ Stages run in order of value (what a short device lease should bring back first)
    eager and compiled;
 3. ``throughput``: training tokens/s and MFU at the same shape;
 4. ``moe_grid``: pre against span with a top-2 mixture of 8 experts;
-5. ``init_sweep``: the init sweep at width 1024, to the deepest depth whose memory fits.
+5. ``init_sweep``: the init sweep at width 1024, to the deepest depth whose memory fits;
+6. ``readings_grid``: the SpanNorm readings that decide the CPU study's verdicts (docs/
+   span-readings.md) trained as ``dense_grid`` is, each at the dense lr times the ratio of its
+   shallowest-depth optimum to span's on the CPU, one folder per reading.
 
 ``DIR/campaign.json`` records the settings and each stage's status (done / cut) and device
 seconds. An invocation skips finished stages, resumes a cut one (grids from their checkpoints,
@@ -37,7 +40,12 @@ from analysis.testbed.model import ModelConfig
 from analysis.training.grid import train_grid
 from analysis.training.train import TrainConfig
 
-STAGES = ("dense_grid", "probe_overhead", "throughput", "moe_grid", "init_sweep")
+STAGES = ("dense_grid", "probe_overhead", "throughput", "moe_grid", "init_sweep", "readings_grid")
+
+# The readings that decide the CPU study's verdicts (results/span-readings), and their lr against
+# span's: the ratio of their optimum to span's at L = 4 in the CPU study's scan.
+READINGS_ON_GPU = ["span_fwd", "span_dlr"]
+READINGS_LR_SCALE = {"span_fwd": 2.0, "span_dlr": 4.0}
 
 # What each stage runs. "full": sized for one H200 (see README, The GPU campaign); "tiny": the same
 # code at toy sizes, minutes on a CPU.
@@ -51,6 +59,9 @@ PLANS = {
         "init_sweep": dict(schemes=["pre", "post", "span", "deepnorm"],
                            depths=[2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], width=1024, heads=8,
                            seq_len=128, batch=8, batches=2, seeds=[0, 1, 2]),
+        "readings_grid": dict(schemes=READINGS_ON_GPU, lr_scale=READINGS_LR_SCALE,
+                              depths=[12, 24, 48, 96], width=256, heads=4, seq_len=256, batch=32,
+                              tokens=4_000_000, lr=1e-3),
     },
     "tiny": {
         "dense_grid": dict(schemes=["pre", "post", "span", "deepnorm"], depths=[2], width=32,
@@ -60,6 +71,8 @@ PLANS = {
         "bench": dict(shape="tiny", steps=6, warmup=2, rounds=3),
         "init_sweep": dict(schemes=["span"], depths=[2, 4], width=32, heads=4,
                            seq_len=16, batch=2, batches=1, seeds=[0]),
+        "readings_grid": dict(schemes=READINGS_ON_GPU, lr_scale=READINGS_LR_SCALE, depths=[2],
+                              width=32, heads=4, seq_len=32, batch=4, tokens=32 * 4 * 12, lr=3e-3),
     },
 }
 
@@ -68,10 +81,10 @@ PLANS = {
 # GPU poorly) plus a compile per block structure; the benchmarks' compiles; the sweep's
 # position-resolved theory on the host CPU.
 ESTIMATED_MINUTES = {"dense_grid": 4.0, "probe_overhead": 1.5, "throughput": 1.0, "moe_grid": 1.0,
-                     "init_sweep": 2.0}
+                     "init_sweep": 2.0, "readings_grid": 2.0}
 # Least time worth starting a stage with: a cut stage resumes, so only its fixed costs count.
 START_SECONDS = {"full": {"dense_grid": 60, "probe_overhead": 120, "throughput": 90,
-                          "moe_grid": 60, "init_sweep": 60},
+                          "moe_grid": 60, "init_sweep": 60, "readings_grid": 60},
                  "tiny": {s: 5 for s in STAGES}}
 
 
@@ -107,7 +120,7 @@ class CampaignConfig:
         """The sizes of every stage, the token override applied."""
         plan = json.loads(json.dumps(PLANS["tiny" if self.tiny else "full"]))
         if self.tokens is not None:
-            for grid in ("dense_grid", "moe_grid"):
+            for grid in ("dense_grid", "moe_grid", "readings_grid"):
                 plan[grid]["tokens"] = self.tokens
         return plan
 
@@ -185,9 +198,18 @@ def init_sweep(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> N
     save_tables(tables, acfg, theory, folder)
 
 
+def readings_grid(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> None:
+    """Stage 6: SpanNorm's deciding readings, trained as the dense grid, into
+    ``out/readings/<reading>``, each at the dense lr × its READINGS_LR_SCALE."""
+    grid = cfg.plan()["readings_grid"]
+    for scheme in grid["schemes"]:
+        own = {**grid, "schemes": [scheme], "lr": grid["lr"] * grid["lr_scale"][scheme]}
+        _grid(cfg, own, out / "readings" / scheme, deadline, log)
+
+
 RUNNERS: dict[str, Callable] = {"dense_grid": dense_grid, "probe_overhead": probe_overhead,
                                 "throughput": throughput, "moe_grid": moe_grid,
-                                "init_sweep": init_sweep}
+                                "init_sweep": init_sweep, "readings_grid": readings_grid}
 
 
 def load_state(cfg: CampaignConfig, out: Path) -> dict:

@@ -1,7 +1,7 @@
 """The SpanNorm readings study: which reading of arXiv 2601.22580 delivers its claims.
 
-Four readings of the abstract (theory/schemes.py: span, span_fwd, span_alt, span_dlr) and two
-baselines (pre, deepnorm) go through the same four stages, each an ordinary sigprop command
+Five readings of the abstract (theory/schemes.py: span, span_fwd, span_alt, span_dlr,
+span_dlr_all) and two baselines (pre, deepnorm) go through the same four stages, each an ordinary sigprop command
 writing its own resumable folder under the study's folder:
 
 - ``onestep``  one Adam and one SGD step from init across depth: each block's update and the
@@ -27,7 +27,7 @@ import pandas as pd
 
 from analysis.infra.files import write_json
 
-READINGS = ("span", "span_fwd", "span_alt", "span_dlr")
+READINGS = ("span", "span_fwd", "span_alt", "span_dlr", "span_dlr_all")
 BASELINES = ("pre", "deepnorm")
 STAGES = ("onestep", "lrsweep", "scan", "grid", "moe")
 

@@ -37,8 +37,14 @@ from theory.step import block_exponent, depth_exponent
 GROUPS = {"qk": (".q.", ".k."), "v": (".v.",), "o": (".o.",), "up": (".up.", ".gate."),
           "down": (".down.",), "norm": (".norms.",)}
 LINEAR_LR = {"adam": 1e-4, "sgd": 1e-2}  # relative updates of a few %: first order holds
+# The depth study's network change adds L blocks' changes: at LINEAR_LR it reaches O(1) by L = 64
+# (span under Adam: 1.2, 5× too small for 10× the lr), so it steps 100× (Adam) and 1000× (SGD)
+# less, in float64 for precision; changes then scale with the lr within 1 % at every depth ≤ 64.
+DEPTH_LR = {"adam": 1e-6, "sgd": 1e-5}
+DEPTH_DTYPE = "float64"
 DEPTH_TOL = 0.1  # |measured − theory| of a depth exponent
-DEPTH_METHOD = "measured after one optimizer step from init, across depths (log–log slope)"
+DEPTH_METHOD = ("measured after one optimizer step from init (Adam lr 1e-6, SGD 1e-5, float64), "
+                "across depths (log–log slope)")
 
 
 def _group(name: str) -> str | None:
@@ -114,12 +120,13 @@ def transfer(mc: ModelConfig, base_width: int, optimizer: str, seed: int,
 
 def depth_study(scheme: str, depths: list[int], width: int, optimizer: str, seed: int,
                 corpus: Corpus, heads: int = 4, seq_len: int = 64) -> pd.DataFrame:
-    """Every block's one-step update at each depth (the linear-regime lr of the optimizer), and
-    the network's (the last block's relative change, upstream changes included)."""
+    """Every block's one-step update at each depth, and the network's (the last block's relative
+    change, upstream changes included), at DEPTH_LR in DEPTH_DTYPE: the linear regime."""
     rows = []
     for L in depths:
-        mc = ModelConfig(scheme=scheme, depth=L, width=width, heads=heads, max_seq_len=seq_len)
-        changes, outs, network = block_changes(mc, optimizer, LINEAR_LR[optimizer], seed, corpus)
+        mc = ModelConfig(scheme=scheme, depth=L, width=width, heads=heads, max_seq_len=seq_len,
+                         dtype=DEPTH_DTYPE)
+        changes, outs, network = block_changes(mc, optimizer, DEPTH_LR[optimizer], seed, corpus)
         rows += [{"depth": L, "block": i, "update": float(c.norm() / o.norm()),
                   "network": network} for i, (c, o) in enumerate(zip(changes, outs))]
     return pd.DataFrame(rows)
