@@ -15,16 +15,23 @@ def drift_figure(optima: pd.DataFrame, drift: pd.DataFrame, path: Path, fmt: str
     """One panel per scheme: log2 optimal lr against depth (± 2 SE over seeds; open markers where
     the optimum is not resolved), the weighted fit, and theory's slope through the first depth."""
     schemes = list(dict.fromkeys(optima["scheme"]))
-    fig, axes = new_figure(len(schemes), width=2.6, height=2.6)
+    cols = min(4, len(schemes))
+    rows = -(-len(schemes) // cols)
+    fig, axes = new_figure(cols, width=3.0, height=2.7, nrows=rows)
+    for ax in axes[len(schemes):]:
+        ax.set_visible(False)
+    lo, hi = optima["log2_best_lr"].min() - 0.7, optima["log2_best_lr"].max() + 0.7
     d = drift.set_index("scheme")
     for ax, s in zip(axes, schemes):
+        ax.set_ylim(lo, hi)  # one scale: drifts compare by eye
         g = optima[optima["scheme"] == s].sort_values("depth")
         ok = g["inside_grid"].astype(bool) & ~g["stalled"].astype(bool)
         c = color(s)
         ax.errorbar(g["depth"][ok], g["log2_best_lr"][ok], yerr=2 * g["log2_se"][ok].fillna(0),
                     fmt="o", color=c, ms=4, capsize=2, label="measured")
-        ax.plot(g["depth"][~ok], g["log2_best_lr"][~ok], "o", mfc="none", color=c, ms=5,
-                label="stalled / at edge")
+        if (~ok).any():
+            ax.plot(g["depth"][~ok], g["log2_best_lr"][~ok], "o", mfc="none", color=c, ms=5,
+                    label="stalled / at the grid's edge")
         x = np.array([g["depth"].min(), g["depth"].max()], float)
         first = g[ok].iloc[0] if ok.any() else g.iloc[0]
         pred = d.loc[s, "predicted"] if s in d.index else 0.0

@@ -25,7 +25,7 @@ from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-REPORTS = ("report.md", "train.md")
+REPORTS = ("report.md", "train.md", "readings.md")
 COPIED = {".png", ".csv", ".json", ".md"}
 FULL_ROWS = 40  # CSVs up to this many rows are shown whole
 HEAD_ROWS = 12  # larger ones: this many rows, then a download link
@@ -54,6 +54,9 @@ STUDIES = {
                           "See [Width and depth transfer](../../width.md).",
     "lrsweep-cpu": "Learning-rate sweeps across depth and width. "
                    "See [Width and depth transfer](../../width.md).",
+    "span-readings": "SpanNorm's readings against the paper's claims: one step, lr across depth, "
+                     "a training grid dense and MoE to L = 64, 2 seeds; the verdict table. "
+                     "See [SpanNorm's readings](../../span-readings.md).",
     "diagnose-minilm": "`diagnose` of all-MiniLM-L6-v2 on English text. "
                        "See [Diagnose and atlas](../../diagnose.md).",
     "diagnose-smollm2": "`diagnose` of SmolLM2-135M-Instruct (Q4_1 GGUF) on English text. "

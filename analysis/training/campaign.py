@@ -44,8 +44,8 @@ STAGES = ("dense_grid", "probe_overhead", "throughput", "moe_grid", "init_sweep"
 
 # The readings that decide the CPU study's verdicts (results/span-readings), and their lr against
 # span's: the ratio of their optimum to span's at L = 4 in the CPU study's scan.
-READINGS_ON_GPU = ["span_fwd", "span_dlr"]
-READINGS_LR_SCALE = {"span_fwd": 2.0, "span_dlr": 4.0}
+READINGS_ON_GPU = ["span_dlr_all", "span_dlr"]
+READINGS_LR_SCALE = {"span_dlr_all": 4.0, "span_dlr": 4.0}
 
 # What each stage runs. "full": sized for one H200 (see README, The GPU campaign); "tiny": the same
 # code at toy sizes, minutes on a CPU.

@@ -57,7 +57,8 @@ def lr_drift(optima: pd.DataFrame) -> pd.DataFrame:
                "left_out": "; ".join(f"L={r.depth} " + ("stalled" if r.stalled else "optimum at the grid's edge")
                                      for r in g.itertuples() if r.depth not in set(ok["depth"])),
                **{f"log2_lr_L{r.depth}": r.log2_best_lr for r in g.itertuples()},
-               "predicted": float(depth_orders(scheme, "adam").lr_drift)}
+               "predicted": float(depth_orders(scheme, "adam").lr_drift),
+               "predicted_fixed_width": float(-depth_orders(scheme, "adam").network_fixed_width)}
         if len(ok) >= 2:
             x = np.log2(ok["depth"].to_numpy(float))
             y = ok["log2_best_lr"].to_numpy(float)
@@ -173,6 +174,8 @@ def build(root: Path, out: Path, plan: ReadingsPlan, fmt: str = "png") -> pd.Dat
     raw = pd.read_csv(sweep) if sweep.exists() and sweep.stat().st_size else pd.DataFrame()
     raw = raw[raw["scheme"].isin(schemes) & (raw["width"] == plan.width)] if len(raw) else raw
     optima = find_optima(raw, 0.95 * unigram * math.log(2)) if len(raw) else pd.DataFrame()
+    if len(optima):  # the study's order, however the work was split
+        optima = optima.sort_values("scheme", key=lambda c: c.map(schemes.index), kind="stable")
     drift = lr_drift(optima) if len(optima) else pd.DataFrame(columns=["scheme"])
     dense, moe = _runs(root, "grid", schemes), _runs(root, "moe", schemes)
     table = verdicts(drift, dense, moe, unigram, schemes)
@@ -182,11 +185,12 @@ def build(root: Path, out: Path, plan: ReadingsPlan, fmt: str = "png") -> pd.Dat
     runs = pd.concat([dense, moe], ignore_index=True)
     write_csv(runs, out / "train_runs.csv", index=False)
     figs = []
-    steps = root / "onestep" / "depth_claims.csv"
-    if steps.exists():
-        claims = pd.read_csv(steps)
-        write_csv(claims, out / "onestep.csv", index=False)
-        figs.append(onestep_figure(pd.read_csv(root / "onestep" / "depth.csv"), out / "figures" / "onestep_depth", fmt))
+    steps = root / "onestep" / "depth.csv"
+    if steps.exists():  # the claims again, with this code's theory
+        from analysis.width.onestep import depth_claims
+        study = pd.read_csv(steps)
+        write_csv(depth_claims(study), out / "onestep.csv", index=False)
+        figs.append(onestep_figure(study, out / "figures" / "onestep_depth", fmt))
     if len(optima):
         write_csv(optima, out / "lr_optima.csv", index=False)
         figs.append(drift_figure(optima, drift, out / "figures" / "lr_optimum_vs_depth", fmt))
@@ -212,12 +216,13 @@ def report(table: pd.DataFrame, drift: pd.DataFrame, figs, out: Path, plan: Read
     for reading, row in matrix.iterrows():
         lines.append(f"| {reading} | " + " | ".join(str(row.get(c, "")) for c in claims) + " |")
     lines += ["", "## Optimal learning rate across depth, against the one-step theory", "",
-              "| scheme | drift per doubling (log2) | theory | prediction | depths | left out |",
-              "|---|---|---|---|---|---|"]
+              "| scheme | drift per doubling (log2) | theory (width → ∞ first) | prediction | "
+              "theory at a fixed width (L → ∞ first) | depths | left out |",
+              "|---|---|---|---|---|---|---|"]
     for r in drift.itertuples():
         d = "—" if not np.isfinite(r.drift) else f"{r.drift:+.2f} ± {r.drift_se:.2f}"
-        lines.append(f"| {r.scheme} | {d} | {r.predicted:+.2g} | {r.prediction} | {r.depths} | "
-                     f"{r.left_out or '—'} |")
+        lines.append(f"| {r.scheme} | {d} | {r.predicted:+.2g} | {r.prediction} | "
+                     f"{r.predicted_fixed_width:+.2g} | {r.depths} | {r.left_out or '—'} |")
     lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.relative_to(out)})" for f in figs]
     lines += ["", "## Evidence", "", "| reading | claim | status | evidence |", "|---|---|---|---|"]
     lines += [f"| {r.reading} | {r.claim} | {r.status} | {r.evidence} |" for r in table.itertuples()]

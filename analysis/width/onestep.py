@@ -32,7 +32,7 @@ from analysis.testbed.model import ModelConfig, build_model
 from analysis.testbed.parametrization import lr_multipliers
 from analysis.training.train import snapshot_blocks
 from theory.claim_table import Claim, claims_frame
-from theory.step import block_exponent, depth_exponent
+from theory.step import block_exponent
 
 GROUPS = {"qk": (".q.", ".k."), "v": (".v.",), "o": (".o.",), "up": (".up.", ".gate."),
           "down": (".down.",), "norm": (".norms.",)}
@@ -157,6 +157,12 @@ def depth_claims(study: pd.DataFrame) -> pd.DataFrame:
             continue  # a study from before the network column
         for r in depth_slopes(study, column).itertuples():
             k = _derived(r.scheme, r.optimizer, column)
+            k_fixed = _derived(r.scheme, r.optimizer, column, fixed_width=True)
+            between = (k is not None and k_fixed is not None and k != k_fixed
+                       and abs(r.slope - float(k)) > DEPTH_TOL  # a failure the norms explain
+                       and min(k, k_fixed) - DEPTH_TOL <= r.slope <= max(k, k_fixed) + DEPTH_TOL)
+            note = (f"; between the d → ∞ exponent and the fixed-width one ({float(k_fixed):g}: "
+                    "the norms' own gains stepped)" if between else "")
             statement = (f"theory.depth_orders has no depth exponent for {r.scheme} under "
                          f"{r.optimizer}" if k is None else
                          f"{what} under {r.optimizer} scales as L^{float(k):g} "
@@ -167,21 +173,23 @@ def depth_claims(study: pd.DataFrame) -> pd.DataFrame:
                               "untested" if k is None else
                               "holds" if abs(r.slope - float(k)) <= DEPTH_TOL else "fails",
                               f"{'median block update' if column == 'update' else 'network change'} "
-                              + ", ".join(f"L={L}: {v:.4f}" for L, v in r.by_depth.items()),
+                              + ", ".join(f"L={L}: {v:.4g}" for L, v in r.by_depth.items()) + note,
                               {"optimizer": r.optimizer, "slope": r.slope,
                                "slope_se": r.slope_se,
-                               "theory": np.nan if k is None else float(k)}))
+                               "theory": np.nan if k is None else float(k),
+                               "theory_fixed_width": np.nan if k_fixed is None else float(k_fixed)}))
     return claims_frame(rows)
 
 
-def _derived(scheme: str, optimizer: str, column: str):
-    if column == "update":
-        return depth_exponent(scheme, optimizer)
+def _derived(scheme: str, optimizer: str, column: str, fixed_width: bool = False):
     from theory.depth_orders import depth_orders
     try:
-        return depth_orders(scheme, optimizer).network
+        d = depth_orders(scheme, optimizer)
     except ValueError:
         return None
+    if column == "update":
+        return d.block_fixed_width if fixed_width else d.block
+    return d.network_fixed_width if fixed_width else d.network
 
 
 def transfer_errors(tr: pd.DataFrame) -> pd.DataFrame:
