@@ -81,21 +81,35 @@ def onestep_figure(study: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
     return save(fig, path, fmt)
 
 
-def grid_figure(runs: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
+def grid_figure(runs: pd.DataFrame, path: Path, fmt: str = "png",
+                plateau_bpb: float | None = None) -> Path:
     """Final validation bits/byte against depth, one panel per dense / MoE, one line per scheme
-    (mean over seeds, each seed a dot; a diverged run is left out)."""
+    (its lr in the legend; mean over seeds, each seed a dot, a stalled run a cross; a diverged
+    run is left out), and the stall threshold ``plateau_bpb`` dashed."""
     kinds = sorted(runs["moe"].unique(), key=lambda k: (k != "dense", k))
-    fig, axes = new_figure(len(kinds), width=4.2, height=3.4)
+    fig, axes = new_figure(len(kinds), width=4.6, height=3.6)
     for ax, kind in zip(axes, kinds):
         r = runs[(runs["moe"] == kind) & ~runs["diverged"].astype(bool)]
         for s, g in r.groupby("scheme", sort=False):
             m = g.groupby("depth")["final_val_bpb"].mean()
-            ax.plot(m.index, m.values, "-", color=color(s), lw=1.2, label=s)
-            ax.plot(g["depth"], g["final_val_bpb"], "o", color=color(s), ms=3, alpha=0.7)
+            ax.plot(m.index, m.values, "-", color=color(s), lw=1.2,
+                    label=f"{s} (lr {g['lr'].iloc[0]:g})")
+            stalled = g["status"].eq("stalled") if "status" in g else pd.Series(False, g.index)
+            if plateau_bpb is not None:
+                stalled |= g["final_val_bpb"] > plateau_bpb
+            ax.plot(g["depth"][~stalled], g["final_val_bpb"][~stalled], "o", color=color(s), ms=3,
+                    alpha=0.7)
+            ax.plot(g["depth"][stalled], g["final_val_bpb"][stalled], "x", color=color(s), ms=5)
+        if plateau_bpb is not None:
+            ax.axhline(plateau_bpb, ls="--", color="0.5", lw=0.8)
+            ax.text(0.01, plateau_bpb, "stalled above", va="bottom", fontsize=7, color="0.4",
+                    transform=ax.get_yaxis_transform())
         ax.set_xscale("log", base=2)
         ax.set_xlabel("depth L")
         ax.set_ylabel("final validation bits/byte")
         ax.set_title(kind, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle("trained at each scheme's lr tuned at the shallowest depth", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("trained at each scheme's lr tuned at the shallowest depth (× : stalled run)",
+                 fontsize=9)
     return save(fig, path, fmt)

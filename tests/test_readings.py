@@ -231,3 +231,21 @@ def test_lr_transfer_is_decided_only_where_the_spread_allows(drift, se, status):
     row = pd.Series({"drift": drift, "drift_se": se, "depths": "4,8,16,32,64", "left_out": "",
                      "predicted": 0.0})
     assert lr_transfer(row)[0] == status
+
+
+def test_the_docs_verdict_matrix_is_the_committed_one():
+    """docs/span-readings.md's verdict matrix, cell by cell, against results/span-readings."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    committed = pd.read_csv(root / "results" / "span-readings" / "verdicts.csv")
+    lines = (root / "docs" / "span-readings.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| reading | init_bounds"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("*`") for c in line.strip("|").split("|")])
+    shown = {(r[0], claim): status for r in rows for claim, status in zip(header[1:], r[1:])
+             if status != "—"}
+    assert shown == {(r.reading, r.claim): r.status for r in committed.itertuples()}

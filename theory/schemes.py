@@ -247,6 +247,9 @@ def lns(x, op, *, l, L):
 # --- a structural interpretation: the block's dataflow, step by step -------------------------
 
 
+LR_GAINS = ("lr", "out_lr")  # the vocabulary's learning-rate gains; every other gain scales the init
+
+
 @dataclass(frozen=True)
 class Call:
     """One vocabulary call of a block: its kind ('norm', 'attn', 'ffn'), index and gains."""
@@ -254,6 +257,11 @@ class Call:
     kind: str
     index: int
     gains: dict[str, float]
+
+    @property
+    def init_gains(self) -> dict[str, float]:
+        """The gains that scale the init (what the init theory reads)."""
+        return {k: v for k, v in self.gains.items() if k not in LR_GAINS}
 
 
 class _Traced:

@@ -94,7 +94,7 @@ def _record(model: torch.nn.Module, seen: dict) -> list:
         for c in (c for c in block.structure.calls if c.kind in mods):
             j = used[c.kind]
             used[c.kind] += 1
-            key = (i, f"{c.kind}{j}", c.kind, tuple(sorted(c.gains.items())))
+            key = (i, f"{c.kind}{j}", c.kind, tuple(sorted(c.init_gains.items())))
             entry = seen.setdefault(key, {"x": [], "y": [], "gx": [], "gy": []})
 
             def fwd(m, inp, out, entry=entry):

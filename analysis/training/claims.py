@@ -53,8 +53,10 @@ def stability(runs: pd.DataFrame, scheme: str, kind: str, unigram_bpb: float) ->
         return "untested", f"no {kind} run of {scheme}"
     bad = []
     for row in r.itertuples():
-        stalled = (row.status == "stalled" if "status" in r
-                   else row.final_val_bpb > STALL * unigram_bpb)
+        # the run's own status, or its final loss on the plateau (a run can learn for a while,
+        # escape the status rule, and end back on the plateau)
+        stalled = ((row.status == "stalled" if "status" in r else False)
+                   or row.final_val_bpb > STALL * unigram_bpb)
         if bool(row.diverged):
             bad.append(f"L={row.depth} seed {row.seed} diverged at step {row.divergence_step}")
         elif stalled:

@@ -195,7 +195,8 @@ def build(root: Path, out: Path, plan: ReadingsPlan, fmt: str = "png") -> pd.Dat
         write_csv(optima, out / "lr_optima.csv", index=False)
         figs.append(drift_figure(optima, drift, out / "figures" / "lr_optimum_vs_depth", fmt))
     if len(runs):
-        figs.append(grid_figure(runs, out / "figures" / "loss_vs_depth", fmt))
+        from analysis.training.claims import STALL
+        figs.append(grid_figure(runs, out / "figures" / "loss_vs_depth", fmt, STALL * unigram))
     write_text(out / "readings.md", report(table, drift, figs, out, plan))
     return table
 
