@@ -16,7 +16,7 @@ init_bounds (theory at init: forward variance, g_0/g_L and the last layer's toke
 bounded from L = 64 to 1024), lr_transfer (the optimum moves by at most DRIFT_TOL per doubling,
 decided only where its standard error allows), stability (every grid run trains: no divergence, no stall), depth_efficiency
 (the loss falls with depth, slope 2 SE below 0), ge_pre (at the deepest depth not worse than pre
-within 2 SE), moe (stable with experts at every depth and not worse than pre with experts).
+by more than GE_TOL at 2 SE), moe (stable with experts at every depth and not worse than pre with experts).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ DRIFT_TOL = 0.25  # |log2 optimum change per doubling| that still counts as "tra
 MIN_SE = 0.25  # floor on a depth's log2-optimum SE (a quarter grid step): one seed pair agrees by luck
 BOUND_SLOPE = 0.1  # init: a quantity is bounded if its log-log slope from L = 64 to 1024 is below
 INIT_DEPTHS = (64, 1024)
+GE_TOL = 0.1  # bits/byte: the resolution at which "not worse than pre" is decided
 COLUMNS = ["reading", "claim", "status", "evidence"]
 
 
@@ -120,15 +121,41 @@ def lr_transfer(row) -> tuple[str, str]:
 
 
 def depth_efficiency(runs: pd.DataFrame, scheme: str, kind: str) -> tuple[str, str]:
-    """The loss falls with depth: bits/byte per doubling 2 SE below 0 over the trained runs."""
+    """The loss falls with depth: bits/byte per doubling 2 SE below 0 over the trained runs
+    (pre's slope quoted beside it: the budget's own limit)."""
     slope, se, n = depth_slope(runs, scheme, kind)
     if n < 3:
         return "untested", f"needs ≥ 3 trained depths, got {n}"
     by_depth = runs[(runs["scheme"] == scheme) & (runs["moe"] == kind)].groupby("depth")["final_val_bpb"].mean()
     ok = slope + 2 * se < 0
-    return ("holds" if ok else "fails",
-            f"bits/byte per doubling {slope:+.3f} ± {se:.3f}; " +
-            ", ".join(f"L={d}: {v:.3f}" for d, v in by_depth.items()))
+    evidence = (f"bits/byte per doubling {slope:+.3f} ± {se:.3f}; " +
+                ", ".join(f"L={d}: {v:.3f}" for d, v in by_depth.items()))
+    if scheme != "pre":
+        pre, pre_se, pre_n = depth_slope(runs, "pre", kind)
+        if pre_n >= 3:
+            evidence += f" (pre: {pre:+.3f} ± {pre_se:.3f})"
+    return ("holds" if ok else "fails"), evidence
+
+
+def not_worse_than_pre(runs: pd.DataFrame, scheme: str, kind: str) -> tuple[str, str]:
+    """At the deepest depth both trained, ``scheme``'s final loss against pre's. Fails: worse by
+    more than 2 SE (or it diverged where pre did not); holds: the difference plus 2 SE is at most
+    GE_TOL (not worse, at that resolution); otherwise untested (the seeds disagree too much)."""
+    status, evidence = better_at_deepest(runs, kind, a=scheme, b="pre")
+    r = runs[(runs["moe"] == kind) & runs["scheme"].isin([scheme, "pre"])]
+    common = set(r[r["scheme"] == scheme]["depth"]) & set(r[r["scheme"] == "pre"]["depth"])
+    if status == "untested" or not common or r["diverged"].astype(bool).any():
+        return status, evidence
+    d = max(common)
+    va, vb = (r[(r["scheme"] == x) & (r["depth"] == d)]["final_val_bpb"] for x in (scheme, "pre"))
+    diff = va.mean() - vb.mean()
+    se = math.hypot(*(v.std() / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in (va, vb)))
+    if diff > 2 * se:
+        return "fails", evidence
+    if diff + 2 * se <= GE_TOL:
+        return "holds", evidence
+    return "untested", (f"{evidence}: too noisy to decide (the difference could be up to "
+                        f"{diff + 2 * se:+.2f}, beyond {GE_TOL} bits/byte)")
 
 
 def verdicts(drift: pd.DataFrame, dense: pd.DataFrame, moe: pd.DataFrame, unigram_bpb: float,
@@ -148,14 +175,15 @@ def verdicts(drift: pd.DataFrame, dense: pd.DataFrame, moe: pd.DataFrame, unigra
         add("depth_efficiency", depth_efficiency(dense, s, kind) if len(dense)
             else ("untested", "no training grid"))
         if s != "pre":
-            add("ge_pre", better_at_deepest(dense, kind, a=s, b="pre") if len(dense)
+            add("ge_pre", not_worse_than_pre(dense, s, kind) if len(dense)
                 else ("untested", "no training grid"))
         if len(moe):
             k = moe["moe"].iloc[0]
             st, ev = stability(moe, s, k, unigram_bpb)
             if s != "pre":
-                st2, ev2 = better_at_deepest(moe, k, a=s, b="pre")
-                st = "untested" if "untested" in (st, st2) else "holds" if st == st2 == "holds" else "fails"
+                st2, ev2 = not_worse_than_pre(moe, s, k)
+                st = ("fails" if "fails" in (st, st2) else "holds" if st == st2 == "holds"
+                      else "untested")
                 ev = f"{ev}; {ev2}"
             add("moe", (st, f"{k}: {ev}"))
         else:
