@@ -216,7 +216,7 @@ def test_the_docs_theory_table_is_what_depth_orders_derives():
     from pathlib import Path
     text = (Path(__file__).resolve().parents[1] / "docs" / "span-readings.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `") and line.count("|") == 9]
-    assert len(rows) == 6
+    assert len(rows) == 7
     for line in rows:
         cells = [c.strip().strip("`").replace("−", "-") for c in line.strip("|").split("|")]
         a, g = depth_orders(cells[0], "adam"), depth_orders(cells[0], "sgd")

@@ -191,6 +191,28 @@ def verdicts(drift: pd.DataFrame, dense: pd.DataFrame, moe: pd.DataFrame, unigra
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def grid_summary(runs: pd.DataFrame, schemes, plateau_bpb: float) -> pd.DataFrame:
+    """One row per scheme and dense / MoE, one column per depth: the final validation bits/byte's
+    seed mean ± standard error, and how many seeds stalled (final loss above ``plateau_bpb`` or
+    status stalled) or diverged."""
+    rows = []
+    for kind in sorted(runs["moe"].unique(), key=lambda k: (k != "dense", k)):
+        for scheme in schemes:
+            r = runs[(runs["scheme"] == scheme) & (runs["moe"] == kind)]
+            if not len(r):
+                continue
+            row = {"scheme": scheme, "kind": kind, "lr": f"{r['lr'].iloc[0]:g}"}
+            for depth, g in r.groupby("depth"):
+                v = g["final_val_bpb"]
+                bad = int((g["diverged"].astype(bool) | (v > plateau_bpb)
+                           | g.get("status", pd.Series("", g.index)).eq("stalled")).sum())
+                se = v.std() / math.sqrt(len(v)) if len(v) > 1 else math.nan
+                row[f"L={depth}"] = (f"{v.mean():.3f} ± {se:.3f}" if np.isfinite(se) else f"{v.mean():.3f}") + (
+                    f" ({bad} of {len(v)} stalled)" if bad else "")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def build(root: Path, out: Path, plan: ReadingsPlan, fmt: str = "png") -> pd.DataFrame:
     """Read the study in ``root``, write the results into ``out``; the verdict table."""
     from analysis.testbed.corpus import load_corpus
@@ -225,11 +247,15 @@ def build(root: Path, out: Path, plan: ReadingsPlan, fmt: str = "png") -> pd.Dat
     if len(runs):
         from analysis.training.claims import STALL
         figs.append(grid_figure(runs, out / "figures" / "loss_vs_depth", fmt, STALL * unigram))
-    write_text(out / "readings.md", report(table, drift, figs, out, plan))
+    from analysis.training.claims import STALL
+    summary = grid_summary(runs, schemes, STALL * unigram) if len(runs) else pd.DataFrame()
+    write_csv(summary, out / "grid_summary.csv", index=False)
+    write_text(out / "readings.md", report(table, drift, figs, out, plan, summary))
     return table
 
 
-def report(table: pd.DataFrame, drift: pd.DataFrame, figs, out: Path, plan: ReadingsPlan) -> str:
+def report(table: pd.DataFrame, drift: pd.DataFrame, figs, out: Path, plan: ReadingsPlan,
+           summary: pd.DataFrame | None = None) -> str:
     """readings.md: the verdict matrix first, then the lr drift against theory, then figures."""
     matrix = table.pivot(index="reading", columns="claim", values="status").reindex(
         [s for s in plan.schemes if s in set(table["reading"])]).fillna("—")
@@ -252,7 +278,18 @@ def report(table: pd.DataFrame, drift: pd.DataFrame, figs, out: Path, plan: Read
         d = "—" if not np.isfinite(r.drift) else f"{r.drift:+.2f} ± {r.drift_se:.2f}"
         lines.append(f"| {r.scheme} | {d} | {r.predicted:+.2g} | {r.prediction} | "
                      f"{r.predicted_fixed_width:+.2g} | {r.depths} | {r.left_out or '—'} |")
+    if summary is not None and len(summary):
+        lines += ["", "## The training grid: final validation bits/byte (seed mean ± SE)", "",
+                  _markdown(summary)]
     lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.relative_to(out)})" for f in figs]
     lines += ["", "## Evidence", "", "| reading | claim | status | evidence |", "|---|---|---|---|"]
     lines += [f"| {r.reading} | {r.claim} | {r.status} | {r.evidence} |" for r in table.itertuples()]
     return "\n".join(lines) + "\n"
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+    body = ["| " + " | ".join("—" if pd.isna(v) else str(v) for v in row) + " |"
+            for row in frame.itertuples(index=False)]
+    return "\n".join([head, *body])
