@@ -1,4 +1,4 @@
-"""the SpanNorm readings study: four readings of arXiv 2601.22580 and two baselines, one step, lr across depth, a training grid, verdicts; resumable"""
+"""the SpanNorm readings study: five readings of arXiv 2601.22580 and two baselines, one step, lr across depth, a training grid, verdicts; resumable"""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ STAGE_HELP = ("comma-separated subset of onestep, lrsweep, scan, grid, moe, verd
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add(p, "preset", default="cpu", choices=["cpu", "tiny"],
-                help="cpu: width 64, L = 4 … 64, 2 seeds, 393,216 tokens per grid run (hours on "
-                     "2 cores; docs/span-readings.md); tiny: the same stages at toy sizes, a "
+                help="cpu: width 64, L = 4 … 64, 2 seeds, 393,216 tokens per grid run (about 4 "
+                     "core-hours: 2 h on 2 cores, split with --schemes; docs/span-readings.md); tiny: the same stages at toy sizes, a "
                      "minute (default: cpu)")
     options.add(p, "stages", help=STAGE_HELP)
     options.add(p, "schemes", help="comma-separated subset of the study's schemes, to split "
-                                   "the work over processes (default: all six)")
+                                   "the work over processes (default: all seven)")
     options.add(p, "out", help="the study's folder, one subfolder per stage; a study there "
                                "resumes (default: runs/span-readings)")
     options.add(p, "results", shown="OUT/verdicts")
