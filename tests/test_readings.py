@@ -201,7 +201,8 @@ def test_the_tiny_study_runs_resumes_and_writes_its_verdicts(tmp_path):
     out = tmp_path / "study"
     assert main(["readings", "--preset", "tiny", "--quiet", "--out", str(out)]) == 0
     table = pd.read_csv(out / "verdicts" / "verdicts.csv")
-    assert set(table["reading"]) == {"span", "span_fwd", "span_alt", "span_dlr", "pre", "deepnorm"}
+    assert set(table["reading"]) == {"span", "span_fwd", "span_alt", "span_dlr", "span_dlr_all",
+                                     "pre", "deepnorm"}
     assert {"init_bounds", "lr_transfer", "stability", "depth_efficiency", "moe"} <= set(table["claim"])
     runs = pd.read_csv(out / "verdicts" / "train_runs.csv")
     assert set(runs["moe"]) == {"dense", "moe4k2"} and runs["seed"].nunique() == 2
