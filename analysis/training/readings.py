@@ -1,8 +1,8 @@
 """The SpanNorm readings study: which reading of arXiv 2601.22580 delivers its claims.
 
 Five readings of the abstract (theory/schemes.py: span, span_fwd, span_alt, span_dlr,
-span_dlr_all) and two baselines (pre, deepnorm) go through the same four stages, each an ordinary sigprop command
-writing its own resumable folder under the study's folder:
+span_dlr_all) and two baselines (pre, deepnorm) go through the same five stages, each an
+ordinary sigprop command or function writing its own resumable folder under the study's folder:
 
 - ``onestep``  one Adam and one SGD step from init across depth: each block's update and the
                network's change, against theory.depth_orders (analysis.width.onestep);
@@ -13,7 +13,7 @@ writing its own resumable folder under the study's folder:
 - ``grid``     the training grid at that one lr up to the deepest depth, dense (``train``);
 - ``moe``      the same with a mixture of experts, at fewer depths.
 
-``verdicts`` (analysis.training.readings_verdicts) then reads the four into the verdict table.
+``verdicts`` (analysis.training.readings_verdicts) then reads them all into the verdict table.
 Every stage resumes where it stopped; a stage whose inputs are missing says which stage to run.
 """
 
@@ -82,7 +82,7 @@ class ReadingsPlan:
 
 PRESETS = {
     "cpu": ReadingsPlan(),
-    # the whole study in a minute: what CI runs
+    # the whole study in a minute: what the slow test and the docs' tiny command run
     "tiny": ReadingsPlan(width=32, heads=2, seeds=(0, 1), sweep_depths=(2, 4), sweep_lrs=_lr_grid(0, 2),
                          sweep_steps=4, tokens=2048, scan_lrs=_lr_grid(1, 2), grid_depths=(2, 4),
                          moe_depths=(2,), seq_len=16, batch=4, step_width=32,
@@ -102,8 +102,10 @@ def grid_folder(root: Path, stage: str, scheme: str) -> Path:
     return root / stage / scheme
 
 
-def tuned_lrs(root: Path, plan: ReadingsPlan) -> dict[str, float]:
-    """Each scheme's lr with the lowest validation loss at the first grid depth (seed mean)."""
+def tuned_lrs(root: Path, plan: ReadingsPlan, schemes: tuple[str, ...] | None = None
+              ) -> dict[str, float]:
+    """Each scheme's lr with the lowest validation loss at the first grid depth (seed mean);
+    ValueError if one of ``schemes`` (default: the plan's) has no finished scan run."""
     frames = [pd.read_csv(scan_folder(root, lr) / "train_runs.csv")
               for lr in plan.scan_lrs if (scan_folder(root, lr) / "train_runs.csv").exists()]
     if not frames:
@@ -114,7 +116,7 @@ def tuned_lrs(root: Path, plan: ReadingsPlan) -> dict[str, float]:
     for scheme, rows in runs.groupby("scheme"):
         by_lr = rows.groupby("lr")["final_val_bpb"].mean()
         best[scheme] = float(by_lr.idxmin())
-    missing = [s for s in plan.schemes if s not in best]
+    missing = [s for s in (schemes or plan.schemes) if s not in best]
     if missing:
         raise ValueError(f"the learning-rate scan in {root / 'scan'} has no finished run of "
                          f"{', '.join(missing)}: run the scan stage again")
@@ -166,7 +168,7 @@ def run_stage(stage: str, root: Path, plan: ReadingsPlan, command: Callable[[lis
             call(plan.train_argv(scan_folder(root, lr), only, plan.grid_depths[:1], lr,
                                  plan.seeds[:1]))
     elif stage in ("grid", "moe"):
-        lrs = tuned_lrs(root, plan)
+        lrs = tuned_lrs(root, plan, only)
         depths = plan.grid_depths if stage == "grid" else plan.moe_depths
         for scheme in only:
             call(plan.train_argv(grid_folder(root, stage, scheme), (scheme,), depths, lrs[scheme],
