@@ -1,6 +1,7 @@
 """Across processes with torch.distributed (gloo, CPU, 2 ranks): DDP and FSDP runs equal the
 single-process run, probes sum over ranks, torchrun splits a grid and resumes it, bad input."""
 
+import functools
 import json
 import math
 import os
@@ -44,6 +45,20 @@ def fast(**kw):  # 12 steps of 4 × 32 tokens
                           "eval_batches": 2, "log_every": 4, "checkpoints": 2, **kw})
 
 
+def _exits_cleanly(worker):
+    """An mp.spawn target that ends its process with os._exit(0) once its work returned: gloo's
+    threads can abort the interpreter's own teardown after destroy_process_group ("terminate
+    called without an active exception", SIGABRT, seen once in a full CI run), a torch shutdown
+    race rather than a failure of the work. An exception still fails the spawn as before."""
+    @functools.wraps(worker)
+    def run(rank, *args):
+        worker(rank, *args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return run
+
+
 def _as_rank(rank: int, size: int, port: int, timeout: float = 60) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -52,6 +67,7 @@ def _as_rank(rank: int, size: int, port: int, timeout: float = 60) -> None:
     progress.configure(quiet=True)
 
 
+@_exits_cleanly
 def _train_worker(rank, size, port, corpus_path, run_dir, fsdp, compiled, lr=1e-2):
     _as_rank(rank, size, port)
     world = join("cpu", "--ddp")
@@ -122,6 +138,7 @@ def test_a_divergence_stops_every_rank_and_is_recorded_once(corpus_path, tmp_pat
     assert len(two["train_loss"]) == len(one["train_loss"])
 
 
+@_exits_cleanly
 def _probe_worker(rank, size, port, out):
     _as_rank(rank, size, port)
     join("cpu", "--ddp")
@@ -157,6 +174,7 @@ def test_probe_frames_sum_over_ranks(tmp_path):
         assert two[column].to_numpy() == pytest.approx(one[column].to_numpy(), rel=1e-5)
 
 
+@_exits_cleanly
 def _resume_worker(rank, size, port, corpus_path, run_dir):
     _as_rank(rank, size, port)
     world = join("cpu", "--ddp")
@@ -184,6 +202,7 @@ def test_a_run_cut_alone_resumes_on_two_ranks(corpus_path, single, tmp_path, mon
                                                               rel=1e-5)
 
 
+@_exits_cleanly
 def _check_worker(rank, size, port, out):
     _as_rank(rank, size, port)
     world = join("cpu", "--ddp")
@@ -202,6 +221,7 @@ def test_ranks_started_with_other_settings_are_refused(tmp_path):
         assert "rank 1 was started with other settings than rank 0 (lr differ)" in message
 
 
+@_exits_cleanly
 def _failing_worker(rank, size, port, out):
     _as_rank(rank, size, port, timeout=5)
     import analysis.infra.distributed as d
