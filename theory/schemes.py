@@ -136,16 +136,21 @@ def _span_beta(L):
         notes="Reconstruction: the paper's equations are not public. The skip spans the whole "
               "block, one PostNorm-style norm on the aggregate, ScaleInit β(L).")
 def span(x, op, *, l, L, alpha, beta):
-    a = op.attn(op.norm(x), out_gain=beta)
-    f = op.ffn(op.norm(x + a), out_gain=beta)
-    return op.norm(alpha * x + a + f)
+    return _spanning(x, op, alpha=alpha, beta=beta)
+
+
+def _spanning(x, op, *, alpha, beta, lr=1, out_lr=1, norm_lr=1, out_norm_lr=1):
+    # span's dataflow, shared by the readings that differ from it only in learning rates
+    a = op.attn(op.norm(x, lr=norm_lr), out_gain=beta, lr=lr, out_lr=out_lr)
+    f = op.ffn(op.norm(x + a, lr=norm_lr), out_gain=beta, lr=lr, out_lr=out_lr)
+    return op.norm(alpha * x + a + f, lr=out_norm_lr)
 
 
 # --- further readings of SpanNorm's abstract (issue 29; docs/span-readings.md) -------------------
 # Each keeps "a clean residual connection that spans the entire transformer block" and reads
 # "a PostNorm-style computation that normalizes the aggregated output" and "a principled scaling
-# strategy [that] maintains bounded signal variance" differently. At init span_fwd and span_dlr
-# are span itself; they differ in how a step moves them (theory/step.py).
+# strategy [that] maintains bounded signal variance" differently. At init span_fwd, span_dlr and
+# span_dlr_all are span itself; they differ in how a step moves them (theory/depth_orders.py).
 
 
 @scheme("span_fwd", formula="a = β·A(N(x)); f = β·F(N(x + a)); y = N(x + a + f); "
@@ -186,9 +191,7 @@ def span_alt(x, op, *, l, L, beta):
               "network as init × m with W_o's lr × m: ScaleInit (m ∝ 1/√L) with W_o's lr ∝ 1/L "
               "and the inner matrices' ∝ 1/√L. At init the same network as span.")
 def span_dlr(x, op, *, l, L, alpha, beta, lr, out_lr):
-    a = op.attn(op.norm(x), out_gain=beta, lr=lr, out_lr=out_lr)
-    f = op.ffn(op.norm(x + a), out_gain=beta, lr=lr, out_lr=out_lr)
-    return op.norm(alpha * x + a + f)
+    return _spanning(x, op, alpha=alpha, beta=beta, lr=lr, out_lr=out_lr)
 
 
 @scheme("span_dlr_all", formula="span's block; learning rates: A and F inner matrices and the norms "
@@ -201,9 +204,8 @@ def span_dlr(x, op, *, l, L, alpha, beta, lr, out_lr):
         notes="Each block parameter's step moves the stream by O(1/L): the inner norms' gains act "
               "through the β-scaled branch (× L^(-1/2)), the output norm's directly.")
 def span_dlr_all(x, op, *, l, L, alpha, beta, lr, out_lr):
-    a = op.attn(op.norm(x, lr=lr), out_gain=beta, lr=lr, out_lr=out_lr)
-    f = op.ffn(op.norm(x + a, lr=lr), out_gain=beta, lr=lr, out_lr=out_lr)
-    return op.norm(alpha * x + a + f, lr=out_lr)
+    return _spanning(x, op, alpha=alpha, beta=beta, lr=lr, out_lr=out_lr, norm_lr=lr,
+                     out_norm_lr=out_lr)
 
 
 @scheme("deepnorm", formula="h = N(α·x + A(x)); y = N(α·h + F(h)); "

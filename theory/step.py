@@ -98,12 +98,3 @@ def update_law(optimizer: str, parametrization: str) -> sympy.Expr:
     d, eta, C = sympy.symbols("d eta C", positive=True)
     e = block_exponent(optimizer, parametrization)
     return eta * C * d ** sympy.Rational(e.numerator, e.denominator)
-
-
-def depth_exponent(scheme: str, optimizer: str) -> Fraction | None:
-    """The depth exponent of the median block's first-step update (None: not derived)."""
-    from theory.depth_orders import depth_orders
-    try:
-        return depth_orders(scheme, optimizer).block
-    except ValueError:
-        return None

@@ -102,21 +102,33 @@ def gains_from_depth(runs: pd.DataFrame, kind: str, a: str = "span", b: str = "p
             f"(difference {sa - sb:+.3f} ± {se:.3f})")
 
 
-def better_at_deepest(runs: pd.DataFrame, kind: str, a: str = "span", b: str = "pre") -> tuple[str, str]:
-    """``a``'s final validation loss ≤ ``b``'s at the deepest depth both trained (within 2 SE)."""
+def deepest_difference(runs: pd.DataFrame, kind: str, a: str, b: str) -> dict | None:
+    """At the deepest depth both ``a`` and ``b`` trained (``kind``): the depth, each scheme's runs,
+    the schemes with a diverged seed, and the difference of the seed-mean final losses (a − b)
+    with its standard error; None if there is no such depth."""
     r = runs[(runs["moe"] == kind) & runs["scheme"].isin([a, b])]
     common = set(r[r["scheme"] == a]["depth"]) & set(r[r["scheme"] == b]["depth"])
     if not common:
-        return "untested", f"no depth where both {a} and {b} trained ({kind})"
+        return None
     d = max(common)
     va, vb = (r[(r["scheme"] == s) & (r["depth"] == d)] for s in (a, b))
-    if va["diverged"].astype(bool).any() or vb["diverged"].astype(bool).any():
-        div = [s for s, v in ((a, va), (b, vb)) if v["diverged"].astype(bool).any()]
-        return ("holds" if div == [b] else "fails",
-                f"L={d}: {', '.join(div)} diverged in some seed")
-    ma, mb = va["final_val_bpb"].mean(), vb["final_val_bpb"].mean()
+    diverged = [s for s, v in ((a, va), (b, vb)) if v["diverged"].astype(bool).any()]
     se = math.hypot(*(v["final_val_bpb"].std() / math.sqrt(len(v)) if len(v) > 1 else 0.0
                       for v in (va, vb)))
+    return {"depth": d, "a": va, "b": vb, "diverged": diverged, "se": se,
+            "diff": va["final_val_bpb"].mean() - vb["final_val_bpb"].mean()}
+
+
+def better_at_deepest(runs: pd.DataFrame, kind: str, a: str = "span", b: str = "pre") -> tuple[str, str]:
+    """``a``'s final validation loss ≤ ``b``'s at the deepest depth both trained (within 2 SE)."""
+    c = deepest_difference(runs, kind, a, b)
+    if c is None:
+        return "untested", f"no depth where both {a} and {b} trained ({kind})"
+    d, va, vb, se = c["depth"], c["a"], c["b"], c["se"]
+    if c["diverged"]:
+        return ("holds" if c["diverged"] == [b] else "fails",
+                f"L={d}: {', '.join(c['diverged'])} diverged in some seed")
+    ma, mb = va["final_val_bpb"].mean(), vb["final_val_bpb"].mean()
     ok = ma <= mb + 2 * se
     return ("holds" if ok else "fails",
             f"L={d}: {a} {ma:.4f} vs {b} {mb:.4f} bits/byte (difference {ma - mb:+.4f} ± {se:.4f}, "

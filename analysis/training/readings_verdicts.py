@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.infra.files import write_csv, write_text
-from analysis.training.claims import COSINE_COLLAPSED, better_at_deepest, depth_slope, stability
+from analysis.training.claims import (COSINE_COLLAPSED, better_at_deepest, deepest_difference,
+                                      depth_slope, stability)
 from analysis.training.readings import BASELINES, READINGS, ReadingsPlan, grid_folder
 
 DRIFT_TOL = 0.25  # |log2 optimum change per doubling| that still counts as "transfers"
@@ -142,14 +143,10 @@ def not_worse_than_pre(runs: pd.DataFrame, scheme: str, kind: str) -> tuple[str,
     more than 2 SE (or it diverged where pre did not); holds: the difference plus 2 SE is at most
     GE_TOL (not worse, at that resolution); otherwise untested (the seeds disagree too much)."""
     status, evidence = better_at_deepest(runs, kind, a=scheme, b="pre")
-    r = runs[(runs["moe"] == kind) & runs["scheme"].isin([scheme, "pre"])]
-    common = set(r[r["scheme"] == scheme]["depth"]) & set(r[r["scheme"] == "pre"]["depth"])
-    if status == "untested" or not common or r["diverged"].astype(bool).any():
+    c = deepest_difference(runs, kind, scheme, "pre")
+    if c is None or c["diverged"]:
         return status, evidence
-    d = max(common)
-    va, vb = (r[(r["scheme"] == x) & (r["depth"] == d)]["final_val_bpb"] for x in (scheme, "pre"))
-    diff = va.mean() - vb.mean()
-    se = math.hypot(*(v.std() / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in (va, vb)))
+    diff, se = c["diff"], c["se"]
     if diff > 2 * se:
         return "fails", evidence
     if diff + 2 * se <= GE_TOL:
