@@ -1,0 +1,107 @@
+"""The spread theory's noises against Monte Carlo at widths 64 … 1024 (theory/spread.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from theory.spread import (Form, cross_sd, ffn_unit_noise, median_from_mean, predict_spread,
+                           sampling_var)
+
+DRAWS = 2000
+
+
+def _gram(T: int, rho: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Token vectors (T × 512) with cosine ≈ rho, and their Gram / 512."""
+    base = rng.standard_normal(512)
+    X = math.sqrt(rho) * base + math.sqrt(1 - rho) * rng.standard_normal((T, 512))
+    return X, X @ X.T / 512
+
+
+def _rel_var(samples: np.ndarray) -> float:
+    return float(np.var(samples) / np.mean(samples) ** 2)
+
+
+@pytest.mark.parametrize("n", [64, 256, 1024])
+@pytest.mark.parametrize("rho", [0.0, 0.8])
+def test_sampling_variance_of_a_linear_map_matches_monte_carlo(n, rho):
+    rng = np.random.default_rng(n)
+    X, K = _gram(16, rho, rng)
+    # a row w of the map sees the tokens as w·x_t, Gaussian with covariance K: draw those
+    rows = rng.standard_normal((DRAWS, n, 16)) @ np.linalg.cholesky(K + 1e-12 * np.eye(16)).T
+    measured = _rel_var((rows ** 2).sum(axis=(1, 2)))
+    # the estimate's own relative error is about sqrt(2/DRAWS) ≈ 2.6 %
+    assert measured == pytest.approx(sampling_var(K, n), rel=0.12)
+
+
+@pytest.mark.parametrize("d", [64, 256])
+def test_cross_term_of_independent_sources_matches_monte_carlo(d):
+    rng = np.random.default_rng(d)
+    T = 8
+    X = rng.standard_normal((T, d)) * 1.3
+    Kx = X @ X.T / d
+    H = rng.standard_normal((T, d))
+    Kf = H @ H.T / d  # a fresh source f = W H with W Gaussian (variance 1/d)
+    inner = []
+    for _ in range(DRAWS // 4):
+        F = H @ (rng.standard_normal((d, d)) / math.sqrt(d))
+        inner.append(float(np.sum(X * F)) / (d * T))
+    a = np.ones(T)
+    assert np.std(inner) == pytest.approx(cross_sd(a, Kx, a, Kf, d), rel=0.12)
+
+
+@pytest.mark.parametrize("units", [256, 1024])
+def test_ffn_hidden_unit_noise_matches_monte_carlo(units):
+    """Forward power Σ_u Σ_t gelu(z_ut)², backward Σ_u Σ_t gelu'(z_ut)²ξ_ut² over i.i.d. units,
+    their relative variances and covariance."""
+    rng = np.random.default_rng(units)
+    T = 12
+    _, S = _gram(T, 0.5, rng)
+    _, G = _gram(T, 0.3, rng)
+    var_f, var_b, cov = ffn_unit_noise("gelu", S, G, units)
+    Ls, Lg = np.linalg.cholesky(S + 1e-9 * np.eye(T)), np.linalg.cholesky(G + 1e-9 * np.eye(T))
+    z = torch.from_numpy(rng.standard_normal((DRAWS, units, T)) @ Ls.T).requires_grad_(True)
+    xi = torch.from_numpy(rng.standard_normal((DRAWS, units, T)) @ Lg.T)
+    y = torch.nn.functional.gelu(z)  # torch's own GELU and its autograd derivative
+    (dy,) = torch.autograd.grad(y.sum(), z)
+    fwd = (y.detach() ** 2).sum(dim=(1, 2)).numpy()
+    bwd = ((dy * xi) ** 2).sum(dim=(1, 2)).numpy()
+    assert _rel_var(fwd) == pytest.approx(var_f, rel=0.12)
+    assert _rel_var(bwd) == pytest.approx(var_b, rel=0.12)
+    measured_cov = float(np.cov(fwd, bwd)[0, 1] / (fwd.mean() * bwd.mean()))
+    assert measured_cov == pytest.approx(cov, rel=0.25)
+
+
+def test_forms_add_variances_of_independent_noises_and_share_common_ones():
+    a, b = Form({1: 0.3}), Form({1: 0.4, 2: 1.0})
+    assert a.plus(b).var() == pytest.approx(0.7 ** 2 + 1.0)
+    assert a.plus(b, -0.75).var() == pytest.approx(0.75 ** 2)  # the shared noise cancels
+    assert median_from_mean(2.0, 0.5) == pytest.approx(2.0 * math.exp(-0.25))
+
+
+def test_spread_grows_with_depth_over_width_and_norms_cap_the_forward():
+    """Var(ln g0/gL) ∝ L/d for PostNorm (Hanin & Nica's scaling); a normalized stream's
+    aggregate keeps an O(1/d) spread that does not accumulate."""
+    v = {(L, d): predict_spread("post", depth=L, width=d, seq_len=16, rho0=0.2)
+         for L in (4, 16) for d in (64, 256)}
+    g = {k: o["var_ln_g"][0] for k, o in v.items()}
+    assert g[(16, 64)] / g[(16, 256)] == pytest.approx(4.0, rel=0.1)
+    assert g[(16, 64)] > 2.5 * g[(4, 64)]
+    assert v[(16, 64)]["var_ln_q"][16] < 2 * v[(4, 64)]["var_ln_q"][4]
+
+
+def test_spread_mean_profile_is_the_position_resolved_theory():
+    from theory.positional import predict_positional
+    kw = dict(depth=6, width=128, seq_len=16, rho0=0.1, rho_g=0.05)
+    for scheme in ("pre", "b2t", "lns"):
+        s, p = predict_spread(scheme, **kw), predict_positional(scheme, **kw)
+        q = p["q_agg"] if np.isfinite(p["q_agg"][1]) else p["q"]  # before an output norm
+        assert np.allclose(s["g"], p["g"]) and np.allclose(s["q"][1:], q[1:])
+
+
+def test_spread_refuses_what_it_does_not_cover():
+    with pytest.raises(ValueError, match="MoE"):
+        predict_spread("pre", depth=2, width=64, seq_len=8, experts=4)
+    with pytest.raises(ValueError, match="gelu and relu"):
+        predict_spread("pre", depth=2, width=64, seq_len=8, ffn="swiglu")

@@ -1,0 +1,410 @@
+"""The spread across initializations: the O(1/d) fluctuation interpretation of a scheme's block.
+
+Mean-field theory (theory/positional.py) predicts each statistic's average over initializations.
+At finite width d every random matrix samples its rows, so a block's realized powers scatter about
+their means by O(1/√d), and L blocks' scatters add up in the logarithm (Hanin & Nica 2019, arXiv
+1812.05994: the log-variance of a product of random layers grows ∝ L/d). Here the same scheme
+function runs once more over positional.py's token covariances, and every realized power carries,
+beside its mean, a first-order fluctuation: a linear form over independent unit noises
+(``Form``). Shared noises make correlated fluctuations correlated: the norm that divides the
+forward aggregate by its realized size divides the gradient through it by the same size.
+
+The noises, each derived for Gaussian weights given its input's token covariance (own
+derivations; docs/theory.md#the-spread-across-initializations):
+
+- a linear map to n coordinates samples them i.i.d., so the power of its output, whose token
+  covariance is K, has relative variance 2·tr(K²)/(n·tr(K)²) (a quadratic form of Gaussians);
+  attention's value and output projections and the FFN's output projection each add this term
+  forward, their transposes backward (the value path's Γ);
+- the FFN's n_h hidden units are i.i.d. given the input: the power of the output has relative
+  variance Var_u(Σ_t φ(z_ut)²)/(n_h·E²), and the backward power Var_u(Σ_t φ'(z_ut)²ξ_ut²)/(n_h·E²)
+  with ξ_u the unit's arriving gradient, N(0, Γ); the two share the units, and so their covariance
+  (Gauss–Hermite quadrature of E[φ_s²φ_t²], E[φ'_s²φ'_t²], E[φ_s²φ'_t²]);
+- two independent sources i, j summed into one value have a realized inner product of variance
+  Σ_st a_is a_js a_it a_jt K_i,st K_j,st/(d·T²) (the cross term mean-field theory sets to 0),
+  forward between the skip and each branch, backward between the gradients that meet;
+- a norm divides by the realized power: its output has no power fluctuation, and the gradient
+  through it is scaled by the same realized 1/√Q;
+- the embedding samples d coordinates of each byte's vector: relative variance 2·tr(K₀²)/(d·tr(K₀)²).
+
+Left out (second order, or not derived): fluctuations of the token cosines carried into later
+maps, the heads' attention-pattern sampling, and the score path's own noise. Blocks are
+independent, so variances of logs add along the stack with the forms' shared terms.
+
+The predicted median of a positive statistic X with mean-field mean m is m·exp(−Var(ln X)/2) (a
+log-normal of that mean), so the typical value lies below the mean by the same O(L/d).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+import numpy as np
+
+from theory import components as C
+from theory import positional as P
+from theory.schemes import get_scheme
+from theory.solve import TheoryConfig, check_correlations
+from theory.tape import Node, walk_backward
+
+
+# --- first-order fluctuations: linear forms over independent unit noises ------------------------
+
+class Form(dict):
+    """A fluctuation: {noise id: coefficient}; its variance is the sum of squared coefficients."""
+
+    def plus(self, other: "Form", c: float = 1.0) -> "Form":
+        """self + c·other."""
+        out = Form(self)
+        for k, v in other.items():
+            out[k] = out.get(k, 0.0) + c * v
+        return out
+
+    def times(self, c: float) -> "Form":
+        """c·self."""
+        return Form({k: c * v for k, v in self.items()})
+
+    def var(self) -> float:
+        """Variance (the noises are independent with unit variance)."""
+        return float(sum(v * v for v in self.values()))
+
+
+class Noises:
+    """Issues fresh noise ids."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def new(self, sd: float) -> Form:
+        """A fresh unit noise times ``sd``."""
+        self.count += 1
+        return Form({self.count: float(sd)}) if sd > 0 else Form()
+
+
+def _ratio(K: np.ndarray) -> float:
+    """tr(K²)/tr(K)²: the inverse participation of a token covariance (1/T when tokens are
+    orthogonal and equal, 1 when they are one vector)."""
+    tr = float(np.trace(K))
+    return float(np.sum(K * K)) / tr ** 2 if tr > 0 else 0.0
+
+
+def sampling_var(K: np.ndarray, n: int) -> float:
+    """Relative variance of the power of a Gaussian linear map's n i.i.d. output coordinates whose
+    token covariance is K."""
+    return 2.0 * _ratio(K) / n
+
+
+def cross_sd(a: np.ndarray, Ki: np.ndarray, b: np.ndarray, Kj: np.ndarray, d: int) -> float:
+    """Standard deviation of the token-mean realized inner product of independent sources i, j
+    with per-token coefficients a, b (what the power of a·x_i + b·x_j holds beyond its mean)."""
+    T = Ki.shape[0]
+    A, B = np.outer(a, a) * Ki, np.outer(b, b) * Kj
+    return math.sqrt(max(float(np.sum(A * B)), 0.0) / d) / T
+
+
+# --- the FFN's hidden units: fourth moments of the activation --------------------------------------
+
+_ACT = {"gelu": (lambda x: x * _Phi(x), lambda x: _Phi(x) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)),
+        "relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(float))}
+
+
+def _Phi(x: np.ndarray) -> np.ndarray:
+    from scipy.special import ndtr
+    return ndtr(x)
+
+
+_R_GRID = np.linspace(-1.0, 1.0, 65)
+
+
+@lru_cache(maxsize=64)
+def unit_moments(kind: str, q: float) -> dict[str, np.ndarray]:
+    """E[φ(u)²φ(v)²], E[φ'(u)²φ'(v)²], E[φ(u)²φ'(v)²] for (u, v) Gaussian, variance q each, on a
+    grid of their correlation r; and E[φ²], E[φ'²] (tensor Gauss–Hermite quadrature)."""
+    if kind not in _ACT:
+        raise ValueError(f"the spread theory covers ffn gelu and relu, not '{kind}'")
+    f, df = _ACT[kind]
+    z1, z2 = np.meshgrid(C._GH_X, C._GH_X, indexing="ij")
+    w = np.outer(C._GH_W, C._GH_W)
+    s = math.sqrt(q)
+    out = {"ff": [], "dd": [], "fd": []}
+    for r in _R_GRID:
+        u, v = s * z1, s * (r * z1 + math.sqrt(max(1 - r * r, 0.0)) * z2)
+        out["ff"].append(float((w * f(u) ** 2 * f(v) ** 2).sum()))
+        out["dd"].append(float((w * df(u) ** 2 * df(v) ** 2).sum()))
+        out["fd"].append(float((w * f(u) ** 2 * df(v) ** 2).sum()))
+    res = {k: np.array(v) for k, v in out.items()}
+    res["f2"] = np.array(float((C._GH_W * f(s * C._GH_X) ** 2).sum()))
+    res["d2"] = np.array(float((C._GH_W * df(s * C._GH_X) ** 2).sum()))
+    return res
+
+
+def _pairs(table: np.ndarray, S: np.ndarray) -> np.ndarray:
+    dg = np.sqrt(np.diag(S))
+    r = np.clip(S / np.outer(dg, dg), -1.0, 1.0)
+    return np.interp(r, _R_GRID, table)
+
+
+def ffn_unit_noise(kind: str, S: np.ndarray, Gamma: np.ndarray | None, n_units: int
+                   ) -> tuple[float, float, float]:
+    """Relative variances of the FFN's forward output power and backward input-gradient power from
+    sampling n_units hidden units, and their covariance; S is the pre-activation token covariance,
+    Gamma the gradient arriving at the units (None: forward only)."""
+    q = float(np.mean(np.diag(S)))
+    m = unit_moments(kind, round(q, 4))
+    T = S.shape[0]
+    ef = T * float(m["f2"])
+    var_f = (float(_pairs(m["ff"], S).sum()) - ef ** 2) / ef ** 2
+    if Gamma is None:
+        return var_f / n_units, 0.0, 0.0
+    gd = np.diag(Gamma)
+    eb = float(m["d2"]) * float(gd.sum())
+    second = _pairs(m["dd"], S) * (np.outer(gd, gd) + 2 * Gamma ** 2)
+    var_b = (float(second.sum()) - eb ** 2) / eb ** 2
+    cov = (float((_pairs(m["fd"], S) * gd[None, :]).sum()) - ef * eb) / (ef * eb)
+    return var_f / n_units, var_b / n_units, cov / n_units
+
+
+# --- the block run with fluctuations ---------------------------------------------------------------
+
+class Amp:
+    """A gradient amplitude per token with its relative fluctuation (walk_backward's algebra)."""
+
+    __slots__ = ("a", "rel")
+
+    def __init__(self, a: Any, rel: Form):
+        self.a, self.rel = a, rel
+
+    def __add__(self, other: "Amp") -> "Amp":
+        a = self.a + other.a
+        w = float(np.mean(np.abs(self.a))), float(np.mean(np.abs(other.a)))
+        tot = w[0] + w[1]
+        rel = self.rel.times(w[0] / tot).plus(other.rel, w[1] / tot) if tot > 0 else Form()
+        return Amp(a, rel)
+
+    def __mul__(self, c: Any) -> "Amp":
+        if isinstance(c, Amp):
+            return Amp(self.a * c.a, self.rel.plus(c.rel))
+        return Amp(self.a * c, self.rel)
+
+    __rmul__ = __mul__
+
+
+@dataclass
+class _Sub:
+    """What a sublayer's noises need from its forward pass."""
+
+    kind: str
+    S: np.ndarray  # input token covariance
+    K: np.ndarray  # output token covariance
+    unit_id: Form  # the FFN's forward hidden-unit noise (unit variance form), shared backward
+
+
+class _Ctx(P._Ctx):
+    """positional._Ctx that also records each value's and source's first-order fluctuation."""
+
+    def __init__(self, st: P.Setting, cov_in: np.ndarray, stream: Form, noises: Noises,
+                 hidden: int):
+        super().__init__(st, cov_in)
+        self.noises, self.hidden = noises, hidden
+        self.src_log: list[Form] = [stream]  # δ ln (power) of each source
+        self.rel: dict[int, dict[int, Form]] = {0: {0: Form()}}  # node → source → δ(coefficient)/coefficient
+        self.agg: tuple[float, Form] | None = None  # the last norm's input: (Q, δQ/Q)
+        self.subs: dict[int, _Sub] = {}
+
+    def power(self, v: P._Value) -> tuple[float, Form]:
+        """Token-mean power of a value and its relative fluctuation δQ/Q."""
+        rel = self.rel[v.node]
+        parts = [(i, a, self.sources[i]) for i, a in v.terms.items()]
+        Q = sum(float(np.mean(a * a * np.diag(K))) for _, a, K in parts)
+        dQ = Form()
+        for i, a, K in parts:
+            share = float(np.mean(a * a * np.diag(K)))
+            dQ = dQ.plus(self.src_log[i].plus(rel[i], 2.0), share)
+        for x in range(len(parts)):
+            for y in range(x + 1, len(parts)):
+                (i, a, Ki), (j, b, Kj) = parts[x], parts[y]
+                dQ = dQ.plus(self._cross(("f", i, j), cross_sd(a, Ki, b, Kj, self.st.width)), 2.0)
+        return Q, dQ.times(1.0 / Q)
+
+    def _cross(self, key: tuple, sd: float) -> Form:
+        # one realized inner product per pair of sources, whichever value holds both
+        ids = self.__dict__.setdefault("cross_ids", {})
+        if key not in ids:
+            ids[key] = self.noises.new(1.0)
+        return ids[key].times(sd)
+
+    def combine(self, parts: list[tuple[P._Value, float]]) -> P._Value:
+        out = super().combine(parts)
+        rel: dict[int, Form] = {}
+        for i, a in out.terms.items():
+            wsum = sum(abs(c) * float(np.mean(np.abs(v.terms[i]))) for v, c in parts if i in v.terms)
+            f = Form()
+            for v, c in parts:
+                if i in v.terms and wsum > 0:
+                    f = f.plus(self.rel[v.node][i], abs(c) * float(np.mean(np.abs(v.terms[i]))) / wsum)
+            rel[i] = f
+        self.rel[out.node] = rel
+        return out
+
+    def norm(self, v: P._Value, *, lr: Any = 1) -> P._Value:
+        Q, dQ = self.power(v)
+        self.agg = (Q, dQ)
+        out = super().norm(v, lr=lr)
+        node = self.nodes[out.node]
+        parent, scale = node.parents[0]
+        # the gradient through the norm is scaled by the same realized 1/√Q
+        node.parents[0] = (parent, Amp(scale, dQ.times(-0.5)))
+        self.rel[out.node] = {i: self.rel[v.node][i].plus(dQ, -0.5) for i in v.terms}
+        return out
+
+    def _emit(self, kind: str, v: P._Value, K: np.ndarray, backward: Callable) -> P._Value:
+        S = self.cov(v)
+        _, dQin = self.power(v)
+        d = self.st.width
+        if kind == "attn":  # value and output projections, d coordinates each
+            own = self.noises.new(math.sqrt(2 * sampling_var(K, d)))
+            unit = Form()
+        else:  # hidden units, then the output projection
+            a2 = float(self.st.sigma) ** 2  # the FFN's input gain is folded into S by ffn()
+            var_units, _, _ = ffn_unit_noise(self.st.ffn, a2 * S, None, self.hidden)
+            unit = self.noises.new(1.0)
+            own = unit.times(math.sqrt(var_units)).plus(self.noises.new(math.sqrt(sampling_var(K, d))))
+        # a sublayer whose input is not normalized follows its input's size
+        sens = _log_slope(lambda s: float(np.trace(_sub_map(self, kind, S * s))), float(np.trace(K))) if dQin else 0.0
+        out = super()._emit(kind, v, K, backward)
+        self.src_log.append(own.plus(dQin, sens))
+        self.rel[out.node] = {len(self.sources) - 1: Form()}
+        self.subs[out.node] = _Sub(kind, S, K, unit)
+        self.nodes[out.node].sub["sens_in"] = dQin if dQin else Form()
+        return out
+
+    def attn(self, v, **kw):
+        self._last_kw = ("attn", kw)
+        return super().attn(v, **kw)
+
+    def ffn(self, v, **kw):
+        self._last_kw = ("ffn", kw)
+        return super().ffn(v, **kw)
+
+
+def _sub_map(ctx: _Ctx, kind: str, S: np.ndarray) -> np.ndarray:
+    _, kw = ctx._last_kw
+    if kind == "attn":
+        gains = {k: float(kw.get(k, 1)) for k in ("value_gain", "out_gain")}
+        return P.ATTENTION[ctx.st.attention](S, sigma=ctx.st.sigma, **gains)[0]
+    return P.ffn(S, ctx.st, float(kw.get("in_gain", 1)), float(kw.get("out_gain", 1)))[0]
+
+
+def _log_slope(fn: Callable[[float], float], at_one: float, h: float = 1e-3) -> float:
+    return (math.log(fn(1 + h)) - math.log(at_one)) / math.log(1 + h) if at_one > 0 else 0.0
+
+
+def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form) -> tuple[np.ndarray, Form]:
+    """Gradient covariance at the block input and its relative power fluctuation."""
+    gsrc: list[np.ndarray] = [grad_out]
+    glog: list[Form] = [top]
+    d = ctx.st.width
+
+    def power(amps: dict[int, Amp]) -> tuple[np.ndarray, Form]:
+        total = np.zeros((ctx.T, ctx.T))
+        parts = []
+        for j, a in amps.items():
+            M = np.outer(a.a, a.a) * gsrc[j]
+            total += M
+            parts.append((j, a))
+        G = float(np.mean(np.diag(total)))
+        dG = Form()
+        for j, a in parts:
+            share = float(np.mean(a.a * a.a * np.diag(gsrc[j])))
+            dG = dG.plus(glog[j].plus(a.rel, 2.0), share)
+        for x in range(len(parts)):
+            for y in range(x + 1, len(parts)):
+                (j, a), (k, b) = parts[x], parts[y]
+                sd = cross_sd(a.a, gsrc[j], b.a, gsrc[k], d)
+                dG = dG.plus(ctx._cross(("b", j, k), sd), 2.0)
+        return total, dG.times(1.0 / G) if G > 0 else Form()
+
+    def sublayer(node: Node, arriving: tuple[np.ndarray, Form]) -> int:
+        Gm, dG = arriving
+        src = node.sub["backward"](Gm)
+        sub = ctx.subs[ctx.nodes.index(node)]
+        if sub.kind == "attn":  # output and value projections' transposes
+            own = ctx.noises.new(math.sqrt(2 * sampling_var(src, d)))
+        else:
+            a2 = float(ctx.st.sigma) ** 2
+            var_f, var_b, cov = ffn_unit_noise(ctx.st.ffn, a2 * sub.S, Gm, ctx.hidden)
+            sf = math.sqrt(var_f) if var_f > 0 else 0.0
+            c = cov / sf if sf > 0 else 0.0  # on the forward unit noise
+            rest = math.sqrt(max(var_b - c * c, 0.0))
+            own = sub.unit_id.times(c).plus(ctx.noises.new(rest)).plus(
+                ctx.noises.new(math.sqrt(sampling_var(src, d))))
+        gsrc.append(src)
+        glog.append(dG.plus(own))
+        return len(gsrc) - 1
+
+    total, dG = walk_backward(ctx.nodes, out.node, Amp(np.ones(ctx.T), Form()), power, sublayer)
+    return total, dG
+
+
+# --- the profile -----------------------------------------------------------------------------------
+
+SPREAD_KEYS = ("var_ln_q", "var_ln_g")
+
+
+def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | None = None,
+                   scheme_params: dict[str, Any] | None = None, q0: float | None = None,
+                   rho0: float = 0.0, rho_g: float = 0.0, cov0: np.ndarray | None = None,
+                   **shape: Any) -> dict[str, np.ndarray]:
+    """Per layer l = 0..depth: positional.py's mean profile plus the predicted variance across
+    initializations of ln q_l (the stream, or the aggregate before an output norm) and of
+    ln(g_l/g_L). ``hidden``: the FFN's hidden width (default 4·width)."""
+    cfg = TheoryConfig(scheme=scheme, depth=depth, seq_len=seq_len,
+                       scheme_params=tuple(sorted((scheme_params or {}).items())), **shape)
+    cfg.validate()
+    if cfg.experts:
+        raise ValueError("the spread theory covers dense FFNs, not MoE")
+    s = get_scheme(scheme)
+    L, T = int(depth), int(seq_len)
+    params = {k: float(v) for k, v in s.resolve(L, **(scheme_params or {})).items()}
+    check_correlations(rho0, rho_g, T)
+    st = P.Setting(int(cfg.width), T, float(cfg.sigma), cfg.ffn, cfg.norm, 0, 2, cfg.attention)
+    hidden = int(hidden or 4 * cfg.width)
+    q0 = cfg.embed_std ** 2 if q0 is None else float(q0)
+    cov = (q0 * ((1 - rho0) * np.eye(T) + rho0 * np.ones((T, T))) if cov0 is None
+           else P._square(cov0, T, "cov0"))
+    noises = Noises()
+    stream = noises.new(math.sqrt(sampling_var(cov, st.width)))  # the embedding's d coordinates
+    out = {k: np.full(L + 1, np.nan) for k in ("q", "g", *SPREAD_KEYS)}
+    out["q"][0], out["var_ln_q"][0] = float(np.mean(np.diag(cov))), stream.var()
+    blocks = []
+    for l in range(1, L + 1):
+        ctx = _Ctx(st, cov, stream, noises, hidden)
+        res_out = s.block(P._Value(ctx, {0: np.ones(T)}, 0), ctx, l=l, L=L, **params)
+        cov = ctx.cov(res_out)
+        if ctx.nodes[res_out.node].kind == "norm":
+            stream = Form()  # normalized: every token's realized power is exactly its mean
+            Qa, dQa = ctx.agg
+            out["q"][l], out["var_ln_q"][l] = Qa, dQa.var()
+        else:
+            Q, stream = ctx.power(res_out)
+            out["q"][l], out["var_ln_q"][l] = Q, stream.var()
+        blocks.append((ctx, res_out))
+    grad = (1 - rho_g) * np.eye(T) + rho_g * np.ones((T, T))
+    top = float(np.mean(np.diag(grad)))
+    dG = Form()
+    out["g"][L], out["var_ln_g"][L] = 1.0, 0.0
+    for l in range(L, 0, -1):
+        ctx, res_out = blocks[l - 1]
+        grad, rel = _backward(ctx, res_out, grad, dG)
+        dG = rel
+        out["g"][l - 1], out["var_ln_g"][l - 1] = float(np.mean(np.diag(grad))) / top, dG.var()
+    return out
+
+
+def median_from_mean(mean: float, var_ln: float) -> float:
+    """The median of a log-normal statistic with this mean and variance of its logarithm."""
+    return mean * math.exp(-var_ln / 2)
