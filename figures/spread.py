@@ -1,5 +1,5 @@
 """Figures of the spread across initializations: predicted against measured standard deviation of
-log10 g_0/g_L over depth, one panel per width and sequences per seed; and the median against the mean field."""
+log10 g_0/g_L over depth, one panel per width; and the median against the mean field."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ def plot_spread(table: pd.DataFrame, folder: Path, fmt: str = "png") -> list[Pat
     """spread_g.{fmt}: sd of log10 g0/gL against depth (measured ± 2 SE, predicted as a line);
     median_g.{fmt}: measured median ± 2 SE against the mean field and the predicted median."""
     g = table[table["statistic"] == "log10_g0_over_gL"]
-    panels = sorted({(int(w), int(n)) for w, n in zip(g["width"], g["sequences"])})
+    widths = sorted(g["width"].unique())
     paths = []
     for name, draw in (("spread_g", _sd), ("median_g", _median)):
-        fig, axes = new_figure(len(panels), width=4.2, height=3.4)
-        for ax, (w, n) in zip(axes, panels):
-            for s, r in g[(g["width"] == w) & (g["sequences"] == n)].groupby("scheme", sort=False):
+        fig, axes = new_figure(len(widths), width=4.2, height=3.4)
+        for ax, w in zip(axes, widths):
+            for s, r in g[g["width"] == w].groupby("scheme", sort=False):
                 draw(ax, r.sort_values("depth"), s)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("depth L")
-            ax.set_title(f"width {w}, {n} sequence{'s' if n > 1 else ''} per seed")
+            ax.set_title(f"width {w}")
         axes[0].legend(fontsize=7)
         paths.append(save(fig, Path(folder) / name, fmt))
     return paths

@@ -51,6 +51,8 @@ BASE = {
     "onestep": ["onestep", "--schemes", "pre", "--width", "32", "--base-width", "16", "--depth",
                 "2", "--heads", "2", "--seeds", "0", "--depths", "2,4", "--out", "{out}"],
     "calibrate": ["calibrate", "{run}", "--out", "{out}"],
+    "spread": ["spread", "--schemes", "pre", "--depths", "2", "--seeds", "0,1,2", "--widths", "16",
+               "--seq-len", "16", "--quiet", "--out", "{out}"],
     "readings": ["readings", "--preset", "tiny", "--stages", "verdicts", "--quiet", "--out",
                  "{out}"],
 }

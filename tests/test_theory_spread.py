@@ -83,7 +83,7 @@ def test_forms_add_variances_of_independent_noises_and_share_common_ones():
 def test_spread_grows_with_depth_over_width_and_norms_cap_the_forward():
     """Var(ln g0/gL) ∝ L/d for PostNorm (Hanin & Nica's scaling); a normalized stream's
     aggregate keeps an O(1/d) spread that does not accumulate."""
-    v = {(L, d): predict_spread("post", depth=L, width=d, seq_len=16, rho0=0.2)
+    v = {(L, d): predict_spread("post", depth=L, width=d, heads=d // 64, seq_len=16, rho0=0.2)
          for L in (4, 16) for d in (64, 256)}
     g = {k: o["var_ln_g"][0] for k, o in v.items()}
     assert g[(16, 64)] / g[(16, 256)] == pytest.approx(4.0, rel=0.1)
@@ -105,3 +105,57 @@ def test_spread_refuses_what_it_does_not_cover():
         predict_spread("pre", depth=2, width=64, seq_len=8, experts=4)
     with pytest.raises(ValueError, match="gelu and relu"):
         predict_spread("pre", depth=2, width=64, seq_len=8, ffn="swiglu")
+
+
+def test_spread_command_measures_seeds_on_one_sequence_and_compares(tmp_path, capsys):
+    """`spread` at a tiny size: spread.csv with the issue's columns, a row per scheme, width,
+    depth and statistic, positive spreads, the figures; a second call resumes (nothing measured
+    again) and other settings in the same folder are refused in one line."""
+    import pandas as pd
+
+    from analysis.cli import main
+    argv = ["spread", "--schemes", "post,pre", "--depths", "2,4", "--widths", "32", "--seeds",
+            "0,1,2", "--seq-len", "16", "--quiet", "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    table = pd.read_csv(tmp_path / "s" / "spread.csv")
+    for col in ("scheme", "depth", "width", "seeds", "statistic", "predicted_sd", "measured_sd",
+                "measured_sd_se"):
+        assert col in table.columns
+    assert len(table) == 2 * 2 * 2 and set(table["seeds"]) == {3}
+    assert (table["predicted_sd"] > 0).all() and (table["measured_sd"] > 0).all()
+    assert (tmp_path / "s" / "figures" / "spread_g.png").is_file()
+    per_seed = (tmp_path / "s" / "per_seed.csv").read_text()
+    capsys.readouterr()
+    assert main(argv) == 0 and (tmp_path / "s" / "per_seed.csv").read_text() == per_seed
+    assert "seeds measured" not in capsys.readouterr().out
+    assert main([*argv[:-1], str(tmp_path / "s"), "--depths", "2"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_spread_command_refuses_too_few_seeds(tmp_path, capsys):
+    from analysis.cli import main
+    assert main(["spread", "--seeds", "0,1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "≥ 3 seeds" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.6])
+def test_pattern_noise_matches_heads_of_real_weights(rho):
+    """The heads' pattern noise against heads built from Gaussian W_q, W_k acting on fixed
+    tokens, softmax(q·k/√d_h) causal, as the testbed's attention computes it."""
+    from theory.spread import pattern_noise
+    rng = np.random.default_rng(3)
+    T, d, dh = 16, 256, 64
+    X, _ = _gram(T, rho, rng)
+    X = X[:, :d] * math.sqrt(512 / d) / math.sqrt(2)
+    S = X @ X.T / d
+    fwd = []
+    for _ in range(1500):
+        q = X @ rng.standard_normal((d, dh)) / math.sqrt(d)
+        k = X @ rng.standard_normal((d, dh)) / math.sqrt(d)
+        z = np.where(np.tril(np.ones((T, T), bool)), q @ k.T / math.sqrt(dh), -np.inf)
+        Pm = np.exp(z - z.max(1, keepdims=True))
+        Pm /= Pm.sum(1, keepdims=True)
+        fwd.append(float(np.sum((Pm @ S) * Pm)))
+    var_f, _, _ = pattern_noise(S, None, heads=1, head_dim=dh)
+    assert var_f == pytest.approx(_rel_var(np.array(fwd)), rel=0.3)

@@ -73,16 +73,22 @@ class Form(dict):
         return float(sum(v * v for v in self.values()))
 
 
+NOISES = ("projections", "units", "patterns", "cross", "embedding")  # the kinds of noise, each can be left out
+
+
 class Noises:
-    """Issues fresh noise ids."""
+    """Issues fresh noise ids, of the kinds switched on."""
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, kinds: tuple[str, ...] = NOISES) -> None:
+        unknown = set(kinds) - set(NOISES)
+        if unknown:
+            raise ValueError(f"unknown noise {sorted(unknown)[0]} (known: {', '.join(NOISES)})")
+        self.count, self.kinds = 0, frozenset(kinds)
 
-    def new(self, sd: float) -> Form:
-        """A fresh unit noise times ``sd``."""
+    def new(self, sd: float, kind: str) -> Form:
+        """A fresh unit noise times ``sd`` (nothing if ``kind`` is switched off)."""
         self.count += 1
-        return Form({self.count: float(sd)}) if sd > 0 else Form()
+        return Form({self.count: float(sd)}) if sd > 0 and kind in self.kinds else Form()
 
 
 def _ratio(K: np.ndarray) -> float:
@@ -168,6 +174,47 @@ def ffn_unit_noise(kind: str, S: np.ndarray, Gamma: np.ndarray | None, n_units: 
     return var_f / n_units, var_b / n_units, cov / n_units
 
 
+# --- attention's heads: each samples one softmax pattern -----------------------------------------
+
+PATTERN_DRAWS = 128  # sampled heads per attention call (fixed seed): the variance to ~13 %
+
+
+def _patterns(S: np.ndarray, head_dim: int, sigma: float, kind: str, seed: int) -> np.ndarray:
+    """PATTERN_DRAWS heads' attention matrices for tokens of covariance S: logits a_s·b_i/√d_h
+    with a, b Gaussian of token covariance σ²S per coordinate (the model's q·k/√d_h at init)."""
+    w, V = np.linalg.eigh(S)
+    root = V * np.sqrt(np.clip(w, 0.0, None))
+    rng = np.random.default_rng(seed)
+    T = S.shape[0]
+    a = root @ rng.standard_normal((PATTERN_DRAWS, T, head_dim)) * sigma
+    b = root @ rng.standard_normal((PATTERN_DRAWS, T, head_dim)) * sigma
+    z = a @ b.transpose(0, 2, 1) / math.sqrt(head_dim)
+    if kind == "causal":
+        z = np.where(np.tril(np.ones((T, T), bool)), z, -np.inf)
+    elif kind == "uniform":
+        z = np.zeros_like(z)
+    z = z - z.max(axis=2, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=2, keepdims=True)
+
+
+def pattern_noise(S: np.ndarray, Gamma: np.ndarray | None, *, heads: int, head_dim: int,
+                  sigma: float = 1.0, kind: str = "causal", seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """Relative variances of attention's forward output power tr(P S Pᵀ) and backward value-path
+    power tr(Pᵀ Γ P) from averaging ``heads`` random patterns, and their covariance (the
+    expectation over one head's pattern, by PATTERN_DRAWS fixed-seed draws)."""
+    P = _patterns(S, head_dim, sigma, kind, seed)
+    fwd = ((P @ S) * P).sum(axis=(1, 2))
+    var_f = float(np.var(fwd, ddof=1) / np.mean(fwd) ** 2) / heads
+    if Gamma is None:
+        return var_f, 0.0, 0.0
+    bwd = ((Gamma @ P) * P).sum(axis=(1, 2))  # tr(Pᵀ Γ P)
+    var_b = float(np.var(bwd, ddof=1) / np.mean(bwd) ** 2) / heads
+    cov = float(np.cov(fwd, bwd)[0, 1] / (np.mean(fwd) * np.mean(bwd))) / heads
+    return var_f, var_b, cov
+
+
 # --- the block run with fluctuations ---------------------------------------------------------------
 
 class Amp:
@@ -200,20 +247,21 @@ class _Sub:
     kind: str
     S: np.ndarray  # input token covariance
     K: np.ndarray  # output token covariance
-    unit_id: Form  # the FFN's forward hidden-unit noise (unit variance form), shared backward
+    unit_id: Form  # the forward noise of the FFN's hidden units or the heads' patterns (unit
+    # variance), which the backward shares
+    seed: int = 0  # the pattern draws' seed
 
 
 class _Ctx(P._Ctx):
     """positional._Ctx that also records each value's and source's first-order fluctuation."""
 
     def __init__(self, st: P.Setting, cov_in: np.ndarray, stream: Form, noises: Noises,
-                 hidden: int):
+                 hidden: int, heads: int):
         super().__init__(st, cov_in)
-        self.noises, self.hidden = noises, hidden
+        self.noises, self.hidden, self.heads = noises, hidden, heads
         self.src_log: list[Form] = [stream]  # δ ln (power) of each source
         self.rel: dict[int, dict[int, Form]] = {0: {0: Form()}}  # node → source → δ(coefficient)/coefficient
         self.agg: tuple[float, Form] | None = None  # the last norm's input: (Q, δQ/Q)
-        self.subs: dict[int, _Sub] = {}
 
     def power(self, v: P._Value) -> tuple[float, Form]:
         """Token-mean power of a value and its relative fluctuation δQ/Q."""
@@ -234,7 +282,7 @@ class _Ctx(P._Ctx):
         # one realized inner product per pair of sources, whichever value holds both
         ids = self.__dict__.setdefault("cross_ids", {})
         if key not in ids:
-            ids[key] = self.noises.new(1.0)
+            ids[key] = self.noises.new(1.0, "cross")
         return ids[key].times(sd)
 
     def combine(self, parts: list[tuple[P._Value, float]]) -> P._Value:
@@ -265,20 +313,25 @@ class _Ctx(P._Ctx):
         S = self.cov(v)
         _, dQin = self.power(v)
         d = self.st.width
-        if kind == "attn":  # value and output projections, d coordinates each
-            own = self.noises.new(math.sqrt(2 * sampling_var(K, d)))
-            unit = Form()
+        seed = self.noises.count
+        if kind == "attn":  # the heads' patterns; value and output projections, d coordinates each
+            var_p, _, _ = pattern_noise(S, None, heads=self.heads, head_dim=d // self.heads,
+                                        sigma=self.st.sigma, kind=self.st.attention, seed=seed)
+            unit = self.noises.new(1.0, "patterns")
+            own = unit.times(math.sqrt(var_p)).plus(
+                self.noises.new(math.sqrt(2 * sampling_var(K, d)), "projections"))
         else:  # hidden units, then the output projection
             a2 = float(self.st.sigma) ** 2  # the FFN's input gain is folded into S by ffn()
             var_units, _, _ = ffn_unit_noise(self.st.ffn, a2 * S, None, self.hidden)
-            unit = self.noises.new(1.0)
-            own = unit.times(math.sqrt(var_units)).plus(self.noises.new(math.sqrt(sampling_var(K, d))))
+            unit = self.noises.new(1.0, "units")
+            own = unit.times(math.sqrt(var_units)).plus(
+                self.noises.new(math.sqrt(sampling_var(K, d)), "projections"))
         # a sublayer whose input is not normalized follows its input's size
         sens = _log_slope(lambda s: float(np.trace(_sub_map(self, kind, S * s))), float(np.trace(K))) if dQin else 0.0
         out = super()._emit(kind, v, K, backward)
         self.src_log.append(own.plus(dQin, sens))
         self.rel[out.node] = {len(self.sources) - 1: Form()}
-        self.subs[out.node] = _Sub(kind, S, K, unit)
+        self.nodes[out.node].sub["spread"] = _Sub(kind, S, K, unit, seed)
         self.nodes[out.node].sub["sens_in"] = dQin if dQin else Form()
         return out
 
@@ -331,17 +384,21 @@ def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form) -> tupl
     def sublayer(node: Node, arriving: tuple[np.ndarray, Form]) -> int:
         Gm, dG = arriving
         src = node.sub["backward"](Gm)
-        sub = ctx.subs[ctx.nodes.index(node)]
-        if sub.kind == "attn":  # output and value projections' transposes
-            own = ctx.noises.new(math.sqrt(2 * sampling_var(src, d)))
-        else:
+        sub = node.sub["spread"]
+        if sub.kind == "attn":  # the same heads' patterns; output and value projections' transposes
+            var_f, var_b, cov = pattern_noise(sub.S, Gm, heads=ctx.heads, head_dim=d // ctx.heads,
+                                              sigma=ctx.st.sigma, kind=ctx.st.attention,
+                                              seed=sub.seed)
+            kind, n_proj = "patterns", 2
+        else:  # the same hidden units; the input projection's transpose
             a2 = float(ctx.st.sigma) ** 2
             var_f, var_b, cov = ffn_unit_noise(ctx.st.ffn, a2 * sub.S, Gm, ctx.hidden)
-            sf = math.sqrt(var_f) if var_f > 0 else 0.0
-            c = cov / sf if sf > 0 else 0.0  # on the forward unit noise
-            rest = math.sqrt(max(var_b - c * c, 0.0))
-            own = sub.unit_id.times(c).plus(ctx.noises.new(rest)).plus(
-                ctx.noises.new(math.sqrt(sampling_var(src, d))))
+            kind, n_proj = "units", 1
+        sf = math.sqrt(var_f) if var_f > 0 else 0.0
+        c = cov / sf if sf > 0 else 0.0  # on the forward noise of the same units or heads
+        rest = math.sqrt(max(var_b - c * c, 0.0))
+        own = sub.unit_id.times(c).plus(ctx.noises.new(rest, kind)).plus(
+            ctx.noises.new(math.sqrt(n_proj * sampling_var(src, d)), "projections"))
         gsrc.append(src)
         glog.append(dG.plus(own))
         return len(gsrc) - 1
@@ -358,10 +415,12 @@ SPREAD_KEYS = ("var_ln_q", "var_ln_g")
 def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | None = None,
                    scheme_params: dict[str, Any] | None = None, q0: float | None = None,
                    rho0: float = 0.0, rho_g: float = 0.0, cov0: np.ndarray | None = None,
+                   grad_top: np.ndarray | None = None, noises: tuple[str, ...] = NOISES,
                    **shape: Any) -> dict[str, np.ndarray]:
     """Per layer l = 0..depth: positional.py's mean profile plus the predicted variance across
     initializations of ln q_l (the stream, or the aggregate before an output norm) and of
-    ln(g_l/g_L). ``hidden``: the FFN's hidden width (default 4·width)."""
+    ln(g_l/g_L). ``hidden``: the FFN's hidden width (default 4·width); ``noises``: the kinds of
+    noise counted (all of NOISES; fewer to see each one's share)."""
     cfg = TheoryConfig(scheme=scheme, depth=depth, seq_len=seq_len,
                        scheme_params=tuple(sorted((scheme_params or {}).items())), **shape)
     cfg.validate()
@@ -376,13 +435,13 @@ def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | 
     q0 = cfg.embed_std ** 2 if q0 is None else float(q0)
     cov = (q0 * ((1 - rho0) * np.eye(T) + rho0 * np.ones((T, T))) if cov0 is None
            else P._square(cov0, T, "cov0"))
-    noises = Noises()
-    stream = noises.new(math.sqrt(sampling_var(cov, st.width)))  # the embedding's d coordinates
+    noises = Noises(tuple(noises))
+    stream = noises.new(math.sqrt(sampling_var(cov, st.width)), "embedding")  # d coordinates
     out = {k: np.full(L + 1, np.nan) for k in ("q", "g", *SPREAD_KEYS)}
     out["q"][0], out["var_ln_q"][0] = float(np.mean(np.diag(cov))), stream.var()
     blocks = []
     for l in range(1, L + 1):
-        ctx = _Ctx(st, cov, stream, noises, hidden)
+        ctx = _Ctx(st, cov, stream, noises, hidden, int(cfg.heads))
         res_out = s.block(P._Value(ctx, {0: np.ones(T)}, 0), ctx, l=l, L=L, **params)
         cov = ctx.cov(res_out)
         if ctx.nodes[res_out.node].kind == "norm":
@@ -393,7 +452,8 @@ def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | 
             Q, stream = ctx.power(res_out)
             out["q"][l], out["var_ln_q"][l] = Q, stream.var()
         blocks.append((ctx, res_out))
-    grad = (1 - rho_g) * np.eye(T) + rho_g * np.ones((T, T))
+    grad = ((1 - rho_g) * np.eye(T) + rho_g * np.ones((T, T)) if grad_top is None
+            else P._square(grad_top, T, "grad_top"))
     top = float(np.mean(np.diag(grad)))
     dG = Form()
     out["g"][L], out["var_ln_g"][L] = 1.0, 0.0

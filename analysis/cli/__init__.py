@@ -22,7 +22,7 @@ COMMANDS = {"schemes": "schemes", "model": "model", "sweep": "sweep", "report": 
             "coordcheck": "coordcheck", "lrsweep": "lrsweep", "diagnose": "diagnose",
             "sample": "sample", "atlas": "atlas", "fidelity": "fidelity", "onestep": "onestep",
             "calibrate": "calibrate", "readings": "readings", "spread": "spread"}
-RESUMABLE = ("sweep", "train", "campaign", "lrsweep", "readings")  # commands that keep what finished and resume
+RESUMABLE = ("sweep", "train", "campaign", "lrsweep", "readings", "spread")  # commands that keep what finished and resume
 DESCRIPTION = ("sigprop: signal propagation in deep Transformers, theory against measurement. "
                "With no command (or only sweep options, e.g. --preset gpu) it runs the main "
                "analysis, `sweep`, at CPU size into runs/<timestamp>/.")

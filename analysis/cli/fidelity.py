@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add(p, "corpora", default="text,random")
     options.add(p, "out", default="runs/fidelity")
     options.add(p, "grid")
+    options.add(p, "redraw_embedding")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             def log(line: str) -> None:  # one line rewritten in place on a terminal
                 print(f"  {scheme} on {name}:{line[3:]}", end="\r", flush=True)
             live = log if sys.stdout.isatty() else None
-            studies.append(seed_study(cfg, seeds, corpus, log=live).assign(corpus=name))
+            studies.append(seed_study(cfg, seeds, corpus, log=live,
+                                      redraw_embedding=args.redraw_embedding).assign(corpus=name))
             audit, cos = sublayer_audit(cfg, seeds, corpus, log=live)
             audits.append(audit.assign(corpus=name))
             cosines.append(cos.assign(corpus=name))

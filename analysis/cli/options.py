@@ -322,6 +322,9 @@ _declare("--latex", action="store_true", help="print recurrences and closed form
 _declare("--grid", metavar="RUN_DIR",
          help="instead: write gradient_spread.csv (g_0/g_L per seed and its spread in log10) "
               "from a sweep folder's init_profiles.csv, nothing measured")
+_declare("--redraw-embedding", action="store_true",
+         help="the seed study runs each sequence alone with a token embedding table drawn afresh "
+              "(the control for the table drawn once per model); the audit is unchanged")
 _declare("--depth-schemes", convert=names, config=False,
          help="the depth study's schemes (default: {default})")
 _declare("--depth-width", type=int, help="the depth study's width (default: {default})")

@@ -1,35 +1,35 @@
-"""spread across initializations: predicted (theory/spread.py) against sweeps of many seeds"""
+"""spread across initializations: many seeds on one sequence against theory/spread.py; resumable"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from analysis.cli import options
-from analysis.infra.files import write_csv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("grids", nargs="+", metavar="RUN_DIR",
-                   help="sweep folders (init_profiles.csv with ≥ 2 seeds per point), e.g. "
-                        "one per width")
+    from analysis.init.spread import SpreadConfig
+    cfg = SpreadConfig()
+    for name in ("schemes", "depths", "widths", "seeds"):  # lists as one would type them
+        options.add(p, name, default=",".join(map(str, getattr(cfg, name))))
+    options.add(p, "seq_len", config=cfg)
+    options.add(p, "corpus")
     options.output(p, "runs/spread")
 
 
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from analysis.init.spread import growth_orders, read_grid, spread_table
+    from analysis.infra.files import write_csv
+    from analysis.init.spread import SpreadConfig, run_study
+    from analysis.testbed.corpus import load_corpus
     from figures.spread import plot_spread
-    grids = [read_grid(Path(g)) for g in args.grids]  # every folder checked before any work
-    for (prof, _), g in zip(grids, args.grids):
-        few = prof.groupby(["scheme", "depth"])["seed"].nunique()
-        if (few < 2).any():
-            raise ValueError(f"{g}: a spread needs ≥ 2 seeds per point, {few.idxmin()} has {few.min()}")
-    out = options.claim(args)
+    cfg = options.configure(SpreadConfig(), args)
+    cfg.validate()
+    corpus = load_corpus(args.corpus)
+    out = options.claim(args, cfg)
     log = (lambda line: None) if args.quiet else print
-    table = pd.concat([spread_table(prof, cfg, log=log) for prof, cfg in grids], ignore_index=True)
-    orders = growth_orders(table)
+    table, orders = run_study(cfg, corpus, out, log=log)
     write_csv(table, out / "spread.csv", index=False)
     write_csv(orders, out / "growth_orders.csv", index=False)
     plot_spread(table, out / "figures", fmt=args.format)
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_rows", 200):
         print(g[["scheme", "width", "depth", "seeds", "predicted_sd", "measured_sd", "measured_sd_se",
                  "within_tolerance"]].to_string(index=False, float_format="%.3f"))
-        print(orders.to_string(index=False, float_format="%.3f"))
-    print(f"wrote {out}/spread.csv, growth_orders.csv, figures/")
+        if not orders.empty:
+            print(orders.to_string(index=False, float_format="%.3f"))
+    print(f"wrote {out}/spread.csv, growth_orders.csv, per_seed.csv, figures/")
     return 0

@@ -49,13 +49,15 @@ def random_corpus(n_bytes: int = 1 << 21, seed: int = 0) -> Corpus:
 
 
 def seed_study(cfg: ModelConfig, seeds: list[int], corpus: Corpus, batches: int = 2,
-               batch_size: int = 4, log: Callable[[str], None] | None = None) -> pd.DataFrame:
+               batch_size: int = 4, log: Callable[[str], None] | None = None,
+               redraw_embedding: bool = False) -> pd.DataFrame:
     """Per layer and metric: measured mean ± SE over ``seeds``, theory, z."""
     measured, theory = [], []
     for k, seed in enumerate(seeds, 1):
         if log:
             log(f"    seed study: seed {k}/{len(seeds)}")
-        rows = to_rows(measure(cfg, seed, corpus, batches, batch_size), cfg.depth)
+        rows = to_rows(measure(cfg, seed, corpus, batches, batch_size,
+                               redraw_embedding=redraw_embedding), cfg.depth)
         th = theory_rows(cfg, **theory_inputs(rows, cfg.depth))
         rows = rows[rows["metric"].isin(list(METRICS))]
         measured.append(rows.set_index(["layer", "point", "metric"])["measured"])

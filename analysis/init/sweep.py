@@ -49,20 +49,29 @@ COLUMNS = ["scheme", "depth", "seed", "layer", "point", "metric", "measured", "s
 
 
 def measure(cfg: ModelConfig, seed: int, corpus: Corpus, batches: int, batch_size: int,
-            device: str = "cpu", compile: bool = False) -> pd.DataFrame:
+            device: str = "cpu", compile: bool = False, redraw_embedding: bool = False
+            ) -> pd.DataFrame:
     """Probe frame of the testbed at init over ``batches`` corpus batches (forward and backward);
-    ``compile``: the probed model runs under torch.compile (the probe is entered first)."""
+    ``compile``: the probed model runs under torch.compile (the probe is entered first);
+    ``redraw_embedding``: every sequence, run alone, sees a token embedding table drawn afresh
+    (the control for a table quenched once per model; the same text, the same blocks)."""
     model = build_model(cfg, seed=seed, device=device)
     gen = torch.Generator().manual_seed(1_000 + seed)
     with Probe(model, metrics=PROBE_METRICS) as p:
         if compile:
             torch.compiler.reset()  # one model per call: never the recompile limit
         fwd = torch.compile(model) if compile else model
-        for _ in range(batches):
+        for b in range(batches):
             x, y = corpus.batch("train", batch_size, cfg.max_seq_len, generator=gen, device=device)
-            _, loss = fwd(x, y)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+            for i, (xs, ys) in enumerate(zip(x.split(1), y.split(1)) if redraw_embedding else [(x, y)]):
+                if redraw_embedding:
+                    table = torch.Generator().manual_seed(10_000 * (seed + 1) + b * batch_size + i)
+                    with torch.no_grad():  # the distribution build_model draws it from
+                        model.tok_embed.weight.copy_(torch.randn(
+                            model.tok_embed.weight.shape, generator=table) * cfg.embed_std / math.sqrt(2))
+                _, loss = fwd(xs, ys)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
     return p.frame()
 
 
