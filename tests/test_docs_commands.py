@@ -98,6 +98,7 @@ TINY = {
     "sample": {"--tokens": "8"},
     "campaign": {"--parallel": "1"},
     "readings": {"--preset": "tiny"},
+    "spread": {"--depths": "2", "--widths": "16", "--seeds": "0,1,2", "--seq-len": "16"},
 }
 EVERYWHERE = {"--device": {"cuda": "cpu"}}  # values swapped in any command
 # In the default run only, lists of schemes keep their first (or pre where the command leaves

@@ -159,3 +159,24 @@ def test_pattern_noise_matches_heads_of_real_weights(rho):
         fwd.append(float(np.sum((Pm @ S) * Pm)))
     var_f, _, _ = pattern_noise(S, None, heads=1, head_dim=dh)
     assert var_f == pytest.approx(_rel_var(np.array(fwd)), rel=0.3)
+
+
+def test_committed_spread_table_is_this_codes_prediction():
+    """results/init-spread/spread.csv's predicted spread is what predict_spread gives now for the
+    study's sequence (PostNorm, width 64, L = 16)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from analysis.init.spread import SEQUENCE_SEED, heads_of, text_covariances
+    from analysis.testbed.corpus import load_corpus
+    root = Path(__file__).resolve().parents[1]
+    table = pd.read_csv(root / "results" / "init-spread" / "spread.csv")
+    row = table[(table.scheme == "post") & (table.width == 64) & (table.depth == 16)
+                & (table.statistic == "log10_g0_over_gL")].iloc[0]
+    x, y = load_corpus(None).batch("train", 1, 64, generator=torch.Generator().manual_seed(SEQUENCE_SEED))
+    cov0, grad_top = text_covariances(x[0], y[0], 1.0)
+    pred = predict_spread("post", depth=16, width=64, heads=heads_of(64), seq_len=64, cov0=cov0,
+                          grad_top=grad_top)
+    assert math.sqrt(pred["var_ln_g"][0]) / math.log(10) == pytest.approx(row.predicted_sd, rel=1e-6)
+    assert math.log10(pred["g"][0]) == pytest.approx(row.mean_field, rel=1e-9)

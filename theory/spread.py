@@ -246,7 +246,7 @@ class _Sub:
 
     kind: str
     S: np.ndarray  # input token covariance
-    K: np.ndarray  # output token covariance
+    pre: np.ndarray  # the FFN's pre-activation covariance (attention: S)
     unit_id: Form  # the forward noise of the FFN's hidden units or the heads' patterns (unit
     # variance), which the backward shares
     seed: int = 0  # the pattern draws' seed
@@ -262,6 +262,8 @@ class _Ctx(P._Ctx):
         self.src_log: list[Form] = [stream]  # δ ln (power) of each source
         self.rel: dict[int, dict[int, Form]] = {0: {0: Form()}}  # node → source → δ(coefficient)/coefficient
         self.agg: tuple[float, Form] | None = None  # the last norm's input: (Q, δQ/Q)
+        self.cross_ids: dict[tuple, Form] = {}  # one realized inner product per pair of sources
+        self.gains: dict[str, Any] = {}  # the sublayer call being emitted: its gains
 
     def power(self, v: P._Value) -> tuple[float, Form]:
         """Token-mean power of a value and its relative fluctuation δQ/Q."""
@@ -279,11 +281,10 @@ class _Ctx(P._Ctx):
         return Q, dQ.times(1.0 / Q)
 
     def _cross(self, key: tuple, sd: float) -> Form:
-        # one realized inner product per pair of sources, whichever value holds both
-        ids = self.__dict__.setdefault("cross_ids", {})
-        if key not in ids:
-            ids[key] = self.noises.new(1.0, "cross")
-        return ids[key].times(sd)
+        """The realized inner product of a pair of sources, whichever value holds both."""
+        if key not in self.cross_ids:
+            self.cross_ids[key] = self.noises.new(1.0, "cross")
+        return self.cross_ids[key].times(sd)
 
     def combine(self, parts: list[tuple[P._Value, float]]) -> P._Value:
         out = super().combine(parts)
@@ -321,35 +322,41 @@ class _Ctx(P._Ctx):
             own = unit.times(math.sqrt(var_p)).plus(
                 self.noises.new(math.sqrt(2 * sampling_var(K, d)), "projections"))
         else:  # hidden units, then the output projection
-            a2 = float(self.st.sigma) ** 2  # the FFN's input gain is folded into S by ffn()
-            var_units, _, _ = ffn_unit_noise(self.st.ffn, a2 * S, None, self.hidden)
+            var_units, _, _ = ffn_unit_noise(self.st.ffn, self._preact(S), None, self.hidden)
             unit = self.noises.new(1.0, "units")
             own = unit.times(math.sqrt(var_units)).plus(
                 self.noises.new(math.sqrt(sampling_var(K, d)), "projections"))
-        # a sublayer whose input is not normalized follows its input's size
-        sens = _log_slope(lambda s: float(np.trace(_sub_map(self, kind, S * s))), float(np.trace(K))) if dQin else 0.0
+        # a sublayer whose input is not normalized follows its input's size (forward; every
+        # registered scheme normalizes its sublayers' inputs, so the backward leaves it out)
+        sens = (_log_slope(lambda s: float(np.trace(self._map(kind, S * s))), float(np.trace(K)))
+                if dQin else 0.0)
         out = super()._emit(kind, v, K, backward)
         self.src_log.append(own.plus(dQin, sens))
         self.rel[out.node] = {len(self.sources) - 1: Form()}
-        self.nodes[out.node].sub["spread"] = _Sub(kind, S, K, unit, seed)
-        self.nodes[out.node].sub["sens_in"] = dQin if dQin else Form()
+        pre = self._preact(S) if kind == "ffn" else S
+        self.nodes[out.node].sub["spread"] = _Sub(kind, S, pre, unit, seed)
         return out
 
-    def attn(self, v, **kw):
-        self._last_kw = ("attn", kw)
-        return super().attn(v, **kw)
+    def attn(self, v: P._Value, **gains: Any) -> P._Value:
+        """positional's attention, its gains kept for the noises."""
+        self.gains = gains
+        return super().attn(v, **gains)
 
-    def ffn(self, v, **kw):
-        self._last_kw = ("ffn", kw)
-        return super().ffn(v, **kw)
+    def ffn(self, v: P._Value, **gains: Any) -> P._Value:
+        """positional's FFN, its gains kept for the noises."""
+        self.gains = gains
+        return super().ffn(v, **gains)
 
+    def _preact(self, S: np.ndarray) -> np.ndarray:
+        """The FFN's pre-activation token covariance."""
+        return (float(self.gains.get("in_gain", 1)) * self.st.sigma) ** 2 * S
 
-def _sub_map(ctx: _Ctx, kind: str, S: np.ndarray) -> np.ndarray:
-    _, kw = ctx._last_kw
-    if kind == "attn":
-        gains = {k: float(kw.get(k, 1)) for k in ("value_gain", "out_gain")}
-        return P.ATTENTION[ctx.st.attention](S, sigma=ctx.st.sigma, **gains)[0]
-    return P.ffn(S, ctx.st, float(kw.get("in_gain", 1)), float(kw.get("out_gain", 1)))[0]
+    def _map(self, kind: str, S: np.ndarray) -> np.ndarray:
+        """The sublayer's mean output covariance at input covariance S."""
+        g = {k: float(v) for k, v in self.gains.items() if k not in ("lr", "out_lr")}
+        if kind == "attn":
+            return P.ATTENTION[self.st.attention](S, sigma=self.st.sigma, **g)[0]
+        return P.ffn(S, self.st, g.get("in_gain", 1.0), g.get("out_gain", 1.0))[0]
 
 
 def _log_slope(fn: Callable[[float], float], at_one: float, h: float = 1e-3) -> float:
@@ -391,8 +398,7 @@ def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form) -> tupl
                                               seed=sub.seed)
             kind, n_proj = "patterns", 2
         else:  # the same hidden units; the input projection's transpose
-            a2 = float(ctx.st.sigma) ** 2
-            var_f, var_b, cov = ffn_unit_noise(ctx.st.ffn, a2 * sub.S, Gm, ctx.hidden)
+            var_f, var_b, cov = ffn_unit_noise(ctx.st.ffn, sub.pre, Gm, ctx.hidden)
             kind, n_proj = "units", 1
         sf = math.sqrt(var_f) if var_f > 0 else 0.0
         c = cov / sf if sf > 0 else 0.0  # on the forward noise of the same units or heads

@@ -40,6 +40,13 @@ STUDIES = {
                      "16 seeds, on text and random bytes. See [Initialization](../../init.md).",
     "init-fidelity-w512": "The fidelity study of pre at width 512, 12 seeds, on text. "
                           "See [Initialization](../../init.md).",
+    "init-fidelity-144": "The fidelity study of pre at L = 32, 144 seeds, on text: the forward "
+                         "excess measured again. See [Initialization](../../init.md).",
+    "init-fidelity-144-redrawn": "The same with a token embedding table drawn afresh for every "
+                                 "sequence (`--redraw-embedding`). See [Initialization](../../init.md).",
+    "init-spread": "The spread across initializations: 32 seeds on one sequence, post, b2t, pre, "
+                   "span, L = 16 … 256, widths 64 and 256, against theory/spread.py. "
+                   "See [Theory](../../theory.md#the-spread-across-initializations).",
     "init-fidelity-mixln-lns": "The fidelity study of Mix-LN and LNS at L = 32, 8 seeds. "
                                "See [Initialization](../../init.md).",
     "train-cpu": "The CPU training grid: pre, post, span, deepnorm at L = 4 … 32, dense and MoE, "

@@ -44,7 +44,7 @@ class SpreadConfig:
     schemes: list[str] = field(default_factory=lambda: ["post", "b2t", "pre", "span"])
     depths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
     widths: list[int] = field(default_factory=lambda: [64, 256])
-    seeds: list[int] = field(default_factory=lambda: list(range(16)))
+    seeds: list[int] = field(default_factory=lambda: list(range(32)))
     seq_len: int = 64
 
     def validate(self) -> None:
