@@ -27,7 +27,7 @@ def _rel_var(samples: np.ndarray) -> float:
 @pytest.mark.parametrize("rho", [0.0, 0.8])
 def test_sampling_variance_of_a_linear_map_matches_monte_carlo(n, rho):
     rng = np.random.default_rng(n)
-    X, K = _gram(16, rho, rng)
+    _X, K = _gram(16, rho, rng)
     # a row w of the map sees the tokens as w·x_t, Gaussian with covariance K: draw those
     rows = rng.standard_normal((DRAWS, n, 16)) @ np.linalg.cholesky(K + 1e-12 * np.eye(16)).T
     measured = _rel_var((rows ** 2).sum(axis=(1, 2)))

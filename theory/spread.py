@@ -38,7 +38,6 @@ log-normal of that mean), so the typical value lies below the mean by the same O
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
@@ -289,7 +288,7 @@ class _Ctx(P._Ctx):
     def combine(self, parts: list[tuple[P._Value, float]]) -> P._Value:
         out = super().combine(parts)
         rel: dict[int, Form] = {}
-        for i, a in out.terms.items():
+        for i in out.terms.keys():
             wsum = sum(abs(c) * float(np.mean(np.abs(v.terms[i]))) for v, c in parts if i in v.terms)
             f = Form()
             for v, c in parts:
