@@ -47,6 +47,8 @@ STUDIES = {
     "init-spread": "The spread across initializations: 32 seeds on one sequence, post, b2t, pre, "
                    "span, L = 16 … 256, widths 64 and 256, against theory/spread.py. "
                    "See [Theory](../../theory.md#the-spread-across-initializations).",
+    "init-fidelity-mixln-lns-48": "The fidelity study of Mix-LN and LNS at L = 32, 48 seeds. "
+                                  "See [Initialization](../../init.md).",
     "init-fidelity-mixln-lns": "The fidelity study of Mix-LN and LNS at L = 32, 8 seeds. "
                                "See [Initialization](../../init.md).",
     "train-cpu": "The CPU training grid: pre, post, span, deepnorm at L = 4 … 32, dense and MoE, "
