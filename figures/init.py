@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from figures.style import color, new_figure, save
+from figures.style import color, legend, new_figure, save
 
 Z = 2.0  # error bars: ± 2 standard errors of the measured mean
 
@@ -39,7 +39,7 @@ def _versus_depth(ax, rows: pd.DataFrame, ylabel: str, log_y: bool) -> None:
         ax.set_yscale("log")
     ax.set_xlabel("depth L (blocks)")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=6, ncol=2)
+    legend(ax, fontsize=6, ncol=2)
 
 
 def variance_vs_depth(agg: pd.DataFrame, path: Path, fmt: str = "png") -> Path:
@@ -93,5 +93,5 @@ def profiles_at_depth(agg: pd.DataFrame, depth: int, path: Path, fmt: str = "png
         if log_y:
             ax.set_yscale("log")
         ax.set_title(f"{label.split(' (')[0]} at L = {depth}")
-    axes[0].legend(fontsize=6, ncol=2)
+    legend(axes[0], fontsize=6, ncol=2)
     return save(fig, path, fmt)

@@ -44,3 +44,9 @@ def save(fig, path: str | Path, fmt: str = "png") -> Path:
     save_figure(fig, path, dpi=150, bbox_inches="tight")  # legends outside the axes stay whole
     plt.close(fig)
     return path
+
+
+def legend(ax, **kwargs) -> None:
+    """The axes' legend, where anything on them is labelled (an empty legend only warns)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)

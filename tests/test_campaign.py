@@ -4,6 +4,7 @@ import json
 import tarfile
 import time
 
+import pandas as pd
 import pytest
 
 import analysis.training.campaign as campaign_mod
@@ -28,6 +29,8 @@ def test_tiny_campaign_end_to_end(tmp_path, capsys):
     assert bundle.stat().st_size < 5e6
     names = tarfile.open(bundle).getnames()
     assert "report.md" in names and not any("checkpoint" in n for n in names)
+    ops = pd.read_csv(out / "probe_overhead_ops.csv").query("op == '(all aten ops)'").set_index("copy")
+    assert ops.loc["eager+probe", "calls"] > ops.loc["eager", "calls"]  # the probe's own ops, counted
     report = (out / "report.md").read_text()
     assert "| dense_grid | done |" in report and "Probe overhead" in report
     assert "campaign complete" in capsys.readouterr().out
@@ -56,6 +59,29 @@ def test_a_cut_stage_is_reported_and_resumed(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(args) == 0  # everything done: kept, not redone
     assert capsys.readouterr().out.count("done earlier, kept") == 2 and len(ran) == 2
+
+
+def test_a_failing_stage_is_recorded_and_the_next_stages_still_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "c"
+    ran = []
+
+    def broken(cfg, folder, deadline, log):
+        raise RuntimeError("simulated CUDA error")
+
+    def works(cfg, folder, deadline, log):
+        ran.append("throughput")
+        (folder / "throughput.csv").write_text("shape,mode\ntiny,eager\n")
+
+    monkeypatch.setitem(campaign_mod.RUNNERS, "probe_overhead", broken)
+    monkeypatch.setitem(campaign_mod.RUNNERS, "throughput", works)
+    assert main([*TINY, "--out", str(out), "--stages", "probe_overhead,throughput"]) == 0
+    text = capsys.readouterr().out
+    assert "probe_overhead: FAILED (RuntimeError: simulated CUDA error)" in text
+    assert "remaining: probe_overhead" in text and ran == ["throughput"]
+    state = json.loads((out / "campaign.json").read_text())
+    assert state["stages"] == {"probe_overhead": "failed", "throughput": "done"}
+    assert "simulated CUDA error" in state["errors"]["probe_overhead"]
+    assert "probe_overhead-error.txt" in tarfile.open(out / "campaign-bundle.tar.gz").getnames()
 
 
 def test_a_run_cut_at_its_deadline_resumes_to_the_uninterrupted_result(tmp_path):

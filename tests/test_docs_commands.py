@@ -61,10 +61,11 @@ SKIP = {
         "a 256 000-word head: minutes); bench has no size options. diagnose itself runs on "
         "a tiny GGUF from the docs",
     "python run_analysis.py campaign --device cuda --out runs/campaign":
-        "the GPU campaign (a CUDA device, hours); its CPU rehearsal `campaign --device cpu --tiny "
+        "the GPU campaign (a CUDA device, about 18 minutes on an H200); its CPU rehearsal `campaign --device cpu --tiny "
         "…` from the same docs runs",
-    "PYTHONUNBUFFERED=1 python3 run_analysis.py campaign --device cuda --out runs/campaign":
-        "the GPU campaign (a CUDA device, hours), as above",
+    "PYTHONUNBUFFERED=1 python3 run_analysis.py campaign --device cuda --parallel 4 --out runs/campaign "
+    "--time-limit 530":
+        "the GPU campaign (a CUDA device, about 18 minutes on an H200), as above",
     "torchrun --nproc_per_node=8 run_analysis.py train --device cuda --depths 6,12,24,48,96,192 "
     "--out runs/grid": "8 ranks on CUDA devices under torchrun",
     "torchrun --nproc_per_node=8 run_analysis.py train --device cuda --ddp --depths 48,96,192 "

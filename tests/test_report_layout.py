@@ -150,3 +150,13 @@ def test_a_subset_of_schemes_lists_only_its_claims_and_names_the_command_for_the
     counts = claims["status"].value_counts()
     assert (f"{counts.get('holds', 0)} hold · {counts.get('fails', 0)} fail · "
             f"{counts.get('untested', 0)} untested") in md
+
+
+def test_a_figure_without_labelled_artists_gets_no_legend_and_no_warning(recwarn):
+    from figures.style import legend, new_figure
+    fig, (empty, drawn) = new_figure(2)
+    legend(empty, fontsize=6)
+    drawn.plot([1, 2], [1, 2], label="pre")
+    legend(drawn, fontsize=6)
+    assert empty.get_legend() is None and drawn.get_legend() is not None
+    assert not [w for w in recwarn if "legend" in str(w.message).lower()]

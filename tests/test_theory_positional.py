@@ -185,3 +185,6 @@ def test_explicit_input_covariances_match_the_uniform_ones_and_are_checked():
         P.predict_positional("pre", cov0=np.eye(8), **kw)
     with pytest.raises(ValueError, match="positive diagonal"):
         P.predict_positional("pre", grad_top=np.zeros((T, T)), **kw)
+    for q0 in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="q0"):
+            P.predict_positional("pre", q0=q0, **kw)

@@ -72,6 +72,16 @@ def test_known_answers():
     assert s["pre_update_size_even_dense"] == "fails" and s["span_update_size_even_dense"] == "holds"
 
 
+def test_a_rank_collapsed_already_at_init_is_not_a_kept_rank():
+    # deep PostNorm on the GPU grid: effective rank 1.0 at init and 1.0 after training
+    p = synthetic_profiles()
+    p.loc[(p["scheme"] == "post") & (p["metric"] == "effective_rank"), "mean"] = 1.0
+    claims = check_training_claims(synthetic_runs(), p, UNIGRAM).set_index("claim")
+    assert claims.loc["post_rank_not_collapsed_dense", "status"] == "fails"
+    assert "collapsed" in claims.loc["post_rank_not_collapsed_dense", "evidence"]
+    assert claims.loc["span_rank_not_collapsed_dense", "status"] == "holds"
+
+
 def test_worse_span_fails_and_missing_data_is_untested():
     runs = synthetic_runs()
     runs.loc[runs["scheme"] == "span", "final_val_bpb"] += 1.0  # span uniformly worse

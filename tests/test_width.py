@@ -55,6 +55,13 @@ def test_mup_refuses_what_it_does_not_cover():
         ModelConfig(parametrization="mu")
 
 
+@pytest.mark.parametrize("bad, message", [(dict(beta1=1.0), "beta1"), (dict(beta2=-0.1), "beta2"),
+                                          (dict(eps=0.0), "eps"), (dict(eps=float("nan")), "eps")])
+def test_step_config_refuses_optimizer_settings_out_of_range(bad, message):
+    with pytest.raises(ValueError, match=message):
+        StepConfig(**bad).validate()
+
+
 def test_first_steps_are_measured_per_block_and_for_the_logits(corpus):
     cfg = ModelConfig(scheme="span", depth=2, width=32, heads=2, max_seq_len=16)
     rows = measure_steps(cfg, StepConfig(lr=1e-3, steps=2, batch_size=2), corpus, seed=0)

@@ -39,7 +39,7 @@ import sympy
 
 from theory import components as C
 from theory.schemes import Scheme, get_scheme
-from theory.solve import TheoryConfig, check_correlations
+from theory.solve import TheoryConfig, check_correlations, check_q0
 from theory.tape import Node, SourceValue, walk_backward
 
 _EPS = float(C.EPS)
@@ -452,6 +452,14 @@ def _square(M: Any, T: int, name: str) -> np.ndarray:
     return M
 
 
+def embedding_covariance(T: int, q0: float, rho0: float, cov0: Any | None) -> np.ndarray:
+    """The embedding's token covariance: ``cov0`` as given, else q0·((1 − ρ0)I + ρ0·11ᵀ)."""
+    if cov0 is not None:
+        return _square(cov0, T, "cov0")
+    check_q0(q0)
+    return float(q0) * ((1 - rho0) * np.eye(T) + rho0 * np.ones((T, T)))
+
+
 def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
                        scheme_params: dict[str, Any] | None = None, q0: float | None = None,
                        rho0: float = 0.0, rho_g: float = 0.0, cov0: np.ndarray | None = None,
@@ -475,9 +483,7 @@ def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
     check_correlations(rho0, rho_g, T)
     st = Setting(int(cfg.width), T, float(cfg.sigma), cfg.ffn, cfg.norm, int(cfg.experts),
                  int(cfg.top_k), cfg.attention)
-    q0 = cfg.embed_std ** 2 if q0 is None else float(q0)
-    cov = (q0 * ((1 - rho0) * np.eye(T) + rho0 * np.ones((T, T))) if cov0 is None
-           else _square(cov0, T, "cov0"))
+    cov = embedding_covariance(T, cfg.embed_std ** 2 if q0 is None else q0, rho0, cov0)
     # keep every forward covariance when they fit in ~128 MB; otherwise every stride-th (√L of
     # them) and recompute the others during the backward pass
     stride = 1 if (L + 1) * T * T <= 2 ** 24 else max(1, math.isqrt(L))

@@ -182,7 +182,10 @@ def _patterns(S: np.ndarray, head_dim: int, sigma: float, kind: str, seed: int) 
     """PATTERN_DRAWS heads' attention matrices for tokens of covariance S: logits a_s·b_i/√d_h
     with a, b Gaussian of token covariance σ²S per coordinate (the model's q·k/√d_h at init)."""
     w, V = np.linalg.eigh(S)
-    root = V * np.sqrt(np.clip(w, 0.0, None))
+    # the symmetric root: unlike V·√w it does not depend on which eigenvector basis (signs,
+    # rotations within repeated eigenvalues) the LAPACK build returns, so the seeded draws below
+    # give the same heads on every machine
+    root = (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
     rng = np.random.default_rng(seed)
     T = S.shape[0]
     a = root @ rng.standard_normal((PATTERN_DRAWS, T, head_dim)) * sigma
@@ -437,9 +440,7 @@ def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | 
     check_correlations(rho0, rho_g, T)
     st = P.Setting(int(cfg.width), T, float(cfg.sigma), cfg.ffn, cfg.norm, 0, 2, cfg.attention)
     hidden = int(hidden or 4 * cfg.width)
-    q0 = cfg.embed_std ** 2 if q0 is None else float(q0)
-    cov = (q0 * ((1 - rho0) * np.eye(T) + rho0 * np.ones((T, T))) if cov0 is None
-           else P._square(cov0, T, "cov0"))
+    cov = P.embedding_covariance(T, cfg.embed_std ** 2 if q0 is None else q0, rho0, cov0)
     noises = Noises(tuple(noises))
     stream = noises.new(math.sqrt(sampling_var(cov, st.width)), "embedding")  # d coordinates
     out = {k: np.full(L + 1, np.nan) for k in ("q", "g", *SPREAD_KEYS)}

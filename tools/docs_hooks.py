@@ -47,6 +47,9 @@ STUDIES = {
     "init-spread": "The spread across initializations: 32 seeds on one sequence, post, b2t, pre, "
                    "span, L = 16 … 256, widths 64 and 256, against theory/spread.py. "
                    "See [Theory](../../theory.md#the-spread-across-initializations).",
+    "init-w256-deep16": "g_0/g_L of pre and peri at L = 512 and 1024, width 256, 16 seeds "
+                        "(the per-seed values; the profiles are not committed). "
+                        "See [Initialization](../../init.md).",
     "init-fidelity-mixln-lns-48": "The fidelity study of Mix-LN and LNS at L = 32, 48 seeds. "
                                   "See [Initialization](../../init.md).",
     "init-fidelity-mixln-lns": "The fidelity study of Mix-LN and LNS at L = 32, 8 seeds. "
@@ -72,6 +75,9 @@ STUDIES = {
                         "See [Diagnose and atlas](../../diagnose.md).",
     "diagnose-calibration": "The checkpoints that fixed `diagnose`'s redundancy thresholds. "
                             "See [Diagnose and atlas](../../diagnose.md).",
+    "gpu-h200": "The GPU campaign on one lent H200: the dense grid to L = 96 and the MoE grid "
+                "(width 256, 4 M tokens per run), probe overhead, MFU, and the init sweep at width "
+                "1024 (pre and post, cut). See [The GPU campaign](../../campaign.md#on-an-h200-2026-12-04).",
     "released": "The atlas of released models: four GPU-trained models at 6 to 30 blocks beside "
                 "the toolkit's own CPU runs. Where each comes from: [PROVENANCE](PROVENANCE.md). "
                 "See [Diagnose and atlas](../../diagnose.md).",

@@ -68,8 +68,11 @@ def _make_runs(base: torch.nn.Module, compile_ok: bool, backend: str = "inductor
 
 
 def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, rounds: int | None = None,
-              seed: int = 0, backend: str = "inductor") -> dict[str, list[float]]:
-    """Step times in ms per copy, one per round (keys: eager, eager+probe, compiled, compiled+probe)."""
+              seed: int = 0, backend: str = "inductor", ops: list[dict] | None = None
+              ) -> dict[str, list[float]]:
+    """Step times in ms per copy, one per round (keys: eager, eager+probe, compiled, compiled+probe);
+    with ``ops`` given, after the timed rounds one more step of each copy runs under the profiler
+    and ``ops`` receives its ``op_rows``."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape '{shape}' (known: {', '.join(SHAPES)})")
     kw, batch, n_rounds, per_round = SHAPES[shape]
@@ -97,6 +100,9 @@ def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, r
                 _step(run, idx, autocast)
             _sync(dev)
             run.times.append((time.perf_counter() - t0) / per_round * 1e3)
+    if ops is not None:
+        for run in runs:
+            ops += op_rows(run, idx, autocast)
     for run in runs:
         if run.probe is not None:
             df = run.probe.frame()  # fails loudly if the probed copy recorded nothing
@@ -104,6 +110,30 @@ def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, r
             if df["count"].min() < n_rounds * per_round:
                 raise RuntimeError(f"{run.name}: the probe missed steps ({df['count'].min()} recorded)")
     return {run.name: run.times for run in runs}
+
+
+def op_rows(run: _Run, idx: torch.Tensor, autocast: bool, top: int = 15) -> list[dict]:
+    """One profiled step of ``run``: a row with every op's calls and self time (host and device) in
+    all, then the ``top`` ops by self device time (host time on a CPU). What the step launches,
+    not only how long it takes: an eager step bound by the host's dispatch shows it in ``calls``."""
+    from torch.profiler import ProfilerActivity, profile
+    on_cuda = idx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        _step(run, idx, autocast)
+        _sync(idx.device)
+    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "triton", "void ", "ampere",
+                                                                     "sm90", "cutlass", "Torch-Compiled"))
+              or getattr(e, "self_device_time_total", 0) > 0]
+    row = lambda key, calls, host, dev: dict(copy=run.name, op=key, calls=calls,  # noqa: E731
+                                             self_host_ms=host / 1e3, self_device_ms=dev / 1e3)
+    device_us = lambda e: getattr(e, "self_device_time_total", 0.0) if on_cuda else 0.0  # noqa: E731
+    rows = [row("(all aten ops)", sum(e.count for e in events if e.key.startswith("aten::")),
+                sum(e.self_cpu_time_total for e in events), sum(device_us(e) for e in events))]
+    key = device_us if on_cuda else (lambda e: e.self_cpu_time_total)
+    for e in sorted(events, key=key, reverse=True)[:top]:
+        rows.append(row(e.key, e.count, e.self_cpu_time_total, device_us(e)))
+    return rows
 
 
 def overhead_rows(times: dict[str, list[float]]) -> list[dict]:

@@ -125,7 +125,7 @@ def bundle(out):
 
     from analysis.infra.files import write_bytes
     path, whole = out / "campaign-bundle.tar.gz", io.BytesIO()  # small: built in memory
-    keep = {".csv", ".png", ".svg", ".pdf", ".md", ".html", ".json"}
+    keep = {".csv", ".png", ".svg", ".pdf", ".md", ".html", ".json", ".txt"}  # .txt: a failed stage's traceback
     with tarfile.open(fileobj=whole, mode="w:gz") as tar:
         for f in sorted(out.rglob("*")):
             rel = f.relative_to(out)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -76,12 +77,12 @@ PLANS = {
     },
 }
 
-# Estimated device minutes per stage on an H200 for the full plan, until measured ones replace
-# them (README, The GPU campaign): the grids' FLOPs at an assumed 100 TFLOP/s (small widths use a
-# GPU poorly) plus a compile per block structure; the benchmarks' compiles; the sweep's
-# position-resolved theory on the host CPU.
-ESTIMATED_MINUTES = {"dense_grid": 4.0, "probe_overhead": 1.5, "throughput": 1.0, "moe_grid": 1.0,
-                     "init_sweep": 2.0, "readings_grid": 2.0}
+# Device minutes per stage on an H200 for the full plan, as measured on 2026-12-04 with
+# --parallel 4 (results/gpu-h200/campaign.json; docs/campaign.md): init_sweep measured 2.7 min
+# for pre and post of its four schemes, so about twice that; readings_grid is not measured yet:
+# two of dense_grid's four schemes, so about half of it.
+ESTIMATED_MINUTES = {"dense_grid": 6.1, "probe_overhead": 1.3, "throughput": 0.3, "moe_grid": 1.7,
+                     "init_sweep": 5.5, "readings_grid": 3.0}
 # Least time worth starting a stage with: a cut stage resumes, so only its fixed costs count.
 START_SECONDS = {"full": {"dense_grid": 60, "probe_overhead": 120, "throughput": 90,
                           "moe_grid": 60, "init_sweep": 60, "readings_grid": 60},
@@ -155,11 +156,14 @@ def moe_grid(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> Non
 
 
 def probe_overhead(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> None:
-    """Stage 2: probed against unprobed step times → ``out/probe_overhead.csv``."""
+    """Stage 2: probed against unprobed step times → ``out/probe_overhead.csv``, and one profiled
+    step of each copy → ``out/probe_overhead_ops.csv`` (what the probe's overhead is made of)."""
     from analysis.bench.probe_overhead import benchmark, overhead_rows
     bench = cfg.plan()["bench"]
+    ops: list[dict] = []
     times = benchmark(bench["shape"], cfg.device, compile=cfg.compile, rounds=bench["rounds"],
-                      backend=cfg.compile_backend)
+                      backend=cfg.compile_backend, ops=ops)
+    files.write_csv(pd.DataFrame(ops), out / "probe_overhead_ops.csv", index=False)
     rows = [dict(shape=bench["shape"], **r) for r in overhead_rows(times)]
     for r in rows:
         log(f"  {r['mode']}: {r['unprobed_ms']:.2f} → {r['probed_ms']:.2f} ms "
@@ -271,10 +275,16 @@ def run_campaign(cfg: CampaignConfig, out: Path, time_limit: float = 540.0,
         except Cut as e:
             state["stages"][stage] = "cut"
             log(f"{stage}: cut at the time limit: {e}")
+        except Exception as e:  # noqa: BLE001 — one broken stage must not cost the device call the rest
+            state["stages"][stage] = "failed"
+            state.setdefault("errors", {})[stage] = f"{type(e).__name__}: {e}"
+            files.write_text(out / f"{stage}-error.txt", traceback.format_exc())
+            log(f"{stage}: FAILED ({type(e).__name__}: {e}); traceback in {out / f'{stage}-error.txt'}; "
+                "going on with the next stage (a rerun retries it)")
         finally:
             state["seconds"][stage] = state["seconds"].get(stage, 0.0) + time.time() - t0
             save()
-        if state["stages"][stage] != "done":
+        if state["stages"][stage] == "cut":
             break
     return state
 

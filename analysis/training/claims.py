@@ -39,6 +39,7 @@ GRADIENT_BAND = 10.0  # g_0/g_L within [1/10, 10]
 UPDATE_RATIO = 3.0  # max/min per-block update size across the stack
 COSINE_COLLAPSED = 0.9  # token cosine at the last block at or above this: tokens alike
 RANK_KEPT = 0.25  # effective rank after training below a quarter of its init value: collapsed
+RANK_COLLAPSED = 2.0  # an effective rank below 2: one direction carries the stream, whatever it was at init
 
 
 def _kinds(runs: pd.DataFrame) -> list[str]:
@@ -179,17 +180,20 @@ def tokens_stay_distinct(profiles: pd.DataFrame, scheme: str, kind: str) -> tupl
 
 def rank_not_collapsed(profiles: pd.DataFrame, scheme: str, kind: str) -> tuple[str, str]:
     """After training, the last block's effective rank keeps ≥ RANK_KEPT of its value at init
-    (a random stream's rank at init is high by construction; training lowers it), every seed."""
+    (a random stream's rank at init is high by construction; training lowers it) and stays
+    ≥ RANK_COLLAPSED, every seed: a stream collapsed already at init (deep PostNorm) has not kept
+    its rank by staying collapsed."""
     p = _deepest(profiles, scheme, kind)
     t = _per_layer(p, "effective_rank", "end") if len(p) else pd.DataFrame()
     i = _per_layer(p, "effective_rank", "init") if len(p) else pd.DataFrame()
     if not len(t) or not len(i):
         return "untested", f"no effective-rank profiles of a trained {kind} {scheme} model"
     end, start = t.iloc[-1], i.iloc[-1]
-    ok = bool((end >= RANK_KEPT * start).all())
+    ok = bool(((end >= RANK_KEPT * start) & (end >= RANK_COLLAPSED)).all())
+    collapsed = " (below 2: collapsed)" if (end < RANK_COLLAPSED).any() else ""
     return ("holds" if ok else "fails",
             f"L={int(p['depth'].iloc[0])}: last-block effective rank init → end per seed: "
-            + "; ".join(f"{a:.1f} → {b:.1f}" for a, b in zip(start, end)))
+            + "; ".join(f"{a:.1f} → {b:.1f}" for a, b in zip(start, end)) + collapsed)
 
 
 def rank_not_below(profiles: pd.DataFrame, kind: str, a: str = "span", b: str = "pre") -> tuple[str, str]:
@@ -286,7 +290,7 @@ def registry(kinds: list[str], unigram_bpb: float) -> list[tuple[str, str, str, 
                  lambda r, p, s=s, kind=kind: tokens_stay_distinct(p, s, kind)),
                 (f"{s}_rank_not_collapsed_{kind}", s,
                  f"after training, {s}'s last-block effective rank ≥ {RANK_KEPT:g} × its value at "
-                 f"init{k}", lambda r, p, s=s, kind=kind: rank_not_collapsed(p, s, kind)),
+                 f"init and ≥ {RANK_COLLAPSED:g}{k}", lambda r, p, s=s, kind=kind: rank_not_collapsed(p, s, kind)),
                 (f"{s}_gradient_band_{kind}", s,
                  f"{s}'s g_0/g_L stays within [1/{GRADIENT_BAND:g}, {GRADIENT_BAND:g}] at init, "
                  f"middle and end of training{k}",

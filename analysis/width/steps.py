@@ -43,6 +43,11 @@ class StepConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0 <= beta < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {beta}")
+        if not (self.eps > 0 and self.eps < float("inf")):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
 
 
 def make_step_optimizer(model: Testbed, sc: StepConfig) -> torch.optim.Optimizer:
