@@ -47,6 +47,12 @@ STUDIES = {
     "init-spread": "The spread across initializations: 32 seeds on one sequence, post, b2t, pre, "
                    "span, L = 16 … 256, widths 64 and 256, against theory/spread.py. "
                    "See [Theory](../../theory.md#the-spread-across-initializations).",
+    "init-spread-attention": "PreNorm's spread across 32 seeds at L = 64 by attention kind, heads "
+                             "and width, against theory/spread.py with every noise kind and each "
+                             "alone (`tools/spread_by_attention.py`). "
+                             "See [Theory](../../theory.md#the-spread-across-initializations).",
+    "init-w256-mixln-lns16": "Mix-LN and LNS at width 256, L = 2 … 256, 16 seeds: the grid's "
+                             "targets met where they can be resolved. See [Initialization](../../init.md).",
     "init-w256-deep16": "g_0/g_L of pre and peri at L = 512 and 1024, width 256, 16 seeds "
                         "(the per-seed values; the profiles are not committed). "
                         "See [Initialization](../../init.md).",
