@@ -71,6 +71,17 @@ def _device_of(module: nn.Module, default: torch.device) -> torch.device:
     return p.device if p is not None else default
 
 
+def _forward_into(acc: torch.Tensor, x: torch.Tensor, x_in: Any, names: tuple[str, ...],
+                  max_seqs: int, max_tokens: int) -> None:
+    """Add the forward/pair metrics ``names`` of ``x`` to ``acc`` (Σv, Σv², n per metric)."""
+    Probe._accumulate(acc, summarize(x, names, x_in, max_seqs, max_tokens))
+
+
+def _grad_into(acc: torch.Tensor, g: torch.Tensor, names: tuple[str, ...]) -> None:
+    """Add the gradient metrics ``names`` of ``g`` to ``acc``."""
+    Probe._accumulate(acc, torch.stack([METRICS[m].fn(g) for m in names]))
+
+
 class Probe:
     """Context manager that hooks a model's residual stream and accumulates statistics on device."""
 
@@ -78,12 +89,17 @@ class Probe:
                  points: str | Iterable[str] | None = None, blocks: str | list[str] | None = None,
                  final: str | None = None, output_norm: str | None = None, layout: Layout | None = None,
                  max_seqs: int = SAMPLE_SEQS, max_tokens: int = SAMPLE_TOKENS, recompile: bool = False,
-                 all_reduce: bool | None = None, sampled_without_grad_only: bool = False):
+                 all_reduce: bool | None = None, sampled_without_grad_only: bool = False,
+                 fuse: bool = False, fuse_backend: str = "inductor"):
         """Probe ``model``; ``points`` are fnmatch patterns over point names (default: all).
         ``all_reduce`` (None: when torch.distributed runs more than one rank) sums the statistics
         over the ranks at ``frame()``. ``sampled_without_grad_only``: the sampled (SVD) metrics
         are taken on forward passes under no_grad only, where a caller runs backward passes as
-        well as enough forward ones (diagnose: their eigensolves were most of its probing time)."""
+        well as enough forward ones (diagnose: their eigensolves were most of its probing time).
+        ``fuse``: when the model runs eagerly, each point's statistics and their accumulation run
+        as one ``torch.compile``d function (``fuse_backend``), a few fused kernels instead of about
+        150 ops per point; an eager GPU step is bound by the host's dispatch, so every op counts.
+        Inside a compiled model the statistics are traced into its graph either way."""
         self.model = model
         self.root = unwrap(model)
         self.layout = layout or locate(model, blocks, final, output_norm)
@@ -92,6 +108,8 @@ class Probe:
         self.max_seqs, self.max_tokens, self.recompile = max_seqs, max_tokens, recompile
         self.sampled_without_grad_only = sampled_without_grad_only
         self.all_reduce = all_reduce
+        self.fuse, self.fuse_backend = fuse, fuse_backend
+        self._fused: dict[Any, Any] = {}  # plain function → its compiled form
         all_points = self.layout.points()
         patterns = [points] if isinstance(points, str) else list(points or ["*"])
         chosen = [n for n in all_points if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
@@ -223,10 +241,10 @@ class Probe:
             skip = self.sampled_without_grad_only and torch.is_grad_enabled()
             names = tuple(m for m in pt.forward if not (skip and METRICS[m].sampled))
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                v = summarize(x, names, x_in, self.max_seqs, self.max_tokens)
                 if names == pt.forward:
-                    self._accumulate(pt.fwd_acc, v)
+                    self._run(_forward_into)(pt.fwd_acc, x, x_in, names, self.max_seqs, self.max_tokens)
                 else:  # the skipped metrics add nothing, not even a count
+                    v = summarize(x, names, x_in, self.max_seqs, self.max_tokens)
                     keep = torch.tensor([m in names for m in pt.forward], device=v.device)
                     full = torch.zeros(len(pt.forward), dtype=v.dtype, device=v.device)
                     full[keep] = v
@@ -242,8 +260,16 @@ class Probe:
     def _grad_hook(self, pt: _Point):
         def hook(g: torch.Tensor) -> None:
             with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
-                self._accumulate(pt.grad_acc, torch.stack([METRICS[m].fn(g) for m in pt.grad]))
+                self._run(_grad_into)(pt.grad_acc, g, pt.grad)
         return hook
+
+    def _run(self, fn):
+        """``fn``, or its compiled form where ``fuse`` is set and no compiled model traces us."""
+        if not self.fuse or torch.compiler.is_compiling():
+            return fn
+        if fn not in self._fused:  # dynamic shapes: one graph for every batch and width
+            self._fused[fn] = torch.compile(fn, backend=self.fuse_backend, dynamic=True)
+        return self._fused[fn]
 
     @staticmethod
     def _accumulate(acc: torch.Tensor, v: torch.Tensor, counted: torch.Tensor | None = None) -> None:

@@ -31,6 +31,8 @@ def test_tiny_campaign_end_to_end(tmp_path, capsys):
     assert "report.md" in names and not any("checkpoint" in n for n in names)
     ops = pd.read_csv(out / "probe_overhead_ops.csv").query("op == '(all aten ops)'").set_index("copy")
     assert ops.loc["eager+probe", "calls"] > ops.loc["eager", "calls"]  # the probe's own ops, counted
+    modes = set(pd.read_csv(out / "probe_overhead.csv")["mode"])
+    assert modes == {"eager", "eager, fused probe", "compiled"}
     report = (out / "report.md").read_text()
     assert "| dense_grid | done |" in report and "Probe overhead" in report
     assert "campaign complete" in capsys.readouterr().out

@@ -75,3 +75,22 @@ def test_recompile_option_picks_up_hooks(monkeypatch):
         _train(compiled, batches)
     assert (p.frame()["count"] == 3).all()
     torch.compiler.reset()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_fused_statistics_match_the_plain_ones(backend):
+    # fuse=True runs each point's statistics as one compiled function around an eager model
+    model, batches = _setup()
+    frames = []
+    for kw in ({}, dict(fuse=True, fuse_backend=backend)):
+        with Probe(model, **kw) as probe:
+            _train(model, batches)
+            with torch.no_grad():
+                model(batches[0][:1, :8], batches[0][:1, :8])  # another shape, forward only
+        frames.append(probe.frame())
+    assert probe._fused, "fuse=True compiled nothing"
+    p, f = frames
+    assert list(f["point"]) == list(p["point"]) and list(f["metric"]) == list(p["metric"])
+    assert list(f["count"]) == list(p["count"])
+    np.testing.assert_allclose(f["mean"], p["mean"], rtol=1e-4, atol=1e-7)
+    torch.compiler.reset()

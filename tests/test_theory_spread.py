@@ -180,3 +180,13 @@ def test_committed_spread_table_is_this_codes_prediction():
                           grad_top=grad_top)
     assert math.sqrt(pred["var_ln_g"][0]) / math.log(10) == pytest.approx(row.predicted_sd, rel=1e-6)
     assert math.log10(pred["g"][0]) == pytest.approx(row.mean_field, rel=1e-9)
+
+
+def test_predicted_quantiles_bracket_the_seeds_they_describe():
+    from analysis.init.spread import quantiles
+    values = np.random.default_rng(0).normal(2.0, 0.3, 4000)
+    right = quantiles(values, 2.0, 0.3)
+    assert right["predicted_p10"] == pytest.approx(2.0 - 1.2816 * 0.3, abs=1e-4)
+    assert right["inside_predicted_band"] == pytest.approx(0.8, abs=0.02)
+    assert right["measured_p90"] == pytest.approx(right["predicted_p90"], abs=0.03)
+    assert quantiles(values, 2.0, 0.15)["inside_predicted_band"] < 0.6  # an sd predicted too small

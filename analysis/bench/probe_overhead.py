@@ -1,11 +1,13 @@
 """Benchmark: a probed training step against an unprobed one, eager and compiled.
 
-Four copies of one testbed model (eager, eager + probe, compiled, compiled + probe) take turns:
+Five copies of one testbed model (eager, eager + probe, eager + fused probe, compiled, compiled +
+probe) take turns:
 each round runs ``steps_per_round`` optimizer steps of every copy and times them (the benchmark
 synchronises the device once per round; the probe itself never does), and the figure per copy
 is the median over rounds of the mean step time. Interleaving the copies makes slow drifts of a
-shared machine hit all four alike. The probe uses the default metrics (moments, token cosine, Dong residual, layer cosine,
-gradient second moment) at every point; the compiled probed copy is compiled inside the probe.
+shared machine hit them all alike. The probe uses the default metrics (moments, token cosine, Dong residual, layer cosine,
+gradient second moment) at every point; the compiled probed copy is compiled inside the probe;
+the fused probe (``Probe(fuse=True)``) compiles only its statistics around the eager model.
 """
 
 from __future__ import annotations
@@ -56,11 +58,12 @@ def _step(run: _Run, idx: torch.Tensor, autocast: bool) -> None:
 
 def _make_runs(base: torch.nn.Module, compile_ok: bool, backend: str = "inductor") -> list[_Run]:
     runs = []
-    for name in ("eager", "eager+probe", "compiled", "compiled+probe"):
-        if name.startswith("compiled") and not compile_ok:
+    for name in ("eager", "eager+probe", "eager+fused probe", "compiled", "compiled+probe"):
+        if ("compiled" in name or "fused" in name) and not compile_ok:
             continue
         model = copy.deepcopy(base)
-        probe = Probe(model).install() if name.endswith("probe") else None
+        probe = (Probe(model, fuse="fused" in name, fuse_backend=backend).install()
+                 if name.endswith("probe") else None)
         step_model = torch.compile(model, backend=backend) if name.startswith("compiled") else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         runs.append(_Run(name, model, step_model, opt, probe, []))
@@ -70,7 +73,8 @@ def _make_runs(base: torch.nn.Module, compile_ok: bool, backend: str = "inductor
 def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, rounds: int | None = None,
               seed: int = 0, backend: str = "inductor", ops: list[dict] | None = None
               ) -> dict[str, list[float]]:
-    """Step times in ms per copy, one per round (keys: eager, eager+probe, compiled, compiled+probe);
+    """Step times in ms per copy, one per round (keys: eager, eager+probe, eager+fused probe,
+    compiled, compiled+probe; the fused probe and the compiled copies need ``compile``);
     with ``ops`` given, after the timed rounds one more step of each copy runs under the profiler
     and ``ops`` receives its ``op_rows``."""
     if shape not in SHAPES:
@@ -88,7 +92,7 @@ def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, r
             for _ in range(2):
                 _step(run, idx, autocast)
         except Exception as e:  # compile can fail on a machine without a C compiler: say so, go on
-            if not run.name.startswith("compiled"):
+            if not (run.name.startswith("compiled") or "fused" in run.name):
                 raise
             print(f"  {run.name}: torch.compile failed ({type(e).__name__}: {str(e)[:120]}); skipped")
             runs.remove(run)
@@ -140,9 +144,11 @@ def overhead_rows(times: dict[str, list[float]]) -> list[dict]:
     """Per mode with both copies timed: median unprobed and probed ms, the overhead of the medians
     and the quartiles of the per-round ratio."""
     rows = []
-    for mode in ("eager", "compiled"):
-        if mode in times and f"{mode}+probe" in times:
-            plain, probed = times[mode], times[f"{mode}+probe"]
+    pairs = {"eager": ("eager", "eager+probe"), "eager, fused probe": ("eager", "eager+fused probe"),
+             "compiled": ("compiled", "compiled+probe")}
+    for mode, (unprobed, with_probe) in pairs.items():
+        if unprobed in times and with_probe in times:
+            plain, probed = times[unprobed], times[with_probe]
             ratios = [b / a - 1 for a, b in zip(plain, probed)]
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
             a, b = statistics.median(plain), statistics.median(probed)
@@ -172,9 +178,9 @@ def _report(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     times = benchmark(shape, args.device, compile=getattr(args, "compile", None) is not False,
                       rounds=getattr(args, "probe_rounds", None))
-    print(f"  {'mode':<10} {'unprobed ms':>12} {'probed ms':>10} {'overhead':>9}   (quartiles of the per-round ratio)")
+    print(f"  {'mode':<19} {'unprobed ms':>12} {'probed ms':>10} {'overhead':>9}   (quartiles of the per-round ratio)")
     for r in overhead_rows(times):
-        print(f"  {r['mode']:<10} {r['unprobed_ms']:>12.2f} {r['probed_ms']:>10.2f} "
+        print(f"  {r['mode']:<19} {r['unprobed_ms']:>12.2f} {r['probed_ms']:>10.2f} "
               f"{100 * r['overhead']:>+8.1f}%   ({100 * r['overhead_q1']:+.1f}% .. "
               f"{100 * r['overhead_q3']:+.1f}%)")
     print(f"  ({time.perf_counter() - t0:.0f} s in all, compiles included)")

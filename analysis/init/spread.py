@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 import torch
 
 from analysis.infra import progress
@@ -30,9 +31,11 @@ from theory.spread import median_from_mean, predict_spread
 
 TOLERANCE = 0.20  # the predicted sd within 20 % of the measured one (issue 30)
 STATISTICS = ("log10_g0_over_gL", "log10_q_L")
+BAND = 0.10  # predicted quantiles: the 10 % and 90 % of the seeds' distribution
 COLUMNS = ["scheme", "depth", "width", "heads", "seeds", "statistic", "predicted_sd", "measured_sd",
            "measured_sd_se", "ratio", "within_tolerance", "mean_field", "predicted_median",
-           "measured_median", "measured_median_se"]
+           "measured_median", "measured_median_se", "predicted_p10", "predicted_p90",
+           "measured_p10", "measured_p90", "inside_predicted_band"]
 SEQUENCE_SEED = 0  # the generator that draws the one sequence every seed reads
 
 
@@ -131,8 +134,22 @@ def compare(per_seed: pd.DataFrame, cfg: SpreadConfig, cov0: np.ndarray, grad_to
                          "mean_field": math.log10(mean),
                          "predicted_median": math.log10(median_from_mean(mean, var_ln)),
                          "measured_median": float(np.median(v)),
-                         "measured_median_se": bootstrap_se(v, lambda a: float(np.median(a)))})
+                         "measured_median_se": bootstrap_se(v, lambda a: float(np.median(a))),
+                         **quantiles(v, math.log10(mean), psd)})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def quantiles(values: np.ndarray, centre: float, sd: float) -> dict[str, float]:
+    """The predicted BAND and 1 − BAND quantiles of a log10 statistic, normal around ``centre``
+    (the mean field: the measured median sits there, not at the log-normal's median) with the
+    predicted ``sd``; the measured ones; and the share of seeds inside the predicted band
+    (1 − 2·BAND where the prediction is right)."""
+    z = float(stats.norm.ppf(1 - BAND))
+    low, high = centre - z * sd, centre + z * sd
+    return {"predicted_p10": low, "predicted_p90": high,
+            "measured_p10": float(np.quantile(values, BAND)),
+            "measured_p90": float(np.quantile(values, 1 - BAND)),
+            "inside_predicted_band": float(np.mean((values >= low) & (values <= high)))}
 
 
 def growth_orders(table: pd.DataFrame) -> pd.DataFrame:
