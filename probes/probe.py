@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import torch
@@ -108,6 +108,9 @@ class Probe:
         self.max_seqs, self.max_tokens, self.recompile = max_seqs, max_tokens, recompile
         self.sampled_without_grad_only = sampled_without_grad_only
         self.all_reduce = all_reduce
+        if fuse and fuse_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"unknown fuse_backend '{fuse_backend}' (torch.compile backends: "
+                             f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
         self.fuse, self.fuse_backend = fuse, fuse_backend
         self._fused: dict[Any, Any] = {}  # plain function → its compiled form
         all_points = self.layout.points()
@@ -263,7 +266,7 @@ class Probe:
                 self._run(_grad_into)(pt.grad_acc, g, pt.grad)
         return hook
 
-    def _run(self, fn):
+    def _run(self, fn: Callable[..., None]) -> Callable[..., None]:
         """``fn``, or its compiled form where ``fuse`` is set and no compiled model traces us."""
         if not self.fuse or torch.compiler.is_compiling():
             return fn

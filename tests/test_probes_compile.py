@@ -94,3 +94,9 @@ def test_fused_statistics_match_the_plain_ones(backend):
     assert list(f["count"]) == list(p["count"])
     np.testing.assert_allclose(f["mean"], p["mean"], rtol=1e-4, atol=1e-7)
     torch.compiler.reset()
+
+
+def test_an_unknown_fuse_backend_is_refused_by_name():
+    model, _ = _setup()
+    with pytest.raises(ValueError, match="unknown fuse_backend 'nonsense'"):
+        Probe(model, fuse=True, fuse_backend="nonsense")
