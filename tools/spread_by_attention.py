@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from analysis.init.spread import SEQUENCE_SEED, measure_point, text_covariances  # noqa: E402
-from analysis.testbed.corpus import load_corpus  # noqa: E402
-from analysis.testbed.model import ModelConfig  # noqa: E402
-from theory.spread import NOISES, predict_spread  # noqa: E402
+from analysis.init.spread import SEQUENCE_SEED, measure_point, text_covariances
+from analysis.testbed.corpus import load_corpus
+from analysis.testbed.model import ModelConfig
+from theory.spread import NOISES, predict_spread
 
 SEQ_LEN = 64  # the spread study's sequence length
 

@@ -56,10 +56,21 @@ def _step(run: _Run, idx: torch.Tensor, autocast: bool) -> None:
     run.opt.zero_grad(set_to_none=True)
 
 
+# mode: (unprobed copy, probed copy); the copies are these pairs' members, each built once
+PAIRS = {"eager": ("eager", "eager+probe"), "eager, fused probe": ("eager", "eager+fused probe"),
+         "compiled": ("compiled", "compiled+probe")}
+COPIES = tuple(dict.fromkeys(name for pair in PAIRS.values() for name in pair))
+
+
+def _compiles(name: str) -> bool:
+    """Whether the copy ``name`` runs torch.compile (the model, or the fused probe's statistics)."""
+    return name.startswith("compiled") or "fused" in name
+
+
 def _make_runs(base: torch.nn.Module, compile_ok: bool, backend: str = "inductor") -> list[_Run]:
     runs = []
-    for name in ("eager", "eager+probe", "eager+fused probe", "compiled", "compiled+probe"):
-        if ("compiled" in name or "fused" in name) and not compile_ok:
+    for name in COPIES:
+        if _compiles(name) and not compile_ok:
             continue
         model = copy.deepcopy(base)
         probe = (Probe(model, fuse="fused" in name, fuse_backend=backend).install()
@@ -73,8 +84,8 @@ def _make_runs(base: torch.nn.Module, compile_ok: bool, backend: str = "inductor
 def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, rounds: int | None = None,
               seed: int = 0, backend: str = "inductor", ops: list[dict] | None = None
               ) -> dict[str, list[float]]:
-    """Step times in ms per copy, one per round (keys: eager, eager+probe, eager+fused probe,
-    compiled, compiled+probe; the fused probe and the compiled copies need ``compile``);
+    """Step times in ms per copy, one per round (keys: COPIES; the fused probe and the compiled
+    copies need ``compile``);
     with ``ops`` given, after the timed rounds one more step of each copy runs under the profiler
     and ``ops`` receives its ``op_rows``."""
     if shape not in SHAPES:
@@ -92,7 +103,7 @@ def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, r
             for _ in range(2):
                 _step(run, idx, autocast)
         except Exception as e:  # compile can fail on a machine without a C compiler: say so, go on
-            if not (run.name.startswith("compiled") or "fused" in run.name):
+            if not _compiles(run.name):
                 raise
             print(f"  {run.name}: torch.compile failed ({type(e).__name__}: {str(e)[:120]}); skipped")
             runs.remove(run)
@@ -126,12 +137,10 @@ def op_rows(run: _Run, idx: torch.Tensor, autocast: bool, top: int = 15) -> list
     with profile(activities=activities) as prof:
         _step(run, idx, autocast)
         _sync(idx.device)
-    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "triton", "void ", "ampere",
-                                                                     "sm90", "cutlass", "Torch-Compiled"))
-              or getattr(e, "self_device_time_total", 0) > 0]
+    device_us = lambda e: getattr(e, "self_device_time_total", 0.0) if on_cuda else 0.0  # noqa: E731
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::") or device_us(e) > 0]
     row = lambda key, calls, host, dev: dict(copy=run.name, op=key, calls=calls,  # noqa: E731
                                              self_host_ms=host / 1e3, self_device_ms=dev / 1e3)
-    device_us = lambda e: getattr(e, "self_device_time_total", 0.0) if on_cuda else 0.0  # noqa: E731
     rows = [row("(all aten ops)", sum(e.count for e in events if e.key.startswith("aten::")),
                 sum(e.self_cpu_time_total for e in events), sum(device_us(e) for e in events))]
     key = device_us if on_cuda else (lambda e: e.self_cpu_time_total)
@@ -144,9 +153,7 @@ def overhead_rows(times: dict[str, list[float]]) -> list[dict]:
     """Per mode with both copies timed: median unprobed and probed ms, the overhead of the medians
     and the quartiles of the per-round ratio."""
     rows = []
-    pairs = {"eager": ("eager", "eager+probe"), "eager, fused probe": ("eager", "eager+fused probe"),
-             "compiled": ("compiled", "compiled+probe")}
-    for mode, (unprobed, with_probe) in pairs.items():
+    for mode, (unprobed, with_probe) in PAIRS.items():
         if unprobed in times and with_probe in times:
             plain, probed = times[unprobed], times[with_probe]
             ratios = [b / a - 1 for a, b in zip(plain, probed)]
