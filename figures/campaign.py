@@ -1,4 +1,5 @@
-"""The campaign's summary report: each stage's status and time, its tables, its main figures."""
+"""The campaign's summary report: its verdicts first, then each stage's status and time, its
+tables and main figures."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.training.campaign import STAGES
 from figures.report import Block, Summary, status_class, write_report
+
+# The performance targets the campaign measures against (docs/benchmarks.md).
+TARGET_PROBE_OVERHEAD = 0.05  # compiled, probed over unprobed step time, minus 1
+TARGET_MFU = 0.45
 
 SECTIONS = [  # table name, heading, figure beside it (relative to the campaign folder)
     ("dense", "Dense training grid", "dense/figures/train_loss_vs_depth.png"),
@@ -19,19 +25,72 @@ SECTIONS = [  # table name, heading, figure beside it (relative to the campaign 
 DETAILS = {"dense": "dense/train.md", "moe": "moe/train.md", "init_targets": "init/report.md"}
 
 
+def _grid_verdict(name: str, runs: pd.DataFrame) -> str:
+    """One line on a training grid: the best finished run at each depth, and what did not train."""
+    done = runs[runs["status"] != "cut"]
+    best = []
+    for depth, g in done.groupby("depth"):
+        ok = g[g["status"] == "ok"]
+        if len(ok):
+            r = ok.loc[ok["final_val_bpb"].idxmin()]
+            best.append(f"L = {depth} {r['scheme']} {r['final_val_bpb']:.3f}")
+    bad = [f"{r.scheme} L = {r.depth} {r.status}" for r in runs.itertuples() if r.status != "ok"]
+    return (f"{name}: best final validation loss (bits/byte) " + (", ".join(best) or "none finished")
+            + ("; not ok: " + ", ".join(bad) if bad else "; every run ok") + ".")
+
+
+def _reading_verdict(scheme: str, runs: pd.DataFrame) -> str:
+    """One line on one reading across depth: its final loss at each depth, or how it ended."""
+    cells = [f"L = {r.depth} {r.final_val_bpb:.3f}" if r.status == "ok" else f"L = {r.depth} {r.status}"
+             for r in runs.sort_values("depth").itertuples()]
+    return f"Reading {scheme} (bits/byte): " + ", ".join(cells) + "."
+
+
+RUN_COLUMNS = {"scheme", "depth", "status", "final_val_bpb"}
+
+
+def verdicts(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The report's opening lines: each measured stage's result against its target or claims."""
+    lines = [_grid_verdict(heading, tables[name]) for name, heading in
+             (("dense", "Dense grid"), ("moe", "MoE grid"))
+             if RUN_COLUMNS <= set(tables.get(name, ())) and len(tables[name])]
+    if RUN_COLUMNS <= set(tables.get("readings", ())):
+        lines += [_reading_verdict(scheme, g) for scheme, g in tables["readings"].groupby("scheme")]
+    if {"mode", "overhead", "overhead_q1", "overhead_q3"} <= set(tables.get("probe_overhead", ())):
+        for r in tables["probe_overhead"].itertuples():
+            target = (f" (target ≤ {100 * TARGET_PROBE_OVERHEAD:.0f} %: "
+                      f"{'holds' if r.overhead <= TARGET_PROBE_OVERHEAD else 'fails'})"
+                      if r.mode == "compiled" else "")
+            lines.append(f"Probe overhead, {r.mode}: {100 * r.overhead:+.0f} % (quartiles "
+                         f"{100 * r.overhead_q1:+.0f} … {100 * r.overhead_q3:+.0f} %){target}.")
+    if "mfu" in tables.get("throughput", ()):
+        mfu = float(tables["throughput"]["mfu"].iloc[0])
+        lines.append(f"Training MFU {100 * mfu:.1f} % (target ≥ {100 * TARGET_MFU:.0f} %: "
+                     f"{'holds' if mfu >= TARGET_MFU else 'fails'}).")
+    if {"resolvable", "passes"} <= set(tables.get("init_targets", ())):
+        t = tables["init_targets"]
+        yes = lambda col: t[col].astype(str).str.lower().isin(["yes", "true"])  # noqa: E731 — as written or as read back
+        resolvable = t[yes("resolvable")]
+        met = yes("passes")[yes("resolvable")].sum()
+        lines.append(f"Init sweep: {met} of {len(resolvable)} resolvable accuracy targets met "
+                     f"({len(t) - len(resolvable)} more below the noise floor).")
+    return lines
+
+
 def campaign_blocks(out: Path, state: dict, tables: dict[str, pd.DataFrame]) -> list[Block]:
-    """Report blocks: settings, the stage table, then each stage's table and figure."""
+    """Report blocks: the verdicts, settings, the stage table, then each stage's table and figure."""
     s = state["settings"]
+    shown = [name for name in STAGES if name in state["selected"] or name in state["stages"]]
     stages = pd.DataFrame([(name, state["stages"].get(name, "not started"),
                             round(state["seconds"].get(name, 0.0) / 60, 2))
-                           for name in state["selected"]], columns=["stage", "status", "minutes"])
+                           for name in shown], columns=["stage", "status", "minutes"])
     tally = stages["status"].value_counts()
     pending = [f"{r.stage} ({r.status})" for r in stages.itertuples() if r.status != "done"]
     summary = Summary(title="Stages:", counts=[(f"{n} {st}", n, "holds" if st == "done" else
                                                 status_class(st) or "untested")
                                                for st, n in tally.items()],
-                      lines=["Not done: " + ", ".join(pending) + ". The same command resumes them."]
-                      if pending else [])
+                      lines=verdicts(tables) + (["Not done: " + ", ".join(pending) +
+                                                 ". The same command resumes them."] if pending else []))
     blocks: list[Block] = [
         ("h1", "sigprop campaign"),
         ("summary", summary),

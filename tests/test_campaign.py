@@ -23,6 +23,7 @@ def test_tiny_campaign_end_to_end(tmp_path, capsys):
     state = json.loads((out / "campaign.json").read_text())
     assert state["stages"] == {s: "done" for s in campaign_mod.STAGES}
     for f in ["dense/train_runs.csv", "moe/train_runs.csv", "probe_overhead.csv", "throughput.csv",
+              "probe_overhead_rounds.csv",
               "init/errors.csv", "init/claims.csv", "report.md", "dense/figures/train_loss_vs_depth.png"]:
         assert (out / f).stat().st_size > 0, f
     bundle = out / "campaign-bundle.tar.gz"
@@ -128,3 +129,31 @@ def test_tiny_campaign_with_inductor_as_on_the_gpu(tmp_path):
     state = json.loads((out / "campaign.json").read_text())
     assert state["settings"]["compile_backend"] == "inductor"
     assert state["stages"] == {s: "done" for s in campaign_mod.STAGES}
+
+
+def test_the_probe_overhead_is_the_median_of_paired_rounds_and_lies_in_its_quartiles():
+    from analysis.bench.probe_overhead import overhead_rows
+    # per-round ratios 0.5, 0.1, 1.0: their median 0.5; the ratio of the medians would say 0.1
+    (row,) = overhead_rows({"eager": [1.0, 2.0, 3.0], "eager+probe": [1.5, 2.2, 6.0]})
+    assert row["overhead"] == pytest.approx(0.5)
+    assert row["overhead_q1"] <= row["overhead"] <= row["overhead_q3"]
+    assert (row["unprobed_ms"], row["probed_ms"]) == (2.0, 2.2)
+
+
+def test_the_campaign_report_opens_with_verdicts_and_lists_every_recorded_stage(tmp_path):
+    from figures.campaign import campaign_blocks
+    state = {"settings": {"device": "cuda", "compile": True, "compile_backend": "inductor", "tiny": False},
+             "selected": ["init_sweep"],  # the last invocation ran one stage; others were done before
+             "stages": {"dense_grid": "done", "probe_overhead": "done", "init_sweep": "done"},
+             "seconds": {"dense_grid": 360.0, "probe_overhead": 90.0, "init_sweep": 300.0}}
+    runs = pd.DataFrame({"scheme": ["pre", "span", "pre", "span"], "depth": [12, 12, 96, 96],
+                         "status": ["ok", "ok", "ok", "stalled"], "final_val_bpb": [2.6, 2.1, 2.9, 4.7]})
+    overhead = pd.DataFrame({"mode": ["compiled"], "overhead": [0.27], "overhead_q1": [0.2],
+                             "overhead_q3": [0.3]})
+    blocks = campaign_blocks(tmp_path, state, {"dense": runs, "probe_overhead": overhead})
+    lines = blocks[1][1].lines
+    assert lines[0] == ("Dense grid: best final validation loss (bits/byte) L = 12 span 2.100, "
+                        "L = 96 pre 2.900; not ok: span L = 96 stalled.")
+    assert lines[1] == "Probe overhead, compiled: +27 % (quartiles +20 … +30 %) (target ≤ 5 %: fails)."
+    stage_table = next(p for kind, p in blocks if kind == "table")
+    assert list(stage_table["stage"]) == ["dense_grid", "probe_overhead", "init_sweep"]

@@ -96,3 +96,22 @@ def test_worse_span_fails_and_missing_data_is_untested():
     moe = synthetic_runs().assign(moe="moe8k2")
     claims = check_training_claims(pd.concat([synthetic_runs(), moe]), synthetic_profiles(), UNIGRAM)
     assert {"span_gains_from_depth_dense", "span_gains_from_depth_moe8k2"} <= set(claims["claim"])
+
+
+def test_a_grid_gets_the_claims_of_its_own_schemes_a_reading_included():
+    runs = synthetic_runs().replace({"scheme": {"span": "span_dlr_all"}})
+    runs = runs[runs["scheme"].isin(["pre", "span_dlr_all"])]
+    profiles = synthetic_profiles().replace({"scheme": {"span": "span_dlr_all"}})
+    s = statuses(runs, profiles)
+    assert {c.split("_")[0] for c in s.index} == {"pre", "span"}  # nothing about post or deepnorm
+    assert s["span_dlr_all_trains_stably_dense"] == "holds"
+    assert s["span_dlr_all_tokens_distinct_dense"] == "holds"
+    assert "span_gains_from_depth_dense" not in s  # span itself was not trained
+
+
+def test_a_cut_run_is_no_evidence_neither_its_losses_nor_its_profiles():
+    runs = synthetic_runs().assign(status="ok")
+    runs.loc[(runs["scheme"] == "post") & (runs["depth"] == 16), "status"] = "cut"
+    s = statuses(runs, synthetic_profiles())  # the profiles are of L = 16, post's cut depth
+    assert s["post_tokens_distinct_dense"] == "untested"
+    assert s["pre_tokens_distinct_dense"] == "holds"

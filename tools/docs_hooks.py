@@ -81,9 +81,11 @@ STUDIES = {
                         "See [Diagnose and atlas](../../diagnose.md).",
     "diagnose-calibration": "The checkpoints that fixed `diagnose`'s redundancy thresholds. "
                             "See [Diagnose and atlas](../../diagnose.md).",
-    "gpu-h200": "The GPU campaign on one lent H200: the dense grid to L = 96 and the MoE grid "
-                "(width 256, 4 M tokens per run), probe overhead, MFU, and the init sweep at width "
-                "1024 (pre and post, cut). See [The GPU campaign](../../campaign.md#on-an-h200-2026-12-04).",
+    "gpu-h200": "The GPU campaign on a lent H200 (two sessions): the dense grid to L = 96, the MoE "
+                "grid and SpanNorm's two deciding readings (width 256, 4 M tokens per run), probe "
+                "overhead, MFU, the init sweep at width 1024 (pre, post, span, deepnorm to L = 512), "
+                "and two released models diagnosed on the GPU against their CPU diagnoses "
+                "(`released/`). See [The GPU campaign](../../campaign.md#on-an-h200-2026-12-04).",
     "released": "The atlas of released models: four GPU-trained models at 6 to 30 blocks beside "
                 "the toolkit's own CPU runs. Where each comes from: [PROVENANCE](PROVENANCE.md). "
                 "See [Diagnose and atlas](../../diagnose.md).",

@@ -52,9 +52,12 @@ def _model(name: str, transformers):
         intermediate_size=1536, vocab_size=256_000, max_position_embeddings=4096, tie_word_embeddings=False))
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device | None = None) -> float:
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    sync()  # a GPU's queued work is timed where it runs, not where it was issued
     t = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t
 
 
@@ -78,16 +81,21 @@ def load_floor(path: str) -> float:
 
 def compute_floor(path: str, meta: dict) -> dict[str, float]:
     """Seconds of the plain passes the diagnosis's statistics need (module docstring)."""
-    from analysis.diagnose.measure import grad_on_stream
-    from analysis.diagnose.text import text_bytes, token_windows
     from analysis.checkpoints import load
+    from analysis.diagnose.diagnosis import DTYPES
+    from analysis.diagnose.measure import grad_on_stream
     from analysis.diagnose.passes import Passes
+    from analysis.diagnose.text import text_bytes, token_windows
     from probes import locate
+    # the floor runs where the diagnosis ran, in its dtype: a CUDA diagnosis against a CPU floor
+    # would compare two machines
+    dev, dtype = torch.device(meta["device"]), DTYPES[meta["dtype"]]
     loaded = load(path)
     n, T, batch = meta["sequences"], meta["seq_len"], 8
     raw, source = text_bytes(None, max(n * (T + 1) * 8, 1 << 16))
     windows, _ = token_windows(loaded, raw, source, n, T)
-    model = loaded.model.eval()
+    windows = windows.to(dev)
+    model = loaded.model.to(dev, dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     passes = Passes.of(loaded, model, windows[:1, :-1])
@@ -107,14 +115,14 @@ def compute_floor(path: str, meta: dict) -> dict[str, float]:
         hook.remove()
 
     g = meta["grad_sequences_used"]
-    out = {"forward": _timed(lambda: forward(passes, windows[g:meta["sequences_used"]])),
-           "backward": _timed(lambda: backward(passes, model, windows[:g], meta["grad_batch"]))}
+    out = {"forward": _timed(lambda: forward(passes, windows[g:meta["sequences_used"]]), dev),
+           "backward": _timed(lambda: backward(passes, model, windows[:g], meta["grad_batch"]), dev)}
     skip = windows[:meta["skip_sequences"]]
     if len(skip):
         with torch.no_grad():
-            trunk = _timed(lambda: forward(passes, skip))
+            trunk = _timed(lambda: forward(passes, skip), dev)
             both = _timed(lambda: [passes.sequence_losses(skip[s:s + batch], meta["skip_positions"])
-                                   for s in range(0, len(skip), batch)])
+                                   for s in range(0, len(skip), batch)], dev)
         head = max(both - trunk, 0.0)
         out["skip"] = trunk * (1 + (L - 1) / 2) + head * (L + 1)
     if meta["init_sequences"] and loaded.rebuild is not None:
@@ -122,12 +130,14 @@ def compute_floor(path: str, meta: dict) -> dict[str, float]:
         loaded.model = None
         k = meta["init_sequences"]
         t = time.perf_counter()
-        twin = loaded.rebuild()
+        twin = loaded.rebuild().to(dev, dtype)
         for p in twin.parameters():
             p.requires_grad_(False)
         tp = Passes.of(loaded, twin)
         forward(tp, windows[:k])
         backward(tp, twin, windows[:min(meta["grad_sequences"], max(1, k // 2))], max(1, min(batch, k // 4)))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         out["init"] = time.perf_counter() - t
     return out
 
@@ -139,7 +149,8 @@ def _case(path: str, device: str) -> dict:
     d = diagnose(path, device=device)
     total = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(total=total, peak=peak, meta=d.meta, floor=compute_floor(path, d.meta), load_floor=load_floor(path))
+    gpu = torch.cuda.max_memory_allocated() if torch.device(d.meta["device"]).type == "cuda" else None
+    return dict(total=total, peak=peak, gpu_peak=gpu, meta=d.meta, floor=compute_floor(path, d.meta), load_floor=load_floor(path))
 
 
 def measure(path: str, device: str) -> dict:
@@ -157,13 +168,14 @@ def report(what: str, r: dict) -> str:
     floor = sum(f.values())
     weights = m["parameters"] * (2 if m.get("dtype") == "bfloat16" else 4)
     parts = ", ".join(f"{k} {s.get(k, 0):.1f} s (floor {f[k]:.1f})" for k in ("skip", "init") if k in f)
+    gpu = "" if r.get("gpu_peak") is None else f", GPU peak {r['gpu_peak'] / 1e9:.2f} GB"
     return (f"diagnose, {what} ({m['parameters'] / 1e6:.0f}M parameters, {m['blocks']} blocks): {r['total']:.1f} s — "
             f"load {s.get('load', 0):.1f} s (library floor {r['load_floor']:.1f} s); measuring {measured:.1f} s against "
             f"a floor of {floor:.1f} s, ×{measured / floor:.2f} (probe {s.get('probe', 0):.1f} s, floor "
             f"{f['forward'] + f['backward']:.1f}; {parts}); {m['sequences_used']} of {m['sequences']} sequences "
             f"forward, {m['grad_sequences_used']} of {m['grad_sequences']} backward; peak memory {r['peak'] / 1e9:.2f} GB (estimate "
             f"{m['memory_estimate_gb']:.2f} GB; float32 weights {weights / 1e9:.2f} GB, target ≤ 1.5 × weights "
-            f"+ 2 GB = {(1.5 * weights + 2e9) / 1e9:.2f} GB); {torch.get_num_threads()} threads on {m['device']}")
+            f"+ 2 GB = {(1.5 * weights + 2e9) / 1e9:.2f} GB){gpu}; {torch.get_num_threads()} threads on {m['device']}")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -150,17 +150,18 @@ def op_rows(run: _Run, idx: torch.Tensor, autocast: bool, top: int = 15) -> list
 
 
 def overhead_rows(times: dict[str, list[float]]) -> list[dict]:
-    """Per mode with both copies timed: median unprobed and probed ms, the overhead of the medians
-    and the quartiles of the per-round ratio."""
+    """Per mode with both copies timed: median unprobed and probed ms, and the median and
+    quartiles of the per-round overhead (the copies alternate within a round, so a round's ratio
+    cancels the machine's drift; the median lies between its quartiles)."""
     rows = []
     for mode, (unprobed, with_probe) in PAIRS.items():
         if unprobed in times and with_probe in times:
             plain, probed = times[unprobed], times[with_probe]
             ratios = [b / a - 1 for a, b in zip(plain, probed)]
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-            a, b = statistics.median(plain), statistics.median(probed)
-            rows.append(dict(mode=mode, rounds=len(plain), unprobed_ms=a, probed_ms=b,
-                             overhead=b / a - 1, overhead_q1=q[0], overhead_q3=q[2]))
+            rows.append(dict(mode=mode, rounds=len(plain), unprobed_ms=statistics.median(plain),
+                             probed_ms=statistics.median(probed), overhead=statistics.median(ratios),
+                             overhead_q1=q[0], overhead_q3=q[2]))
     return rows
 
 

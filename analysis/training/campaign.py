@@ -78,11 +78,10 @@ PLANS = {
 }
 
 # Device minutes per stage on an H200 for the full plan, as measured on 2026-12-04 with
-# --parallel 4 (results/gpu-h200/campaign.json; docs/campaign.md): init_sweep measured 2.7 min
-# for pre and post of its four schemes, so about twice that; readings_grid is not measured yet:
-# two of dense_grid's four schemes, so about half of it.
-ESTIMATED_MINUTES = {"dense_grid": 6.1, "probe_overhead": 1.3, "throughput": 0.3, "moe_grid": 1.7,
-                     "init_sweep": 5.5, "readings_grid": 3.0}
+# --parallel 4 (results/gpu-h200/campaign.json; docs/benchmarks.md). readings_grid was cut: its
+# first reading took 2.8 min, so both about twice that.
+ESTIMATED_MINUTES = {"dense_grid": 6.1, "probe_overhead": 1.7, "throughput": 0.3, "moe_grid": 1.7,
+                     "init_sweep": 5.6, "readings_grid": 5.5}
 # Least time worth starting a stage with: a cut stage resumes, so only its fixed costs count.
 START_SECONDS = {"full": {"dense_grid": 60, "probe_overhead": 120, "throughput": 90,
                           "moe_grid": 60, "init_sweep": 60, "readings_grid": 60},
@@ -156,14 +155,16 @@ def moe_grid(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> Non
 
 
 def probe_overhead(cfg: CampaignConfig, out: Path, deadline: float | None, log) -> None:
-    """Stage 2: probed against unprobed step times → ``out/probe_overhead.csv``, and one profiled
-    step of each copy → ``out/probe_overhead_ops.csv`` (what the probe's overhead is made of)."""
+    """Stage 2: probed against unprobed step times → ``out/probe_overhead.csv`` (each round's
+    times in ``out/probe_overhead_rounds.csv``), and one profiled step of each copy →
+    ``out/probe_overhead_ops.csv`` (what the probe's overhead is made of)."""
     from analysis.bench.probe_overhead import benchmark, overhead_rows
     bench = cfg.plan()["bench"]
     ops: list[dict] = []
     times = benchmark(bench["shape"], cfg.device, compile=cfg.compile, rounds=bench["rounds"],
                       backend=cfg.compile_backend, ops=ops)
     files.write_csv(pd.DataFrame(ops), out / "probe_overhead_ops.csv", index=False)
+    files.write_csv(pd.DataFrame(times).rename_axis("round"), out / "probe_overhead_rounds.csv")
     rows = [dict(shape=bench["shape"], **r) for r in overhead_rows(times)]
     for r in rows:
         log(f"  {r['mode']}: {r['unprobed_ms']:.2f} → {r['probed_ms']:.2f} ms "

@@ -257,12 +257,20 @@ def update_spread(profiles: pd.DataFrame, scheme: str, kind: str) -> tuple[str, 
             f"L={int(p['depth'].iloc[0])}, per-block update size " + "; ".join(parts))
 
 
-def registry(kinds: list[str], unigram_bpb: float) -> list[tuple[str, str, str, Callable]]:
-    """(claim, scheme, statement, check(runs, profiles)) for every training claim and FFN kind."""
+BASE_SCHEMES = ("pre", "post", "span", "deepnorm")
+RUN_KEYS = ("scheme", "depth", "moe", "seed")  # what names one run in runs and in profiles
+
+
+def registry(kinds: list[str], unigram_bpb: float, extra: tuple[str, ...] = ()
+             ) -> list[tuple[str, str, str, Callable]]:
+    """(claim, scheme, statement, check(runs, profiles)) for every training claim and FFN kind;
+    ``extra``: more schemes (a reading, a scheme of one's own) that get every per-scheme claim,
+    stable training included."""
+    schemes = BASE_SCHEMES + tuple(s for s in extra if s not in BASE_SCHEMES)
     claims = []
     for kind in kinds:
         k = f" ({kind})"
-        for s in ("pre", "span", "deepnorm"):
+        for s in (s for s in schemes if s != "post"):
             claims.append((f"{s}_trains_stably_{kind}", s,
                            f"{s} trains at every depth at one lr without diverging or stalling "
                            f"(final loss < {STALL} × the unigram entropy){k}",
@@ -279,7 +287,7 @@ def registry(kinds: list[str], unigram_bpb: float) -> list[tuple[str, str, str, 
         claims.append((f"span_not_worse_than_pre_deepest_{kind}", "span",
                        f"span's final validation loss ≤ pre's at the deepest depth (within 2 SE){k}",
                        lambda r, p, kind=kind: better_at_deepest(r, kind)))
-        for s in ("pre", "post", "span", "deepnorm"):
+        for s in schemes:
             claims += [
                 (f"{s}_deep_blocks_turn_less_{kind}", s,
                  f"after training, {s}'s last-half blocks turn the stream less than its first-half "
@@ -305,10 +313,17 @@ def registry(kinds: list[str], unigram_bpb: float) -> list[tuple[str, str, str, 
 
 def check_training_claims(runs: pd.DataFrame, profiles: pd.DataFrame, unigram_bpb: float
                           ) -> pd.DataFrame:
-    """claims.csv rows for a trained grid: every training claim with status and evidence;
+    """claims.csv rows for a trained grid: every training claim about a scheme the grid trained,
+    with status and evidence (a claim about a scheme not in the grid is no result of it);
     ``unigram_bpb``: the corpus's byte entropy (Corpus.unigram_bits), a stalled run's plateau."""
-    if "status" in runs:  # a cut run has not finished: no evidence either way yet
+    trained = set(runs["scheme"]) if "scheme" in runs else set()
+    if "status" in runs:  # a cut run has not finished: no evidence either way yet, nor its profiles
+        cut = runs.loc[runs["status"] == "cut", [c for c in RUN_KEYS if c in runs]]
         runs = runs[runs["status"] != "cut"]
+        if len(cut) and len(profiles) and set(cut.columns) <= set(profiles.columns):
+            hit = profiles.merge(cut.drop_duplicates(), on=list(cut.columns), how="left", indicator=True)
+            profiles = profiles[(hit["_merge"] == "left_only").to_numpy()]
     return claims_frame(Claim(claim, scheme, statement, METHOD, *check(runs, profiles))
                         for claim, scheme, statement, check in registry(_kinds(runs) or ["dense"],
-                                                                        unigram_bpb))
+                                                                        unigram_bpb, tuple(sorted(trained)))
+                        if scheme in trained)
