@@ -30,7 +30,7 @@ def compare(reference: Path, other: Path) -> tuple[dict, pd.DataFrame]:
     both = pd.read_csv(reference / "diagnosis.csv").merge(
         pd.read_csv(other / "diagnosis.csv"), on=["layer", "point"], suffixes=("_a", "_b"))
     rows = []
-    for stat in STATISTICS:
+    for stat in (s for s in STATISTICS if f"{s}_a" in both and f"{s}_b" in both):
         a, b = both[f"{stat}_a"].astype(float), both[f"{stat}_b"].astype(float)
         keep = np.isfinite(a) & np.isfinite(b) & (a != 0)
         rel = ((b - a) / a.abs())[keep].abs()

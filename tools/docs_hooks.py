@@ -49,7 +49,10 @@ STUDIES = {
                    "See [Theory](../../theory.md#the-spread-across-initializations).",
     "init-spread-attention": "PreNorm's spread across 32 seeds at L = 64 by attention kind, heads "
                              "and width, against theory/spread.py with every noise kind and each "
-                             "alone (`tools/spread_by_attention.py`). "
+                             "alone (`tools/spread_by_attention.py`); and `by_layer/`: each "
+                             "block's own gradient factor per seed, for pre, post and span, and "
+                             "the split of the spread into the blocks' own variances and their "
+                             "covariances (`tools/spread_by_layer.py`). "
                              "See [Theory](../../theory.md#the-spread-across-initializations).",
     "init-w256-mixln-lns16": "Mix-LN and LNS at width 256, L = 2 … 256, 16 seeds: the grid's "
                              "targets met where they can be resolved. See [Initialization](../../init.md).",

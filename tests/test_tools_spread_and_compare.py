@@ -1,0 +1,59 @@
+"""The analysis scripts under tools/: their arithmetic on inputs with known answers."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_covariance_share_is_zero_for_independent_blocks_and_one_minus_1_over_L_for_one_shared():
+    share = tool("spread_by_layer").covariance_share
+    rng = np.random.default_rng(0)
+    assert abs(share(rng.standard_normal((20_000, 8)))) < 0.03
+    common = rng.standard_normal((20_000, 1)) * np.ones((1, 8))  # every block the same factor
+    assert share(common) == pytest.approx(1 - 1 / 8)
+
+
+def test_decompose_reads_the_per_layer_frame_as_block_factors():
+    decompose = tool("spread_by_layer").decompose
+    rng = np.random.default_rng(1)
+    seeds, L = 200, 4
+    g = np.cumsum(rng.standard_normal((seeds, L)), axis=1)[:, ::-1]  # log10 g_l, l = 0..L-1
+    g = np.hstack([g, np.zeros((seeds, 1))])  # g_L = 1
+    frame = pd.DataFrame([dict(seed=s, layer=l, log10_g=g[s, l], token_cosine=0.1)
+                          for s in range(seeds) for l in range(L + 1)])
+    r = decompose(frame, draws=50)
+    assert r["measured_sd"] == pytest.approx(np.std(g[:, 0], ddof=1))
+    assert r["independent_sd"] == pytest.approx(2.0, rel=0.15)  # four unit-variance steps
+    assert abs(r["covariance_share"]) < 0.3 and r["covariance_share_se"] > 0
+
+
+def test_compare_diagnoses_gives_relative_differences_and_verdicts(tmp_path):
+    compare = tool("compare_diagnoses").compare
+    base = pd.DataFrame({"layer": [0, 1], "point": ["a", "b"], "second_moment": [1.0, 2.0],
+                         "second_moment_se": [0.1, 0.1], "token_cosine": [0.5, 0.25]})
+    for name, factor in (("cpu", 1.0), ("gpu", 1.01)):
+        folder = tmp_path / name
+        folder.mkdir()
+        frame = base.copy()
+        frame["second_moment"] *= factor
+        frame.to_csv(folder / "diagnosis.csv", index=False)
+        (folder / "diagnosis.json").write_text(json.dumps({"verdict": "HEALTHY", "device": name}))
+    facts, table = compare(tmp_path / "cpu", tmp_path / "gpu")
+    assert facts["device"] == {"reference": "cpu", "other": "gpu"}
+    rows = table.set_index("statistic")
+    assert rows.loc["second_moment", "max_rel_diff"] == pytest.approx(0.01)
+    assert rows.loc["second_moment", "max_diff_in_se"] == pytest.approx(0.02 / np.hypot(0.1, 0.1))
+    assert rows.loc["token_cosine", "max_rel_diff"] == 0
