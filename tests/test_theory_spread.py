@@ -190,3 +190,14 @@ def test_predicted_quantiles_bracket_the_seeds_they_describe():
     assert right["inside_predicted_band"] == pytest.approx(0.8, abs=0.02)
     assert right["measured_p90"] == pytest.approx(right["predicted_p90"], abs=0.03)
     assert quantiles(values, 2.0, 0.15)["inside_predicted_band"] < 0.6  # an sd predicted too small
+
+
+def test_block_variances_add_up_where_no_noise_is_shared_between_blocks():
+    # PostNorm's output norm resets the stream's realized power every block, so without the
+    # embedding's noise no fluctuation is shared: the blocks' own variances sum to the total
+    kw = dict(depth=8, seq_len=16, width=64, heads=1)
+    post = predict_spread("post", noises=("projections", "units", "cross"), **kw)
+    assert np.sum(post["var_ln_block"][1:]) == pytest.approx(post["var_ln_g"][0], rel=1e-9)
+    # PreNorm's stream carries each block's realized power into every later block: covariance
+    pre = predict_spread("pre", noises=("projections", "units", "cross"), **kw)
+    assert abs(np.sum(pre["var_ln_block"][1:]) / pre["var_ln_g"][0] - 1) > 0.01

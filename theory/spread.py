@@ -417,7 +417,7 @@ def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form) -> tupl
 
 # --- the profile -----------------------------------------------------------------------------------
 
-SPREAD_KEYS = ("var_ln_q", "var_ln_g")
+SPREAD_KEYS = ("var_ln_q", "var_ln_g", "var_ln_block")
 
 
 def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | None = None,
@@ -426,9 +426,11 @@ def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | 
                    grad_top: np.ndarray | None = None, noises: tuple[str, ...] = NOISES,
                    **shape: Any) -> dict[str, np.ndarray]:
     """Per layer l = 0..depth: positional.py's mean profile plus the predicted variance across
-    initializations of ln q_l (the stream, or the aggregate before an output norm) and of
-    ln(g_l/g_L). ``hidden``: the FFN's hidden width (default 4·width); ``noises``: the kinds of
-    noise counted (all of NOISES; fewer to see each one's share)."""
+    initializations of ln q_l (the stream, or the aggregate before an output norm), of
+    ln(g_l/g_L), and of block l's own factor ln(g_{l-1}/g_l) (``var_ln_block``, l ≥ 1: their sum
+    is what the blocks would give if independent; the rest of var_ln_g is their covariance
+    through shared noises). ``hidden``: the FFN's hidden width (default 4·width); ``noises``: the
+    kinds of noise counted (all of NOISES; fewer to see each one's share)."""
     cfg = TheoryConfig(scheme=scheme, depth=depth, seq_len=seq_len,
                        scheme_params=tuple(sorted((scheme_params or {}).items())), **shape)
     cfg.validate()
@@ -466,6 +468,7 @@ def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | 
     for l in range(L, 0, -1):
         ctx, res_out = blocks[l - 1]
         grad, rel = _backward(ctx, res_out, grad, dG)
+        out["var_ln_block"][l] = rel.plus(dG, -1.0).var()
         dG = rel
         out["g"][l - 1], out["var_ln_g"][l - 1] = float(np.mean(np.diag(grad))) / top, dG.var()
     return out

@@ -122,6 +122,7 @@ def main() -> None:
                           heads=cfg.heads, cov0=cov0, grad_top=grad_top)
     r = decompose(frame)
     r["predicted_sd"] = math.sqrt(pred["var_ln_g"][0]) / math.log(10)
+    r["predicted_independent_sd"] = math.sqrt(np.nansum(pred["var_ln_block"][1:])) / math.log(10)
     if args.embedding_draws:
         r["embedding_draws_sd"] = embedding_draws_sd(args.scheme, cfg, x, grad_top, args.embedding_draws)
     for k, v in r.items():
