@@ -32,9 +32,12 @@ def test_decompose_reads_the_per_layer_frame_as_block_factors():
     seeds, L = 200, 4
     g = np.cumsum(rng.standard_normal((seeds, L)), axis=1)[:, ::-1]  # log10 g_l, l = 0..L-1
     g = np.hstack([g, np.zeros((seeds, 1))])  # g_L = 1
-    frame = pd.DataFrame([dict(seed=s, layer=l, log10_g=g[s, l], token_cosine=0.1)
+    share = np.exp(g)  # a first-token share that follows the gradient exactly
+    frame = pd.DataFrame([dict(seed=s, layer=l, log10_g=g[s, l], token_cosine=0.1 + 0.01 * s,
+                               grad_first_token=share[s, l])
                           for s in range(seeds) for l in range(L + 1)])
     r = decompose(frame, draws=50)
+    assert r["corr_total_embed_grad_first"] == pytest.approx(1.0)  # total = log10 g_0 - 0
     assert r["measured_sd"] == pytest.approx(np.std(g[:, 0], ddof=1))
     assert r["independent_sd"] == pytest.approx(2.0, rel=0.15)  # four unit-variance steps
     assert abs(r["covariance_share"]) < 0.3 and r["covariance_share_se"] > 0

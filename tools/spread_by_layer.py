@@ -38,7 +38,7 @@ SEQ_LEN = 64  # the spread study's sequence length
 
 
 def per_layer(cfg: ModelConfig, seeds: list[int], x: torch.Tensor, y: torch.Tensor) -> pd.DataFrame:
-    """Per seed and layer l = 0..L (0: the embedding): log10 g_l/g_L and the stream's token cosine."""
+    """Per seed and layer l = 0..L (0: the embedding): log10 g_l/g_L, the stream's token cosine and the first token's share of the gradient power."""
     L, rows = cfg.depth, []
     points = ["embed"] + [point_name(l) for l in range(L)]
     for seed in seeds:
@@ -49,14 +49,16 @@ def per_layer(cfg: ModelConfig, seeds: list[int], x: torch.Tensor, y: torch.Tens
         m = to_rows(p.frame(), L).set_index(["point", "metric"])["measured"]
         for l, point in enumerate(points):
             rows.append(dict(seed=seed, layer=l, log10_g=math.log10(m[(point, "grad_rel")]),
-                             token_cosine=m[(point, "token_cosine")]))
+                             token_cosine=m[(point, "token_cosine")],
+                             grad_first_token=m[(point, "grad_first_token")]))
         print(f"  seed {seed}: log10 g_0/g_L {rows[-L - 1]['log10_g']:.3f}", flush=True)
     return pd.DataFrame(rows)
 
 
 def covariance_share(factors: np.ndarray) -> float:
     """1 − Σ_l Var(d_l) / Var(Σ_l d_l): the share of the total's variance that is covariance."""
-    return 1 - float(np.var(factors, axis=0, ddof=1).sum()) / float(np.var(factors.sum(1), ddof=1))
+    total = float(np.var(factors.sum(1), ddof=1))
+    return 1 - float(np.var(factors, axis=0, ddof=1).sum()) / total if total > 0 else math.nan
 
 
 def decompose(frame: pd.DataFrame, draws: int = 1000) -> dict:
@@ -68,16 +70,27 @@ def decompose(frame: pd.DataFrame, draws: int = 1000) -> dict:
     own = float(np.var(factors, axis=0, ddof=1).sum())
     rng = np.random.default_rng(0)
     boot = [covariance_share(factors[rng.integers(0, len(factors), len(factors))]) for _ in range(draws)]
+    boot = [b for b in boot if not math.isnan(b)]  # a resample of one repeated seed has no spread
     cos = frame.pivot(index="seed", columns="layer", values="token_cosine").to_numpy()
     mid = cos.shape[1] // 2
     sd = float(np.std(total, ddof=1))
     return dict(seeds=len(total), measured_sd=sd, measured_sd_se=sd / math.sqrt(2 * (len(total) - 1)),
                 independent_sd=math.sqrt(own), covariance_share=covariance_share(factors),
-                covariance_share_se=float(np.std(boot, ddof=1)),
+                covariance_share_se=float(np.std(boot, ddof=1)) if len(boot) > 1 else math.nan,
                 adjacent_corr=float(np.mean([np.corrcoef(factors[:, i], factors[:, i + 1])[0, 1]
                                              for i in range(factors.shape[1] - 1)])),
                 corr_total_mid_cosine=float(np.corrcoef(total, cos[:, mid])[0, 1]),
-                corr_total_last_cosine=float(np.corrcoef(total, cos[:, -1])[0, 1]))
+                corr_total_last_cosine=float(np.corrcoef(total, cos[:, -1])[0, 1]),
+                **({} if "grad_first_token" not in frame else first_token_correlations(frame, total)))
+
+
+def first_token_correlations(frame: pd.DataFrame, total: np.ndarray) -> dict:
+    """Correlation of the total with the first token's share of the gradient power (the sink
+    that concentrates PreNorm's gradient) at the embedding and mid-stack."""
+    share = frame.pivot(index="seed", columns="layer", values="grad_first_token").to_numpy()
+    mid = share.shape[1] // 2
+    return dict(corr_total_embed_grad_first=float(np.corrcoef(total, np.log(share[:, 0]))[0, 1]),
+                corr_total_mid_grad_first=float(np.corrcoef(total, np.log(share[:, mid]))[0, 1]))
 
 
 def embedding_draws_sd(scheme: str, cfg: ModelConfig, x: torch.Tensor, grad_top: np.ndarray,
