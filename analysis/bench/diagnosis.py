@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from analysis.infra.device import synchronize
+
 SHAPES = {
     "bert-6x384": "all-MiniLM-L6-v2 shape: BERT encoder, 6 blocks, width 384",
     "smollm2-135m": "SmolLM2-135M shape: LLaMA, 30 blocks, width 576, vocabulary 49 152",
@@ -52,12 +54,11 @@ def _model(name: str, transformers):
         intermediate_size=1536, vocab_size=256_000, max_position_embeddings=4096, tie_word_embeddings=False))
 
 
-def _timed(fn, device: torch.device | None = None) -> float:
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    sync()  # a GPU's queued work is timed where it runs, not where it was issued
+def _timed(fn, device: torch.device = torch.device("cpu")) -> float:
+    synchronize(device)
     t = time.perf_counter()
     fn()
-    sync()
+    synchronize(device)
     return time.perf_counter() - t
 
 
@@ -136,8 +137,7 @@ def compute_floor(path: str, meta: dict) -> dict[str, float]:
         tp = Passes.of(loaded, twin)
         forward(tp, windows[:k])
         backward(tp, twin, windows[:min(meta["grad_sequences"], max(1, k // 2))], max(1, min(batch, k // 4)))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(dev)
         out["init"] = time.perf_counter() - t
     return out
 

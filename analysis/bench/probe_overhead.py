@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.infra.device import synchronize
 from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe
 
@@ -40,11 +41,6 @@ class _Run:
     opt: torch.optim.Optimizer
     probe: Probe | None
     times: list[float]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step(run: _Run, idx: torch.Tensor, autocast: bool) -> None:
@@ -107,13 +103,13 @@ def benchmark(shape: str = "small", device: str = "cpu", compile: bool = True, r
                 raise
             print(f"  {run.name}: torch.compile failed ({type(e).__name__}: {str(e)[:120]}); skipped")
             runs.remove(run)
-    _sync(dev)
+    synchronize(dev)
     for _ in range(n_rounds):
         for run in runs:
             t0 = time.perf_counter()
             for _ in range(per_round):
                 _step(run, idx, autocast)
-            _sync(dev)
+            synchronize(dev)
             run.times.append((time.perf_counter() - t0) / per_round * 1e3)
     if ops is not None:
         for run in runs:
@@ -136,7 +132,7 @@ def op_rows(run: _Run, idx: torch.Tensor, autocast: bool, top: int = 15) -> list
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         _step(run, idx, autocast)
-        _sync(idx.device)
+        synchronize(idx.device)
     device_us = lambda e: getattr(e, "self_device_time_total", 0.0) if on_cuda else 0.0  # noqa: E731
     events = [e for e in prof.key_averages() if e.key.startswith("aten::") or device_us(e) > 0]
     row = lambda key, calls, host, dev: dict(copy=run.name, op=key, calls=calls,  # noqa: E731

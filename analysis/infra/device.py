@@ -38,3 +38,11 @@ def available_memory(device: str | torch.device = "cpu") -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 62
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously; a CPU needs no wait),
+    so that a clock read next times the work, not its issuing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
