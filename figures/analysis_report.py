@@ -42,6 +42,21 @@ def draw(agg: pd.DataFrame, out: Path, fmt: str = "png") -> list[Path]:
             F.rank_collapse_vs_depth(agg, folder / "rank_collapse_vs_depth", fmt)]
 
 
+def targets_line(targets: pd.DataFrame) -> str | None:
+    """How many error targets of the position-resolved theory were met, and how many of the
+    missed ones cannot be resolved with this many seeds (targets.csv); None without targets."""
+    resolved = targets[targets["prediction"] == "resolved"] if "prediction" in targets else targets
+    if "passes" not in resolved or not len(resolved):
+        return None
+    passed = resolved["passes"].astype(bool)
+    line = f"Error targets of the position-resolved theory: {int(passed.sum())} of {len(resolved)} met"
+    if "resolvable" in resolved and (~passed).any():
+        unresolved = int((~passed & ~resolved["resolvable"].astype(bool)).sum())
+        line += (f"; {unresolved} of the {int((~passed).sum())} missed cannot be resolved with "
+                 "this many seeds")
+    return line
+
+
 def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[Path], out: Path,
                   formulas: list[tuple[str, str]] = (), extra: list[Block] = (),
                   not_run: tuple[list[str], str | None] = ([], None)) -> list[Block]:
@@ -60,15 +75,8 @@ def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[P
     rest, command = not_run
     if rest:
         lines.append(f"Not run: {', '.join(rest)}; for their claims: `{command}`")
-    resolved = targets[targets["prediction"] == "resolved"] if "prediction" in targets else targets
-    if "passes" in resolved and len(resolved):
-        passed = resolved["passes"].astype(bool)
-        line = (f"Error targets of the position-resolved theory: {int(passed.sum())} of "
-                f"{len(resolved)} met")
-        if "resolvable" in resolved and (~passed).any():
-            unresolved = int((~passed & ~resolved["resolvable"].astype(bool)).sum())
-            line += (f"; {unresolved} of the {int((~passed).sum())} missed cannot be resolved with "
-                     "this many seeds")
+    line = targets_line(targets)
+    if line:
         lines.append(line + f"; {len(bad)} disagreement rows.")
     blocks: list[Block] = [
         ("h1", "sigprop: signal propagation at initialization, theory against measurement"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.training.campaign import STAGES
+from figures.analysis_report import targets_line
 from figures.report import Block, Summary, status_class, write_report
 
 # The performance targets the campaign measures against (docs/benchmarks.md).
@@ -67,13 +68,9 @@ def verdicts(tables: dict[str, pd.DataFrame]) -> list[str]:
         mfu = float(tables["throughput"]["mfu"].iloc[0])
         lines.append(f"Training MFU {100 * mfu:.1f} % (target ≥ {100 * TARGET_MFU:.0f} %: "
                      f"{'holds' if mfu >= TARGET_MFU else 'fails'}).")
-    if {"resolvable", "passes"} <= set(tables.get("init_targets", ())):
-        t = tables["init_targets"]
-        yes = lambda col: t[col].astype(str).str.lower().isin(["yes", "true"])  # noqa: E731 — as written or as read back
-        resolvable = t[yes("resolvable")]
-        met = yes("passes")[yes("resolvable")].sum()
-        lines.append(f"Init sweep: {met} of {len(resolvable)} resolvable accuracy targets met "
-                     f"({len(t) - len(resolvable)} more below the noise floor).")
+    init = targets_line(tables["init_targets"]) if "init_targets" in tables else None
+    if init:
+        lines.append(f"Init sweep: {init[0].lower()}{init[1:]}.")
     return lines
 
 
