@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.init.spread import SEQUENCE_SEED, measure_point, text_covariances
+from analysis.init.spread import SpreadConfig, measure_point, study_sequence, text_covariances
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig
 from theory.spread import NOISES, predict_spread
 
-SEQ_LEN = 64  # the spread study's sequence length
+SEQ_LEN = SpreadConfig().seq_len  # the spread study's sequence
 
 
 def sd_log10(var_ln: float) -> float:
@@ -62,14 +62,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=32)
     p.add_argument("--out", required=True, help="CSV to write (rows are appended as they finish)")
     args = p.parse_args()
-    x, y = load_corpus(None).batch("train", 1, SEQ_LEN,
-                                   generator=torch.Generator().manual_seed(SEQUENCE_SEED))
+    x, y = study_sequence(load_corpus(None), SEQ_LEN)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in args.configs:
         width, heads, attention = spec.split(":")
-        rows.append(study(int(width), int(heads), attention, args.depth, args.seeds, x[0], y[0]))
+        rows.append(study(int(width), int(heads), attention, args.depth, args.seeds, x, y))
         pd.DataFrame(rows).to_csv(out, index=False)
         r = rows[-1]
         print(f"{spec}: measured {r['measured_sd']:.3f} ± {r['measured_sd_se']:.3f}, predicted "

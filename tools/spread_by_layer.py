@@ -27,14 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.init.spread import SEQUENCE_SEED, heads_of, text_covariances
-from analysis.init.sweep import PROBE_METRICS, to_rows
+from analysis.init.spread import SpreadConfig, probed_at_init, study_sequence, text_covariances
 from analysis.testbed.corpus import load_corpus
-from analysis.testbed.model import ModelConfig, build_model
-from probes import Probe, point_name
+from analysis.testbed.model import ModelConfig
+from probes import point_name
 from theory.spread import predict_spread
-
-SEQ_LEN = 64  # the spread study's sequence length
 
 
 def per_layer(cfg: ModelConfig, seeds: list[int], x: torch.Tensor, y: torch.Tensor) -> pd.DataFrame:
@@ -42,11 +39,7 @@ def per_layer(cfg: ModelConfig, seeds: list[int], x: torch.Tensor, y: torch.Tens
     L, rows = cfg.depth, []
     points = ["embed"] + [point_name(l) for l in range(L)]
     for seed in seeds:
-        model = build_model(cfg, seed=seed)
-        with Probe(model, metrics=PROBE_METRICS) as p:
-            _, loss = model(x[None], y[None])
-            loss.backward()
-        m = to_rows(p.frame(), L).set_index(["point", "metric"])["measured"]
+        m = probed_at_init(cfg, seed, x, y)
         for l, point in enumerate(points):
             rows.append(dict(seed=seed, layer=l, log10_g=math.log10(m[(point, "grad_rel")]),
                              token_cosine=m[(point, "token_cosine")],
@@ -122,16 +115,15 @@ def main() -> None:
                    "(read back, not measured again, where it exists)")
     p.add_argument("--summary", help="CSV to which this point's decomposition row is added")
     args = p.parse_args()
-    x, y = load_corpus(None).batch("train", 1, SEQ_LEN, generator=torch.Generator().manual_seed(SEQUENCE_SEED))
-    x, y = x[0], y[0]
-    cfg = ModelConfig(scheme=args.scheme, depth=args.depth, width=args.width,
-                      heads=heads_of(args.width), max_seq_len=SEQ_LEN)
+    study = SpreadConfig()  # the spread study's sequence length and heads
+    x, y = study_sequence(load_corpus(None), study.seq_len)
+    cfg = study.model(args.scheme, args.depth, args.width)
     out = Path(args.out)
     frame = pd.read_csv(out) if out.exists() else per_layer(cfg, list(range(args.seeds)), x, y)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     cov0, grad_top = text_covariances(x, y, cfg.embed_std)
-    pred = predict_spread(args.scheme, depth=args.depth, seq_len=SEQ_LEN, width=args.width,
+    pred = predict_spread(args.scheme, depth=args.depth, seq_len=study.seq_len, width=args.width,
                           heads=cfg.heads, cov0=cov0, grad_top=grad_top)
     r = decompose(frame)
     r["predicted_sd"] = math.sqrt(pred["var_ln_g"][0]) / math.log(10)

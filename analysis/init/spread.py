@@ -82,19 +82,31 @@ def text_covariances(x: torch.Tensor, y: torch.Tensor, embed_std: float
     return embed_std ** 2 / 2 * (same_x + np.eye(len(x))), same_y
 
 
+def study_sequence(corpus: Corpus, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one sequence (inputs, next bytes) that every seed of a spread study reads."""
+    x, y = corpus.batch("train", 1, seq_len, generator=torch.Generator().manual_seed(SEQUENCE_SEED))
+    return x[0], y[0]
+
+
+def probed_at_init(cfg: ModelConfig, seed: int, x: torch.Tensor, y: torch.Tensor) -> pd.Series:
+    """Every probe statistic of the model at init (``seed``) after one forward and backward pass
+    on the sequence (x, y), indexed by (point, metric)."""
+    from analysis.init.sweep import PROBE_METRICS, to_rows
+    model = build_model(cfg, seed=seed)
+    with Probe(model, metrics=PROBE_METRICS) as p:
+        _, loss = model(x[None], y[None])
+        loss.backward()
+    return to_rows(p.frame(), cfg.depth).set_index(["point", "metric"])["measured"]
+
+
 def measure_point(cfg: ModelConfig, seeds: list[int], x: torch.Tensor, y: torch.Tensor,
                   tick: Callable[[], None] = lambda: None) -> pd.DataFrame:
     """Per seed: log10 g_0/g_L and log10 q_L of the model at init on the sequence (x, y)."""
-    from analysis.init.sweep import PROBE_METRICS, to_rows
     L = cfg.depth
     agg = point_name(L - 1, "pre_norm_sum")
     rows = []
     for seed in seeds:
-        model = build_model(cfg, seed=seed)
-        with Probe(model, metrics=PROBE_METRICS) as p:
-            _, loss = model(x[None], y[None])
-            loss.backward()
-        m = to_rows(p.frame(), L).set_index(["point", "metric"])["measured"]
+        m = probed_at_init(cfg, seed, x, y)
         q = m[(agg, "second_moment")] if (agg, "second_moment") in m.index else m[(point_name(L - 1), "second_moment")]
         rows.append({"scheme": cfg.scheme, "depth": L, "width": cfg.width, "seed": seed,
                      "log10_g0_over_gL": math.log10(m[("embed", "grad_rel")]),
@@ -184,8 +196,7 @@ def run_study(cfg: SpreadConfig, corpus: Corpus, out: Path, log: Callable[[str],
     """Measure what ``out/per_seed.csv`` lacks (a point at a time, kept as it finishes), then
     compare; returns (spread table, growth orders)."""
     seeds_path = out / "per_seed.csv"  # the folder's stamp holds the settings (folders.claim)
-    x, y = corpus.batch("train", 1, cfg.seq_len, generator=torch.Generator().manual_seed(SEQUENCE_SEED))
-    x, y = x[0], y[0]
+    x, y = study_sequence(corpus, cfg.seq_len)
     done = pd.read_csv(seeds_path) if seeds_path.exists() else pd.DataFrame()
     def rows_of(s: str, L: int, w: int) -> pd.Series:
         return (done.scheme == s) & (done.depth == L) & (done.width == w)
