@@ -28,13 +28,10 @@ DETAILS = {"dense": "dense/train.md", "moe": "moe/train.md", "init_targets": "in
 
 def _grid_verdict(name: str, runs: pd.DataFrame) -> str:
     """One line on a training grid: the best finished run at each depth, and what did not train."""
-    done = runs[runs["status"] != "cut"]
     best = []
-    for depth, g in done.groupby("depth"):
-        ok = g[g["status"] == "ok"]
-        if len(ok):
-            r = ok.loc[ok["final_val_bpb"].idxmin()]
-            best.append(f"L = {depth} {r['scheme']} {r['final_val_bpb']:.3f}")
+    for depth, ok in runs[runs["status"] == "ok"].groupby("depth"):
+        r = ok.loc[ok["final_val_bpb"].idxmin()]
+        best.append(f"L = {depth} {r['scheme']} {r['final_val_bpb']:.3f}")
     bad = [f"{r.scheme} L = {r.depth} {r.status}" for r in runs.itertuples() if r.status != "ok"]
     return (f"{name}: best final validation loss (bits/byte) " + (", ".join(best) or "none finished")
             + ("; not ok: " + ", ".join(bad) if bad else "; every run ok") + ".")
