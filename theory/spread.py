@@ -27,9 +27,14 @@ derivations; docs/theory.md#the-spread-across-initializations):
   through it is scaled by the same realized 1/√Q;
 - the embedding samples d coordinates of each byte's vector: relative variance 2·tr(K₀²)/(d·tr(K₀)²).
 
+- per token: each of these noises also makes the tokens' powers differ from one another, and a
+  norm divides each token by its own; theory/token_spread.py carries that part (the "tokens"
+  noise), the stream's and the gradient's per-token deviations from block to block.
+
 Left out (second order, or not derived): fluctuations of the token cosines carried into later
-maps, the heads' attention-pattern sampling, and the score path's own noise. Blocks are
-independent, so variances of logs add along the stack with the forms' shared terms.
+maps, and the score path's own noise. Blocks are independent but for the noises they share (the
+stream's realized power and, per token, its deviations), so variances of logs add along the
+stack with the forms' shared terms.
 
 The predicted median of a positive statistic X with mean-field mean m is m·exp(−Var(ln X)/2) (a
 log-normal of that mean), so the typical value lies below the mean by the same O(L/d).
@@ -49,6 +54,8 @@ from theory import positional as P
 from theory.schemes import get_scheme
 from theory.solve import TheoryConfig, check_correlations
 from theory.tape import Node, walk_backward
+from theory.token_spread import (TokenForm, chain, deviation, factor, injection, projection_cov,
+                                 shares)
 
 
 # --- first-order fluctuations: linear forms over independent unit noises ------------------------
@@ -72,7 +79,8 @@ class Form(dict):
         return float(sum(v * v for v in self.values()))
 
 
-NOISES = ("projections", "units", "patterns", "cross", "embedding")  # the kinds of noise, each can be left out
+# the kinds of noise, each can be left out; "tokens": their per-token parts (theory/token_spread.py)
+NOISES = ("projections", "units", "patterns", "cross", "embedding", "tokens")
 
 
 class Noises:
@@ -178,9 +186,20 @@ def ffn_unit_noise(kind: str, S: np.ndarray, Gamma: np.ndarray | None, n_units: 
 PATTERN_DRAWS = 128  # sampled heads per attention call (fixed seed): the variance to ~13 %
 
 
+_LAST_PATTERNS: dict[tuple, np.ndarray] = {}  # the last call's draws: forward and backward, scalar and per token, read the same heads
+
+
 def _patterns(S: np.ndarray, head_dim: int, sigma: float, kind: str, seed: int) -> np.ndarray:
     """PATTERN_DRAWS heads' attention matrices for tokens of covariance S: logits a_s·b_i/√d_h
     with a, b Gaussian of token covariance σ²S per coordinate (the model's q·k/√d_h at init)."""
+    key = (S.tobytes(), head_dim, sigma, kind, seed)
+    if key not in _LAST_PATTERNS:
+        _LAST_PATTERNS.clear()
+        _LAST_PATTERNS[key] = _draw_patterns(S, head_dim, sigma, kind, seed)
+    return _LAST_PATTERNS[key]
+
+
+def _draw_patterns(S: np.ndarray, head_dim: int, sigma: float, kind: str, seed: int) -> np.ndarray:
     w, V = np.linalg.eigh(S)
     # the symmetric root: unlike V·√w it does not depend on which eigenvector basis (signs,
     # rotations within repeated eigenvalues) the LAPACK build returns, so the seeded draws below
@@ -217,27 +236,71 @@ def pattern_noise(S: np.ndarray, Gamma: np.ndarray | None, *, heads: int, head_d
     return var_f, var_b, cov
 
 
+def pattern_token_cov(S: np.ndarray, *, heads: int, head_dim: int, sigma: float = 1.0,
+                      kind: str = "causal", seed: int = 0) -> np.ndarray:
+    """Per-token covariance of the relative fluctuation of attention's output powers
+    diag(P S Pᵀ) from averaging ``heads`` random patterns (pattern_noise's draws)."""
+    P = _patterns(S, head_dim, sigma, kind, seed)
+    fwd = ((P @ S) * P).sum(axis=2)  # diag(P S Pᵀ) per draw
+    rel = fwd / fwd.mean(axis=0)
+    return np.atleast_2d(np.cov(rel, rowvar=False)) / heads
+
+
+def unit_token_cov(kind: str, S: np.ndarray, n_units: int) -> np.ndarray:
+    """Per-token covariance of the relative fluctuation of the FFN's output powers from
+    sampling n_units hidden units (S: the pre-activation token covariance)."""
+    m = unit_moments(kind, round(float(np.mean(np.diag(S))), 4))
+    f2 = float(m["f2"])
+    return (_pairs(m["ff"], S) - f2 ** 2) / (n_units * f2 ** 2)
+
+
+def pattern_token_cov_backward(S: np.ndarray, Gamma: np.ndarray, *, heads: int, head_dim: int,
+                               sigma: float = 1.0, kind: str = "causal", seed: int = 0) -> np.ndarray:
+    """Per-token covariance of the relative fluctuation of the value path's gradient powers
+    diag(Pᵀ Γ P) from averaging ``heads`` random patterns (the forward's draws)."""
+    P = _patterns(S, head_dim, sigma, kind, seed)
+    bwd = ((Gamma @ P) * P).sum(axis=1)  # diag(Pᵀ Γ P) per draw
+    mean = np.where(bwd.mean(axis=0) > 0, bwd.mean(axis=0), 1.0)
+    return np.atleast_2d(np.cov(bwd / mean, rowvar=False)) / heads
+
+
+def unit_token_cov_backward(kind: str, S: np.ndarray, Gamma: np.ndarray, n_units: int) -> np.ndarray:
+    """Per-token covariance of the relative fluctuation of the FFN's input-gradient powers from
+    sampling n_units hidden units (S: pre-activation covariance, Gamma: arriving gradient's)."""
+    m = unit_moments(kind, round(float(np.mean(np.diag(S))), 4))
+    gd = np.diag(Gamma)
+    mean = np.outer(float(m["d2"]) * gd, float(m["d2"]) * gd)
+    second = _pairs(m["dd"], S) * (np.outer(gd, gd) + 2 * Gamma ** 2)
+    return (second - mean) / (n_units * np.where(mean > 0, mean, 1.0))
+
+
 # --- the block run with fluctuations ---------------------------------------------------------------
 
 class Amp:
-    """A gradient amplitude per token with its relative fluctuation (walk_backward's algebra)."""
+    """A gradient amplitude per token with its relative fluctuation: the token mean's (``rel``)
+    and the per-token deviation (``tok``) (walk_backward's algebra)."""
 
-    __slots__ = ("a", "rel")
+    __slots__ = ("a", "rel", "tok")
 
-    def __init__(self, a: Any, rel: Form):
-        self.a, self.rel = a, rel
+    def __init__(self, a: Any, rel: Form, tok: TokenForm | None = None):
+        self.a, self.rel, self.tok = a, rel, TokenForm() if tok is None else tok
 
     def __add__(self, other: "Amp") -> "Amp":
         a = self.a + other.a
         w = float(np.mean(np.abs(self.a))), float(np.mean(np.abs(other.a)))
         tot = w[0] + w[1]
         rel = self.rel.times(w[0] / tot).plus(other.rel, w[1] / tot) if tot > 0 else Form()
-        return Amp(a, rel)
+        tok = TokenForm()
+        if self.tok or other.tok:  # per token, each path's share of the amplitude
+            x, y = np.abs(np.broadcast_to(self.a, np.shape(a))), np.abs(np.broadcast_to(other.a, np.shape(a)))
+            t = np.where(x + y > 0, x + y, 1.0)
+            tok = self.tok.times(x / t).plus(other.tok, y / t)
+        return Amp(a, rel, tok)
 
     def __mul__(self, c: Any) -> "Amp":
         if isinstance(c, Amp):
-            return Amp(self.a * c.a, self.rel.plus(c.rel))
-        return Amp(self.a * c, self.rel)
+            return Amp(self.a * c.a, self.rel.plus(c.rel), self.tok.plus(c.tok))
+        return Amp(self.a * c, self.rel, self.tok)
 
     __rmul__ = __mul__
 
@@ -258,7 +321,7 @@ class _Ctx(P._Ctx):
     """positional._Ctx that also records each value's and source's first-order fluctuation."""
 
     def __init__(self, st: P.Setting, cov_in: np.ndarray, stream: Form, noises: Noises,
-                 hidden: int, heads: int):
+                 hidden: int, heads: int, stream_tokens: bool = True):
         super().__init__(st, cov_in)
         self.noises, self.hidden, self.heads = noises, hidden, heads
         self.src_log: list[Form] = [stream]  # δ ln (power) of each source
@@ -266,6 +329,14 @@ class _Ctx(P._Ctx):
         self.agg: tuple[float, Form] | None = None  # the last norm's input: (Q, δQ/Q)
         self.cross_ids: dict[tuple, Form] = {}  # one realized inner product per pair of sources
         self.gains: dict[str, Any] = {}  # the sublayer call being emitted: its gains
+        # the per-token channel (theory/token_spread.py): each source's per-token deviation of
+        # δ ln(power), each node's of its coefficients; the block input's is ε_in ("in")
+        self.tokens = "tokens" in noises.kinds
+        self.tok_src: list[TokenForm] = [TokenForm({"in": np.eye(self.T)}) if stream_tokens
+                                         else TokenForm()]
+        self.tok_rel: dict[int, dict[int, TokenForm]] = {0: {0: TokenForm()}}
+        self.tok_cross: dict[tuple, np.ndarray] = {}
+        self.agg_tok: tuple[TokenForm, np.ndarray] | None = None  # the last norm's input
 
     def power(self, v: P._Value) -> tuple[float, Form]:
         """Token-mean power of a value and its relative fluctuation δQ/Q."""
@@ -281,6 +352,29 @@ class _Ctx(P._Ctx):
                 (i, a, Ki), (j, b, Kj) = parts[x], parts[y]
                 dQ = dQ.plus(self._cross(("f", i, j), cross_sd(a, Ki, b, Kj, self.st.width)), 2.0)
         return Q, dQ.times(1.0 / Q)
+
+    def power_tok(self, v: P._Value) -> TokenForm:
+        """The per-token deviation of a value's δ ln(power) per token."""
+        if not self.tokens:
+            return TokenForm()
+        rel = self.tok_rel[v.node]
+        parts = [(i, a, self.sources[i]) for i, a in v.terms.items()]
+        q = sum(a * a * np.diag(K) for _, a, K in parts)
+        q = np.where(q > 0, q, 1.0)
+        out = TokenForm()
+        for i, a, K in parts:
+            out = out.plus(self.tok_src[i].plus(rel[i], 2.0), a * a * np.diag(K) / q)
+        for x in range(len(parts)):
+            for y in range(x + 1, len(parts)):
+                (i, a, Ki), (j, b, Kj) = parts[x], parts[y]
+                key = ("x", i, j)
+                if "cross" not in self.noises.kinds:
+                    continue
+                if key not in self.tok_cross:  # the pair's realized inner product per token
+                    self.tok_cross[key] = factor(Ki * Kj / self.st.width)
+                M = (2 * a * b / q)[:, None] * self.tok_cross[key]
+                out = out.plus(TokenForm({key: deviation(M, q / q.sum())}))
+        return out
 
     def _cross(self, key: tuple, sd: float) -> Form:
         """The realized inner product of a pair of sources, whichever value holds both."""
@@ -299,17 +393,31 @@ class _Ctx(P._Ctx):
                     f = f.plus(self.rel[v.node][i], abs(c) * float(np.mean(np.abs(v.terms[i]))) / wsum)
             rel[i] = f
         self.rel[out.node] = rel
+        if self.tokens:  # the same, token by token
+            tok: dict[int, TokenForm] = {}
+            for i in out.terms.keys():
+                wts = [(v, abs(c) * np.abs(v.terms[i])) for v, c in parts if i in v.terms]
+                wsum = sum(w for _, w in wts)
+                wsum = np.where(wsum > 0, wsum, 1.0)
+                f = TokenForm()
+                for v, w in wts:
+                    f = f.plus(self.tok_rel[v.node][i], w / wsum)
+                tok[i] = f
+            self.tok_rel[out.node] = tok
         return out
 
     def norm(self, v: P._Value, *, lr: Any = 1) -> P._Value:
         Q, dQ = self.power(v)
-        self.agg = (Q, dQ)
+        dq = self.power_tok(v)
+        self.agg, self.agg_tok = (Q, dQ), (dq, self.cov(v))
         out = super().norm(v, lr=lr)
         node = self.nodes[out.node]
         parent, scale = node.parents[0]
-        # the gradient through the norm is scaled by the same realized 1/√Q
-        node.parents[0] = (parent, Amp(scale, dQ.times(-0.5)))
+        # the gradient through the norm is scaled by the same realized 1/√Q, token by token
+        node.parents[0] = (parent, Amp(scale, dQ.times(-0.5), dq.times(-0.5)))
         self.rel[out.node] = {i: self.rel[v.node][i].plus(dQ, -0.5) for i in v.terms}
+        if self.tokens:
+            self.tok_rel[out.node] = {i: self.tok_rel[v.node][i].plus(dq, -0.5) for i in v.terms}
         return out
 
     def _emit(self, kind: str, v: P._Value, K: np.ndarray, backward: Callable) -> P._Value:
@@ -335,6 +443,22 @@ class _Ctx(P._Ctx):
         out = super()._emit(kind, v, K, backward)
         self.src_log.append(own.plus(dQin, sens))
         self.rel[out.node] = {len(self.sources) - 1: Form()}
+        if self.tokens:  # the same noises' per-token deviations (an input's own are left out)
+            if kind == "attn":
+                parts = {"patterns": lambda: pattern_token_cov(
+                             S, heads=self.heads, head_dim=d // self.heads, sigma=self.st.sigma,
+                             kind=self.st.attention, seed=seed),
+                         "projections": lambda: 2 * projection_cov(K, d)}
+            else:
+                parts = {"units": lambda: unit_token_cov(self.st.ffn, self._preact(S), self.hidden),
+                         "projections": lambda: projection_cov(K, d)}
+            tok = TokenForm()
+            for noise, cov in parts.items():
+                if noise in self.noises.kinds:
+                    self.noises.count += 1
+                    tok[("t", self.noises.count)] = injection(cov(), K)
+            self.tok_src.append(tok)
+            self.tok_rel[out.node] = {len(self.sources) - 1: TokenForm()}
         pre = self._preact(S) if kind == "ffn" else S
         self.nodes[out.node].sub["spread"] = _Sub(kind, S, pre, unit, seed)
         return out
@@ -365,13 +489,31 @@ def _log_slope(fn: Callable[[float], float], at_one: float, h: float = 1e-3) -> 
     return (math.log(fn(1 + h)) - math.log(at_one)) / math.log(1 + h) if at_one > 0 else 0.0
 
 
-def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form) -> tuple[np.ndarray, Form]:
-    """Gradient covariance at the block input and its relative power fluctuation."""
+def _token_jacobian(backward: Callable, G: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """J[s, t] = ∂ ln src_ss / ∂δ_t: how a sublayer's backward map (linear in G) passes a
+    relative fluctuation δ_t of the arriving gradient power at token t (G → DGD, D = 1 + δ/2)."""
+    T = G.shape[0]
+    J = np.zeros((T, T))
+    dg = np.where(np.diag(src) > 0, np.diag(src), 1.0)
+    for t in range(T):
+        dG = np.zeros((T, T))
+        dG[t, :] += G[t, :] / 2
+        dG[:, t] += G[:, t] / 2
+        J[:, t] = np.diag(backward(dG)) / dg
+    return J
+
+
+def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form
+              ) -> tuple[np.ndarray, Form, TokenForm]:
+    """Gradient covariance at the block input, its relative power fluctuation, and that
+    power's per-token deviation (token_spread: keys "gin" for the gradient arriving at the block
+    output, "in" for the stream's, and the block's own noises)."""
     gsrc: list[np.ndarray] = [grad_out]
     glog: list[Form] = [top]
+    gtok: list[TokenForm] = [TokenForm({"gin": np.eye(ctx.T)}) if ctx.tokens else TokenForm()]
     d = ctx.st.width
 
-    def power(amps: dict[int, Amp]) -> tuple[np.ndarray, Form]:
+    def power(amps: dict[int, Amp]) -> tuple[np.ndarray, Form, TokenForm]:
         total = np.zeros((ctx.T, ctx.T))
         parts = []
         for j, a in amps.items():
@@ -379,19 +521,28 @@ def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form) -> tupl
             total += M
             parts.append((j, a))
         G = float(np.mean(np.diag(total)))
-        dG = Form()
+        per = np.where(np.diag(total) > 0, np.diag(total), 1.0)
+        dG, dtok = Form(), TokenForm()
         for j, a in parts:
-            share = float(np.mean(a.a * a.a * np.diag(gsrc[j])))
-            dG = dG.plus(glog[j].plus(a.rel, 2.0), share)
+            per_token = np.broadcast_to(a.a * a.a * np.diag(gsrc[j]), (ctx.T,))
+            dG = dG.plus(glog[j].plus(a.rel, 2.0), float(np.mean(per_token)))
+            if ctx.tokens:
+                dtok = dtok.plus(gtok[j].plus(a.tok, 2.0), per_token / per)
         for x in range(len(parts)):
             for y in range(x + 1, len(parts)):
                 (j, a), (k, b) = parts[x], parts[y]
                 sd = cross_sd(a.a, gsrc[j], b.a, gsrc[k], d)
                 dG = dG.plus(ctx._cross(("b", j, k), sd), 2.0)
-        return total, dG.times(1.0 / G) if G > 0 else Form()
+                if ctx.tokens and "cross" in ctx.noises.kinds:  # per token, as forward
+                    key = ("bx", j, k)
+                    if key not in ctx.tok_cross:
+                        ctx.tok_cross[key] = factor(gsrc[j] * gsrc[k] / d)
+                    M = (2 * np.broadcast_to(a.a * b.a, (ctx.T,)) / per)[:, None] * ctx.tok_cross[key]
+                    dtok = dtok.plus(TokenForm({key: deviation(M, per / per.sum())}))
+        return total, dG.times(1.0 / G) if G > 0 else Form(), dtok
 
-    def sublayer(node: Node, arriving: tuple[np.ndarray, Form]) -> int:
-        Gm, dG = arriving
+    def sublayer(node: Node, arriving: tuple[np.ndarray, Form, TokenForm]) -> int:
+        Gm, dG, dtok = arriving
         src = node.sub["backward"](Gm)
         sub = node.sub["spread"]
         if sub.kind == "attn":  # the same heads' patterns; output and value projections' transposes
@@ -409,10 +560,26 @@ def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form) -> tupl
             ctx.noises.new(math.sqrt(n_proj * sampling_var(src, d)), "projections"))
         gsrc.append(src)
         glog.append(dG.plus(own))
+        if ctx.tokens:  # the arriving deviation carried through the map, and the map's own
+            J = _token_jacobian(node.sub["backward"], Gm, src)
+            tok = TokenForm({k: J @ M for k, M in dtok.items()})
+            parts = {"projections": lambda: n_proj * projection_cov(src, d)}
+            if sub.kind == "attn":
+                parts[kind] = lambda: pattern_token_cov_backward(
+                    sub.S, Gm, heads=ctx.heads, head_dim=d // ctx.heads, sigma=ctx.st.sigma,
+                    kind=ctx.st.attention, seed=sub.seed)
+            else:
+                parts[kind] = lambda: unit_token_cov_backward(ctx.st.ffn, sub.pre, Gm, ctx.hidden)
+            for noise, cov_fn in parts.items():
+                if noise in ctx.noises.kinds:
+                    ctx.noises.count += 1
+                    tok[("t", ctx.noises.count)] = injection(cov_fn(), src)
+            gtok.append(tok)
+        else:
+            gtok.append(TokenForm())
         return len(gsrc) - 1
 
-    total, dG = walk_backward(ctx.nodes, out.node, Amp(np.ones(ctx.T), Form()), power, sublayer)
-    return total, dG
+    return walk_backward(ctx.nodes, out.node, Amp(np.ones(ctx.T), Form()), power, sublayer)
 
 
 # --- the profile -----------------------------------------------------------------------------------
@@ -442,24 +609,31 @@ def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | 
     check_correlations(rho0, rho_g, T)
     st = P.Setting(int(cfg.width), T, float(cfg.sigma), cfg.ffn, cfg.norm, 0, 2, cfg.attention)
     hidden = int(hidden or 4 * cfg.width)
-    cov = P.embedding_covariance(T, cfg.embed_std ** 2 if q0 is None else q0, rho0, cov0)
+    cov = cov_embed = P.embedding_covariance(T, cfg.embed_std ** 2 if q0 is None else q0, rho0, cov0)
     noises = Noises(tuple(noises))
     stream = noises.new(math.sqrt(sampling_var(cov, st.width)), "embedding")  # d coordinates
     out = {k: np.full(L + 1, np.nan) for k in ("q", "g", *SPREAD_KEYS)}
     out["q"][0], out["var_ln_q"][0] = float(np.mean(np.diag(cov))), stream.var()
-    blocks = []
+    blocks, tok_blocks, normed = [], [], False
     for l in range(1, L + 1):
-        ctx = _Ctx(st, cov, stream, noises, hidden, int(cfg.heads))
+        ctx = _Ctx(st, cov, stream, noises, hidden, int(cfg.heads), stream_tokens=not normed)
         res_out = s.block(P._Value(ctx, {0: np.ones(T)}, 0), ctx, l=l, L=L, **params)
         cov = ctx.cov(res_out)
-        if ctx.nodes[res_out.node].kind == "norm":
+        normed = ctx.nodes[res_out.node].kind == "norm"
+        if normed:
             stream = Form()  # normalized: every token's realized power is exactly its mean
             Qa, dQa = ctx.agg
             out["q"][l], out["var_ln_q"][l] = Qa, dQa.var()
+            passed, (dq, Sa) = TokenForm(), ctx.agg_tok
+            stat = dq.contract(shares(Sa))
         else:
             Q, stream = ctx.power(res_out)
             out["q"][l], out["var_ln_q"][l] = Q, stream.var()
+            passed = ctx.power_tok(res_out)
+            stat = passed.contract(shares(cov))
+        ctx.tok_rel = {}  # the backward needs only the norms' amplitudes, kept on the tape
         blocks.append((ctx, res_out))
+        tok_blocks.append({"M": passed, "q": stat})
     grad = ((1 - rho_g) * np.eye(T) + rho_g * np.ones((T, T)) if grad_top is None
             else P._square(grad_top, T, "grad_top"))
     top = float(np.mean(np.diag(grad)))
@@ -467,10 +641,18 @@ def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | 
     out["g"][L], out["var_ln_g"][L] = 1.0, 0.0
     for l in range(L, 0, -1):
         ctx, res_out = blocks[l - 1]
-        grad, rel = _backward(ctx, res_out, grad, dG)
+        tok_blocks[l - 1]["w_out"] = shares(grad)
+        grad, rel, tok_blocks[l - 1]["G"] = _backward(ctx, res_out, grad, dG)
+        tok_blocks[l - 1]["w_in"] = shares(grad)
         out["var_ln_block"][l] = rel.plus(dG, -1.0).var()
         dG = rel
         out["g"][l - 1], out["var_ln_g"][l - 1] = float(np.mean(np.diag(grad))) / top, dG.var()
+    if "tokens" in noises.kinds:  # the per-token channel, independent of the token mean's
+        embed = (injection(projection_cov(cov_embed, st.width), cov_embed)
+                 if "embedding" in noises.kinds else np.zeros((T, 1)))
+        for key, extra in chain(tok_blocks, embed).items():
+            first = 1 if key == "var_ln_block" else 0  # no block 0
+            out[key][first:] += extra[first:]
     return out
 
 

@@ -52,7 +52,9 @@ STUDIES = {
                              "alone (`tools/spread_by_attention.py`); and `by_layer/`: each "
                              "block's own gradient factor per seed, for pre, post and span, and "
                              "the split of the spread into the blocks' own variances and their "
-                             "covariances (`tools/spread_by_layer.py`). "
+                             "covariances (`tools/spread_by_layer.py`); and `by_token.csv`: "
+                             "which stream power each block's gradient factor follows, each "
+                             "token's or their mean (`tools/spread_by_token.py`). "
                              "See [Theory](../../theory.md#the-spread-across-initializations).",
     "init-w256-mixln-lns16": "Mix-LN and LNS at width 256, L = 2 … 256, 16 seeds: the grid's "
                              "targets met where they can be resolved. See [Initialization](../../init.md).",

@@ -3,10 +3,13 @@
 Why: at width 256 the spread theory under-predicts PreNorm's sd of log10 g_0/g_L by 15-30 %
 (docs/theory.md). If the missing noise were the heads' softmax patterns, uniform attention (no
 patterns) would close the gap; it widens it instead. Each configuration measures ``--seeds`` seeds
-on the spread study's fixed sequence and predicts with every noise kind, then with each alone.
+on the spread study's fixed sequence and predicts with every noise kind, with the token means'
+noises alone (no per-token channel), then with each kind alone (its per-token part included).
 
     python tools/spread_by_attention.py --depth 64 --seeds 32 --out results/init-spread-attention/by_attention.csv \
         256:4:causal 256:1:causal 256:4:uniform 64:1:uniform 1024:16:causal
+
+``--predict-only`` keeps the measurements already in ``--out`` and predicts them again.
 """
 
 from __future__ import annotations
@@ -32,27 +35,36 @@ def sd_log10(var_ln: float) -> float:
     return math.sqrt(var_ln) / math.log(10)
 
 
-def study(width: int, heads: int, attention: str, depth: int, seeds: int, x: torch.Tensor,
-          y: torch.Tensor) -> dict:
-    """One configuration: measured and predicted sd of log10 g_0/g_L and of log10 q_L."""
-    cov0, grad_top = text_covariances(x, y, 1.0)
+def measure(width: int, heads: int, attention: str, depth: int, seeds: int, x: torch.Tensor,
+            y: torch.Tensor) -> dict:
+    """One configuration: the measured sd of log10 g_0/g_L and of log10 q_L."""
     cfg = ModelConfig(scheme="pre", depth=depth, width=width, heads=heads, max_seq_len=SEQ_LEN,
                       attention=attention)
     measured = measure_point(cfg, list(range(seeds)), x, y)
     g, q = measured["log10_g0_over_gL"].to_numpy(), measured["log10_q_L"].to_numpy()
-    kw = dict(depth=depth, seq_len=SEQ_LEN, width=width, heads=heads, attention=attention,
-              cov0=cov0, grad_top=grad_top)
-    pred = predict_spread("pre", **kw)
     sd_g = float(np.std(g, ddof=1))
-    row = dict(width=width, heads=heads, attention=attention, depth=depth, seeds=len(g),
-               measured_sd=sd_g, measured_sd_se=sd_g / math.sqrt(2 * (len(g) - 1)),
-               predicted_sd=sd_log10(pred["var_ln_g"][0]),
-               q_measured_sd=float(np.std(q, ddof=1)), q_predicted_sd=sd_log10(pred["var_ln_q"][depth]))
-    row["ratio"] = row["predicted_sd"] / sd_g
-    row["q_ratio"] = row["q_predicted_sd"] / row["q_measured_sd"]
-    for kind in NOISES:  # each noise kind alone: its share of the predicted spread
-        row[f"only_{kind}"] = sd_log10(predict_spread("pre", noises=(kind,), **kw)["var_ln_g"][0])
-    return row
+    return dict(width=width, heads=heads, attention=attention, depth=depth, seeds=len(g),
+                measured_sd=sd_g, measured_sd_se=sd_g / math.sqrt(2 * (len(g) - 1)),
+                q_measured_sd=float(np.std(q, ddof=1)))
+
+
+def predict(row: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The row with the theory's sd: every noise, the token means' alone (no per-token channel),
+    and each kind alone with its per-token part."""
+    cov0, grad_top = text_covariances(x, y, 1.0)
+    depth = int(row["depth"])
+    kw = dict(depth=depth, seq_len=SEQ_LEN, width=int(row["width"]), heads=int(row["heads"]),
+              attention=row["attention"], cov0=cov0, grad_top=grad_top)
+    pred = predict_spread("pre", **kw)
+    out = dict(row, predicted_sd=sd_log10(pred["var_ln_g"][0]),
+               q_predicted_sd=sd_log10(pred["var_ln_q"][depth]))
+    out["ratio"] = out["predicted_sd"] / out["measured_sd"]
+    out["q_ratio"] = out["q_predicted_sd"] / out["q_measured_sd"]
+    kinds = [k for k in NOISES if k != "tokens"]
+    out["token_means_only"] = sd_log10(predict_spread("pre", noises=tuple(kinds), **kw)["var_ln_g"][0])
+    for kind in kinds:  # each noise kind alone: its share of the predicted spread
+        out[f"only_{kind}"] = sd_log10(predict_spread("pre", noises=(kind, "tokens"), **kw)["var_ln_g"][0])
+    return out
 
 
 def main() -> None:
@@ -61,14 +73,22 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=64)
     p.add_argument("--seeds", type=int, default=32)
     p.add_argument("--out", required=True, help="CSV to write (rows are appended as they finish)")
+    p.add_argument("--predict-only", action="store_true",
+                   help="keep the measurements already in --out, predict them again")
     args = p.parse_args()
     x, y = study_sequence(load_corpus(None), SEQ_LEN)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if args.predict_only:
+        for r in pd.read_csv(out).to_dict("records"):
+            done[f"{r['width']}:{r['heads']}:{r['attention']}"] = r
     rows = []
     for spec in args.configs:
         width, heads, attention = spec.split(":")
-        rows.append(study(int(width), int(heads), attention, args.depth, args.seeds, x, y))
+        measured = done.get(spec) or measure(int(width), int(heads), attention, args.depth,
+                                             args.seeds, x, y)
+        rows.append(predict(measured, x, y))
         pd.DataFrame(rows).to_csv(out, index=False)
         r = rows[-1]
         print(f"{spec}: measured {r['measured_sd']:.3f} ± {r['measured_sd_se']:.3f}, predicted "

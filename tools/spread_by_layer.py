@@ -31,7 +31,7 @@ from analysis.init.spread import SpreadConfig, probed_at_init, study_sequence, t
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig
 from probes import point_name
-from theory.spread import predict_spread
+from theory.spread import NOISES, predict_spread
 
 
 def per_layer(cfg: ModelConfig, seeds: list[int], x: torch.Tensor, y: torch.Tensor) -> pd.DataFrame:
@@ -123,11 +123,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     cov0, grad_top = text_covariances(x, y, cfg.embed_std)
-    pred = predict_spread(args.scheme, depth=args.depth, seq_len=study.seq_len, width=args.width,
-                          heads=cfg.heads, cov0=cov0, grad_top=grad_top)
     r = decompose(frame)
-    r["predicted_sd"] = math.sqrt(pred["var_ln_g"][0]) / math.log(10)
-    r["predicted_independent_sd"] = math.sqrt(np.nansum(pred["var_ln_block"][1:])) / math.log(10)
+    for suffix, noises in (("", NOISES), ("_token_means", tuple(k for k in NOISES if k != "tokens"))):
+        pred = predict_spread(args.scheme, depth=args.depth, seq_len=study.seq_len, width=args.width,
+                              heads=cfg.heads, cov0=cov0, grad_top=grad_top, noises=noises)
+        r[f"predicted_sd{suffix}"] = math.sqrt(pred["var_ln_g"][0]) / math.log(10)
+        r[f"predicted_independent_sd{suffix}"] = math.sqrt(np.nansum(pred["var_ln_block"][1:])) / math.log(10)
     if args.embedding_draws:
         r["embedding_draws_sd"] = embedding_draws_sd(args.scheme, cfg, x, grad_top, args.embedding_draws)
     for k, v in r.items():
