@@ -97,6 +97,14 @@ class Noises:
         self.count += 1
         return Form({self.count: float(sd)}) if sd > 0 and kind in self.kinds else Form()
 
+    def token_key(self, kind: str) -> tuple | None:
+        """A fresh key for the per-token part of a noise of ``kind`` (None if it or the per-token
+        channel is switched off)."""
+        if not {kind, "tokens"} <= self.kinds:
+            return None
+        self.count += 1
+        return ("t", self.count)
+
 
 def _ratio(K: np.ndarray) -> float:
     """tr(K²)/tr(K)²: the inverse participation of a token covariance (1/T when tokens are
@@ -364,12 +372,11 @@ class _Ctx(P._Ctx):
         out = TokenForm()
         for i, a, K in parts:
             out = out.plus(self.tok_src[i].plus(rel[i], 2.0), a * a * np.diag(K) / q)
-        for x in range(len(parts)):
+        pairs = range(len(parts)) if "cross" in self.noises.kinds else range(0)
+        for x in pairs:
             for y in range(x + 1, len(parts)):
                 (i, a, Ki), (j, b, Kj) = parts[x], parts[y]
                 key = ("x", i, j)
-                if "cross" not in self.noises.kinds:
-                    continue
                 if key not in self.tok_cross:  # the pair's realized inner product per token
                     self.tok_cross[key] = factor(Ki * Kj / self.st.width)
                 M = (2 * a * b / q)[:, None] * self.tok_cross[key]
@@ -454,9 +461,9 @@ class _Ctx(P._Ctx):
                          "projections": lambda: projection_cov(K, d)}
             tok = TokenForm()
             for noise, cov in parts.items():
-                if noise in self.noises.kinds:
-                    self.noises.count += 1
-                    tok[("t", self.noises.count)] = injection(cov(), K)
+                key = self.noises.token_key(noise)
+                if key is not None:
+                    tok[key] = injection(cov(), K)
             self.tok_src.append(tok)
             self.tok_rel[out.node] = {len(self.sources) - 1: TokenForm()}
         pre = self._preact(S) if kind == "ffn" else S
@@ -571,9 +578,9 @@ def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form
             else:
                 parts[kind] = lambda: unit_token_cov_backward(ctx.st.ffn, sub.pre, Gm, ctx.hidden)
             for noise, cov_fn in parts.items():
-                if noise in ctx.noises.kinds:
-                    ctx.noises.count += 1
-                    tok[("t", ctx.noises.count)] = injection(cov_fn(), src)
+                key = ctx.noises.token_key(noise)
+                if key is not None:
+                    tok[key] = injection(cov_fn(), src)
             gtok.append(tok)
         else:
             gtok.append(TokenForm())
