@@ -58,6 +58,9 @@ STUDIES = {
                              "See [Theory](../../theory.md#the-spread-across-initializations).",
     "init-w256-mixln-lns16": "Mix-LN and LNS at width 256, L = 2 … 256, 16 seeds: the grid's "
                              "targets met where they can be resolved. See [Initialization](../../init.md).",
+    "init-w256-all16": "All eight schemes at width 256, L = 2 … 256, 16 seeds: every target of "
+                       "the position-resolved theory that 16 seeds can resolve is met. "
+                       "See [Initialization](../../init.md).",
     "init-w256-deep16": "g_0/g_L of pre and peri at L = 512 and 1024, width 256, 16 seeds "
                         "(the per-seed values; the profiles are not committed). "
                         "See [Initialization](../../init.md).",
