@@ -61,6 +61,10 @@ STUDIES = {
     "init-w256-all16": "All eight schemes at width 256, L = 2 … 256, 16 seeds: every target of "
                        "the position-resolved theory that 16 seeds can resolve is met. "
                        "See [Initialization](../../init.md).",
+    "init-inputs": "g_0/g_L of pre and peri at L = 2, 64, 512 on one sequence, 16 seeds, against "
+                   "the mean field from the sequence's exact covariances and from the grid's "
+                   "uniform summary of them (`tools/grad_ratio_by_inputs.py`). "
+                   "See [Initialization](../../init.md).",
     "init-w256-deep16": "g_0/g_L of pre and peri at L = 512 and 1024, width 256, 16 seeds "
                         "(the per-seed values; the profiles are not committed). "
                         "See [Initialization](../../init.md).",
