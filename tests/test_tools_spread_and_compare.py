@@ -60,3 +60,30 @@ def test_compare_diagnoses_gives_relative_differences_and_verdicts(tmp_path):
     assert rows.loc["second_moment", "max_rel_diff"] == pytest.approx(0.01)
     assert rows.loc["second_moment", "max_diff_in_se"] == pytest.approx(0.02 / np.hypot(0.1, 0.1))
     assert rows.loc["token_cosine", "max_rel_diff"] == 0
+
+
+def test_by_token_correlations_tell_the_gradient_weighted_power_from_the_token_mean():
+    """Block factors that follow exactly the first token's stream power, where the gradient sits:
+    the gradient-weighted correlation is −1, the token mean's much weaker."""
+    correlations = tool("spread_by_token").correlations
+    rng = np.random.default_rng(2)
+    seeds, L, T = 400, 3, 8
+    Q = np.exp(0.1 * rng.standard_normal((seeds, L + 1, T)))
+    G = np.ones((seeds, L + 1, T))
+    G[:, :, 0] = 1e6  # all the gradient on the first token
+    for l in range(L, 0, -1):  # ln g_{l-1} − ln g_l = −ln q_{l-1, first token}
+        G[:, l - 1] = G[:, l] * np.exp(-np.log(Q[:, l - 1, 0]))[:, None]
+    table = correlations(Q, G)
+    assert (table.corr_gradient_weighted < -0.99).all()
+    assert (table.corr_token_mean.abs() < 0.6).all()
+    assert (table.first_token_share > 0.99).all()
+
+
+def test_grad_ratio_by_inputs_measures_and_predicts_one_point():
+    """One tiny point: the measured mean and its error from the seeds, and both predictions'
+    ratios consistent with them."""
+    r = tool("grad_ratio_by_inputs").point("pre", 1, 32, 3)
+    assert r["seeds"] == 3 and r["measured_mean_se"] > 0
+    assert r["ratio_exact"] == pytest.approx(10 ** (r["measured_mean"] - r["exact_inputs"]))
+    assert r["ratio_uniform"] == pytest.approx(10 ** (r["measured_mean"] - r["uniform_inputs"]))
+    assert 0.3 < r["ratio_exact"] < 3  # the mean field at one block: the right size
