@@ -1,4 +1,5 @@
-"""Speed figures of the theory side: deriving every scheme, evaluating a recurrence to 10^4."""
+"""Speed figures of the theory side: deriving every scheme, evaluating a recurrence to 10^4,
+the position-resolved profile and the spread across initializations."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from theory import interpreter as I
 from theory import solve as S
 from theory.positional import predict_positional
 from theory.schemes import SCHEMES
+from theory.spread import NOISES, predict_spread
 
 
 def _times(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -52,6 +54,9 @@ def run(args: argparse.Namespace | None = None) -> dict[str, float]:
     closed = _median_time(lambda: S.closed_forms.__wrapped__("pre"), 3)
     positional = _median_time(lambda: predict_positional("post", depth=256, width=512,
                                                          seq_len=128), 3)
+    spread = {name: _median_time(lambda n=noises: predict_spread(
+        "pre", depth=16, width=256, heads=4, seq_len=64, rho0=0.2, noises=n), 3)
+        for name, noises in (("tokens", NOISES), ("token_means", tuple(k for k in NOISES if k != "tokens")))}
     f = I.compile_recurrence(I.derive("pre"), {"d": 512, "T": 128, "sigma": 1.0}, T_val=128)
 
     def forward_1e4() -> None:
@@ -66,12 +71,15 @@ def run(args: argparse.Namespace | None = None) -> dict[str, float]:
     print(f"  pre block recurrence iterated to depth 10^4:    {fwd:.3f} s")
     print(f"  closed forms of pre (uncached):                 {closed:.3f} s")
     print(f"  position-resolved profile, post, L = 256, T = 128: {positional:.3f} s")
+    print(f"  spread across initializations, pre, L = 16, T = 64, width 256: {spread['tokens']:.3f} s "
+          f"(without the per-token channel {spread['token_means']:.3f} s)")
     print(f"  full profile to depth 10^4 (fwd + bwd), per scheme: median / max of {repeats} "
           "[first call, compiling]:")
     for n, (first, med, worst) in evals.items():
         print(f"    {n:9} {med:.3f} s / {worst:.3f} s  [{first:.3f} s]")
     out = {"derive_all_cold_s": derive_cold, "derive_all_s": derive, "forward_1e4_s": fwd,
-           "closed_pre_s": closed, "positional_post_256_s": positional}
+           "closed_pre_s": closed, "positional_post_256_s": positional,
+           "spread_pre_16_s": spread["tokens"], "spread_pre_16_token_means_s": spread["token_means"]}
     for n, (first, med, worst) in evals.items():
         out.update({f"profile_1e4_{n}_s": med, f"profile_1e4_{n}_max_s": worst,
                     f"profile_1e4_{n}_first_s": first})
