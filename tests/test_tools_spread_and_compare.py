@@ -87,3 +87,21 @@ def test_grad_ratio_by_inputs_measures_and_predicts_one_point():
     assert r["ratio_exact"] == pytest.approx(10 ** (r["measured_mean"] - r["exact_inputs"]))
     assert r["ratio_uniform"] == pytest.approx(10 ** (r["measured_mean"] - r["uniform_inputs"]))
     assert 0.3 < r["ratio_exact"] < 3  # the mean field at one block: the right size
+
+
+def test_attention_key_structure_exact_softmax_agrees_with_the_map_on_exchangeable_keys():
+    """On an exchangeable input the sampled softmax and the positional map agree on the output's
+    token cosine (the map's pattern moments are exact there); exchangeable() keeps the diagonal
+    and the off-diagonal mean."""
+    from theory import positional as P
+    t = tool("attention_key_structure")
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((16, 64))
+    X[8:] = X[:8] + 0.3 * rng.standard_normal((8, 64))  # repeated tokens: a structured input
+    S = X @ X.T / 64
+    S /= np.sqrt(np.outer(np.diag(S), np.diag(S)))
+    Su = t.exchangeable(S)
+    assert np.allclose(np.diag(Su), np.diag(S))
+    assert Su[0, 1] == pytest.approx((S.sum() - np.trace(S)) / (16 * 15))
+    exact = P.mean_cosine(t.exact_softmax(Su, 16, 800, 0))
+    assert exact == pytest.approx(P.mean_cosine(P.attention(Su, sigma=1.0)[0]), abs=0.02)

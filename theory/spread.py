@@ -203,11 +203,15 @@ def _patterns(S: np.ndarray, head_dim: int, sigma: float, kind: str, seed: int) 
     key = (S.tobytes(), head_dim, sigma, kind, seed)
     if key not in _LAST_PATTERNS:
         _LAST_PATTERNS.clear()
-        _LAST_PATTERNS[key] = _draw_patterns(S, head_dim, sigma, kind, seed)
+        _LAST_PATTERNS[key] = sample_patterns(S, head_dim, sigma, kind, seed)
     return _LAST_PATTERNS[key]
 
 
-def _draw_patterns(S: np.ndarray, head_dim: int, sigma: float, kind: str, seed: int) -> np.ndarray:
+def sample_patterns(S: np.ndarray, head_dim: int, sigma: float, kind: str, seed: int,
+                    draws: int = PATTERN_DRAWS) -> np.ndarray:
+    """``draws`` heads' attention matrices (draws × T × T) for tokens of covariance S, from the
+    logits a_s·b_i/√d_h with a, b Gaussian of token covariance σ²S (seeded: the same heads
+    every call)."""
     w, V = np.linalg.eigh(S)
     # the symmetric root: unlike V·√w it does not depend on which eigenvector basis (signs,
     # rotations within repeated eigenvalues) the LAPACK build returns, so the seeded draws below
@@ -215,8 +219,8 @@ def _draw_patterns(S: np.ndarray, head_dim: int, sigma: float, kind: str, seed: 
     root = (V * np.sqrt(np.clip(w, 0.0, None))) @ V.T
     rng = np.random.default_rng(seed)
     T = S.shape[0]
-    a = root @ rng.standard_normal((PATTERN_DRAWS, T, head_dim)) * sigma
-    b = root @ rng.standard_normal((PATTERN_DRAWS, T, head_dim)) * sigma
+    a = root @ rng.standard_normal((draws, T, head_dim)) * sigma
+    b = root @ rng.standard_normal((draws, T, head_dim)) * sigma
     z = a @ b.transpose(0, 2, 1) / math.sqrt(head_dim)
     if kind == "causal":
         z = np.where(np.tril(np.ones((T, T), bool)), z, -np.inf)

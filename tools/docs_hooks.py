@@ -65,6 +65,11 @@ STUDIES = {
                    "the mean field from the sequence's exact covariances and from the grid's "
                    "uniform summary of them (`tools/grad_ratio_by_inputs.py`). "
                    "See [Initialization](../../init.md).",
+    "init-attention-keys": "Block 1's attention output at init, 32 seeds on one sequence: its "
+                           "token cosine measured, from theory/positional.py's map, and from the "
+                           "exact softmax over sampled heads, for the realized input and for it "
+                           "made exchangeable (`tools/attention_key_structure.py`). "
+                           "See [Initialization](../../init.md).",
     "init-w256-deep16": "g_0/g_L of pre and peri at L = 512 and 1024, width 256, 16 seeds "
                         "(the per-seed values; the profiles are not committed). "
                         "See [Initialization](../../init.md).",
