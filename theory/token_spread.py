@@ -15,10 +15,13 @@ uncorrelated with m, hence independent of every noise the token-mean theory coun
 carries ε; the variances of the two channels add. (The token-mean theory applies m to every token
 alike, b ≡ 1; b deviates from 1 where tokens' powers are unequal: left out.)
 
-Inside a block ε is a ``TokenForm``: per key, a T×k matrix mapping that key's k independent unit
-noises to the T tokens' relative fluctuations. The keys are the block's input stream ("in", k = T)
-and the block's own injections. Across blocks the stream's ε_l = M_in·ε_{l−1} + Σ_j M_j·ξ_j, and
-block l's gradient factor gains u_in·ε_{l−1} + Σ_j u_j·ξ_j; ``chain`` composes these exactly.
+Inside a block a deviation is a ``TokenForm``: per key, a T×k matrix mapping that key's k
+independent unit noises to the T tokens' relative fluctuations. The keys are the stream's
+deviation at the block input ("in", k = T), the gradient's arriving from above ("gin", k = T),
+and the block's own injections, forward and backward (a sublayer's backward map passes the
+arriving gradient's deviation through its Jacobian with respect to each token's power). Across
+blocks the stream's ε_l = M_l·ε_{l−1} + Σ_j M_j·ξ_j goes up and the gradient's
+γ_{l−1} = A_l·γ_l + B_l·ε_{l−1} + Σ_j G_j·ξ_j comes down; ``chain`` composes both exactly.
 
 Per-token covariances of the injections (relative fluctuations; ρ the token correlation matrix):
 a Gaussian linear map to n coordinates gives 2ρ∘ρ/n (a map applied before attention's mean
