@@ -82,7 +82,10 @@ def test_by_token_correlations_tell_the_gradient_weighted_power_from_the_token_m
 def test_grad_ratio_by_inputs_measures_and_predicts_one_point():
     """One tiny point: the measured mean and its error from the seeds, and both predictions'
     ratios consistent with them."""
-    r = tool("grad_ratio_by_inputs").point("pre", 1, 32, 3)
+    from analysis.init.spread import SpreadConfig, study_sequence
+    from analysis.testbed.corpus import load_corpus
+    x, y = study_sequence(load_corpus(None), SpreadConfig().seq_len)
+    r = tool("grad_ratio_by_inputs").point("pre", 1, 32, 3, x, y)
     assert r["seeds"] == 3 and r["measured_mean_se"] > 0
     assert r["ratio_exact"] == pytest.approx(10 ** (r["measured_mean"] - r["exact_inputs"]))
     assert r["ratio_uniform"] == pytest.approx(10 ** (r["measured_mean"] - r["uniform_inputs"]))

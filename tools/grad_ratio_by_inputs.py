@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from analysis.init.spread import SpreadConfig, probed_at_init, study_sequence, text_covariances
 from analysis.testbed.corpus import load_corpus
@@ -27,12 +28,12 @@ from probes import point_name
 from theory.positional import predict_positional
 
 
-def point(scheme: str, depth: int, width: int, seeds: int) -> dict:
-    """Measured log10 g_0/g_L over seeds, and the mean field from exact and from uniform inputs."""
+def point(scheme: str, depth: int, width: int, seeds: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Measured log10 g_0/g_L over seeds on the sequence (x, y), and the mean field from exact and
+    from uniform inputs."""
     study = SpreadConfig()
-    x, y = study_sequence(load_corpus(None), study.seq_len)
-    cov0, grad_top = text_covariances(x, y, 1.0)
     cfg = study.model(scheme, depth, width)
+    cov0, grad_top = text_covariances(x, y, cfg.embed_std)
     g, uniform = [], []
     kw = dict(depth=depth, seq_len=study.seq_len, width=width, heads=cfg.heads)
     for seed in range(seeds):
@@ -59,10 +60,11 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    x, y = study_sequence(load_corpus(None), SpreadConfig().seq_len)  # read once for every point
     rows = []
     for spec in args.points:
         scheme, depth = spec.split(":")
-        r = point(scheme, int(depth), args.width, args.seeds)
+        r = point(scheme, int(depth), args.width, args.seeds, x, y)
         rows.append(r)
         pd.DataFrame(rows).to_csv(out, index=False)
         print(f"{scheme} L={depth}: log10 g_0/g_L {r['measured_mean']:.3f} ± {r['measured_mean_se']:.3f}; "
