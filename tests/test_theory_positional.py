@@ -188,3 +188,52 @@ def test_explicit_input_covariances_match_the_uniform_ones_and_are_checked():
     for q0 in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="q0"):
             P.predict_positional("pre", q0=q0, **kw)
+
+
+def _layernorm_backward_power(y: torch.Tensor, seed: int) -> float:
+    """E|J_LN(y)ᵀ g|²/d for a gradient g independent of y."""
+    y = y.clone().requires_grad_(True)
+    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
+    (torch.nn.functional.layer_norm(y, (y.shape[1],)) * g).sum().backward()
+    return float((y.grad ** 2).sum(1).mean() / y.shape[1])
+
+
+@pytest.mark.parametrize("fixed_power, gaussian_power", [(0.0, 1.0), (1.0, 0.5), (1.0, 3.0)])
+def test_realized_norm_against_monte_carlo(fixed_power, gaussian_power):
+    """A LayerNorm's backward power over the theory's (1 − 2/d)/Q is E[1/q̂]·Q: for an input of a
+    part of fixed norm (a norm's output) plus a Gaussian part, as _Ctx._jensen derives."""
+    d, n, T = 64, 200_000, 2
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(n, d, dtype=torch.float64, generator=gen) * math.sqrt(gaussian_power)
+    if fixed_power:
+        z = torch.randn(n, d, dtype=torch.float64, generator=gen)
+        y = y + torch.nn.functional.layer_norm(z, (d,)) * math.sqrt(fixed_power)
+    Q = fixed_power + gaussian_power
+    measured = _layernorm_backward_power(y, seed=1) * Q / (1 - 2 / d)
+    ctx = P._Ctx(P.Setting(width=d, seq_len=T, realized_norm=True), fixed_power * np.eye(T),
+                 (np.full(T, fixed_power),) if fixed_power else ())
+    v = P._Value(ctx, {0: np.ones(T)}, 0)
+    v = v + ctx._emit("attn", v, gaussian_power * np.eye(T), lambda G: G) if fixed_power else \
+        P._Value(ctx, {0: np.ones(T)}, 0)
+    if not fixed_power:  # the input itself is the Gaussian part
+        ctx.sources[0] = gaussian_power * np.eye(T)
+    predicted = ctx._jensen(v, np.diag(ctx.cov(v)))[0]
+    assert measured == pytest.approx(predicted, abs=0.003)  # MC SE ≈ 0.0004; O(1/d²) ≈ 0.002
+    assert measured - 1 > 0.02  # the term itself is resolved: 1.5/d … 3/d
+
+
+def test_realized_norm_is_off_by_default_and_raises_the_gradient_ratio(monkeypatch):
+    kw = dict(depth=8, seq_len=16, width=64, heads=2, rho0=0.2, rho_g=0.1)
+    for scheme in ("pre", "peri", "post", "deepnorm"):
+        plain = P.predict_positional(scheme, **kw)
+        raised = P.predict_positional(scheme, realized_norm=True, **kw)
+        assert np.allclose(plain["q"], raised["q"])  # the forward is unchanged
+        if scheme in ("pre", "peri"):  # branch norms: raised
+            assert raised["g"][0] > plain["g"][0] * 1.01
+        else:  # every path passes the norms (the trunk): kept
+            assert raised["g"][0] == pytest.approx(plain["g"][0], rel=1e-12)
+    # the checkpointed backward (recomputing blocks from every 3rd) carries their fixed parts alike
+    full = P.predict_positional("mixln", realized_norm=True, **dict(kw, depth=9))
+    monkeypatch.setattr(P, "HELD_ENTRIES", 1)
+    checkpointed = P.predict_positional("mixln", realized_norm=True, **dict(kw, depth=9))
+    assert np.allclose(full["g"], checkpointed["g"], rtol=1e-12)

@@ -108,3 +108,66 @@ def test_attention_key_structure_exact_softmax_agrees_with_the_map_on_exchangeab
     assert Su[0, 1] == pytest.approx((S.sum() - np.trace(S)) / (16 * 15))
     exact = P.mean_cosine(t.exact_softmax(Su, 16, 800, 0))
     assert exact == pytest.approx(P.mean_cosine(P.attention(Su, sigma=1.0)[0]), abs=0.02)
+
+
+def test_grid_exact_inputs_redraws_the_sweeps_sequences(tiny_grid, tmp_path, monkeypatch, capsys):
+    module = tool("grid_exact_inputs")
+    monkeypatch.setattr("sys.argv", ["grid_exact_inputs.py", "--grid", str(tiny_grid),
+                                     "--out", str(tmp_path / "out")])
+    module.main()  # refuses (SystemExit) sequences that are not the sweep's
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    own = pd.read_csv(tiny_grid / "errors.csv")
+    # the stored uniform-summary prediction passes through unchanged: the grid's own errors
+    keys = ["scheme", "metric", "site"]
+    mine = errors[errors["prediction"] == "resolved"].set_index(keys)["median"]
+    theirs = own[own["prediction"] == "resolved"].set_index(keys)["median"]
+    assert np.allclose(mine.sort_index(), theirs.loc[mine.index].sort_index())
+    exact = errors[errors["prediction"] == "exact_inputs"].set_index(keys)["median"]
+    assert exact.notna().all() and not np.allclose(exact, mine.loc[exact.index])
+    ratio = pd.read_csv(tmp_path / "out" / "gradient_ratio.csv")
+    assert len(ratio) == 4 and (ratio["seeds"] == 3).all()
+    assert set(pd.read_csv(tmp_path / "out" / "targets.csv")["prediction"]) == {"exact_inputs", "resolved"}
+
+
+def test_grid_exact_inputs_refuses_other_sequences(tiny_grid):
+    from analysis.init.pipeline import config_from_record
+    from analysis.init.spread import text_covariances
+    from analysis.init.sweep import read_profiles
+    from analysis.testbed.corpus import load_corpus
+    module = tool("grid_exact_inputs")
+    cfg = config_from_record(tiny_grid / "config.json")
+    corpus = load_corpus(None)
+    profiles = read_profiles(tiny_grid / "init_profiles.csv")
+    covs = {s: [text_covariances(x, y, 1.0) for x, y in module.sequences(corpus, s + 7, 1, 2, 8)]
+            for s in cfg.seeds}  # every seed given another seed's text
+    with pytest.raises(SystemExit):
+        module.check_reconstruction(profiles, covs, width=10_000)
+
+
+def test_gradient_excess_by_layer_and_the_forward_bound():
+    module = tool("gradient_excess_by_layer")
+    rows = []
+    theory_g = [8.0, 4.0, 2.0, 1.0]  # embed, blocks.0 … blocks.2 (the top)
+    for seed in range(3):
+        for layer, g in zip([-1, 0, 1, 2], theory_g):
+            point = "embed" if layer < 0 else f"blocks.{layer}.resid_post"
+            excess = 1.1 ** (2 - layer)  # made block by block, down from the top
+            rows.append(("pre", 3, seed, layer, point, "grad_rel", g * excess, 0.0, g))
+            rows.append(("pre", 3, seed, layer, point, "second_moment", 0.97 * (layer + 2), 0.0,
+                         layer + 2.0))
+    profiles = pd.DataFrame(rows, columns=["scheme", "depth", "seed", "layer", "point", "metric",
+                                           "measured", "spread", "theory"])
+    layers = module.stack(profiles, "pre", 3)
+    assert layers["grad_log10_excess"].to_numpy() == pytest.approx(np.log10(1.1) * np.array([3, 2, 1, 0]))
+    assert layers["forward_error"].to_numpy() == pytest.approx(-0.03)
+    # every block's factor raised by 3 %: 0.03 · ln(g_0/g_L), in log10
+    assert module.forward_bound(layers) == pytest.approx(0.03 * np.log(8.0) / np.log(10))
+
+
+def test_norm_jensen_layernorm_backward_is_d_over_d_minus_3_above_the_theory():
+    module = tool("norm_jensen")
+    d = 32
+    measured = module.layernorm_backward_power(d, 60_000)
+    assert measured == pytest.approx((d - 2) / (d - 3), rel=0.004)  # SE ≈ 0.001
+    assert abs(measured - (1 - 2 / d)) > 0.05  # the theory's (1 − 2/d) misses by 3/d
+

@@ -43,6 +43,7 @@ from theory.solve import TheoryConfig, check_correlations, check_q0
 from theory.tape import Node, SourceValue, walk_backward
 
 _EPS = float(C.EPS)
+HELD_ENTRIES = 2 ** 24  # forward covariances' entries kept in full (128 MB); beyond, checkpoints
 PROFILE_KEYS = ("q", "q_agg", "rho", "g", "rg", "cos", "g_first")
 
 
@@ -105,17 +106,22 @@ class Setting:
     experts: int = 0
     top_k: int = 2
     attention: str = "causal"  # theory.shape.ATTENTION_KINDS
+    realized_norm: bool = False  # a norm's backward divides by its input's realized power (_jensen)
 
 
 class _Ctx:
     """The numeric vocabulary over token covariance matrices, recording a tape."""
 
-    def __init__(self, st: Setting, cov_in: np.ndarray):
+    def __init__(self, st: Setting, cov_in: np.ndarray, fixed_in: tuple[np.ndarray, ...] = ()):
         self.st = st
         self.T = cov_in.shape[0]
         self.sources: list[np.ndarray] = [cov_in]
         self.nodes: list[Node] = [Node("input", [])]
         self.last_norm_input: np.ndarray | None = None
+        # the parts of fixed per-token power in each node's value (norm outputs, whose power does
+        # not scatter): {node: {part: amplitude}}, and each part's per-token power
+        self.fixed: dict[int, dict[Any, float]] = {0: {("in", k): 1.0 for k in range(len(fixed_in))}}
+        self.fixed_power: dict[Any, np.ndarray] = {("in", k): U for k, U in enumerate(fixed_in)}
 
     def cov(self, v: _Value) -> np.ndarray:
         """Token covariance of a value: Σ_i (a_i a_iᵀ) ∘ K_i."""
@@ -130,7 +136,55 @@ class _Ctx:
             for i, a in v.terms.items():
                 terms[i] = terms.get(i, 0.0) + c * a
         self.nodes.append(Node("lin", [(v.node, c) for v, c in parts]))
+        fixed: dict[Any, float] = {}
+        for v, c in parts:
+            for k, a in self.fixed.get(v.node, {}).items():
+                fixed[k] = fixed.get(k, 0.0) + float(c) * a
+        self.fixed[len(self.nodes) - 1] = fixed
         return _Value(self, terms, len(self.nodes) - 1)
+
+    def fixed_parts(self, v: _Value) -> list[np.ndarray]:
+        """The per-token powers of the parts of v whose power is fixed (norm outputs)."""
+        return [a * a * self.fixed_power[k] for k, a in self.fixed.get(v.node, {}).items()]
+
+    def realize_branch_norms(self, out: _Value) -> None:
+        """Raise the backward of every norm off the block's trunk by its _jensen factor. A norm
+        on a branch scales one additive part of the gradient, whose mean over initializations,
+        and over blocks, is the typical value: E[1/q̂] is right there. A norm every path passes
+        (PostNorm's, DeepNorm's) multiplies the whole gradient, block after block: its
+        typical value needs E[ln 1/q̂] and the drift of the product's logarithm, not derived, so
+        it keeps the mean field's 1/Q."""
+        def reaches_input(skip: int) -> bool:
+            todo, seen = [out.node], set()
+            while todo:
+                n = todo.pop()
+                if n == 0:
+                    return True
+                if n == skip or n in seen:
+                    continue
+                seen.add(n)
+                todo += [parent for parent, _ in self.nodes[n].parents]
+            return False
+
+        for n, node in enumerate(self.nodes):
+            if node.kind == "norm" and "jensen" in node.sub and reaches_input(n):
+                parent, scale = node.parents[0]
+                node.parents[0] = (parent, scale * node.sub.pop("jensen"))
+
+    def _jensen(self, v: _Value, Q: np.ndarray) -> np.ndarray:
+        """Q·E[1/q̂] per token: the norm divides by the realized power q̂ of its input (own
+        derivation, Monte Carlo in tests/test_theory_positional.py). Over d coordinates a Gaussian
+        part of power W scatters as 2W²/d, its cross term with a part of fixed power U as 4UW/d,
+        two fixed parts' as 4U_iU_j/d: Var q̂ = 2(Q² − Σ U_i²)/d. A LayerNorm also removes the
+        mean over coordinates, W/d of the Gaussian part (norm outputs have none):
+        E q̂ = Q − W/d. To O(1/d): Q·E[1/q̂] = Q/E q̂·(1 + Var q̂/Q²); for a Gaussian input
+        1 + 3/d (LayerNorm; exactly d/(d − 3)) or 1 + 2/d (RMSNorm)."""
+        d = self.st.width
+        U = self.fixed_parts(v)
+        fixed = np.sum(U, axis=0) if U else np.zeros_like(Q)
+        var = 2 * np.clip(Q ** 2 - np.sum(np.square(U), axis=0) if U else Q ** 2, 0, None) / d
+        mean = Q - np.clip(Q - fixed, 0, None) / d if self.st.norm == "layernorm" else Q
+        return Q / mean * (1 + var / Q ** 2)
 
     def norm(self, v: _Value, *, lr: Any = 1) -> _Value:
         """Per-token rescaling by 1/sqrt(Q_s + eps); backward keeps the projection factor."""
@@ -139,8 +193,14 @@ class _Ctx:
         scale = 1.0 / np.sqrt(np.diag(S) + _EPS)
         k = 2 if self.st.norm == "layernorm" else 1
         proj = math.sqrt(max(1 - k / self.st.width, 0.0))
-        self.nodes.append(Node("norm", [(v.node, scale)], {"proj": proj}))
-        return _Value(self, {i: a * scale for i, a in v.terms.items()}, len(self.nodes) - 1)
+        sub = {"proj": proj}
+        if self.st.realized_norm:  # applied by run_block to the norms off the trunk
+            sub["jensen"] = np.sqrt(self._jensen(v, np.diag(S)))
+        self.nodes.append(Node("norm", [(v.node, scale)], sub))
+        node = len(self.nodes) - 1
+        self.fixed[node] = {node: 1.0}
+        self.fixed_power[node] = np.diag(S) * scale ** 2
+        return _Value(self, {i: a * scale for i, a in v.terms.items()}, node)
 
     def _emit(self, kind: str, v: _Value, K: np.ndarray, backward: Callable) -> _Value:
         self.sources.append(K)
@@ -416,14 +476,22 @@ class BlockResult:
     ctx: _Ctx
     out: _Value
 
+    @property
+    def fixed_out(self) -> tuple[np.ndarray, ...]:
+        """The output's parts of fixed per-token power: the next block's ``fixed_in``."""
+        return tuple(self.ctx.fixed_parts(self.out))
+
 
 def run_block(s: Scheme, cov_in: np.ndarray, st: Setting, l: int, L: int,
-              params: dict[str, float]) -> BlockResult:
-    """Run block l of L of scheme ``s`` over the input token covariance ``cov_in``."""
-    ctx = _Ctx(st, cov_in)
+              params: dict[str, float], fixed_in: tuple[np.ndarray, ...] = ()) -> BlockResult:
+    """Run block l of L of scheme ``s`` over the input token covariance ``cov_in``, of which
+    ``fixed_in`` are the parts of fixed per-token power (a norm's output)."""
+    ctx = _Ctx(st, cov_in, fixed_in)
     out = s.block(_Value(ctx, {0: np.ones(ctx.T)}, 0), ctx, l=l, L=L, **params)
     if not isinstance(out, _Value):
         raise ValueError(f"scheme '{s.name}' must return a value built from its input")
+    if st.realized_norm:
+        ctx.realize_branch_norms(out)
     cov_out = ctx.cov(out)
     has_norm = ctx.nodes[out.node].kind == "norm"
     a0 = out.terms.get(0, np.zeros(ctx.T))
@@ -463,8 +531,8 @@ def embedding_covariance(T: int, q0: float, rho0: float, cov0: Any | None) -> np
 def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
                        scheme_params: dict[str, Any] | None = None, q0: float | None = None,
                        rho0: float = 0.0, rho_g: float = 0.0, cov0: np.ndarray | None = None,
-                       grad_top: np.ndarray | None = None, **shape: Any
-                       ) -> dict[str, np.ndarray]:
+                       grad_top: np.ndarray | None = None, realized_norm: bool = False,
+                       **shape: Any) -> dict[str, np.ndarray]:
     """Per-layer position-resolved predictions at init, arrays indexed by l = 0..depth.
 
     Same keys and meanings as theory.solve.predict_profile, except that ``rho`` and ``rg`` are
@@ -473,6 +541,8 @@ def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
     attention at init does not depend on the head count. ``cov0`` (T×T) replaces the embedding's
     uniform covariance q0·((1 − ρ0)I + ρ0·11ᵀ), e.g. the exact one of a given text at init,
     q0/2·(same-byte indicator + I); ``grad_top`` replaces the top gradient's (1 − ρ_g)I + ρ_g·11ᵀ.
+    ``realized_norm``: every norm's backward divides by its input's realized power, E[1/q̂]
+    (_Ctx._jensen, an O(1/d) term; off by default until the committed grids are predicted again).
     """
     cfg = TheoryConfig(scheme=scheme, depth=depth, seq_len=seq_len,
                        scheme_params=tuple(sorted((scheme_params or {}).items())), **shape)
@@ -482,22 +552,23 @@ def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
     params = {k: float(v) for k, v in s.resolve(L, **(scheme_params or {})).items()}
     check_correlations(rho0, rho_g, T)
     st = Setting(int(cfg.width), T, float(cfg.sigma), cfg.ffn, cfg.norm, int(cfg.experts),
-                 int(cfg.top_k), cfg.attention)
+                 int(cfg.top_k), cfg.attention, bool(realized_norm))
     cov = embedding_covariance(T, cfg.embed_std ** 2 if q0 is None else q0, rho0, cov0)
     # keep every forward covariance when they fit in ~128 MB; otherwise every stride-th (√L of
     # them) and recompute the others during the backward pass
-    stride = 1 if (L + 1) * T * T <= 2 ** 24 else max(1, math.isqrt(L))
-    checkpoints = {0: cov}
+    stride = 1 if (L + 1) * T * T <= HELD_ENTRIES else max(1, math.isqrt(L))
+    fixed: tuple[np.ndarray, ...] = ()  # the embedding's power scatters: no fixed part
+    checkpoints = {0: (cov, fixed)}
     out = {k: np.full(L + 1, np.nan) for k in PROFILE_KEYS}
     out["q"][0], out["rho"][0] = float(np.mean(np.diag(cov))), mean_cosine(cov)
     for l in range(1, L + 1):
-        res = run_block(s, cov, st, l, L, params)
-        cov = res.cov_out
+        res = run_block(s, cov, st, l, L, params, fixed)
+        cov, fixed = res.cov_out, res.fixed_out
         out["q"][l], out["rho"][l], out["cos"][l] = np.mean(np.diag(cov)), mean_cosine(cov), res.cos
         if res.cov_agg is not None:
             out["q_agg"][l] = np.mean(np.diag(res.cov_agg))
         if l % stride == 0:
-            checkpoints[l] = cov
+            checkpoints[l] = (cov, fixed)
     grad = ((1 - rho_g) * np.eye(T) + rho_g * np.ones((T, T)) if grad_top is None
             else _square(grad_top, T, "grad_top"))
     top = float(np.mean(np.diag(grad)))
@@ -506,11 +577,12 @@ def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
     hi = L
     while hi > 0:
         lo = (hi - 1) // stride * stride
-        covs = [checkpoints[lo]]
+        states = [checkpoints[lo]]
         for l in range(lo + 1, hi):
-            covs.append(run_block(s, covs[-1], st, l, L, params).cov_out)
+            res = run_block(s, states[-1][0], st, l, L, params, states[-1][1])
+            states.append((res.cov_out, res.fixed_out))
         for l in range(hi, lo, -1):
-            res = run_block(s, covs[l - 1 - lo], st, l, L, params)
+            res = run_block(s, states[l - 1 - lo][0], st, l, L, params, states[l - 1 - lo][1])
             grad = res.ctx.backward(res.out, grad)
             gm = float(np.mean(np.diag(grad)))
             out["g"][l - 1], out["rg"][l - 1] = gm / top, mean_cosine(grad)

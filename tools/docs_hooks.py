@@ -58,9 +58,15 @@ STUDIES = {
                              "See [Theory](../../theory.md#the-spread-across-initializations).",
     "init-w256-mixln-lns16": "Mix-LN and LNS at width 256, L = 2 … 256, 16 seeds: the grid's "
                              "targets met where they can be resolved. See [Initialization](../../init.md).",
-    "init-w256-all16": "All eight schemes at width 256, L = 2 … 256, 16 seeds: every target of "
-                       "the position-resolved theory that 16 seeds can resolve is met. "
-                       "See [Initialization](../../init.md).",
+    "init-w256-all16": "All eight schemes at width 256, L = 2 … 256, 16 seeds: the targets of "
+                       "the position-resolved theory on the seed mean (`targets.csv`), and g_l/g_L's "
+                       "median across seeds against theory with the spread theory's noise floor "
+                       "(`typical_*.csv`, from `fidelity --grid`); `exact_inputs/`: the same grid "
+                       "against the mean field from each sequence's exact covariances "
+                       "(`tools/grid_exact_inputs.py`); `gradient_excess_by_layer.csv`: where along "
+                       "the stack pre's and peri's g_l/g_L part from theory "
+                       "(`tools/gradient_excess_by_layer.py`). "
+                       "See [Initialization](../../init.md#the-typical-value-across-seeds).",
     "init-inputs": "g_0/g_L of pre and peri at L = 2, 64, 512 on one sequence, 16 seeds, against "
                    "the mean field from the sequence's exact covariances and from the grid's "
                    "uniform summary of them (`tools/grad_ratio_by_inputs.py`). "
@@ -71,7 +77,9 @@ STUDIES = {
                            "made exchangeable (`tools/attention_key_structure.py`). "
                            "See [Initialization](../../init.md).",
     "init-w256-deep16": "g_0/g_L of pre and peri at L = 512 and 1024, width 256, 16 seeds "
-                        "(the per-seed values; the profiles are not committed). "
+                        "(the per-seed values, and the median against theory with the spread "
+                        "theory's noise floor; `exact_inputs/`: against the mean field from each "
+                        "sequence's exact covariances; the profiles are not committed). "
                         "See [Initialization](../../init.md).",
     "init-fidelity-mixln-lns-48": "The fidelity study of Mix-LN and LNS at L = 32, 48 seeds. "
                                   "See [Initialization](../../init.md).",

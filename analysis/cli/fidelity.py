@@ -33,13 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from analysis.testbed.corpus import load_corpus
     from analysis.testbed.model import ModelConfig
     if args.grid:
-        from analysis.init.sweep import read_profiles
-        spread = gradient_spread(read_profiles(Path(args.grid) / "init_profiles.csv"))
-        out = options.claim(args)
-        write_csv(spread, out / "gradient_spread.csv", index=False)
-        with pd.option_context("display.width", 200, "display.max_rows", 200):
-            print(spread.drop(columns="per_seed").to_string(index=False, float_format="%.3g"))
-        return 0
+        return grid_spread(Path(args.grid), args)
     schemes = list(options.value(args, "schemes"))  # not empty, nothing twice
     names = list(options.value(args, "corpora"))
     unknown = [c for c in names if c not in ("text", "random")]
@@ -82,4 +76,47 @@ def run(args: argparse.Namespace) -> int:
         print(summary.round(4).to_string(index=False))
     print(f"wrote {out}/seed_study.csv, audit.csv, cosine_statistic.csv, summary.csv "
           f"in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def grid_spread(grid: Path, args: argparse.Namespace) -> int:
+    """--grid: a finished sweep's seed spread and its typical value against theory, nothing measured."""
+    import pandas as pd
+
+    from analysis.init.fidelity import gradient_spread
+    from analysis.init.pipeline import config_from_record
+    from analysis.init.sweep import complete_points, read_profiles
+    from analysis.init.typical import (by_depth, growth_orders, predicted_sd, typical_errors,
+                                       typical_targets)
+    lacking = [n for n in ("init_profiles.csv", "config.json") if not (grid / n).is_file()]
+    if lacking:
+        raise ValueError(f"--grid {grid} is not a finished sweep folder: it lacks "
+                         f"{' and '.join(lacking)} (both written by `sweep`)")
+    profiles = read_profiles(grid / "init_profiles.csv")
+    cfg = config_from_record(grid / "config.json")
+    profiles, problems = complete_points(profiles, cfg.seeds)
+    if problems:
+        print(f"warning: left out, not measured in full: {'; '.join(problems[:8])}")
+    if not len(profiles):
+        raise ValueError(f"{grid / 'init_profiles.csv'} has no grid point measured for every seed")
+    out = options.claim(args)
+    t0 = time.perf_counter()
+    spread = gradient_spread(profiles)
+    if cfg.experts:
+        write_csv(spread, out / "gradient_spread.csv", index=False)
+        print(f"wrote {out}/gradient_spread.csv; the typical value is not compared: the spread "
+              "theory covers dense FFNs, not MoE")
+        return 0
+    errs = typical_errors(profiles, predicted_sd(profiles, cfg.model_config(cfg.schemes[0], cfg.depths[0])))
+    targets, depths = typical_targets(errs), by_depth(errs)
+    orders = growth_orders(depths, cfg.width)
+    for name, frame in (("gradient_spread", spread), ("typical_targets", targets),
+                        ("typical_by_depth", depths), ("typical_orders", orders)):
+        write_csv(frame, out / f"{name}.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_rows", 200):
+        print(depths.to_string(index=False, float_format="%.3g"))
+        print(targets.to_string(index=False, float_format="%.3g"))
+        print(orders.to_string(index=False, float_format="%.3g"))
+    print(f"wrote {out}/gradient_spread.csv, typical_targets.csv, typical_by_depth.csv, "
+          f"typical_orders.csv in {time.perf_counter() - t0:.0f} s")
     return 0

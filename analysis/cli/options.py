@@ -320,8 +320,10 @@ _declare("--top-k", type=int,
 _declare("--theory", action="store_true", help="recompute the theory")
 _declare("--latex", action="store_true", help="print recurrences and closed forms as LaTeX")
 _declare("--grid", metavar="RUN_DIR",
-         help="instead: write gradient_spread.csv (g_0/g_L per seed and its spread in log10) "
-              "from a sweep folder's init_profiles.csv, nothing measured")
+         help="instead: from a sweep folder's init_profiles.csv, nothing measured, write "
+              "gradient_spread.csv (g_0/g_L per seed and its spread in log10), and g_l/g_L's median "
+              "across seeds against theory with the spread theory's noise floor "
+              "(typical_targets.csv, typical_by_depth.csv, and its growth order: typical_orders.csv)")
 _declare("--redraw-embedding", action="store_true",
          help="the seed study runs each sequence alone with a token embedding table drawn afresh "
               "(the control for the table drawn once per model); the audit is unchanged")

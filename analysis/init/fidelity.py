@@ -18,6 +18,11 @@
   the mean pairwise cosine) against the cosine of the mean Gram matrix (what theory predicts).
 - ``summary.csv``: per study and metric, median relative or absolute error, median |z| and the
   mean z (its sign: theory above or below).
+
+With ``--grid RUN_DIR`` nothing is measured: from a finished sweep's init_profiles.csv it writes
+``gradient_spread.csv`` (g_0/g_L of every seed and its spread in log10) and the typical value
+against theory with the spread theory's noise floor (analysis/init/typical.py):
+``typical_targets.csv``, ``typical_by_depth.csv`` and ``typical_orders.csv``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from analysis.testbed.corpus import Corpus
 from analysis.testbed.memory import check_all_fit, size
 from analysis.testbed.model import ModelConfig, build_model
 from probes import Probe, point_name
-from theory.positional import predict_positional
+from theory.positional import HELD_ENTRIES, predict_positional
 from theory.solve import predict_profile
 
 PROBE_METRICS = ["second_moment", "grad_second_moment", "grad_token_cosine", "grad_first_token",
@@ -100,17 +100,23 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
         pred = predict(cfg.scheme, depth=cfg.depth, seq_len=cfg.max_seq_len,
                        scheme_params=cfg.scheme_params, q0=q0, rho0=rho0, rho_g=rho_g,
                        **cfg.shape_fields())
-        rows = []
-        for l in range(cfg.depth + 1):
-            point = "embed" if l == 0 else point_name(l - 1)
-            for metric, key in (("second_moment", "q"), ("token_cosine", "rho"), ("grad_rel", "g"),
-                                ("grad_token_cosine", "rg"), ("layer_cosine", "cos"),
-                                ("grad_first_token", "g_first")):
-                rows.append((point, metric, pred[key][l] if key in pred else np.nan))
-            if l > 0 and np.isfinite(pred["q_agg"][l]):
-                rows.append((point_name(l - 1, "pre_norm_sum"), "second_moment", pred["q_agg"][l]))
-        frames.append(pd.DataFrame(rows, columns=["point", "metric", column]).set_index(["point", "metric"]))
+        frames.append(prediction_rows(pred, cfg.depth, column).set_index(["point", "metric"]))
     return pd.concat(frames, axis=1).reset_index()
+
+
+def prediction_rows(pred: dict[str, np.ndarray], depth: int, column: str) -> pd.DataFrame:
+    """A theory's per-layer profile (q, rho, g, …, l = 0..depth) as (point, metric, column) rows
+    named as the probes name them."""
+    rows = []
+    for l in range(depth + 1):
+        point = "embed" if l == 0 else point_name(l - 1)
+        for metric, key in (("second_moment", "q"), ("token_cosine", "rho"), ("grad_rel", "g"),
+                            ("grad_token_cosine", "rg"), ("layer_cosine", "cos"),
+                            ("grad_first_token", "g_first")):
+            rows.append((point, metric, pred[key][l] if key in pred else np.nan))
+        if l > 0 and np.isfinite(pred["q_agg"][l]):
+            rows.append((point_name(l - 1, "pre_norm_sum"), "second_moment", pred["q_agg"][l]))
+    return pd.DataFrame(rows, columns=["point", "metric", column])
 
 
 def theory_inputs(rows: pd.DataFrame, depth: int) -> dict[str, float]:
@@ -191,7 +197,7 @@ def theory_cost(depth: int, seq_len: int) -> tuple[float, float]:
     """Estimated (seconds, bytes) of one position-resolved prediction at ``depth``, ``seq_len``:
     T×T float64 matrices, the checkpointed layers' and about 16 a block works with."""
     L, T = depth, seq_len
-    held = L + 1 if (L + 1) * T * T <= 2 ** 24 else 2 * math.isqrt(L) + 2  # see predict_positional
+    held = L + 1 if (L + 1) * T * T <= HELD_ENTRIES else 2 * math.isqrt(L) + 2  # see predict_positional
     return POSITIONAL_SECONDS_PER_UNIT * L * T ** 3, 8.0 * T * T * (held + 16)
 
 
