@@ -122,6 +122,8 @@ STAND_INS = {
     "$R/*moe4k2-s0": "moe_run",  # and its MoE runs
     "runs/nanogpt-shape/runs/span-L16-d128-dense-s0": "run",  # a run of the nanoGPT-shape recipe
     "runs/init-w256-all": "sweep",  # the width-256 init grid
+    "runs/init-w256-all16": "sweep",  # its 16-seed grid to L = 256
+    "runs/init-w256-deep16": "sweep",  # and pre and peri at L = 512, 1024
 }
 
 # The command run by default for a subcommand, where it is not the first the docs show.
