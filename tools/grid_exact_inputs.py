@@ -30,19 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from analysis.init.compare import aggregate, error_summary, target_check
 from analysis.init.pipeline import config_from_record
 from analysis.init.spread import text_covariances
-from analysis.init.sweep import complete_points, prediction_rows, read_profiles
+from analysis.init.sweep import batch_generator, complete_points, prediction_rows, read_profiles
 from analysis.testbed.corpus import load_corpus
 from theory.positional import predict_positional
 
 
 def sequences(corpus, seed: int, batches: int, batch_size: int, seq_len: int) -> list[tuple]:
     """The (x, y) sequences the sweep's seed read: its generator, drawn in the sweep's order."""
-    gen = torch.Generator().manual_seed(1_000 + seed)  # analysis/init/sweep.py, measure()
+    gen = batch_generator(seed)
     out = []
     for _ in range(batches):
         x, y = corpus.batch("train", batch_size, seq_len, generator=gen)

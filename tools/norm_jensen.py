@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from analysis.init.pipeline import config_from_record
-from analysis.init.sweep import complete_points, read_profiles, theory_inputs
+from analysis.init.sweep import complete_points, mean_theory_inputs, read_profiles
 from theory import positional as P
 
 
@@ -77,9 +77,8 @@ def main() -> None:
         for depth, point in profiles[profiles["scheme"] == scheme].groupby("depth"):
             L = int(depth)
             m = replace(base, scheme=scheme, depth=L)
-            inputs = pd.DataFrame([theory_inputs(r, L) for _, r in point.groupby("seed")]).mean()
             kw = dict(depth=L, seq_len=m.max_seq_len, scheme_params=m.scheme_params,
-                      **inputs.to_dict(), **m.shape_fields())
+                      **mean_theory_inputs(point, L), **m.shape_fields())
             plain = P.predict_positional(scheme, **kw)["g"][0]
             raised = P.predict_positional(scheme, realized_norm=True, **kw)["g"][0]
             g = point[(point["metric"] == "grad_rel") & (point["point"] == "embed")]["measured"]

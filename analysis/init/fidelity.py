@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.init.sweep import measure, theory_inputs, theory_rows, to_rows
+from analysis.init.sweep import batch_generator, measure, theory_inputs, theory_rows, to_rows
 from analysis.testbed.corpus import Corpus
 from analysis.testbed.model import ModelConfig, build_model
 from probes.metrics import token_cosine
@@ -135,7 +135,7 @@ def sublayer_audit(cfg: ModelConfig, seeds: list[int], corpus: Corpus, batches: 
         model = build_model(cfg, seed=seed).double()
         seen: dict[tuple, dict] = {}
         hooks = _record(model, seen)
-        gen = torch.Generator().manual_seed(1_000 + seed)
+        gen = batch_generator(seed)
         for _ in range(batches):
             x, y = corpus.batch("train", batch_size, cfg.max_seq_len, generator=gen)
             model(x, y)[1].backward()

@@ -48,6 +48,11 @@ COLUMNS = ["scheme", "depth", "seed", "layer", "point", "metric", "measured", "s
            "theory_averaged"]
 
 
+def batch_generator(seed: int) -> torch.Generator:
+    """The generator that draws an init seed's batches: the same text wherever it is drawn again."""
+    return torch.Generator().manual_seed(1_000 + seed)
+
+
 def measure(cfg: ModelConfig, seed: int, corpus: Corpus, batches: int, batch_size: int,
             device: str = "cpu", compile: bool = False, redraw_embedding: bool = False
             ) -> pd.DataFrame:
@@ -56,7 +61,7 @@ def measure(cfg: ModelConfig, seed: int, corpus: Corpus, batches: int, batch_siz
     ``redraw_embedding``: every sequence, run alone, sees a token embedding table drawn afresh
     (the control for a table quenched once per model; the same text, the same blocks)."""
     model = build_model(cfg, seed=seed, device=device)
-    gen = torch.Generator().manual_seed(1_000 + seed)
+    gen = batch_generator(seed)
     with Probe(model, metrics=PROBE_METRICS) as p:
         if compile:
             torch.compiler.reset()  # one model per call: never the recompile limit
@@ -117,6 +122,11 @@ def prediction_rows(pred: dict[str, np.ndarray], depth: int, column: str) -> pd.
         if l > 0 and np.isfinite(pred["q_agg"][l]):
             rows.append((point_name(l - 1, "pre_norm_sum"), "second_moment", pred["q_agg"][l]))
     return pd.DataFrame(rows, columns=["point", "metric", column])
+
+
+def mean_theory_inputs(point: pd.DataFrame, depth: int) -> dict[str, float]:
+    """theory_inputs averaged over the seeds of one (scheme, depth) point."""
+    return pd.DataFrame([theory_inputs(r, depth) for _, r in point.groupby("seed")]).mean().to_dict()
 
 
 def theory_inputs(rows: pd.DataFrame, depth: int) -> dict[str, float]:

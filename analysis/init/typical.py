@@ -36,7 +36,7 @@ from scipy import stats
 
 from analysis.infra import progress
 from analysis.init.compare import ERROR_KIND, TARGETS, comparable, site_of, target_check
-from analysis.init.sweep import theory_inputs
+from analysis.init.sweep import mean_theory_inputs
 from analysis.testbed.model import ModelConfig
 from probes import point_name
 from theory.spread import median_from_mean, predict_spread
@@ -57,9 +57,8 @@ def predicted_sd(profiles: pd.DataFrame, base: ModelConfig,
     for k, ((scheme, depth), point) in enumerate(groups, 1):
         L = int(depth)
         cfg = replace(base, scheme=scheme, depth=L)
-        inputs = pd.DataFrame([theory_inputs(r, L) for _, r in point.groupby("seed")]).mean()
         pred = predict_spread(scheme, depth=L, seq_len=cfg.max_seq_len, hidden=cfg.hidden,
-                              scheme_params=cfg.scheme_params, **inputs.to_dict(),
+                              scheme_params=cfg.scheme_params, **mean_theory_inputs(point, L),
                               **cfg.shape_fields())
         rows += [(scheme, L, "embed" if l == 0 else point_name(l - 1), METRIC,
                   math.sqrt(pred["var_ln_g"][l])) for l in range(L + 1)]
