@@ -101,16 +101,15 @@ def test_measured_claims_fail_with_numbers_when_the_data_disagree():
     assert claims.loc["span_gradient_bounded", "status"] == "untested"
 
 
-def test_default_pipeline_end_to_end_tiny(tmp_path):
+def test_default_pipeline_end_to_end_tiny(tmp_path, capsys):
+    from run_analysis import main
     text = tmp_path / "t.txt"
     text.write_text("def f(x):\n    return [i ** 2 for i in range(x)]\n" * 400)
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "run_analysis.py"), "--schemes", "pre,post,span", "--depths",
-           "2,3,4", "--seeds", "0,1", "--width", "32", "--seq-len", "16", "--batch", "2",
-           "--corpus", str(text), "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    assert "init sweep" in r.stdout and "[9/9]" in r.stdout  # progress
+    assert main(["--schemes", "pre,post,span", "--depths", "2,3,4", "--seeds", "0,1", "--width", "32",
+                 "--seq-len", "16", "--batch", "2", "--corpus", str(text), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "init sweep" in stdout and "[9/9]" in stdout  # progress
     profiles = pd.read_csv(out / "init_profiles.csv")
     assert list(profiles.columns) == ["scheme", "depth", "seed", "layer", "point", "metric",
                                       "measured", "spread", "theory", "theory_averaged"]
@@ -130,15 +129,11 @@ def test_default_pipeline_end_to_end_tiny(tmp_path):
     assert "$$" in md  # derived formulas, LaTeX from sympy
     # `report` rebuilds from the CSVs alone
     (out / "report.md").unlink()
-    r2 = subprocess.run([sys.executable, str(ROOT / "run_analysis.py"), "report", str(out)],
-                        capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r2.returncode == 0, r2.stderr
+    assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == md
     # `report --theory` predicts again from the stored inputs: this code, the same numbers
-    r3 = subprocess.run([sys.executable, str(ROOT / "run_analysis.py"), "report", str(out),
-                         "--theory"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r3.returncode == 0, r3.stderr
-    assert "theory recomputed for 18/18" in r3.stdout
+    assert main(["report", str(out), "--theory"]) == 0
+    assert "theory recomputed for 18/18" in capsys.readouterr().out
     again = pd.read_csv(out / "init_profiles.csv")
     pd.testing.assert_frame_equal(again, profiles)
 
@@ -196,9 +191,12 @@ def test_noise_floor_is_the_median_error_of_an_exact_theory():
     (["--out", "/proc/sigprop-cannot-write"], "is not writable"),
     (["report", "/tmp"], "holds no results"),
 ])
-def test_bad_input_one_line_exit_2(argv, message):
-    r = subprocess.run([sys.executable, str(ROOT / "run_analysis.py"), *argv],
+def test_bad_input_one_line_exit_2(argv, message, cli_error):
+    assert message in cli_error(argv)
+
+
+def test_a_fresh_process_with_bad_input_prints_one_line():
+    r = subprocess.run([sys.executable, str(ROOT / "run_analysis.py"), "--schemes", "pre,nope"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: unknown scheme 'nope'")

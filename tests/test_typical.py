@@ -6,9 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.init.typical import MEDIAN_SPREAD, Z_MEDIAN, floor, typical_errors, typical_targets
+from analysis.init.typical import (ALPHA, MEDIAN_SPREAD, Z_MEDIAN, by_depth, depth_test, floor,
+                                   typical_errors, typical_targets)
 
 COLUMNS = ["scheme", "depth", "seed", "layer", "point", "metric", "measured", "spread", "theory"]
+
+
+def point_of(layer: int) -> str:
+    """The probe point of layer l: the embedding, then each block's output."""
+    return "embed" if layer == 0 else f"blocks.{layer - 1}.resid_post"
 
 
 def lognormal_grid(sd_ln: float, factor: float, rows: int = 300, seeds: int = 16, seed: int = 0):
@@ -18,11 +24,27 @@ def lognormal_grid(sd_ln: float, factor: float, rows: int = 300, seeds: int = 16
     depth = rows + 1
     out, sds = [], []
     for i in range(rows):
-        m = 2.0 + i
-        point = f"blocks.{i}.resid_post"
+        m = 2.0 + rows - i
         for s, v in enumerate(m * np.exp(sd_ln * rng.standard_normal(seeds))):
-            out.append(("post", depth, s, i, point, "grad_rel", v, 0.0, m * factor))
-        sds.append(("post", depth, point, "grad_rel", sd_ln))
+            out.append(("post", depth, s, i, point_of(i), "grad_rel", v, 0.0, m * factor))
+        sds.append(("post", depth, point_of(i), "grad_rel", sd_ln))
+    return (pd.DataFrame(out, columns=COLUMNS),
+            pd.DataFrame(sds, columns=["scheme", "depth", "point", "metric", "predicted_sd_ln"]))
+
+
+def walk_grid(sd_bottom: dict[int, float], factor: float, rng: np.random.Generator, seeds: int = 16):
+    """A grid whose seeds' ln(g_l/g_L) are random walks down the stack (every block adds an
+    independent factor, as in a real stack, so a depth's rows share their seeds), reaching log-sd
+    sd_bottom[L] at the embedding of depth L; theory = the true median × factor."""
+    out, sds = [], []
+    for L, sd in sd_bottom.items():
+        steps = rng.normal(0.0, sd / math.sqrt(L), (seeds, L))
+        walk = np.cumsum(steps[:, ::-1], axis=1)[:, ::-1]  # layer l: the blocks l … L-1
+        for layer in range(L):
+            m = 1.0 + L - layer
+            out += [("b2t", L, s, layer, point_of(layer), "grad_rel", m * math.exp(w), 0.0,
+                     m * factor) for s, w in enumerate(walk[:, layer])]
+            sds.append(("b2t", L, point_of(layer), "grad_rel", sd * math.sqrt((L - layer) / L)))
     return (pd.DataFrame(out, columns=COLUMNS),
             pd.DataFrame(sds, columns=["scheme", "depth", "point", "metric", "predicted_sd_ln"]))
 
@@ -66,12 +88,49 @@ def test_grid_spread_writes_the_typical_tables(tiny_grid, tmp_path):
                        np.log1p(depths["noise_floor"]) * np.sqrt(3) / Z_MEDIAN / MEDIAN_SPREAD)
 
 
-def test_the_smaller_floor_decides():
-    # seeds that scatter less than the theory predicts: the measured floor decides
+def test_the_smaller_floor_says_what_is_resolvable():
+    # seeds that scatter less than the theory predicts: the measured floor says what can be resolved
     profiles, sds = lognormal_grid(sd_ln=0.3, factor=1.25, rows=60)
     targets = typical_targets(typical_errors(profiles, sds.assign(predicted_sd_ln=3.0))).iloc[0]
     assert targets["error"] < targets["noise_floor"]
     assert targets["error"] > targets["measured_noise_floor"] and targets["verdict"] == "fails"
+    assert targets["depth_dof"] == 1 and targets["depth_p"] < ALPHA
+
+
+# the all-scheme grid's b2t: the seeds' log-sd of g_0/g_L at L = 2 … 256 (typical_by_depth.csv)
+B2T_SPREAD = {2: 0.061, 4: 0.097, 8: 0.22, 16: 0.38, 32: 0.49, 64: 0.48, 128: 0.71, 256: 1.0}
+
+
+def test_an_exact_theory_fails_the_depth_test_at_its_level_and_the_floor_rule_often():
+    rng = np.random.default_rng(1)
+    spread = {L: sd for L, sd in B2T_SPREAD.items() if L <= 32}  # the same sds, shallower stacks
+    depth_fails = floor_fails = 0
+    draws = 120
+    for _ in range(draws):
+        row = typical_targets(typical_errors(*walk_grid(spread, 1.0, rng))).iloc[0]
+        depth_fails += row["verdict"] == "fails"
+        floor_fails += row["error"] > max(row["target"], row["measured_noise_floor"])
+    assert depth_fails / draws < 0.12  # ALPHA = 0.05 with 120 draws' scatter, σ from 16 seeds
+    assert floor_fails / draws > 0.15  # the median-over-rows rule has no level
+
+
+def test_a_theory_off_by_its_scatter_fails_the_depth_test():
+    rng = np.random.default_rng(2)
+    spread = {L: sd for L, sd in B2T_SPREAD.items() if L <= 32}
+    # off by ×1.3 at every depth: 0.26 in the log, 1 to 11 standard errors of the median
+    verdicts = [typical_targets(typical_errors(*walk_grid(spread, 1.3, rng))).iloc[0]["verdict"]
+                for _ in range(20)]
+    assert verdicts.count("fails") >= 18
+
+
+def test_the_depth_test_reads_g0_over_gL_at_each_depth():
+    profiles, sds = walk_grid({4: 0.2, 8: 0.3, 16: 0.4}, 1.0, np.random.default_rng(3))
+    depths = by_depth(typical_errors(profiles, sds))
+    assert list(depths["depth"]) == [4, 8, 16]
+    se = MEDIAN_SPREAD * depths["measured_log10_sd"] * math.log(10) / 4  # 16 seeds
+    assert np.allclose(depths["z"], np.log(depths["measured_median"] / depths["theory"]) / se)
+    test = depth_test(depths).iloc[0]
+    assert test["depth_dof"] == 3 and test["depth_chi2"] == pytest.approx((depths["z"] ** 2).sum())
 
 
 def test_each_scheme_keeps_its_own_measured_floor():

@@ -60,7 +60,7 @@ STUDIES = {
                              "targets met where they can be resolved. See [Initialization](../../init.md).",
     "init-w256-all16": "All eight schemes at width 256, L = 2 … 256, 16 seeds: the targets of "
                        "the position-resolved theory on the seed mean (`targets.csv`), and g_l/g_L's "
-                       "median across seeds against theory with the spread theory's noise floor "
+                       "median across seeds against theory, tested over depths with the seeds' noise "
                        "(`typical_*.csv`, from `fidelity --grid`); `exact_inputs/`: the same grid "
                        "against the mean field from each sequence's exact covariances "
                        "(`tools/grid_exact_inputs.py`); `gradient_excess_by_layer.csv`: where along "

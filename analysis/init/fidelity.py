@@ -21,7 +21,7 @@
 
 With ``--grid RUN_DIR`` nothing is measured: from a finished sweep's init_profiles.csv it writes
 ``gradient_spread.csv`` (g_0/g_L of every seed and its spread in log10) and the typical value
-against theory with the spread theory's noise floor (analysis/init/typical.py):
+against theory, tested over depths with the seeds' noise (analysis/init/typical.py):
 ``typical_targets.csv``, ``typical_by_depth.csv`` and ``typical_orders.csv``.
 """
 
