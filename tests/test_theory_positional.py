@@ -222,6 +222,34 @@ def test_realized_norm_against_monte_carlo(fixed_power, gaussian_power):
     assert measured - 1 > 0.02  # the term itself is resolved: 1.5/d … 3/d
 
 
+@pytest.mark.parametrize("attn_power, ffn_power", [(1.0, 1.0), (0.5, 2.0)])
+def test_realized_norm_of_correlated_fixed_parts_against_monte_carlo(attn_power, ffn_power):
+    """B2T's output norm reads h + F(h) + x with h = N(x + A(x)): two fixed-power parts whose
+    directions are correlated. _fixed_cross derives their realized inner product; counting them as
+    independent directions overstates Var q̂ (×2.1 here), and with it E[1/q̂]."""
+    d, n, T = 64, 200_000, 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.layer_norm(torch.randn(n, d, dtype=torch.float64, generator=gen), (d,))
+    a = torch.randn(n, d, dtype=torch.float64, generator=gen) * math.sqrt(attn_power)
+    h = torch.nn.functional.layer_norm(x + a, (d,))
+    y = h + torch.randn(n, d, dtype=torch.float64, generator=gen) * math.sqrt(ffn_power) + x
+    measured = _layernorm_backward_power(y, seed=1) / (1 - 2 / d)
+    ctx = P._Ctx(P.Setting(width=d, seq_len=T, realized_norm="all"), np.eye(T), (np.ones(T),))
+    x_v = P._Value(ctx, {0: np.ones(T)}, 0)
+    h_v = ctx.norm(x_v + ctx._emit("attn", x_v, attn_power * np.eye(T), lambda G: G))
+    y_v = h_v + ctx._emit("ffn", h_v, ffn_power * np.eye(T), lambda G: G) + x_v
+    Q = np.diag(ctx.cov(y_v))
+    predicted = ctx._jensen(y_v, Q)[0] / Q[0]
+    # the same parts counted as independent directions: Var q̂ = 2(Q² − U_h² − U_x²)/d, and the
+    # centering of W = Q − U_h − U_x, their mean inner product included
+    W = Q[0] - 2
+    independent = (1 + 2 * (Q[0] ** 2 - 2) / d / Q[0] ** 2) / (Q[0] - W / d)
+    excess = {k: v * Q[0] - 1 for k, v in
+              (("measured", measured), ("predicted", predicted), ("independent", independent))}
+    assert excess["measured"] == pytest.approx(excess["predicted"], abs=0.003)  # as above: O(1/d²)
+    assert excess["independent"] - excess["measured"] > 0.01
+
+
 def test_realized_norm_is_off_by_default_and_raises_the_gradient_ratio(monkeypatch):
     kw = dict(depth=8, seq_len=16, width=64, heads=2, rho0=0.2, rho_g=0.1)
     for scheme in ("pre", "peri", "post", "deepnorm"):
@@ -232,6 +260,11 @@ def test_realized_norm_is_off_by_default_and_raises_the_gradient_ratio(monkeypat
             assert raised["g"][0] > plain["g"][0] * 1.01
         else:  # every path passes the norms (the trunk): kept
             assert raised["g"][0] == pytest.approx(plain["g"][0], rel=1e-12)
+    # "all": the trunk's norms too
+    trunk = P.predict_positional("post", realized_norm="all", **kw)
+    assert trunk["g"][0] > P.predict_positional("post", **kw)["g"][0] * 1.01
+    with pytest.raises(ValueError, match="realized_norm must be one of"):
+        P.predict_positional("post", realized_norm="trunk", **kw)
     # the checkpointed backward (recomputing blocks from every 3rd) carries their fixed parts alike
     full = P.predict_positional("mixln", realized_norm=True, **dict(kw, depth=9))
     monkeypatch.setattr(P, "HELD_ENTRIES", 1)

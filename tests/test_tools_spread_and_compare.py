@@ -171,3 +171,25 @@ def test_norm_jensen_layernorm_backward_is_d_over_d_minus_3_above_the_theory():
     assert measured == pytest.approx((d - 2) / (d - 3), rel=0.004)  # SE ≈ 0.001
     assert abs(measured - (1 - 2 / d)) > 0.05  # the theory's (1 − 2/d) misses by 3/d
 
+
+
+def test_typical_drift_puts_the_norms_jensen_factor_against_the_lognormal_drift():
+    from theory import positional as P
+    module = tool("typical_drift")
+    kw = dict(depth=4, seq_len=16, width=32, heads=1)
+    x, y = module.study_sequence(module.load_corpus(None), 16)
+    cov0, grad_top = module.text_covariances(x, y, embed_std=1.0)
+    mean_field = np.log10(P.predict_positional("post", cov0=cov0, grad_top=grad_top, **kw)["g"][0])
+    spread = pd.DataFrame([{"scheme": "post", "width": 32, "depth": 4, "seeds": 32,
+                            "statistic": "log10_g0_over_gL", "predicted_sd": 0.2,
+                            "mean_field": mean_field, "measured_median": mean_field,
+                            "measured_median_se": 0.05}])
+    row = module.drift_table(spread, 16).iloc[0]
+    drift = (0.2 * np.log(10)) ** 2 / 2 / np.log(10)
+    assert row["lognormal_median"] == pytest.approx(mean_field - drift)
+    assert row["jensen_branch"] == pytest.approx(0.0, abs=1e-12)  # post's norms are on the trunk
+    assert row["jensen_all"] > 0.01  # E[1/q̂] > 1/Q at each of 8 norms, width 32
+    assert row["all_median"] == pytest.approx(mean_field + row["jensen_all"] - drift)
+    assert row["z_mean_field"] == pytest.approx(0, abs=1e-9) and row["z_all"] == pytest.approx((drift - row["jensen_all"]) / 0.05)
+    with pytest.raises(ValueError, match="not spread.csv's"):
+        module.drift_table(spread.assign(mean_field=mean_field + 0.01), 16)

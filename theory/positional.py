@@ -106,7 +106,10 @@ class Setting:
     experts: int = 0
     top_k: int = 2
     attention: str = "causal"  # theory.shape.ATTENTION_KINDS
-    realized_norm: bool = False  # a norm's backward divides by its input's realized power (_jensen)
+    realized_norm: str = ""  # which norms' backward divides by the realized power (_jensen): REALIZED_NORM
+
+
+REALIZED_NORM = {False: "", True: "branch", "": "", "branch": "branch", "all": "all"}
 
 
 class _Ctx:
@@ -122,6 +125,12 @@ class _Ctx:
         # not scatter): {node: {part: amplitude}}, and each part's per-token power
         self.fixed: dict[int, dict[Any, float]] = {0: {("in", k): 1.0 for k in range(len(fixed_in))}}
         self.fixed_power: dict[Any, np.ndarray] = {("in", k): U for k, U in enumerate(fixed_in)}
+        # each part's amplitudes over the sources, where known (an input of one fixed part is
+        # source 0 itself; a norm's output its input's, rescaled), and each norm's input: the
+        # amplitude of source 0 and the power, per token (_fixed_cross)
+        self.fixed_terms: dict[Any, dict[int, np.ndarray]] = (
+            {("in", 0): {0: np.ones(self.T)}} if len(fixed_in) == 1 else {})
+        self.norm_inputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def cov(self, v: _Value) -> np.ndarray:
         """Token covariance of a value: Σ_i (a_i a_iᵀ) ∘ K_i."""
@@ -147,13 +156,13 @@ class _Ctx:
         """The per-token powers of the parts of v whose power is fixed (norm outputs)."""
         return [a * a * self.fixed_power[k] for k, a in self.fixed.get(v.node, {}).items()]
 
-    def realize_branch_norms(self, out: _Value) -> None:
-        """Raise the backward of every norm off the block's trunk by its _jensen factor. A norm
-        on a branch scales one additive part of the gradient, whose mean over initializations,
-        and over blocks, is the typical value: E[1/q̂] is right there. A norm every path passes
-        (PostNorm's, DeepNorm's) multiplies the whole gradient, block after block: its
-        typical value needs E[ln 1/q̂] and the drift of the product's logarithm, not derived, so
-        it keeps the mean field's 1/Q."""
+    def realize_norms(self, out: _Value, every: bool = False) -> None:
+        """Raise the backward of every norm off the block's trunk (``every``: of every norm) by its
+        _jensen factor. A norm on a branch scales one additive part of the gradient, whose mean
+        over initializations, and over blocks, is the typical value: E[1/q̂] is right there. A
+        norm every path passes (PostNorm's, DeepNorm's) multiplies the whole gradient, block
+        after block: its typical value also drifts by the product's log-variance (theory/spread.py);
+        for PostNorm the two cancel (tools/typical_drift.py)."""
         def reaches_input(skip: int) -> bool:
             todo, seen = [out.node], set()
             while todo:
@@ -167,24 +176,58 @@ class _Ctx:
             return False
 
         for n, node in enumerate(self.nodes):
-            if node.kind == "norm" and "jensen" in node.sub and reaches_input(n):
+            if node.kind == "norm" and "jensen" in node.sub and (every or reaches_input(n)):
                 parent, scale = node.parents[0]
                 node.parents[0] = (parent, scale * node.sub.pop("jensen"))
 
     def _jensen(self, v: _Value, Q: np.ndarray) -> np.ndarray:
         """Q·E[1/q̂] per token: the norm divides by the realized power q̂ of its input (own
-        derivation, Monte Carlo in tests/test_theory_positional.py). Over d coordinates a Gaussian
-        part of power W scatters as 2W²/d, its cross term with a part of fixed power U as 4UW/d,
-        two fixed parts' as 4U_iU_j/d: Var q̂ = 2(Q² − Σ U_i²)/d. A LayerNorm also removes the
-        mean over coordinates, W/d of the Gaussian part (norm outputs have none):
-        E q̂ = Q − W/d. To O(1/d): Q·E[1/q̂] = Q/E q̂·(1 + Var q̂/Q²); for a Gaussian input
-        1 + 3/d (LayerNorm; exactly d/(d − 3)) or 1 + 2/d (RMSNorm)."""
+        derivation, Monte Carlo in tests/test_theory_positional.py). The input is a combination f
+        of parts of fixed power U_i (norm outputs) and a Gaussian part of power W. Over d
+        coordinates the Gaussian part scatters as 2W²/d, its cross term with f as 4W·P_f/d (P_f:
+        f's power), and f's own power through its parts' realized inner products, 4U_iU_j/d for
+        independent directions: Var q̂ = 2(Q² − Σ U_i²)/d when no two parts are correlated. Two
+        correlated parts are derived where one is the norm of an input holding the other
+        (_fixed_cross). A LayerNorm also removes the mean over coordinates, W/d of the Gaussian
+        part (norm outputs have none): E q̂ = Q − W/d. To O(1/d): Q·E[1/q̂] = Q/E q̂·(1 + Var q̂/Q²);
+        for a Gaussian input 1 + 3/d (LayerNorm; exactly d/(d − 3)) or 1 + 2/d (RMSNorm)."""
         d = self.st.width
-        U = self.fixed_parts(v)
-        fixed = np.sum(U, axis=0) if U else np.zeros_like(Q)
-        var = 2 * np.clip(Q ** 2 - np.sum(np.square(U), axis=0) if U else Q ** 2, 0, None) / d
-        mean = Q - np.clip(Q - fixed, 0, None) / d if self.st.norm == "layernorm" else Q
+        parts = list(self.fixed.get(v.node, {}).items())
+        P_f, var_f = np.zeros_like(Q), np.zeros_like(Q)
+        for x, (k, a) in enumerate(parts):
+            P_f = P_f + a * a * self.fixed_power[k]
+            for k2, b in parts[x + 1:]:
+                C, V = self._fixed_cross(k, k2)
+                P_f, var_f = P_f + 2 * a * b * C, var_f + 4 * (a * b) ** 2 * V
+        W = np.clip(Q - P_f, 0, None)
+        var = var_f + 4 * W * P_f / d + 2 * W ** 2 / d
+        mean = Q - W / d if self.st.norm == "layernorm" else Q
         return Q / mean * (1 + var / Q ** 2)
+
+    def _fixed_cross(self, i: Any, j: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Per token, the mean and the variance of the realized inner product <u_i, u_j>/d of two
+        fixed-power parts. Independent directions: 0 and U_i·U_j/d. A norm's output h = N(c·x + g)
+        with the fixed part x in its input (g: the rest, of power W_g, independent of x; S: the
+        input's power; own derivation, to first order in <g, x>/d and |g|²/d): mean c·U_x/√S,
+        variance U_x·W_g²·(W_g + c²U_x/2)/(d·S³) (Monte Carlo in tests/test_theory_positional.py)."""
+        terms = [self.fixed_terms.get(k) for k in (i, j)]
+        if terms[0] is None or terms[1] is None:  # a part of a several-part input
+            known = terms[0] if terms[1] is None else terms[1]
+            if known is not None and 0 in known:
+                raise ValueError("Var q̂ is not derived for a norm output holding one of several "
+                                 "fixed parts of the block input")
+            return 0.0, self.fixed_power[i] * self.fixed_power[j] / self.st.width
+        C = sum(terms[0][s] * terms[1][s] * np.diag(self.sources[s])
+                for s in set(terms[0]) & set(terms[1]))
+        if not np.any(np.abs(C) > 1e-12):
+            return 0.0, self.fixed_power[i] * self.fixed_power[j] / self.st.width
+        h, x = (i, j) if i in self.norm_inputs else (j, i)
+        if x != ("in", 0) or h not in self.norm_inputs:
+            raise ValueError("Var q̂ is not derived for these two correlated fixed parts")
+        c, S = self.norm_inputs[h]
+        U = self.fixed_power[x]
+        Wg = np.clip(S - c * c * U, 0, None)
+        return C, U * Wg ** 2 * (Wg + c * c * U / 2) / (self.st.width * S ** 3)
 
     def norm(self, v: _Value, *, lr: Any = 1) -> _Value:
         """Per-token rescaling by 1/sqrt(Q_s + eps); backward keeps the projection factor."""
@@ -200,6 +243,8 @@ class _Ctx:
         node = len(self.nodes) - 1
         self.fixed[node] = {node: 1.0}
         self.fixed_power[node] = np.diag(S) * scale ** 2
+        self.fixed_terms[node] = {i: a * scale for i, a in v.terms.items()}
+        self.norm_inputs[node] = (v.terms.get(0, np.zeros(self.T)), np.diag(S))
         return _Value(self, {i: a * scale for i, a in v.terms.items()}, node)
 
     def _emit(self, kind: str, v: _Value, K: np.ndarray, backward: Callable) -> _Value:
@@ -491,7 +536,7 @@ def run_block(s: Scheme, cov_in: np.ndarray, st: Setting, l: int, L: int,
     if not isinstance(out, _Value):
         raise ValueError(f"scheme '{s.name}' must return a value built from its input")
     if st.realized_norm:
-        ctx.realize_branch_norms(out)
+        ctx.realize_norms(out, every=st.realized_norm == "all")
     cov_out = ctx.cov(out)
     has_norm = ctx.nodes[out.node].kind == "norm"
     a0 = out.terms.get(0, np.zeros(ctx.T))
@@ -531,7 +576,7 @@ def embedding_covariance(T: int, q0: float, rho0: float, cov0: Any | None) -> np
 def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
                        scheme_params: dict[str, Any] | None = None, q0: float | None = None,
                        rho0: float = 0.0, rho_g: float = 0.0, cov0: np.ndarray | None = None,
-                       grad_top: np.ndarray | None = None, realized_norm: bool = False,
+                       grad_top: np.ndarray | None = None, realized_norm: bool | str = False,
                        **shape: Any) -> dict[str, np.ndarray]:
     """Per-layer position-resolved predictions at init, arrays indexed by l = 0..depth.
 
@@ -541,9 +586,12 @@ def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
     attention at init does not depend on the head count. ``cov0`` (T×T) replaces the embedding's
     uniform covariance q0·((1 − ρ0)I + ρ0·11ᵀ), e.g. the exact one of a given text at init,
     q0/2·(same-byte indicator + I); ``grad_top`` replaces the top gradient's (1 − ρ_g)I + ρ_g·11ᵀ.
-    ``realized_norm``: every norm's backward divides by its input's realized power, E[1/q̂]
-    (_Ctx._jensen, an O(1/d) term; off by default until the committed grids are predicted again).
-    """
+    ``realized_norm``: the norms off the trunk (True or "branch"; "all": every norm) divide the
+    gradient by their input's realized power, E[1/q̂] (_Ctx._jensen, an O(1/d) term; off by
+    default until the committed grids are predicted again)."""
+    realized = REALIZED_NORM[realized_norm] if isinstance(realized_norm, bool) else realized_norm
+    if realized not in REALIZED_NORM.values():
+        raise ValueError(f"realized_norm must be one of False, True, 'branch', 'all'; got {realized_norm!r}")
     cfg = TheoryConfig(scheme=scheme, depth=depth, seq_len=seq_len,
                        scheme_params=tuple(sorted((scheme_params or {}).items())), **shape)
     cfg.validate()  # the same errors as predict_profile
@@ -552,7 +600,7 @@ def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
     params = {k: float(v) for k, v in s.resolve(L, **(scheme_params or {})).items()}
     check_correlations(rho0, rho_g, T)
     st = Setting(int(cfg.width), T, float(cfg.sigma), cfg.ffn, cfg.norm, int(cfg.experts),
-                 int(cfg.top_k), cfg.attention, bool(realized_norm))
+                 int(cfg.top_k), cfg.attention, realized)
     cov = embedding_covariance(T, cfg.embed_std ** 2 if q0 is None else q0, rho0, cov0)
     # keep every forward covariance when they fit in ~128 MB; otherwise every stride-th (√L of
     # them) and recompute the others during the backward pass

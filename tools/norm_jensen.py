@@ -11,7 +11,7 @@ Q·E[1/q̂]: for an input of i.i.d. Gaussian coordinates (PreNorm's stream) d/(d
 d = 256; for an input with a part of fixed power (a previous norm's output), less
 (theory/positional.py, _Ctx._jensen; ``predict_positional(..., realized_norm=True)``). It is
 applied to the norms on a branch, which scale one additive part of the gradient; a norm every
-path passes (PostNorm's, DeepNorm's: the trunk) keeps the mean field's 1/Q (_Ctx.realize_branch_norms).
+path passes (PostNorm's, DeepNorm's: the trunk) keeps the mean field's 1/Q (_Ctx.realize_norms).
 
 Two parts, written to ``--out``:
 
