@@ -193,3 +193,13 @@ def test_typical_drift_puts_the_norms_jensen_factor_against_the_lognormal_drift(
     assert row["z_mean_field"] == pytest.approx(0, abs=1e-9) and row["z_all"] == pytest.approx((drift - row["jensen_all"]) / 0.05)
     with pytest.raises(ValueError, match="not spread.csv's"):
         module.drift_table(spread.assign(mean_field=mean_field + 0.01), 16)
+
+
+def test_trunk_norm_covariance_is_small_beside_the_jensen_term():
+    module = tool("trunk_norm_covariance")
+    jensen, cov, se = module.covariance(module.sample(32, 1.0, seeds=40, tokens=64))
+    assert jensen > 0.02  # Q·E[1/q̂] − 1 at d = 32: ≈ 1.5/d
+    assert abs(cov) < 0.2 * jensen and se < 0.002
+    # a block without its branch: q̂ = 1 exactly, nothing to covary
+    jensen0, cov0, _ = module.covariance(module.sample(32, 0.0, seeds=4, tokens=16))
+    assert abs(jensen0) < 1e-9 and abs(cov0) < 1e-9

@@ -47,7 +47,9 @@ STUDIES = {
     "init-spread": "The spread across initializations: 32 seeds on one sequence, post, b2t, pre, "
                    "span, L = 16 … 256, widths 64 and 256, against theory/spread.py; "
                    "`typical_drift.csv`: the median against the norms' E[1/q̂] and the "
-                   "log-normal drift (`tools/typical_drift.py`). "
+                   "log-normal drift (`tools/typical_drift.py`); `trunk_norm_covariance.csv`: "
+                   "a trunk norm's 1/q̂ against the gradient its block passes back "
+                   "(`tools/trunk_norm_covariance.py`). "
                    "See [Theory](../../theory.md#the-spread-across-initializations).",
     "init-spread-attention": "PreNorm's spread across 32 seeds at L = 64 by attention kind, heads "
                              "and width, against theory/spread.py with every noise kind and each "
