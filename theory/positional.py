@@ -210,17 +210,18 @@ class _Ctx:
         with the fixed part x in its input (g: the rest, of power W_g, independent of x; S: the
         input's power; own derivation, to first order in <g, x>/d and |g|²/d): mean c·U_x/√S,
         variance U_x·W_g²·(W_g + c²U_x/2)/(d·S³) (Monte Carlo in tests/test_theory_positional.py)."""
+        independent = 0.0, self.fixed_power[i] * self.fixed_power[j] / self.st.width
         terms = [self.fixed_terms.get(k) for k in (i, j)]
         if terms[0] is None or terms[1] is None:  # a part of a several-part input
             known = terms[0] if terms[1] is None else terms[1]
             if known is not None and 0 in known:
                 raise ValueError("Var q̂ is not derived for a norm output holding one of several "
                                  "fixed parts of the block input")
-            return 0.0, self.fixed_power[i] * self.fixed_power[j] / self.st.width
+            return independent
         C = sum(terms[0][s] * terms[1][s] * np.diag(self.sources[s])
                 for s in set(terms[0]) & set(terms[1]))
         if not np.any(np.abs(C) > 1e-12):
-            return 0.0, self.fixed_power[i] * self.fixed_power[j] / self.st.width
+            return independent
         h, x = (i, j) if i in self.norm_inputs else (j, i)
         if x != ("in", 0) or h not in self.norm_inputs:
             raise ValueError("Var q̂ is not derived for these two correlated fixed parts")

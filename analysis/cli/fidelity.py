@@ -108,7 +108,8 @@ def grid_spread(grid: Path, args: argparse.Namespace) -> int:
               "theory covers dense FFNs, not MoE")
         return 0
     errs = typical_errors(profiles, predicted_sd(profiles, cfg.model_config(cfg.schemes[0], cfg.depths[0])))
-    targets, depths = typical_targets(errs), by_depth(errs)
+    depths = by_depth(errs)
+    targets = typical_targets(errs, depths)
     orders = growth_orders(depths, cfg.width)
     for name, frame in (("gradient_spread", spread), ("typical_targets", targets),
                         ("typical_by_depth", depths), ("typical_orders", orders)):

@@ -322,7 +322,7 @@ _declare("--latex", action="store_true", help="print recurrences and closed form
 _declare("--grid", metavar="RUN_DIR",
          help="instead: from a sweep folder's init_profiles.csv, nothing measured, write "
               "gradient_spread.csv (g_0/g_L per seed and its spread in log10), and g_l/g_L's median "
-              "across seeds against theory with the spread theory's noise floor "
+              "across seeds against theory, with the noise floors and a χ² test over depths "
               "(typical_targets.csv, typical_by_depth.csv, and its growth order: typical_orders.csv)")
 _declare("--redraw-embedding", action="store_true",
          help="the seed study runs each sequence alone with a token embedding table drawn afresh "

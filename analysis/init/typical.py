@@ -98,10 +98,10 @@ def typical_errors(profiles: pd.DataFrame, sds: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def typical_targets(errs: pd.DataFrame) -> pd.DataFrame:
+def typical_targets(errs: pd.DataFrame, depths: pd.DataFrame | None = None) -> pd.DataFrame:
     """targets.csv's gradient rows for the typical value (``prediction`` = typical), with the
-    measured floor beside the predicted one, ``resolvable`` by the smaller, the depth test and a
-    verdict."""
+    measured floor beside the predicted one, ``resolvable`` by the smaller, the depth test on
+    ``depths`` (by_depth(errs) unless given) and a verdict."""
     c = comparable(errs)
     c = c[[(m, s) in TARGETS for m, s in zip(c["metric"], c["site"])]]
     summary = c.groupby(["scheme", "metric", "site"], sort=False).agg(
@@ -111,7 +111,8 @@ def typical_targets(errs: pd.DataFrame) -> pd.DataFrame:
     targets = target_check(summary)  # the median statistic: the gradient has no p99 target
     targets = targets.merge(summary[["scheme", "metric", "site", "measured_noise_floor"]],
                             on=["scheme", "metric", "site"], how="left")
-    targets = targets.merge(depth_test(by_depth(errs)), on="scheme", how="left")
+    targets = targets.merge(depth_test(by_depth(errs) if depths is None else depths),
+                            on="scheme", how="left")
     decisive = np.minimum(targets["noise_floor"], targets["measured_noise_floor"])
     targets["resolvable"] = decisive <= targets["target"]
     targets["verdict"] = np.select([targets["passes"], targets["depth_p"] >= ALPHA],
@@ -134,7 +135,7 @@ def by_depth(errs: pd.DataFrame) -> pd.DataFrame:
     """g_0/g_L per scheme and depth: median across seeds against the mean field, its z-score
     (the log error over the median's standard error from the seeds' spread), and the log10
     spread across seeds, predicted and measured (typical_by_depth.csv)."""
-    g = errs[(errs["point"] == "embed") & (errs["metric"] == "grad_rel")]
+    g = errs[(errs["point"] == "embed") & (errs["metric"] == METRIC)]
     out = g[["scheme", "depth", "seeds", "theory", "measured_median", "error", "noise_floor",
              "measured_noise_floor"]].copy()
     median_se_ln = MEDIAN_SPREAD * g["measured_sd_ln"] / np.sqrt(g["seeds"])
