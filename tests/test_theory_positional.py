@@ -270,3 +270,51 @@ def test_realized_norm_is_off_by_default_and_raises_the_gradient_ratio(monkeypat
     monkeypatch.setattr(P, "HELD_ENTRIES", 1)
     checkpointed = P.predict_positional("mixln", realized_norm=True, **dict(kw, depth=9))
     assert np.allclose(full["g"], checkpointed["g"], rtol=1e-12)
+
+
+def test_head_gradient_tilt_toward_the_stream_against_monte_carlo():
+    """components.head_gradient_share: the LM head's gradient Wᵀ(p − e_y) has (1 + s²)/d of its
+    power along its input x (s² = σ²q the logits' variance), against 1/d for a random direction."""
+    from theory.components import head_gradient_share
+    rng = np.random.default_rng(0)
+    d, vocab, n, sigma, q = 64, 256, 4000, 1.0, 1.0
+    along, power = [], []
+    for _ in range(n // 100):  # 100 heads at a time: 13 MB
+        W = rng.normal(0, sigma / math.sqrt(d), (100, vocab, d))
+        x = rng.normal(0, 1, (100, d))
+        x *= math.sqrt(q * d) / np.linalg.norm(x, axis=1, keepdims=True)
+        z = np.einsum("nvd,nd->nv", W, x)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(100), rng.integers(0, vocab, 100)] -= 1
+        g = np.einsum("nvd,nv->nd", W, p)
+        along.append(np.einsum("nd,nd->n", g, x / np.linalg.norm(x, axis=1, keepdims=True)) ** 2)
+        power.append((g ** 2).sum(1))
+    along, power = np.concatenate(along), np.concatenate(power)
+    share = along.mean() / power.mean()
+    se = along.std() / math.sqrt(n) / power.mean()
+    predicted = 1 - head_gradient_share(q, sigma, d) * (1 - 1 / d)  # the tilt plus the random 1/d
+    assert abs(share - predicted) < 3 * se, (share, predicted, se)
+    assert share - 1 / d > 10 * se  # the tilt is resolved: twice a random direction's share
+
+
+@pytest.mark.parametrize("scheme_name", ["deepnorm", "span"])
+def test_top_block_takes_the_head_gradient_unprojected(scheme_name):
+    """A stack without a final norm: the top block's output norm removes k/d of the LM head's
+    gradient and its tilt toward the stream (positional.reads_head). Measured over 16 seeds on
+    real text, the top block's factor g_{L-1}/g_L matches; the theory without the boundary
+    (the head's gradient taken as projected) is off by (1 − 2/d)/(1 + 1/d), resolved."""
+    from analysis.init.spread import probed_at_init, study_sequence, text_covariances
+    from probes import point_name
+    L, d, T = 4, 64, 32
+    x, y = study_sequence(load_corpus(None), T)
+    cfg = ModelConfig(scheme=scheme_name, depth=L, width=d, heads=1, max_seq_len=T)
+    cov0, grad_top = text_covariances(x, y, cfg.embed_std)
+    predicted = math.log10(P.predict_positional(scheme_name, depth=L, seq_len=T, width=d, heads=1,
+                                                cov0=cov0, grad_top=grad_top)["g"][L - 1])
+    measured = np.array([math.log10(probed_at_init(cfg, seed, x, y)[(point_name(L - 2), "grad_rel")])
+                         for seed in range(16)])
+    se = measured.std(ddof=1) / 4
+    boundary = math.log10((1 - 2 / d) / (1 + 1 / d))
+    assert abs(measured.mean() - predicted) < 2.5 * se, (measured.mean(), predicted, se)
+    assert abs(measured.mean() - (predicted - boundary)) > 4 * se

@@ -26,6 +26,22 @@ def test_the_covariance_share_is_zero_for_independent_blocks_and_one_minus_1_ove
     assert share(common) == pytest.approx(1 - 1 / 8)
 
 
+def test_median_offsets_place_each_block_factors_offset_and_add_up():
+    offsets = tool("spread_by_layer").median_offsets
+    rng = np.random.default_rng(2)
+    seeds, L = 400, 5
+    mean_field = np.array([0.5, 0.4, 0.3, 0.2, 0.1, 0.0])  # log10 g_l, l = 0..L; factors 0.1 each
+    shift = np.array([0.03, 0.0, 0.0, 0.0, -0.02])  # first block +0.03, top block −0.02
+    factors = 0.1 + shift + 0.01 * rng.standard_normal((seeds, L))
+    g = np.hstack([np.cumsum(factors[:, ::-1], axis=1)[:, ::-1], np.zeros((seeds, 1))])
+    frame = pd.DataFrame([dict(seed=s, layer=l, log10_g=g[s, l]) for s in range(seeds)
+                          for l in range(L + 1)])
+    r = offsets(frame, 10 ** mean_field)
+    for part, expected in (("first", 0.03), ("top", -0.02), ("between", 0.0), ("total", 0.01)):
+        assert abs(r[f"median_offset_{part}"] - expected) < 4 * r[f"median_offset_{part}_se"], part
+    assert r["median_offset_top_se"] == pytest.approx(np.sqrt(np.pi / 2) * 0.01 / 20, rel=0.15)
+
+
 def test_decompose_reads_the_per_layer_frame_as_block_factors():
     decompose = tool("spread_by_layer").decompose
     rng = np.random.default_rng(1)

@@ -112,8 +112,24 @@ def norm_backward_factor(Q: sympy.Expr, d: sympy.Expr, kind: str = "layernorm") 
     Jacobian J = (I - 11ᵀ/d - yyᵀ/d)/sqrt(var + eps) (LayerNorm; RMSNorm lacks the 11ᵀ term);
     for a gradient g independent of y and 1, E|Jᵀg|² = |g|²(1 - k/d)/(Q + eps) (projection terms).
     """
-    k = 2 if kind == "layernorm" else 1
-    return (1 - sympy.Integer(k) / d) / (Q + EPS)
+    return norm_projection(d, kind) / (Q + EPS)
+
+
+def norm_projection(d: Any, kind: str = "layernorm") -> Any:
+    """1 - k/d: the share of a fresh gradient's power a norm's projections keep (k as above)."""
+    return 1 - sympy.Integer(2 if kind == "layernorm" else 1) / d
+
+
+def head_gradient_share(q: Any, sigma: Any, d: Any) -> Any:
+    """The share of the LM head's gradient power that lies off the head's input x: 1/(1 + s²/d),
+    s² = σ²q the logits' variance (own derivation; Monte Carlo in tests/test_theory_positional.py).
+
+    The head W (entries N(0, σ²/d)) reads x, of power q per coordinate. Its gradient Wᵀ(p − e_y)
+    is random relative to x but for a tilt: along x̂ it is (p − e_y)·z/|x| with logits z = Wx,
+    and (p − e_y)·z = Σ_v p_v z_v − z_y ≈ s² − z_y (a softmax over many Gaussian logits weights
+    them toward their large values), so its power there is (s⁴ + s²)/(dq) beside the random part's
+    σ²: an extra share s²/d along x, which a norm whose output x is removes whole."""
+    return 1 / (1 + sigma ** 2 * q / d)
 
 
 # --- activations: kernels K(q1, q2, c) = E[φ(u)φ(v)], K'(…) = E[φ'(u)φ'(v)] -------------

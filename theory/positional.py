@@ -235,8 +235,7 @@ class _Ctx:
         S = self.cov(v)
         self.last_norm_input = S
         scale = 1.0 / np.sqrt(np.diag(S) + _EPS)
-        k = 2 if self.st.norm == "layernorm" else 1
-        proj = math.sqrt(max(1 - k / self.st.width, 0.0))
+        proj = math.sqrt(max(float(C.norm_projection(self.st.width, self.st.norm)), 0.0))
         sub = {"proj": proj}
         if self.st.realized_norm:  # applied by run_block to the norms off the trunk
             sub["jensen"] = np.sqrt(self._jensen(v, np.diag(S)))
@@ -272,9 +271,13 @@ class _Ctx:
         K, backward = ffn(S, self.st, float(in_gain), float(out_gain))
         return self._emit("ffn", v, K, backward)
 
-    def backward(self, out: _Value, grad_out: np.ndarray) -> np.ndarray:
+    def backward(self, out: _Value, grad_out: np.ndarray, head: bool = False) -> np.ndarray:
         """Gradient covariance at the block input, given ``grad_out`` at its output
-        (tape.walk_backward's rules over T×T matrices, amplitudes per token)."""
+        (tape.walk_backward's rules over T×T matrices, amplitudes per token); ``head``: it comes
+        straight from the LM head (head_arrival)."""
+        if head:
+            a = head_arrival(self, out)
+            grad_out = grad_out * np.outer(a, a)
         gsrc: list[np.ndarray] = [grad_out]
 
         def power(amps: dict[int, np.ndarray]) -> np.ndarray:
@@ -287,7 +290,23 @@ class _Ctx:
             gsrc.append(node.sub["backward"](arriving))
             return len(gsrc) - 1
 
-        return walk_backward(self.nodes, out.node, np.ones(self.T), power, sublayer)
+        return walk_backward(self.nodes, out.node, np.ones(self.T), power, sublayer,
+                             projected=not head)
+
+
+def reads_head(s: Scheme, l: int, L: int, ctx: _Ctx, out: _Value) -> bool:
+    """Whether block l's output norm takes the LM head's gradient directly: the top block of a
+    stack without a final norm. That gradient is fresh, not projected like one that passed the
+    norms of a block above, and tilted toward the stream (head_arrival). A stack that ends in
+    no norm at all keeps the projected rule (not derived)."""
+    return l == L and not s.final_norm and ctx.nodes[out.node].kind == "norm"
+
+
+def head_arrival(ctx: _Ctx, out: _Value) -> np.ndarray:
+    """Per token, the amplitude of the LM head's gradient that the top output norm does not
+    remove whole: the part off the stream (components.head_gradient_share); the norm's
+    projections then take k/d of it as of any fresh gradient (walk_backward, projected=False)."""
+    return np.sqrt(C.head_gradient_share(np.diag(ctx.cov(out)), ctx.st.sigma, ctx.st.width))
 
 
 # --- sublayer maps on matrices -------------------------------------------------------------------
@@ -632,7 +651,7 @@ def predict_positional(scheme: str, *, depth: int, seq_len: int = 128,
             states.append((res.cov_out, res.fixed_out))
         for l in range(hi, lo, -1):
             res = run_block(s, states[l - 1 - lo][0], st, l, L, params, states[l - 1 - lo][1])
-            grad = res.ctx.backward(res.out, grad)
+            grad = res.ctx.backward(res.out, grad, head=reads_head(s, l, L, res.ctx, res.out))
             gm = float(np.mean(np.diag(grad)))
             out["g"][l - 1], out["rg"][l - 1] = gm / top, mean_cosine(grad)
             out["g_first"][l - 1] = grad[0, 0] / gm

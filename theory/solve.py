@@ -189,6 +189,8 @@ def iterate(cfg: TheoryConfig, q0: float, rho0: float, rho_g: float = 0.0
     rg_l = rg[L] = float(rho_g)
     for l in range(L, 0, -1):
         r, rg_l = (bwd if bwds is None else bwds[l - 1])(rg_l, *outs[l])
+        if l == L:
+            r *= head_factor(cfg, outs[L])
         g[l - 1] = g_l = g_l * r
         rg[l - 1] = rg_l
     body = outs[1:]
@@ -198,6 +200,18 @@ def iterate(cfg: TheoryConfig, q0: float, rho0: float, rho_g: float = 0.0
     cos = [math.nan] + [o[3] for o in body]
     q, rho, q_agg, cos, g, rg = (np.asarray(v, dtype=float) for v in (q, rho, q_agg, cos, g, rg))
     return {"q": q, "q_agg": q_agg, "rho": rho, "g": g, "rg": rg, "cos": cos}
+
+
+def head_factor(cfg: TheoryConfig, top: tuple) -> float:
+    """The top block's extra gradient factor where its output norm takes the LM head's gradient
+    directly (positional.reads_head): that gradient is fresh, so the norm's projections keep
+    1 − k/d of it, of which the part off the stream is components.head_gradient_share. Every
+    path from the block output passes that norm first, so the factor multiplies the block's."""
+    q_top, q_agg = top[0], top[2]
+    if get_scheme(cfg.scheme).final_norm or math.isnan(q_agg):  # q_agg: nan without an output norm
+        return 1.0
+    return (float(C.norm_projection(cfg.width, cfg.norm))
+            * C.head_gradient_share(q_top, cfg.sigma, cfg.width))
 
 
 def predict_profile(scheme: str, *, depth: int, seq_len: int = 128,

@@ -514,11 +514,15 @@ def _token_jacobian(backward: Callable, G: np.ndarray, src: np.ndarray) -> np.nd
     return J
 
 
-def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form
+def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form, head: bool = False
               ) -> tuple[np.ndarray, Form, TokenForm]:
     """Gradient covariance at the block input, its relative power fluctuation, and that
     power's per-token deviation (token_spread: keys "gin" for the gradient arriving at the block
-    output, "in" for the stream's, and the block's own noises)."""
+    output, "in" for the stream's, and the block's own noises); ``head``: the gradient comes
+    straight from the LM head (positional.head_arrival)."""
+    if head:
+        a = P.head_arrival(ctx, out)
+        grad_out = grad_out * np.outer(a, a)
     gsrc: list[np.ndarray] = [grad_out]
     glog: list[Form] = [top]
     gtok: list[TokenForm] = [TokenForm({"gin": np.eye(ctx.T)}) if ctx.tokens else TokenForm()]
@@ -590,7 +594,8 @@ def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form
             gtok.append(TokenForm())
         return len(gsrc) - 1
 
-    return walk_backward(ctx.nodes, out.node, Amp(np.ones(ctx.T), Form()), power, sublayer)
+    return walk_backward(ctx.nodes, out.node, Amp(np.ones(ctx.T), Form()), power, sublayer,
+                         projected=not head)
 
 
 # --- the profile -----------------------------------------------------------------------------------
@@ -653,7 +658,8 @@ def predict_spread(scheme: str, *, depth: int, seq_len: int = 64, hidden: int | 
     for l in range(L, 0, -1):
         ctx, res_out = blocks[l - 1]
         tok_blocks[l - 1]["w_out"] = shares(grad)
-        grad, rel, tok_blocks[l - 1]["G"] = _backward(ctx, res_out, grad, dG)
+        grad, rel, tok_blocks[l - 1]["G"] = _backward(ctx, res_out, grad, dG,
+                                                      head=P.reads_head(s, l, L, ctx, res_out))
         tok_blocks[l - 1]["w_in"] = shares(grad)
         out["var_ln_block"][l] = rel.plus(dG, -1.0).var()
         dG = rel

@@ -57,7 +57,7 @@ class Node:
 
 def walk_backward(nodes: list[Node], out_node: int, one: Any,
                   power: Callable[[dict[int, Any]], Any],
-                  sublayer: Callable[[Node, Any], int]) -> Any:
+                  sublayer: Callable[[Node, Any], int], projected: bool = True) -> Any:
     """Gradient power at the block input (node 0), for the gradient source 0 at ``out_node``.
 
     Amplitudes add along deterministic paths (sums, scalings, norms); a random sublayer turns the
@@ -67,9 +67,11 @@ def walk_backward(nodes: list[Node], out_node: int, one: Any,
     components.norm_backward_factor) removes k/d of the power of a gradient *fresh* from a
     sublayer; a gradient that already passed a norm lies orthogonal to that norm's (nearly
     parallel) direction and loses ~nothing more, so it is applied once per source and path
-    (entries carry a flag). The block output's gradient arrives projected.
+    (entries carry a flag). The block output's gradient arrives projected (``projected``): it
+    passed the norms of the block above. The LM head's does not (``projected=False``: the top
+    block of a stack without a final norm).
     """
-    grads: dict[int, dict[tuple[int, bool], Any]] = {out_node: {(0, True): one}}
+    grads: dict[int, dict[tuple[int, bool], Any]] = {out_node: {(0, projected): one}}
 
     def amps(gr: dict[tuple[int, bool], Any]) -> dict[int, Any]:
         out: dict[int, Any] = {}

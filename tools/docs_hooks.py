@@ -54,9 +54,10 @@ STUDIES = {
     "init-spread-attention": "PreNorm's spread across 32 seeds at L = 64 by attention kind, heads "
                              "and width, against theory/spread.py with every noise kind and each "
                              "alone (`tools/spread_by_attention.py`); and `by_layer/`: each "
-                             "block's own gradient factor per seed, for pre, post and span, and "
+                             "block's own gradient factor per seed, for pre, post, span and b2t, "
                              "the split of the spread into the blocks' own variances and their "
-                             "covariances (`tools/spread_by_layer.py`); and `by_token.csv`: "
+                             "covariances, and where the median parts from the mean field (top "
+                             "block, first block, the blocks between; `tools/spread_by_layer.py`); and `by_token.csv`: "
                              "which stream power each block's gradient factor follows, each "
                              "token's or their mean (`tools/spread_by_token.py`). "
                              "See [Theory](../../theory.md#the-spread-across-initializations).",

@@ -12,6 +12,11 @@ stream's realized token cosine, a quantity every later block reads.
         --out results/init-spread-attention/by_layer/pre_L64_w256.csv \
         --summary results/init-spread-attention/by_layer/summary.csv
 
+It also places the median's offset from the mean field: in the top block's factor (which takes
+the LM head's gradient), in the first block's (which reads the embedding), or in the blocks
+between; and, with --embedding-draws, how far the realized embedding alone moves the mean-field
+median.
+
 (Redrawing only the embedding, or only the blocks, does not split the spread: new inputs to
 fixed weights are as random, relative to those weights, as new weights; either alone gives
 nearly the whole spread.)
@@ -77,6 +82,23 @@ def decompose(frame: pd.DataFrame, draws: int = 1000) -> dict:
                 **({} if "grad_first_token" not in frame else first_token_correlations(frame, total)))
 
 
+def median_offsets(frame: pd.DataFrame, g_mean_field: np.ndarray) -> dict:
+    """Where the median of log10 g_0/g_L parts from the mean field: the top block's factor, the
+    first block's (which reads the embedding), and the blocks between, each the seeds' median
+    less the mean field's, with the median's standard error (√(π/2)·sd/√n)."""
+    g = frame.pivot(index="seed", columns="layer", values="log10_g").to_numpy()
+    mf = np.log10(g_mean_field)
+    parts = {"top": (g[:, -2] - g[:, -1], mf[-2] - mf[-1]),
+             "first": (g[:, 0] - g[:, 1], mf[0] - mf[1]),
+             "between": (g[:, 1] - g[:, -2], mf[1] - mf[-2]),
+             "total": (g[:, 0] - g[:, -1], mf[0] - mf[-1])}
+    out = {}
+    for name, (per_seed, mean_field) in parts.items():
+        out[f"median_offset_{name}"] = float(np.median(per_seed)) - mean_field
+        out[f"median_offset_{name}_se"] = math.sqrt(math.pi / 2) * float(np.std(per_seed, ddof=1)) / math.sqrt(len(per_seed))
+    return out
+
+
 def first_token_correlations(frame: pd.DataFrame, total: np.ndarray) -> dict:
     """Correlation of the total with the first token's share of the gradient power (the sink
     that concentrates PreNorm's gradient) at the embedding and mid-stack."""
@@ -86,10 +108,11 @@ def first_token_correlations(frame: pd.DataFrame, total: np.ndarray) -> dict:
                 corr_total_mid_grad_first=float(np.corrcoef(total, np.log(share[:, mid]))[0, 1]))
 
 
-def embedding_draws_sd(scheme: str, cfg: ModelConfig, x: torch.Tensor, grad_top: np.ndarray,
-                       draws: int) -> float:
-    """The sd of the mean-field log10 g_0/g_L over realized embeddings: each draw samples the byte
-    and position vectors (N(0, embed_std²/2) a coordinate, as the testbed), takes their exact
+def embedding_draws(scheme: str, cfg: ModelConfig, x: torch.Tensor, grad_top: np.ndarray,
+                    draws: int, g_mean_field: float) -> dict:
+    """The mean-field log10 g_0/g_L over realized embeddings: its sd, and its median less the
+    mean field's from the embedding's mean covariance (``g_mean_field``). Each draw samples the
+    byte and position vectors (N(0, embed_std²/2) a coordinate, as the testbed), takes their exact
     token covariance K̂_0 = X Xᵀ/d, and runs positional.py from it. Every order of the
     embedding's fluctuation, its token cosines included, with the blocks at their mean."""
     from theory.positional import predict_positional
@@ -100,7 +123,8 @@ def embedding_draws_sd(scheme: str, cfg: ModelConfig, x: torch.Tensor, grad_top:
         g = predict_positional(scheme, depth=cfg.depth, seq_len=T, width=cfg.width, heads=cfg.heads,
                                cov0=X @ X.T / cfg.width, grad_top=grad_top)["g"][0]
         values.append(math.log10(g))
-    return float(np.std(values, ddof=1))
+    return {"embedding_draws_sd": float(np.std(values, ddof=1)),
+            "embedding_draws_median_offset": float(np.median(values)) - math.log10(g_mean_field)}
 
 
 def main() -> None:
@@ -129,8 +153,9 @@ def main() -> None:
                               heads=cfg.heads, cov0=cov0, grad_top=grad_top, noises=noises)
         r[f"predicted_sd{suffix}"] = math.sqrt(pred["var_ln_g"][0]) / math.log(10)
         r[f"predicted_independent_sd{suffix}"] = math.sqrt(np.nansum(pred["var_ln_block"][1:])) / math.log(10)
+    r.update(median_offsets(frame, pred["g"]))
     if args.embedding_draws:
-        r["embedding_draws_sd"] = embedding_draws_sd(args.scheme, cfg, x, grad_top, args.embedding_draws)
+        r.update(embedding_draws(args.scheme, cfg, x, grad_top, args.embedding_draws, pred["g"][0]))
     for k, v in r.items():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
     if args.summary:
