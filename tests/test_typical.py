@@ -133,6 +133,23 @@ def test_the_depth_test_reads_g0_over_gL_at_each_depth():
     assert test["depth_dof"] == 3 and test["depth_chi2"] == pytest.approx((depths["z"] ** 2).sum())
 
 
+def test_the_second_order_median_raises_by_the_norms_term_and_drifts_by_the_log_variance():
+    """A grid whose seeds' median lies at theory·e^{a}·e^{−σ²/2}: the second-order prediction
+    (E[1/q̂] at every norm, ln raise a, less the log-normal drift) passes its depth test where
+    the mean field fails, and only the verdict's test is the mean field's."""
+    rng = np.random.default_rng(5)
+    a = 0.3
+    profiles, sds = walk_grid({4: 0.05, 8: 0.05, 16: 0.05}, math.exp(-a + 0.05 ** 2 / 2), rng, seeds=64)
+    sds["jensen_all_ln"] = a
+    depths = by_depth(typical_errors(profiles, sds))
+    assert np.allclose(depths["second_order_median"],
+                       depths["theory"] * np.exp(a - depths["predicted_log10_sd"] ** 2 * math.log(10) ** 2 / 2))
+    targets = typical_targets(typical_errors(profiles, sds), depths).iloc[0]
+    assert targets["second_order_p"] > ALPHA and targets["depth_p"] < 1e-6
+    assert targets["second_order_seeds_sd_p"] > ALPHA  # the seeds' σ is the predicted one here
+    assert targets["verdict"] == "fails"  # the mean field is 26 % off, resolvably
+
+
 def test_each_scheme_keeps_its_own_measured_floor():
     tight, sds_t = lognormal_grid(sd_ln=0.01, factor=1.0, rows=20)
     loose, sds_l = lognormal_grid(sd_ln=1.0, factor=1.0, rows=20)

@@ -45,6 +45,7 @@ from analysis.init.compare import ERROR_KIND, TARGETS, comparable, site_of, targ
 from analysis.init.sweep import mean_theory_inputs
 from analysis.testbed.model import ModelConfig
 from probes import point_name
+from theory.positional import predict_positional
 from theory.spread import median_from_mean, predict_spread
 
 METRIC = "grad_rel"  # g_l/g_L, the statistic compared
@@ -57,21 +58,25 @@ ALPHA = 0.05  # the depth test's level: below it the medians' deviation is not t
 def predicted_sd(profiles: pd.DataFrame, base: ModelConfig,
                  log: Callable[[str], None] = progress.say) -> pd.DataFrame:
     """Per (scheme, depth, point) the predicted sd across initializations of ln(g_l/g_L), from
-    theory/spread.py at the seeds' mean measured inputs."""
+    theory/spread.py at the seeds' mean measured inputs, and ln of the raise E[1/q̂] at every
+    norm puts on g_l/g_L there (positional's ``realized_norm="all"`` over its mean field)."""
     rows = []
     groups = profiles.groupby(["scheme", "depth"], sort=False)
     t0 = time.perf_counter()
     for k, ((scheme, depth), point) in enumerate(groups, 1):
         L = int(depth)
         cfg = replace(base, scheme=scheme, depth=L)
-        pred = predict_spread(scheme, depth=L, seq_len=cfg.max_seq_len, hidden=cfg.hidden,
-                              scheme_params=cfg.scheme_params, **mean_theory_inputs(point, L),
-                              **cfg.shape_fields())
+        kw = dict(depth=L, seq_len=cfg.max_seq_len, scheme_params=cfg.scheme_params,
+                  **mean_theory_inputs(point, L), **cfg.shape_fields())
+        pred = predict_spread(scheme, hidden=cfg.hidden, **kw)
+        raised = predict_positional(scheme, realized_norm="all", **kw)["g"]
         rows += [(scheme, L, "embed" if l == 0 else point_name(l - 1), METRIC,
-                  math.sqrt(pred["var_ln_g"][l])) for l in range(L + 1)]
+                  math.sqrt(pred["var_ln_g"][l]), math.log(raised[l] / pred["g"][l]))
+                 for l in range(L + 1)]
         log(f"  spread predicted for {scheme} L={L} ({k}/{groups.ngroups}, "
             f"{time.perf_counter() - t0:.0f} s)")
-    return pd.DataFrame(rows, columns=["scheme", "depth", "point", "metric", "predicted_sd_ln"])
+    return pd.DataFrame(rows, columns=["scheme", "depth", "point", "metric", "predicted_sd_ln",
+                                       "jensen_all_ln"])
 
 
 def floor(sd_ln: pd.Series | np.ndarray, seeds: pd.Series | np.ndarray) -> np.ndarray:
@@ -111,8 +116,11 @@ def typical_targets(errs: pd.DataFrame, depths: pd.DataFrame | None = None) -> p
     targets = target_check(summary)  # the median statistic: the gradient has no p99 target
     targets = targets.merge(summary[["scheme", "metric", "site", "measured_noise_floor"]],
                             on=["scheme", "metric", "site"], how="left")
-    targets = targets.merge(depth_test(by_depth(errs) if depths is None else depths),
-                            on="scheme", how="left")
+    depths = by_depth(errs) if depths is None else depths
+    targets = targets.merge(depth_test(depths), on="scheme", how="left")
+    for suffix in ("", "_seeds_sd"):  # informative: the verdict stays the mean field's
+        targets = targets.merge(depth_test(depths, f"z_second_order{suffix}", f"second_order{suffix}"),
+                                on="scheme", how="left")
     decisive = np.minimum(targets["noise_floor"], targets["measured_noise_floor"])
     targets["resolvable"] = decisive <= targets["target"]
     targets["verdict"] = np.select([targets["passes"], targets["depth_p"] >= ALPHA],
@@ -120,15 +128,15 @@ def typical_targets(errs: pd.DataFrame, depths: pd.DataFrame | None = None) -> p
     return targets
 
 
-def depth_test(depths: pd.DataFrame) -> pd.DataFrame:
-    """Per scheme the χ² over depths of g_0/g_L's median z-scores (typical_by_depth.csv's ``z``),
-    its degrees of freedom and p-value: is the medians' deviation from the mean field the seeds'
-    noise?"""
+def depth_test(depths: pd.DataFrame, z: str = "z", prefix: str = "depth") -> pd.DataFrame:
+    """Per scheme the χ² over depths of g_0/g_L's median z-scores (typical_by_depth.csv's ``z``,
+    or another prediction's column), its degrees of freedom and p-value: is the medians'
+    deviation from the prediction the seeds' noise?"""
     rows = []
-    for scheme, d in depths.dropna(subset=["z"]).groupby("scheme", sort=False):
-        chi2 = float((d["z"] ** 2).sum())
+    for scheme, d in depths.dropna(subset=[z]).groupby("scheme", sort=False):
+        chi2 = float((d[z] ** 2).sum())
         rows.append((scheme, chi2, len(d), float(stats.chi2.sf(chi2, len(d)))))
-    return pd.DataFrame(rows, columns=["scheme", "depth_chi2", "depth_dof", "depth_p"])
+    return pd.DataFrame(rows, columns=["scheme", f"{prefix}_chi2", f"{prefix}_dof", f"{prefix}_p"])
 
 
 def by_depth(errs: pd.DataFrame) -> pd.DataFrame:
@@ -144,6 +152,16 @@ def by_depth(errs: pd.DataFrame) -> pd.DataFrame:
     out["measured_log10_sd"] = g["measured_sd_ln"] / math.log(10)
     out["lognormal_median"] = [median_from_mean(m, v ** 2)
                                for m, v in zip(g["theory"], g["predicted_sd_ln"])]
+    # the median to second order: E[1/q̂] at every norm raises the mean, e^{−Var/2} lowers the
+    # median below it (docs/theory.md#the-spread-across-initializations); reported, not a verdict.
+    # Var: the spread theory's (one sequence), or the seeds' own (a grid's seed averages its
+    # sequences, whose own scatter raises the median back: an upper bound on the drift)
+    raise_ln = g["jensen_all_ln"] if "jensen_all_ln" in g else np.nan
+    for suffix, sd_ln in (("", g["predicted_sd_ln"]), ("_seeds_sd", g["measured_sd_ln"])):
+        median = g["theory"] * np.exp(raise_ln - sd_ln ** 2 / 2)
+        out[f"second_order_median{suffix}"] = median
+        out[f"z_second_order{suffix}"] = (np.log(g["measured_median"] / median)
+                                          / median_se_ln).where(median_se_ln > 0)
     return out.reset_index(drop=True)
 
 
