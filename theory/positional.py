@@ -274,11 +274,8 @@ class _Ctx:
     def backward(self, out: _Value, grad_out: np.ndarray, head: bool = False) -> np.ndarray:
         """Gradient covariance at the block input, given ``grad_out`` at its output
         (tape.walk_backward's rules over T×T matrices, amplitudes per token); ``head``: it comes
-        straight from the LM head (head_arrival)."""
-        if head:
-            a = head_arrival(self, out)
-            grad_out = grad_out * np.outer(a, a)
-        gsrc: list[np.ndarray] = [grad_out]
+        straight from the LM head (from_head)."""
+        gsrc: list[np.ndarray] = [from_head(self, out, grad_out) if head else grad_out]
 
         def power(amps: dict[int, np.ndarray]) -> np.ndarray:
             total = np.zeros((self.T, self.T))
@@ -297,16 +294,17 @@ class _Ctx:
 def reads_head(s: Scheme, l: int, L: int, ctx: _Ctx, out: _Value) -> bool:
     """Whether block l's output norm takes the LM head's gradient directly: the top block of a
     stack without a final norm. That gradient is fresh, not projected like one that passed the
-    norms of a block above, and tilted toward the stream (head_arrival). A stack that ends in
+    norms of a block above, and tilted toward the stream (from_head). A stack that ends in
     no norm at all keeps the projected rule (not derived)."""
     return l == L and not s.final_norm and ctx.nodes[out.node].kind == "norm"
 
 
-def head_arrival(ctx: _Ctx, out: _Value) -> np.ndarray:
-    """Per token, the amplitude of the LM head's gradient that the top output norm does not
-    remove whole: the part off the stream (components.head_gradient_share); the norm's
-    projections then take k/d of it as of any fresh gradient (walk_backward, projected=False)."""
-    return np.sqrt(C.head_gradient_share(np.diag(ctx.cov(out)), ctx.st.sigma, ctx.st.width))
+def from_head(ctx: _Ctx, out: _Value, grad_out: np.ndarray) -> np.ndarray:
+    """The LM head's gradient covariance less the part the top output norm removes whole: per
+    token, the share off the stream (components.head_gradient_share); the norm's projections
+    then take k/d of the rest as of any fresh gradient (walk_backward, projected=False)."""
+    a = np.sqrt(C.head_gradient_share(np.diag(ctx.cov(out)), ctx.st.sigma, ctx.st.width))
+    return grad_out * np.outer(a, a)
 
 
 # --- sublayer maps on matrices -------------------------------------------------------------------

@@ -519,11 +519,8 @@ def _backward(ctx: _Ctx, out: P._Value, grad_out: np.ndarray, top: Form, head: b
     """Gradient covariance at the block input, its relative power fluctuation, and that
     power's per-token deviation (token_spread: keys "gin" for the gradient arriving at the block
     output, "in" for the stream's, and the block's own noises); ``head``: the gradient comes
-    straight from the LM head (positional.head_arrival)."""
-    if head:
-        a = P.head_arrival(ctx, out)
-        grad_out = grad_out * np.outer(a, a)
-    gsrc: list[np.ndarray] = [grad_out]
+    straight from the LM head (positional.from_head)."""
+    gsrc: list[np.ndarray] = [P.from_head(ctx, out, grad_out) if head else grad_out]
     glog: list[Form] = [top]
     gtok: list[TokenForm] = [TokenForm({"gin": np.eye(ctx.T)}) if ctx.tokens else TokenForm()]
     d = ctx.st.width

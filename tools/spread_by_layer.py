@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.init.typical import MEDIAN_SPREAD
 from analysis.init.spread import SpreadConfig, probed_at_init, study_sequence, text_covariances
 from analysis.testbed.corpus import load_corpus
 from analysis.testbed.model import ModelConfig
@@ -95,7 +96,7 @@ def median_offsets(frame: pd.DataFrame, g_mean_field: np.ndarray) -> dict:
     out = {}
     for name, (per_seed, mean_field) in parts.items():
         out[f"median_offset_{name}"] = float(np.median(per_seed)) - mean_field
-        out[f"median_offset_{name}_se"] = math.sqrt(math.pi / 2) * float(np.std(per_seed, ddof=1)) / math.sqrt(len(per_seed))
+        out[f"median_offset_{name}_se"] = MEDIAN_SPREAD * float(np.std(per_seed, ddof=1)) / math.sqrt(len(per_seed))
     return out
 
 
