@@ -91,10 +91,12 @@ def report_blocks(tables: dict[str, pd.DataFrame], config: dict, figures: list[P
         ("h2", "Targets"),
         ("p", "Median and 99th-percentile error over every compared layer and depth, against the "
               "targets (forward second moment: median ≤ 2 %, p99 ≤ 5 %; gradient: median ≤ 5 %), "
-              "for both predictions. noise_floor: the same statistic of the error that an exactly "
-              "right theory would show, given the measured spread (Student's t with seeds − 1 "
-              "degrees of freedom); resolvable is false where it exceeds the target: there more "
-              "seeds, not a better theory, would decide."),
+              "for the position-resolved theory. noise_floor: the same statistic of the error "
+              "that an exactly right theory would show, given the measured spread (Student's t "
+              "with seeds − 1 degrees of freedom); resolvable is false where it exceeds the "
+              "target: there more seeds, not a better theory, would decide. averaged_error: the "
+              "sequence-averaged recurrence's error, the baseline, not checked against the "
+              "target."),
         ("table", targets),
         ("h2", "Errors per scheme and metric"),
         ("p", "Relative error for second moments and gradient ratios, absolute error for cosines. "

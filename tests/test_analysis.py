@@ -58,6 +58,17 @@ def test_errors_are_the_known_relative_and_absolute_errors(factor):
     assert len(disagreements(errs)) == (14 if abs(factor - 1) > 0.05 else 0)
 
 
+def test_the_averaged_baseline_stands_beside_the_targets_not_among_them():
+    """A failing baseline is reported with its error on the prediction's row; it is not a target
+    row of its own (the targets are the position-resolved theory's)."""
+    profiles = synthetic(1.0).assign(theory_averaged=lambda f: f["theory"] * 1.3)
+    targets = target_check(error_summary(aggregate(profiles)))
+    assert set(targets["prediction"]) == {"resolved"} and targets["passes"].all()
+    row = targets[(targets["metric"] == "second_moment") & (targets["statistic"] == "median")]
+    assert row["averaged_error"].iloc[0] == pytest.approx(0.3, rel=1e-3)
+    assert "averaged_error" not in target_check(error_summary(aggregate(synthetic(1.0))))
+
+
 def test_a_deliberately_wrong_theory_is_reported_as_failing(monkeypatch, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("import os\nprint(os.getcwd())\n" * 400)
@@ -74,10 +85,8 @@ def test_a_deliberately_wrong_theory_is_reported_as_failing(monkeypatch, tmp_pat
     tables, _ = analyse(cfg, log=lambda s: None)
     target = tables["targets"]
     forward = target[(target["metric"] == "second_moment") & (target["site"] == "resid_post")]
-    resolved = forward[forward["prediction"] == "resolved"]
-    assert not resolved["passes"].any()
-    assert forward[forward["prediction"] == "averaged"]["error"].max() < 0.15  # the other is intact
-    forward = resolved
+    assert set(forward["prediction"]) == {"resolved"} and not forward["passes"].any()
+    assert forward["averaged_error"].max() < 0.15  # the baseline beside it is intact
     assert forward["error"].min() > 0.15
     bad = tables["disagreements"]
     assert (bad["metric"] == "second_moment").sum() >= 9  # every block of every depth is listed
