@@ -110,6 +110,43 @@ def test_measured_claims_fail_with_numbers_when_the_data_disagree():
     assert claims.loc["span_gradient_bounded", "status"] == "untested"
 
 
+def embedding_gradients(theory_order: float, seeds: int = 64, sigma: float = 0.35) -> pd.DataFrame:
+    """g_0/g_L typically ∝ L, each seed off by a log-normal factor whose σ grows as √L, so the
+    seed mean (e^{σ²/2} above the median) grows faster; theory ∝ L^theory_order."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for depth in (4, 8, 16, 32):
+        for seed in range(seeds):
+            g = depth * np.exp(sigma * np.sqrt(depth / 4) * rng.standard_normal())
+            rows += [("post", depth, seed, -1, "embed", "grad_rel", g, 0.0, depth ** theory_order),
+                     ("post", depth, seed, depth - 1, f"blocks.{depth - 1}.resid_post", "grad_rel",
+                      1.0, 0.0, 1.0)]
+    return pd.DataFrame(rows, columns=["scheme", "depth", "seed", "layer", "point", "metric",
+                                       "measured", "spread", "theory"])
+
+
+@pytest.mark.parametrize("theory_order,status", [(1.0, "holds"), (1.5, "fails")])
+def test_the_growth_order_is_decided_on_the_median_where_the_mean_runs_ahead(theory_order, status):
+    """The seed mean's order is the typical one plus the spread's drift (L^1.2 here); the claim is
+    decided on the median, within the tolerance plus 2 of its standard errors."""
+    errs = add_errors(aggregate(embedding_gradients(theory_order)))
+    claim = check_claims(errs).set_index("claim").loc["post_gradient_ratio_order"]
+    assert claim["status"] == status
+    median_order, se = map(float, re.search(r"L\^([0-9.]+) ± ([0-9.]+) measured", claim["evidence"]).groups())
+    mean_order = float(re.search(r"seed mean L\^([0-9.]+)", claim["evidence"]).group(1))
+    assert abs(median_order - 1.0) < 2 * se < 0.2 and mean_order > median_order + 0.1
+
+
+@pytest.mark.parametrize("sigma,status", [(0.35, "holds"), (0.01, "fails")])
+def test_few_seeds_resolve_the_order_only_as_finely_as_their_spread_allows(sigma, status):
+    """3 seeds, theory L^1.2 against a typical L^1: the measured order misses by more than the
+    tolerance either way; with a wide spread that is within 2 SE (holds), with a narrow one not."""
+    claim = check_claims(add_errors(aggregate(embedding_gradients(1.2, seeds=3, sigma=sigma))))
+    claim = claim.set_index("claim").loc["post_gradient_ratio_order"]
+    order, se = map(float, re.search(r"L\^([0-9.]+) ± ([0-9.]+) measured", claim["evidence"]).groups())
+    assert abs(order - 1.2) > 0.1 and claim["status"] == status
+
+
 def test_default_pipeline_end_to_end_tiny(tmp_path, capsys):
     from run_analysis import main
     text = tmp_path / "t.txt"

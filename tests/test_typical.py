@@ -88,6 +88,14 @@ def test_grid_spread_writes_the_typical_tables(tiny_grid, tmp_path):
                        np.log1p(depths["noise_floor"]) * np.sqrt(3) / Z_MEDIAN / MEDIAN_SPREAD)
 
 
+def test_spread_only_writes_the_spread_alone(tiny_grid, tmp_path):
+    from run_analysis import main
+    assert main(["fidelity", "--grid", str(tiny_grid), "--spread-only", "--out", str(tmp_path / "out")]) == 0
+    written = {p.name for p in (tmp_path / "out").glob("*.csv")}
+    assert written == {"gradient_spread.csv"}
+    assert (pd.read_csv(tmp_path / "out" / "gradient_spread.csv")["seeds"] > 1).all()
+
+
 def test_the_smaller_floor_says_what_is_resolvable():
     # seeds that scatter less than the theory predicts: the measured floor says what can be resolved
     profiles, sds = lognormal_grid(sd_ln=0.3, factor=1.25, rows=60)

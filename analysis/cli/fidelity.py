@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add(p, "corpora", default="text,random")
     options.add(p, "out", default="runs/fidelity")
     options.add(p, "grid")
+    options.add(p, "spread_only")
     options.add(p, "redraw_embedding")
 
 
@@ -34,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from analysis.testbed.model import ModelConfig
     if args.grid:
         return grid_spread(Path(args.grid), args)
+    if args.spread_only:
+        raise ValueError("--spread-only goes with --grid RUN_DIR (it writes that sweep's spread)")
     schemes = list(options.value(args, "schemes"))  # not empty, nothing twice
     names = list(options.value(args, "corpora"))
     unknown = [c for c in names if c not in ("text", "random")]
@@ -102,10 +105,10 @@ def grid_spread(grid: Path, args: argparse.Namespace) -> int:
     out = options.claim(args)
     t0 = time.perf_counter()
     spread = gradient_spread(profiles)
-    if cfg.experts:
+    if cfg.experts or args.spread_only:
         write_csv(spread, out / "gradient_spread.csv", index=False)
-        print(f"wrote {out}/gradient_spread.csv; the typical value is not compared: the spread "
-              "theory covers dense FFNs, not MoE")
+        why = "--spread-only" if args.spread_only else "the spread theory covers dense FFNs, not MoE"
+        print(f"wrote {out}/gradient_spread.csv; the typical value is not compared ({why})")
         return 0
     errs = typical_errors(profiles, predicted_sd(profiles, cfg.model_config(cfg.schemes[0], cfg.depths[0])))
     depths = by_depth(errs)

@@ -324,6 +324,9 @@ _declare("--grid", metavar="RUN_DIR",
               "gradient_spread.csv (g_0/g_L per seed and its spread in log10), and g_l/g_L's median "
               "across seeds against theory, with the noise floors and a χ² test over depths "
               "(typical_targets.csv, typical_by_depth.csv, and its growth order: typical_orders.csv)")
+_declare("--spread-only", action="store_true",
+         help="with --grid: write gradient_spread.csv alone, without the typical value (whose "
+              "spread theory takes minutes per grid point at L ≥ 512)")
 _declare("--redraw-embedding", action="store_true",
          help="the seed study runs each sequence alone with a token embedding table drawn afresh "
               "(the control for the table drawn once per model); the audit is unchanged")

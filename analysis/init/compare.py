@@ -15,6 +15,8 @@ baseline: targets are checked for the predictions and carry its error beside the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -27,6 +29,7 @@ ERROR_KIND = {"second_moment": "relative", "grad_rel": "relative", "token_cosine
 TARGETS = {("second_moment", "resid_post"): (0.02, 0.05), ("second_moment", "pre_norm_sum"): (0.02, 0.05),
            ("grad_rel", "resid_post"): (0.05, None)}
 SPREAD_Z = 2.0  # "inside the spread": within 2 standard errors (≈ 95% for a normal mean)
+MEDIAN_SPREAD = math.sqrt(math.pi / 2)  # sample median's sd over the sample mean's, for normals
 
 
 def site_of(point: pd.Series) -> pd.Series:
@@ -35,20 +38,29 @@ def site_of(point: pd.Series) -> pd.Series:
 
 
 def aggregate(profiles: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds per (scheme, depth, layer, point, metric), with its standard error.
+    """Mean over seeds per (scheme, depth, layer, point, metric), with its standard error, and
+    the median over seeds (``measured_median``: the typical value, measurable where seeds scatter
+    by decades and their mean is set by the luckiest) with the standard error of its logarithm
+    (``measured_median_se_ln``, √(π/2)·sd(ln)/√n; NaN for one seed or a value ≤ 0).
 
     With several seeds the spread is the standard error across seeds (init randomness and data
     together); with one seed it is that seed's standard error over batches.
     """
     keys = ["scheme", "depth", "layer", "point", "metric"]
-    g = profiles.groupby(keys, sort=False)
+    ln = np.log(profiles["measured"].where(profiles["measured"] > 0))
+    g = profiles.assign(ln_measured=ln).groupby(keys, sort=False)
     extra = {"theory_averaged": ("theory_averaged", "first")} if "theory_averaged" in profiles else {}
-    out = g.agg(measured=("measured", "mean"), theory=("theory", "first"), **extra,
+    out = g.agg(measured=("measured", "mean"), measured_median=("measured", "median"),
+                theory=("theory", "first"), **extra,
                 seeds=("seed", "nunique"), seed_std=("measured", "std"),
+                ln_std=("ln_measured", "std"), ln_count=("ln_measured", "count"),
+                rows=("measured", "size"),
                 batch_spread=("spread", "mean")).reset_index()
     across = out["seed_std"] / np.sqrt(out["seeds"])
     out["spread"] = np.where(out["seeds"] > 1, across, out["batch_spread"])
-    return out.drop(columns=["seed_std", "batch_spread"])
+    out["measured_median_se_ln"] = (MEDIAN_SPREAD * out["ln_std"] / np.sqrt(out["seeds"])).where(
+        out["ln_count"] == out["rows"])
+    return out.drop(columns=["seed_std", "ln_std", "ln_count", "rows", "batch_spread"])
 
 
 def _t_dof(seeds: pd.Series) -> pd.Series:

@@ -12,11 +12,13 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from analysis.init.compare import SPREAD_Z
 from theory.claim_table import Claim, claims_frame
 
 METHOD = "measured at init across depths"
 MIN_DEPTHS = 3  # a trend needs at least three depths
 FLAT = 0.02  # a change of token cosine smaller than this over the depths is "no change"
+ORDER_TOLERANCE = 0.1  # growth orders of g_0/g_L that differ by less than this in the exponent agree
 
 
 def _top(errs: pd.DataFrame, scheme: str, metric: str, site: str = "resid_post") -> pd.DataFrame:
@@ -77,18 +79,37 @@ def normalized_stream_bounded(scheme: str) -> Callable[[pd.DataFrame], tuple[str
     return check
 
 
+def _slope_se(depth: pd.Series, se_ln: pd.Series) -> float:
+    """Standard error of _loglog_slope's slope from each point's standard error in ln (0 where
+    it is unknown: one seed)."""
+    x = np.log(depth.to_numpy(float))
+    c = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+    return float(np.sqrt((c ** 2 * np.nan_to_num(se_ln.to_numpy(float)) ** 2).sum()))
+
+
 def gradient_ratio_trend(scheme: str) -> Callable[[pd.DataFrame], tuple[str, str]]:
-    """Theory's growth order of g_0/g_L in L matches the measured one (log–log slopes within 0.1)."""
+    """Theory's growth order of g_0/g_L in L matches the measured one, on the median over seeds:
+    where seeds scatter by decades (PostNorm, B2T) their mean is set by the luckiest and cannot be
+    measured; the median can, and it is the mean field's to first order in 1/d. It fails where
+    the slopes differ by more than ORDER_TOLERANCE plus 2 standard errors of the measured one
+    (from the medians' seed spread): with few seeds of a wide spread the order is not resolved
+    finer. The seed mean's order stands beside it in the evidence."""
     def check(errs: pd.DataFrame) -> tuple[str, str]:
         r = _embed(errs, scheme, "grad_rel")
         if len(r) < MIN_DEPTHS:
             return "untested", f"needs ≥ {MIN_DEPTHS} depths of {scheme}, got {len(r)}"
-        ms, ts = _loglog_slope(r["depth"], r["measured"]), _loglog_slope(r["depth"], r["theory"])
-        ok = abs(ms - ts) <= 0.1
+        median = r["measured_median"] if "measured_median" in r else r["measured"]
+        ms, ts = _loglog_slope(r["depth"], median), _loglog_slope(r["depth"], r["theory"])
+        se = _slope_se(r["depth"], r["measured_median_se_ln"]) if "measured_median_se_ln" in r else 0.0
+        ok = abs(ms - ts) <= ORDER_TOLERANCE + SPREAD_Z * se
+        seeds = int(r["seeds"].min()) if "seeds" in r else 1
+        mean = (f" (seed mean L^{_loglog_slope(r['depth'], r['measured']):.3f})"
+                if seeds > 1 else "")
         return ("holds" if ok else "fails",
-                f"g_0/g_L ∝ L^{ms:.3f} measured vs L^{ts:.3f} theory; measured "
-                f"{r['measured'].iloc[0]:.3g} at L = {r['depth'].iloc[0]} → {r['measured'].iloc[-1]:.3g} "
-                f"at L = {r['depth'].iloc[-1]} (theory {r['theory'].iloc[-1]:.3g})")
+                f"median over {seeds} seed{'s' * (seeds > 1)}: g_0/g_L ∝ L^{ms:.3f} ± {se:.3f} "
+                f"measured vs L^{ts:.3f} theory{mean}; bound {ORDER_TOLERANCE} + 2 SE; measured "
+                f"{median.iloc[0]:.3g} at L = {r['depth'].iloc[0]} → {median.iloc[-1]:.3g} at "
+                f"L = {r['depth'].iloc[-1]} (theory {r['theory'].iloc[-1]:.3g})")
     return check
 
 
@@ -157,7 +178,8 @@ def registry() -> list[tuple[str, str, str, Callable]]:
                        normalized_stream_bounded(s)))
     for s in ("pre", "post", "span", "deepnorm", "b2t", "peri", "mixln", "lns"):
         claims.append((f"{s}_gradient_ratio_order", s,
-                       "theory's order of g_0/g_L in L matches measurement", gradient_ratio_trend(s)))
+                       "theory's order in L of g_0/g_L's median over seeds matches measurement",
+                       gradient_ratio_trend(s)))
         claims.append((f"{s}_first_token_gradient", s,
                        "the first token's share of the embedding gradient at the deepest L is as "
                        "the position-resolved theory predicts (gradient sink)",

@@ -41,7 +41,8 @@ import pandas as pd
 from scipy import stats
 
 from analysis.infra import progress
-from analysis.init.compare import ERROR_KIND, TARGETS, comparable, site_of, target_check
+from analysis.init.compare import (ERROR_KIND, MEDIAN_SPREAD, TARGETS, comparable, site_of,
+                                   target_check)
 from analysis.init.sweep import mean_theory_inputs
 from analysis.testbed.model import ModelConfig
 from probes import point_name
@@ -49,7 +50,6 @@ from theory.positional import predict_positional
 from theory.spread import median_from_mean, predict_spread
 
 METRIC = "grad_rel"  # g_l/g_L, the statistic compared
-MEDIAN_SPREAD = math.sqrt(math.pi / 2)  # sample median's sd over the sample mean's, for normals
 Z_MEDIAN = stats.norm.ppf(0.75)  # the median of |N(0, 1)|
 VERDICTS = ("meets target", "within noise floor", "fails")
 ALPHA = 0.05  # the depth test's level: below it the medians' deviation is not the seeds' noise
