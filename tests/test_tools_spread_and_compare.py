@@ -219,3 +219,21 @@ def test_trunk_norm_covariance_is_small_beside_the_jensen_term():
     # a block without its branch: q̂ = 1 exactly, nothing to covary
     jensen0, cov0, _ = module.covariance(module.sample(32, 0.0, seeds=4, tokens=16))
     assert abs(jensen0) < 1e-9 and abs(cov0) < 1e-9
+
+
+def test_targets_with_the_realized_norm_change_the_backward_only(tiny_grid, tmp_path, monkeypatch):
+    """The term acts in the norms' backward: the forward errors stay the grid's own, the gradient
+    errors move (width 16: E[1/q̂] is 1 + 3/13 per norm)."""
+    monkeypatch.setattr("sys.argv", ["targets_realized_norm.py", "--grid", str(tiny_grid), "--rule",
+                                     "all", "--jobs", "1", "--out", str(tmp_path / "out")])
+    tool("targets_realized_norm").main()
+    targets = pd.read_csv(tmp_path / "out" / "targets.csv")
+    assert set(targets["prediction"]) == {"realized_all"}
+    keys = ["scheme", "metric", "site"]
+    mine = pd.read_csv(tmp_path / "out" / "errors.csv").set_index(keys)["median"]
+    own = pd.read_csv(tiny_grid / "errors.csv")
+    own = own[own["prediction"] == "resolved"].set_index(keys)["median"].loc[mine.index]
+    forward = mine.index.get_level_values("metric") == "second_moment"
+    assert np.allclose(mine[forward], own[forward])
+    grad = mine.index.get_level_values("metric") == "grad_rel"
+    assert not np.allclose(mine[grad], own[grad], rtol=1e-3)

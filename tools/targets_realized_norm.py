@@ -63,8 +63,9 @@ def main() -> None:
     configs = [cfg.model_config(s, int(d)) for (s, d, _), _ in groups]
     inputs = [theory_inputs(rows, int(d)) for (_, d, _), rows in groups]
     t0, parts = time.perf_counter(), []
-    with ProcessPoolExecutor(args.jobs) as pool:
-        done = pool.map(predict_one, configs, inputs, [args.rule] * len(groups))
+    with ProcessPoolExecutor(max(args.jobs, 1)) as pool:
+        mapper = pool.map if args.jobs > 1 else map  # one job: in this process
+        done = mapper(predict_one, configs, inputs, [args.rule] * len(groups))
         for k, (((s, d, seed), rows), theory) in enumerate(zip(groups, done), 1):
             parts.append(rows.drop(columns=["theory", "theory_averaged"], errors="ignore")
                          .merge(theory, on=["point", "metric"], how="left"))
