@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.init.compare import aggregate, error_summary, target_check  # noqa: E402
 from analysis.init.pipeline import config_from_record  # noqa: E402
-from analysis.init.sweep import (complete_points, prediction_rows, read_profiles,  # noqa: E402
+from analysis.init.sweep import (complete_points, predicted_rows, read_profiles,  # noqa: E402
                                  theory_inputs)
 from analysis.testbed.model import ModelConfig  # noqa: E402
 from theory.positional import predict_positional  # noqa: E402
@@ -37,10 +38,7 @@ from theory.positional import predict_positional  # noqa: E402
 
 def predict_one(cfg: ModelConfig, inputs: dict[str, float], rule: str) -> pd.DataFrame:
     """One seed's position-resolved profile with the term, as (point, metric, theory) rows."""
-    pred = predict_positional(cfg.scheme, depth=cfg.depth, seq_len=cfg.max_seq_len,
-                              scheme_params=cfg.scheme_params, realized_norm=rule, **inputs,
-                              **cfg.shape_fields())
-    return prediction_rows(pred, cfg.depth, "theory")
+    return predicted_rows(cfg, partial(predict_positional, realized_norm=rule), "theory", **inputs)
 
 
 def main() -> None:

@@ -98,11 +98,11 @@ def gradient_ratio_trend(scheme: str) -> Callable[[pd.DataFrame], tuple[str, str
         r = _embed(errs, scheme, "grad_rel")
         if len(r) < MIN_DEPTHS:
             return "untested", f"needs ≥ {MIN_DEPTHS} depths of {scheme}, got {len(r)}"
-        median = r["measured_median"] if "measured_median" in r else r["measured"]
+        median = r["measured_median"]
         ms, ts = _loglog_slope(r["depth"], median), _loglog_slope(r["depth"], r["theory"])
-        se = _slope_se(r["depth"], r["measured_median_se_ln"]) if "measured_median_se_ln" in r else 0.0
+        se = _slope_se(r["depth"], r["measured_median_se_ln"])
         ok = abs(ms - ts) <= ORDER_TOLERANCE + SPREAD_Z * se
-        seeds = int(r["seeds"].min()) if "seeds" in r else 1
+        seeds = int(r["seeds"].min())
         mean = (f" (seed mean L^{_loglog_slope(r['depth'], r['measured']):.3f})"
                 if seeds > 1 else "")
         return ("holds" if ok else "fails",

@@ -100,13 +100,19 @@ def theory_rows(cfg: ModelConfig, q0: float, rho0: float, rho_g: float) -> pd.Da
     ``theory``: the position-resolved interpretation (theory/positional.py), the one compared;
     ``theory_averaged``: the sequence-averaged symbolic recurrence (theory/interpreter.py).
     """
-    frames = []
-    for column, predict in PREDICTIONS.items():
-        pred = predict(cfg.scheme, depth=cfg.depth, seq_len=cfg.max_seq_len,
-                       scheme_params=cfg.scheme_params, q0=q0, rho0=rho0, rho_g=rho_g,
-                       **cfg.shape_fields())
-        frames.append(prediction_rows(pred, cfg.depth, column).set_index(["point", "metric"]))
+    frames = [predicted_rows(cfg, predict, column, q0, rho0, rho_g).set_index(["point", "metric"])
+              for column, predict in PREDICTIONS.items()]
     return pd.concat(frames, axis=1).reset_index()
+
+
+def predicted_rows(cfg: ModelConfig, predict: Callable[..., dict[str, np.ndarray]], column: str,
+                   q0: float, rho0: float, rho_g: float) -> pd.DataFrame:
+    """One theory's per-layer prediction for ``cfg`` from the measured inputs, as
+    prediction_rows."""
+    pred = predict(cfg.scheme, depth=cfg.depth, seq_len=cfg.max_seq_len,
+                   scheme_params=cfg.scheme_params, q0=q0, rho0=rho0, rho_g=rho_g,
+                   **cfg.shape_fields())
+    return prediction_rows(pred, cfg.depth, column)
 
 
 def prediction_rows(pred: dict[str, np.ndarray], depth: int, column: str) -> pd.DataFrame:
